@@ -1,0 +1,3 @@
+from ovlt.cli import main
+
+raise SystemExit(main())

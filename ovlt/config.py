@@ -1,0 +1,481 @@
+"""One tree of typed config dataclasses, loaded from YAML with `key.sub=value` overrides.
+
+Every section is a dataclass; `load_config(path, overrides)` merges, in order:
+  1. the files named under a top-level `defaults:` list (paths relative to the YAML file or to
+     `configs/`), recursively;
+  2. the YAML file itself;
+  3. the CLI overrides.
+Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the key and
+what is allowed. Sections may be extended by their owners: add a typed field with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class ModelConfig:
+    name: str = "qwen2_5_vl_7b"
+    # HF directory of the base model (weights loaded through the state-dict adapter); None =
+    # random init from the shape below (tests, demo's first build).
+    hf_path: Optional[str] = None
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    num_layers: int = 28
+    num_attention_heads: int = 28
+    num_query_groups: int = 4
+    ffn_hidden_size: int = 18944
+    rope_theta: float = 1000000.0
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # Layer implementation: "auto" = Transformer Engine when it imports, else local mcore layers.
+    transformer_impl: Literal["auto", "te", "local"] = "auto"
+    attention_backend: Literal["auto", "flash", "te", "sdpa"] = "auto"
+    # FP8: "none"; TE recipes; or ovlt's torch._scaled_mm layers (GPUs without TE).
+    fp8: Literal["none", "te_delayed", "te_current", "scaled_mm_tensor", "scaled_mm_rowwise"] = "none"
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    # Timeout of every process group, in minutes (collectives fail with a rank-tagged error).
+    timeout_minutes: float = 30.0
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    # SFT: sharegpt JSON/JSONL files; RL: parquet files. Or a registry YAML of several sources.
+    sft_files: list[str] = field(default_factory=list)
+    rl_files: list[str] = field(default_factory=list)
+    registry: Optional[str] = None
+    image_root: Optional[str] = None
+    min_pixels: int = 3136
+    max_pixels: int = 262144
+    max_length: int = 2048
+    # Token budget of one packed micro-batch (THD); 0 = max_length.
+    pack_tokens: int = 0
+    num_workers: int = 2
+    image_loader: Literal["auto", "dali", "pil"] = "auto"
+    strict: bool = False
+    seed: int = 1234
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Shared by SFT and GRPO."""
+    global_batch_size: int = 32
+    micro_batch_size: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = derived from epochs
+    seed: int = 42
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    freeze: list[str] = field(default_factory=lambda: ["vision", "merger"])
+    recompute: Literal["none", "selective", "full"] = "none"
+    save_dir: str = "runs/default/ckpt"
+    save_interval: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    export_hf: bool = True
+    log_interval: int = 1
+    profile_steps: list[int] = field(default_factory=list)
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@dataclass
+class SFTConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class CurriculumStage:
+    name: str = "medium"
+    rl_files: list[str] = field(default_factory=list)
+    epochs: float = 1.0
+    freeze_vision: bool = True
+
+
+@dataclass
+class GRPOConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch_size=128))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        lr=1e-6, lr_schedule="constant", warmup_ratio=0.0))
+    prompts_per_step: int = 512
+    samples_per_prompt: int = 5
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float = 3.0
+    kl_coef: float = 0.01
+    kl_type: Literal["low_var_kl", "k1", "k2", "k3", "mse"] = "low_var_kl"
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
+    ref_mode: Literal["memory", "swap", "cpu"] = "memory"
+    filter_zero_advantage: bool = True
+    overlong: Literal["none", "mask", "penalty"] = "mask"
+    overlong_penalty: float = 0.0
+    # Dynamic batch sizing: max tokens per micro-batch in the update (0 = micro_batch_size).
+    max_tokens_per_micro_batch: int = 0
+    curriculum: list[CurriculumStage] = field(default_factory=list)
+    rollout_log_samples: int = 8
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["auto", "vllm", "builtin"] = "auto"
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = -1
+    max_new_tokens: int = 2048
+    max_prompt_length: int = 6144
+    stop: list[str] = field(default_factory=list)
+    tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.5
+    colocate: bool = True
+    weight_bucket_mb: int = 512
+    cuda_graphs: bool = True
+    prompt_suffix: str = (
+        " You FIRST think about the reasoning process as an internal monologue and then provide "
+        "the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
+        "The final answer MUST BE put in <answer> </answer> tags.")
+
+
+@dataclass
+class RewardConfig:
+    partial_credit: float = 0.0
+    format_weight: float = 0.0
+    timeout_s: float = 5.0
+    num_workers: int = 2
+    fallback: Literal["none", "last_number", "last_line"] = "none"
+
+
+@dataclass
+class EvalBenchmark:
+    name: Literal["mathvista", "mathverse", "mathvision"] = "mathvista"
+    data: str = ""
+    limit: int = 0
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[EvalBenchmark] = field(default_factory=list)
+    max_new_tokens: int = 2048
+    batch_size: int = 32
+    engine: Literal["auto", "vllm", "builtin"] = "auto"
+    llm_judge_url: Optional[str] = None
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["synthetic", "openai", "engine"] = "synthetic"
+    url: Optional[str] = None
+    model: str = "QwQ-32B"
+    samples: int = 4
+    max_tokens: int = 4096
+    temperature: float = 0.7
+    timeout_s: float = 600.0
+    cut_at_wait: bool = True
+
+
+@dataclass
+class IterateConfig:
+    name: str = "openvlthinker"
+    out_dir: str = "runs"
+    rounds: int = 3
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Processes per stage (each stage is its own torchrun).
+    nproc_sft: int = 1
+    nproc_grpo: int = 1
+    nproc_eval: int = 1
+    nnodes_sft: int = 1
+    nnodes_grpo: int = 1
+    nnodes_eval: int = 1
+    sft_examples_per_round: int = 3000
+    heldout_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` against annotation `tp`; raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: "
+                              + ", ".join(repr(a) for a in allowed))
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping with keys "
+                              f"{sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = prefix or "top level"
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key in {where}; "
+                              f"allowed keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}")
+    obj = cls()
+    for k, v in kwargs.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            v = _build(hints[k], v, k)
+        setattr(obj, k, v)
+    return obj
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular 'defaults' include")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    merged: dict = {}
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML paths")
+    for inc in defaults:
+        cand = [path.parent / inc, CONFIG_ROOT / inc]
+        found = next((c for c in cand if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"{path}: defaults entry {inc!r} not found (looked in "
+                              f"{path.parent} and {CONFIG_ROOT})")
+        merged = _deep_merge(merged, _read_yaml(found, _seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(d: dict, parts: list[str], value: Any) -> None:
+    for p in parts[:-1]:
+        nxt = d.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[p] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
+                world_size: Optional[int] = None) -> JobConfig:
+    """Load, override, type-check and validate. `world_size` enables parallel checks."""
+    data: dict = _read_yaml(Path(path)) if path else {}
+    for ov in overrides or []:
+        parts, value = parse_override(ov)
+        _set_path(data, parts, value)
+    cfg = _build(JobConfig, data)
+    validate(cfg, world_size)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    from ovlt.utils.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
+    """Cross-field checks; each names the keys involved and the allowed values."""
+    p, m = cfg.parallel, cfg.model
+    for k in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        if getattr(p, k) < 1:
+            raise ConfigError(f"parallel.{k}: must be >= 1, got {getattr(p, k)}")
+    if m.num_attention_heads % p.tensor_parallel:
+        raise ConfigError(f"parallel.tensor_parallel={p.tensor_parallel} must divide "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups % p.tensor_parallel:
+        raise ConfigError(f"parallel.tensor_parallel={p.tensor_parallel} must divide "
+                          f"model.num_query_groups={m.num_query_groups}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} must divide "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_layers < p.pipeline_parallel:
+        raise ConfigError(f"parallel.pipeline_parallel={p.pipeline_parallel} exceeds "
+                          f"model.num_layers={m.num_layers}")
+    if sum(m.mrope_section) * 2 != m.hidden_size // m.num_attention_heads:
+        raise ConfigError(f"model.mrope_section={m.mrope_section}: sum*2 must equal head dim "
+                          f"{m.hidden_size // m.num_attention_heads}")
+    if m.vision.hidden_size % m.vision.num_heads:
+        raise ConfigError("model.vision.num_heads must divide model.vision.hidden_size")
+    if p.sequence_parallel and p.tensor_parallel == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+    for sec in ("sft", "grpo"):
+        t = getattr(cfg, sec).train
+        if t.micro_batch_size < 1 or t.global_batch_size < 1:
+            raise ConfigError(f"{sec}.train: batch sizes must be >= 1")
+        for fz in t.freeze:
+            if fz not in ("vision", "merger", "llm"):
+                raise ConfigError(f"{sec}.train.freeze: {fz!r} not allowed; allowed values: "
+                                  "'vision', 'merger', 'llm'")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} > data.max_pixels="
+                          f"{cfg.data.max_pixels}")
+    r = cfg.rollout
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    if r.temperature < 0:
+        raise ConfigError(f"rollout.temperature={r.temperature}: must be >= 0 (0 = greedy)")
+    g = cfg.grpo
+    if g.samples_per_prompt < 1:
+        raise ConfigError("grpo.samples_per_prompt must be >= 1")
+    if g.clip_low < 0 or g.clip_high < 0 or (g.dual_clip and g.dual_clip <= 1.0):
+        raise ConfigError("grpo.clip_low/clip_high must be >= 0 and grpo.dual_clip > 1 (or 0 = off)")
+    if world_size is not None:
+        mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel"
+                              f" x pipeline_parallel x context_parallel = {mp}")
+        dp = world_size // mp
+        for sec in ("sft", "grpo"):
+            t = getattr(cfg, sec).train
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"{sec}.train.global_batch_size={t.global_batch_size} must be a multiple of "
+                    f"{sec}.train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")

@@ -1,0 +1,38 @@
+"""The batch contract between the data pipeline, the model and the trainers.
+
+A packed micro-batch is THD: all samples concatenated into one row of T tokens, with
+`cu_seqlens` marking sample boundaries (attention never crosses them) and per-sample MRoPE
+position ids. Images travel with their samples: `pixel_values` rows are the flattened
+14x14x2 patches of the images, in the order their `<|image_pad|>` runs appear in `input_ids`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor              # [1, T] int64
+    position_ids: torch.Tensor           # [3, 1, T] int64 (MRoPE t/h/w)
+    cu_seqlens: torch.Tensor             # [n_samples + 1] int32, cumulative lengths, starts at 0
+    labels: torch.Tensor                 # [1, T] int64: next token at each position, -100 = none
+    loss_mask: torch.Tensor              # [1, T] float32: 1 where the label is trained on
+    pixel_values: Optional[torch.Tensor] = None   # [n_patches, 3*2*14*14] float32
+    image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3] int64
+    sample_ids: list = field(default_factory=list)  # ids of the packed records, for logging
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.cu_seqlens.numel() - 1)
+
+    def to(self, device) -> "PackedBatch":
+        def mv(t):
+            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return PackedBatch(**{k: mv(v) for k, v in self.__dict__.items()})

@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ovlt",
+    version="0.1.0",
+    description="OpenVLThinker-style iterative SFT + GRPO for Qwen2.5-VL on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ovlt", "ovlt.*", "kernels", "kernels.*", "launchers"]),
+    package_data={"ovlt": ["data/tokenizer_files/*", "eval/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        # CPU machines install torch==2.13.0 (CPU build) first; this range never upgrades it.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "transformers>=4.50",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "pyarrow",
+        "pyyaml",
+        "tqdm",
+        "triton>=3.0",
+        "math-verify>=0.7",
+        "sympy",
+        "einops",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": [
+            "transformer-engine[pytorch]",
+            "flash-attn",
+            "vllm==0.26.0",
+            "nvidia-dali-cuda120",
+            "liger-kernel",
+        ],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+    },
+    entry_points={"console_scripts": ["ovlt=ovlt.cli:main"]},
+)
