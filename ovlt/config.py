@@ -221,14 +221,72 @@ class EvalConfig:
 
 @dataclass
 class TeacherConfig:
+    # Who writes round 1's reasoning chains from caption + question:
+    #   synthetic = the synthetic generator's step-by-step solutions (embedded demo, no model);
+    #   openai = an OpenAI-compatible chat endpoint (`vllm serve QwQ-32B`) at `url`;
+    #   engine = an in-process rollout engine on the HF text model at `model_path`.
     kind: Literal["synthetic", "openai", "engine"] = "synthetic"
     url: Optional[str] = None
     model: str = "QwQ-32B"
+    model_path: Optional[str] = None
+    # Name of the environment variable holding the endpoint's API key (never the key itself).
+    api_key_env: str = "OPENAI_API_KEY"
     samples: int = 4
     max_tokens: int = 4096
     temperature: float = 0.7
+    top_p: float = 0.95
     timeout_s: float = 600.0
+    retries: int = 3
+    retry_backoff_s: float = 2.0
+    concurrency: int = 8
+    # Synthetic teacher only: also emit this many deliberately wrong chains per problem, so the
+    # verify filter has something to reject (0 = only the correct solution).
+    synthetic_wrong: int = 1
+
+
+@dataclass
+class CaptionConfig:
+    # Round 1: the base model writes a caption of each image for the (text-only) teacher.
+    enabled: bool = True
+    prompt: str = ("Describe this image in detail, including every number, label, shape and "
+                   "relation needed to answer questions about it.")
+    max_new_tokens: int = 512
+
+
+@dataclass
+class FilterConfig:
+    # Keep only chains whose answer verifies, the shortest one per problem, and cut the
+    # self-reflection tail at the first `cut_marker` after a correct answer.
     cut_at_wait: bool = True
+    cut_marker: str = "Wait,"
+
+
+@dataclass
+class SelfAnswerConfig:
+    # Rounds > 1: the previous round's GRPO model answers from the image, `samples` per problem.
+    samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    batch_size: int = 16
+
+
+@dataclass
+class PrepareConfig:
+    # Question pool (RL parquet: problem, answer, images[, difficulty]); empty = synthesize.
+    pool_files: list[str] = field(default_factory=list)
+    # SFT-format solutions for the synthetic teacher (sharegpt JSONL); empty = synthesize.
+    solution_files: list[str] = field(default_factory=list)
+    synth_n: int = 0
+    synth_seed: int = 1
+    heldout_n: int = 0
+    heldout_seed: int = 2
+    # Problems drawn from the pool each round for SFT data (0 = all).
+    pool_per_round: int = 0
+    # GRPO curriculum built from the pool's `difficulty` column: one stage per entry, in order
+    # (e.g. [medium, hard]); empty = keep grpo.curriculum / data.rl_files as configured.
+    curriculum_difficulties: list[str] = field(default_factory=list)
+    curriculum_epochs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -237,15 +295,39 @@ class IterateConfig:
     out_dir: str = "runs"
     rounds: int = 3
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    self_answer: SelfAnswerConfig = field(default_factory=SelfAnswerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     # Processes per stage (each stage is its own torchrun).
+    nproc_data: int = 1
     nproc_sft: int = 1
     nproc_grpo: int = 1
     nproc_eval: int = 1
+    nnodes_data: int = 1
     nnodes_sft: int = 1
     nnodes_grpo: int = 1
     nnodes_eval: int = 1
+    # Cap on kept SFT examples per round (0 = no cap).
     sft_examples_per_round: int = 3000
     heldout_files: list[str] = field(default_factory=list)
+    # Evaluate the base model as round 0 (the baseline the rounds are compared against).
+    eval_round0: bool = True
+    heldout_max_new_tokens: int = 256
+    # Programs run per stage (script path relative to the repo root, or "-m module"); tests
+    # swap in fake stages here.
+    program_prepare: str = "-m ovlt.iterate.stage_prepare"
+    program_data: str = "-m ovlt.iterate.stage_data"
+    program_sft: str = "launchers/sft.py"
+    program_grpo: str = "launchers/grpo.py"
+    program_eval: str = "-m ovlt.iterate.stage_eval"
+    # Where SFT/GRPO write the exported HF model, relative to their train.save_dir.
+    hf_export_subdir: str = "hf"
+    # Stage launching: local torchrun, or srun + torchrun rendezvous inside a SLURM allocation.
+    launcher: Literal["local", "slurm"] = "local"
+    master_port: int = 29400
+    # Environment for every stage process (KEY=VALUE), e.g. OMP_NUM_THREADS=1.
+    stage_env: list[str] = field(default_factory=list)
 
 
 @dataclass

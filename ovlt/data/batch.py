@@ -23,6 +23,9 @@ class PackedBatch:
     pixel_values: Optional[torch.Tensor] = None   # [n_patches, 3*2*14*14] float32
     image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3] int64
     sample_ids: list = field(default_factory=list)  # ids of the packed records, for logging
+    # (id, file, record index, reason) of samples dropped from this micro-batch because their
+    # images failed to decode in the worker; the trainer adds them to its skip report.
+    skipped: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

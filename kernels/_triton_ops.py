@@ -1,0 +1,248 @@
+"""Triton row kernels over a [C, V] logits chunk, and the segmented reduction for advantages.
+
+Every kernel is a plain function compiled with `triton.jit` for CUDA tensors, or run by
+Triton's interpreter for CPU tensors when TRITON_INTERPRET=1 (the choice is made per call,
+so it doesn't matter which module imported triton first). CPU tensors without the
+interpreter, or a machine without triton, use the equivalent torch code below, one chunk at
+a time, so nothing [T, V] is ever built on either path.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except Exception:  # triton absent (e.g. a CPU-only install): the torch path serves
+    HAVE_TRITON = False
+    triton = None
+
+    class tl:  # kernel annotations must still evaluate
+        constexpr = None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and (t.is_cuda or (_interpret() and t.device.type == "cpu"))
+
+
+class _Kernel:
+    """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = None
+        self._interpreted = None
+
+    def on(self, t: torch.Tensor):
+        if t.is_cuda:
+            if self._compiled is None:
+                self._compiled = triton.jit(self.fn)
+            return self._compiled
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted
+
+
+# ---------------------------------------------------------------- row statistics
+# Reductions go through tl.reduce with our own combine functions rather than tl.max/tl.sum:
+# those are jit functions bound at triton import time, which the interpreter cannot call
+# when TRITON_INTERPRET was set only after triton was imported.
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+def _add_combine(a, b):
+    return a + b
+
+
+if HAVE_TRITON:
+    _MAX = triton.jit(_max_combine)
+    _ADD = triton.jit(_add_combine)
+
+
+def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start, inv_temp,
+                  BLOCK: tl.constexpr):
+    # One program per token row: online max / sum-exp / sum p*z over the (scaled) logits,
+    # plus the target logit when the target falls in this vocab shard.
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * stride_x
+    cols = tl.arange(0, BLOCK)
+    m = float("-inf")
+    s = 0.0
+    sz = 0.0
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        msk = idx < V
+        z = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.reduce(z, 0, _MAX))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new)
+        s = s * alpha + tl.reduce(p, 0, _ADD)
+        sz = sz * alpha + tl.reduce(p * tl.where(msk, z, 0.0), 0, _ADD)  # p = 0 off the row
+        m = m_new
+    t = tl.load(TGT + row) - vocab_start
+    valid = (t >= 0) & (t < V)
+    t_safe = tl.where(valid, t, 0)
+    zt = tl.load(x_row + t_safe).to(tl.float32) * inv_temp
+    zt = tl.where(valid, zt, 0.0)
+    tl.store(M_OUT + row, m)
+    tl.store(S_OUT + row, s)
+    tl.store(SZ_OUT + row, sz)
+    tl.store(ZT_OUT + row, zt)
+
+
+def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, vocab_start, inv_temp,
+                 HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    # d/dlogits of  g_lp * log p(target) + g_ent * entropy, for one row, written over X when
+    # DX is X (the chunk is overwritten with its own gradient while it is hot).
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * stride_x
+    dx_row = DX + row.to(tl.int64) * stride_dx
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(LSE + row)
+    g = tl.load(G_LP + row)
+    t = tl.load(TGT + row) - vocab_start
+    if HAS_ENT:
+        ge = tl.load(G_ENT + row)
+        shift = tl.load(ENT + row) - lse
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        msk = idx < V
+        z = tl.load(x_row + idx, mask=msk, other=0.0).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        d = tl.where(idx == t, g, 0.0) - g * p
+        if HAS_ENT:
+            # dH/dz_v = -p_v (log p_v + H) = -p_v (z_v - lse + H)
+            d = d - ge * p * (z + shift)
+        d = d * inv_temp
+        tl.store(dx_row + idx, d.to(DX.dtype.element_ty), mask=msk)
+
+
+_row_stats = _Kernel(_row_stats_fn)
+_row_grad = _Kernel(_row_grad_fn)
+
+
+def _launch_cfg(V: int, t: torch.Tensor):
+    if t.is_cuda:
+        return min(4096, triton.next_power_of_2(V)), 8
+    return min(1024, triton.next_power_of_2(V)), 4  # interpreter: small V still loops
+
+
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float):
+    """Per row of `logits` [C, V] (any float dtype, unit column stride): max m, sum exp(z - m),
+    sum exp(z - m) * z, and the target logit z_t (0 when the target is outside
+    [vocab_start, vocab_start + V)), all fp32 with z = logits * inv_temp."""
+    C, V = logits.shape
+    outs = [torch.empty(C, dtype=torch.float32, device=logits.device) for _ in range(4)]
+    if C == 0:
+        return tuple(outs)
+    if use_triton(logits):
+        block, warps = _launch_cfg(V, logits)
+        kw = {"num_warps": warps} if logits.is_cuda else {}
+        _row_stats.on(logits)[(C,)](logits, logits.stride(0), targets, *outs, V, vocab_start,
+                                    float(inv_temp), BLOCK=block, **kw)
+        return tuple(outs)
+    z = logits.float() * inv_temp
+    m = z.max(dim=1).values
+    p = torch.exp(z - m[:, None])
+    local = targets - vocab_start
+    valid = (local >= 0) & (local < V)
+    zt = z.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
+    return m, p.sum(1), (p * z).sum(1), torch.where(valid, zt, torch.zeros_like(zt))
+
+
+def row_grad_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
+              lse: torch.Tensor, g_lp: torch.Tensor, ent: torch.Tensor | None = None,
+              g_ent: torch.Tensor | None = None) -> torch.Tensor:
+    """Overwrite `logits` [C, V] with d(sum_t g_lp[t] * logp[t] + g_ent[t] * H[t]) / d logits
+    (the raw, unscaled logits). lse/ent are the full-vocab statistics of z = logits*inv_temp."""
+    C, V = logits.shape
+    if C == 0:
+        return logits
+    has_ent = g_ent is not None
+    if use_triton(logits):
+        block, warps = _launch_cfg(V, logits)
+        kw = {"num_warps": warps} if logits.is_cuda else {}
+        _row_grad.on(logits)[(C,)](logits, logits.stride(0), logits, logits.stride(0), targets,
+                                   lse, g_lp, ent if has_ent else lse, g_ent if has_ent else g_lp,
+                                   V, vocab_start, float(inv_temp), HAS_ENT=has_ent,
+                                   BLOCK=block, **kw)
+        return logits
+    z = logits.float() * inv_temp
+    p = torch.exp(z - lse[:, None])
+    d = -g_lp[:, None] * p
+    local = targets - vocab_start
+    valid = (local >= 0) & (local < V)
+    rows = torch.nonzero(valid).squeeze(1)
+    d[rows, local[rows]] += g_lp[rows]
+    if has_ent:
+        d -= g_ent[:, None] * p * (z + (ent - lse)[:, None])
+    logits.copy_(d * inv_temp)
+    return logits
+
+
+# ---------------------------------------------------------------- segmented group statistics
+def _seg_sum_fn(R, GID, SUM, CNT, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < N
+    r = tl.load(R + offs, mask=msk, other=0.0).to(tl.float32)
+    g = tl.load(GID + offs, mask=msk, other=0)
+    tl.atomic_add(SUM + g, r, mask=msk)
+    tl.atomic_add(CNT + g, tl.where(msk, 1.0, 0.0), mask=msk)
+
+
+def _seg_m2_fn(R, GID, SUM, CNT, M2, N, BLOCK: tl.constexpr):
+    # second pass (sum of squared deviations from the group mean): no E[x^2]-E[x]^2 cancellation
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < N
+    r = tl.load(R + offs, mask=msk, other=0.0).to(tl.float32)
+    g = tl.load(GID + offs, mask=msk, other=0)
+    mean = tl.load(SUM + g, mask=msk, other=0.0) / tl.load(CNT + g, mask=msk, other=1.0)
+    d = r - mean
+    tl.atomic_add(M2 + g, d * d, mask=msk)
+
+
+def _seg_norm_fn(R, GID, SUM, CNT, M2, OUT, N, eps, STD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < N
+    r = tl.load(R + offs, mask=msk, other=0.0).to(tl.float32)
+    g = tl.load(GID + offs, mask=msk, other=0)
+    cnt = tl.load(CNT + g, mask=msk, other=1.0)
+    single = cnt < 1.5  # a group of one: mean 0, std 1 (verl / EasyR1 convention)
+    mean = tl.where(single, 0.0, tl.load(SUM + g, mask=msk, other=0.0) / cnt)
+    a = r - mean
+    if STD:
+        var = tl.load(M2 + g, mask=msk, other=0.0) / tl.maximum(cnt - 1.0, 1.0)  # unbiased
+        std = tl.where(single, 1.0, tl.sqrt(var))
+        a = a / (std + eps)
+    tl.store(OUT + offs, a, mask=msk)
+
+
+_seg_sum = _Kernel(_seg_sum_fn)
+_seg_m2 = _Kernel(_seg_m2_fn)
+_seg_norm = _Kernel(_seg_norm_fn)
+
+
+def group_advantages(rewards: torch.Tensor, dense_ids: torch.Tensor, num_groups: int, eps: float,
+                     std_normalize: bool) -> torch.Tensor:
+    """Triton segmented reduction: rewards [N] fp32, dense_ids [N] int in [0, num_groups)."""
+    N = rewards.numel()
+    out = torch.empty(N, dtype=torch.float32, device=rewards.device)
+    if N == 0:
+        return out
+    acc = torch.zeros(3, num_groups, dtype=torch.float32, device=rewards.device)
+    s, c, m2 = acc[0], acc[1], acc[2]
+    block = 1024 if rewards.is_cuda else max(16, triton.next_power_of_2(min(N, 4096)))
+    grid = (triton.cdiv(N, block),)
+    _seg_sum.on(rewards)[grid](rewards, dense_ids, s, c, N, BLOCK=block)
+    if std_normalize:
+        _seg_m2.on(rewards)[grid](rewards, dense_ids, s, c, m2, N, BLOCK=block)
+    _seg_norm.on(rewards)[grid](rewards, dense_ids, s, c, m2, out, N, float(eps),
+                                STD=bool(std_normalize), BLOCK=block)
+    return out

@@ -1,0 +1,80 @@
+"""The whole OpenVLThinker loop, round after round: data -> SFT -> GRPO -> eval.
+
+    python launchers/iterate.py --config configs/iterate/tiny_cpu.yaml [key=value ...]
+    python launchers/iterate.py --config ... --resume            # after a kill / crash
+    python launchers/iterate.py --config ... --force-from r2.sft # redo from a stage on
+    sbatch launchers/iterate.sh configs/iterate/openvlthinker_7b.yaml   # SLURM, multi-node
+
+Each stage runs as its own torchrun (per-stage world size from `iterate.nproc_*`/`nnodes_*`),
+its log in `runs/<name>/<stage>/stage.log`; `runs/<name>/manifest.json` records every stage and
+`runs/<name>/report.md` sums the rounds up.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launchers/iterate.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ovlt.config import ConfigError, load_config  # noqa: E402
+from ovlt.logging import get_logger, setup_logging  # noqa: E402
+
+log = get_logger("ovlt.iterate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ovlt iterate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="iterate YAML (configs/iterate/...)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an existing run at its first unfinished stage")
+    ap.add_argument("--force-from", default=None, metavar="STAGE",
+                    help="rerun STAGE (e.g. r2.sft, r1.data, prepare) and every later stage")
+    ap.add_argument("--launcher", choices=["local", "slurm"], default=None,
+                    help="override iterate.launcher")
+    ap.add_argument("--stop-after", default=None, metavar="STAGE",
+                    help="stop after this stage (e.g. r1.grpo)")
+    ap.add_argument("--plan", action="store_true", help="print the stages and exit")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = ap.parse_args(argv)
+
+    overrides = list(args.overrides)
+    if args.launcher:
+        overrides.append(f"iterate.launcher={args.launcher}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from ovlt.iterate.loop import IterateError, run_dir_of, run_loop
+    from ovlt.iterate.report import write_report
+    from ovlt.iterate.runner import make_runner
+    from ovlt.iterate.stages import build_plan, parse_stage_id
+
+    run_dir = run_dir_of(cfg)
+    if args.plan:
+        for p in build_plan(cfg, run_dir):
+            print(f"{p.sid:<12} {p.nnodes}x{p.nproc}  {p.program}")
+        return 0
+    setup_logging(str(run_dir / "logs"))
+    try:
+        runner = make_runner(cfg.iterate.launcher)
+        stop = parse_stage_id(args.stop_after, cfg.iterate.rounds) if args.stop_after else None
+        man = run_loop(cfg, runner, resume=args.resume, force_from=args.force_from,
+                       stop_after=stop,
+                       on_stage_done=lambda m, p: write_report(m, run_dir)
+                       if p.stage == "eval" else None)
+    except (IterateError, ValueError, ConfigError) as e:
+        log.error("%s", e)
+        print(f"iterate: {e}", file=sys.stderr)
+        return 1
+    report = write_report(man, run_dir)
+    print(f"run finished: {run_dir / 'manifest.json'}\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Datasets and loaders: records -> samples (decoded in DataLoader worker processes) ->
+packed micro-batches for SFT, and prompt items for GRPO.
+
+Lengths are known before any image is decoded (tokenise with grids from the image headers),
+so the per-step plan - which samples go to which DP rank and micro-batch - is computed
+identically on every rank from (seed, epoch) with no communication.
+Bad records found while building (missing/corrupt header, mismatch, over-length) are counted
+skips in `dataset.report`; a decode failure later in a worker drops that sample from its
+micro-batch and is recorded in `PackedBatch.skipped` (the trainer adds it to its report).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ovlt.data import image_processing as ip
+from ovlt.data.batch import PackedBatch
+from ovlt.data.chat_template import encode_prompt, encode_sft
+from ovlt.data.formats import RLRecord, SFTRecord, SkipReport
+from ovlt.data.image_loader import ImageError, image_size, load_image_pil
+from ovlt.data.packing import balanced_plan, collate, empty_batch, make_sample
+from ovlt.data.tokenizer import load_tokenizer
+
+
+def _header_grids(images, min_pixels, max_pixels):
+    grids = []
+    for src in images:
+        w, h = image_size(src)
+        try:
+            grids.append(ip.grid_for_size(h, w, min_pixels, max_pixels))
+        except ValueError as e:
+            raise ImageError(f"unusable image: {e}") from None
+    return grids
+
+
+def _load_images(images, min_pixels, max_pixels):
+    pvs, grids = [], []
+    for src in images:
+        pv, g = load_image_pil(src, min_pixels, max_pixels)
+        pvs.append(pv)
+        grids.append(g)
+    return (torch.cat(pvs) if pvs else None), grids
+
+
+class SFTDataset(Dataset):
+    """Item i -> `Sample` (tokenised conversation + decoded images), or a skip tuple
+    (id, file, index, reason) when decoding fails in the worker."""
+
+    def __init__(self, records: Sequence[SFTRecord], max_length: int = 2048,
+                 min_pixels: int = 3136, max_pixels: int = 262144,
+                 report: Optional[SkipReport] = None):
+        self.tok = load_tokenizer()
+        self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
+        self.report = report if report is not None else SkipReport()
+        self.records: list[SFTRecord] = []
+        self.lengths: list[int] = []
+        for r in records:
+            try:
+                grids = _header_grids(r.images, min_pixels, max_pixels)
+                ids, mask = encode_sft(r.messages, grids, tokenizer=self.tok)
+            except (ImageError, ValueError) as e:
+                self.report.skip(r.file, r.index, str(e))
+                continue
+            if len(ids) > max_length:
+                self.report.skip(r.file, r.index,
+                                 f"over-length: {len(ids)} tokens > max_length {max_length}")
+                continue
+            if not any(mask):
+                self.report.skip(r.file, r.index, "empty answer: no trained tokens")
+                continue
+            self.records.append(r)
+            self.lengths.append(len(ids))
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        try:
+            pv, grids = _load_images(r.images, self.min_pixels, self.max_pixels)
+        except ImageError as e:
+            return (r.id, r.file, r.index, str(e))
+        ids, mask = encode_sft(r.messages, grids, tokenizer=self.tok)
+        return make_sample(ids, mask, pv, grids, r.id)
+
+
+class _MicroBatches(Dataset):
+    """Item k = one planned micro-batch (list of SFTDataset indices), loaded and packed by a
+    worker."""
+
+    def __init__(self, ds: SFTDataset, plan: list[list[int]], pad_to_multiple: int):
+        self.ds, self.plan, self.pad = ds, plan, pad_to_multiple
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, k) -> PackedBatch:
+        samples, skipped = [], []
+        for i in self.plan[k]:
+            s = self.ds[i]
+            (skipped if isinstance(s, tuple) else samples).append(s)
+        batch = collate(samples, self.pad) if samples else empty_batch()
+        batch.skipped = skipped
+        return batch
+
+
+def step_plans(lengths: Sequence[int], global_batch_size: int, dp_size: int,
+               token_budget: int, seed: int, epoch: int) -> list[list[list[list[int]]]]:
+    """plans[step][rank][micro_batch] -> dataset indices, for one epoch (a seeded shuffle;
+    the last partial global batch is dropped)."""
+    order = list(range(len(lengths)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    plans = []
+    for s in range(len(order) // global_batch_size):
+        idx = order[s * global_batch_size:(s + 1) * global_batch_size]
+        plan = balanced_plan([lengths[i] for i in idx], dp_size, token_budget)
+        plans.append([[[idx[j] for j in mb] for mb in rank] for rank in plan])
+    return plans
+
+
+def _identity(x):
+    return x
+
+
+class SFTLoader:
+    """Iterate one epoch: yields, per optimizer step, this rank's list of PackedBatch
+    micro-batches (same count on every rank). Decoding runs in `num_workers` processes."""
+
+    def __init__(self, dataset: SFTDataset, global_batch_size: int, token_budget: int,
+                 dp_rank: int = 0, dp_size: int = 1, num_workers: int = 2, seed: int = 0,
+                 pad_to_multiple: int = 1):
+        if global_batch_size < dp_size:
+            raise ValueError(f"global_batch_size {global_batch_size} < dp_size {dp_size}")
+        if len(dataset) < global_batch_size:
+            raise ValueError(f"dataset has {len(dataset)} usable samples, fewer than one global "
+                             f"batch ({global_batch_size}); see the skip report")
+        self.ds, self.gbs, self.budget = dataset, global_batch_size, token_budget
+        self.rank, self.dp, self.workers, self.seed = dp_rank, dp_size, num_workers, seed
+        self.pad = pad_to_multiple
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps_per_epoch(self) -> int:
+        return len(self.ds) // self.gbs
+
+    def __len__(self):
+        return self.steps_per_epoch()
+
+    def __iter__(self) -> Iterator[list[PackedBatch]]:
+        plans = step_plans(self.ds.lengths, self.gbs, self.dp, self.budget, self.seed, self.epoch)
+        mine = [plan[self.rank] for plan in plans]
+        flat = [mb for step in mine for mb in step]
+        loader = DataLoader(_MicroBatches(self.ds, flat, self.pad), batch_size=None,
+                            shuffle=False, num_workers=self.workers, collate_fn=_identity,
+                            persistent_workers=False,
+                            prefetch_factor=4 if self.workers > 0 else None)
+        it = iter(loader)
+        for step in mine:
+            yield [next(it) for _ in step]
+
+
+# --------------------------------------------------------------------------- RL prompts
+@dataclass
+class PromptItem:
+    prompt_ids: torch.Tensor                  # [L] int64, ends with "<|im_start|>assistant\n"
+    pixel_values: Optional[torch.Tensor]      # [N, 1176] float32
+    image_grid_thw: Optional[torch.Tensor]    # [n, 3] int64
+    answer: str
+    source: str
+    difficulty: str
+    id: str
+    problem: str
+
+
+class RLPromptDataset(Dataset):
+    """Item i -> PromptItem (images decoded in the worker), or a skip tuple (id, file, index,
+    reason). `prompt_suffix` is appended to every problem (config rollout.prompt_suffix)."""
+
+    def __init__(self, records: Sequence[RLRecord], prompt_suffix: str = "",
+                 max_prompt_length: int = 6144, min_pixels: int = 3136,
+                 max_pixels: int = 262144, report: Optional[SkipReport] = None,
+                 system: Optional[str] = None):
+        self.tok = load_tokenizer()
+        self.suffix, self.system = prompt_suffix, system
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.report = report if report is not None else SkipReport()
+        self.records: list[RLRecord] = []
+        self.lengths: list[int] = []
+        for r in records:
+            try:
+                grids = _header_grids(r.images, min_pixels, max_pixels)
+                n = len(encode_prompt(r.problem + self.suffix, grids, system, tokenizer=self.tok))
+            except (ImageError, ValueError) as e:
+                self.report.skip(r.file, r.index, str(e))
+                continue
+            if n > max_prompt_length:
+                self.report.skip(r.file, r.index,
+                                 f"over-length: prompt of {n} tokens > {max_prompt_length}")
+                continue
+            self.records.append(r)
+            self.lengths.append(n)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        try:
+            pv, grids = _load_images(r.images, self.min_pixels, self.max_pixels)
+        except ImageError as e:
+            return (r.id, r.file, r.index, str(e))
+        ids = encode_prompt(r.problem + self.suffix, grids, self.system, tokenizer=self.tok)
+        return PromptItem(torch.tensor(ids, dtype=torch.long), pv,
+                          torch.tensor(grids, dtype=torch.long).reshape(-1, 3) if grids else None,
+                          r.answer, r.source, r.difficulty, r.id, r.problem)
+
+
+def rl_prompt_loader(dataset: RLPromptDataset, prompts_per_step: int, dp_rank: int = 0,
+                     dp_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0
+                     ) -> Iterator[list]:
+    """Per step, this rank's share of `prompts_per_step` prompts (a list of PromptItem and
+    skip tuples), from a seeded per-epoch shuffle; ranks get disjoint, equal-size shares."""
+    if prompts_per_step % dp_size:
+        raise ValueError(f"prompts_per_step {prompts_per_step} not divisible by dp_size {dp_size}")
+    order = list(range(len(dataset)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    steps = len(order) // prompts_per_step
+    share = prompts_per_step // dp_size
+    mine = [i for s in range(steps)
+            for i in order[s * prompts_per_step + dp_rank * share:s * prompts_per_step + (dp_rank + 1) * share]]
+    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=share, shuffle=False,
+                        num_workers=num_workers, collate_fn=_identity,
+                        prefetch_factor=2 if num_workers > 0 else None)
+    yield from loader

@@ -1,0 +1,182 @@
+"""torch.distributed + megatron-core `parallel_state` initialisation.
+
+`init_distributed(parallel_cfg)` reads the launcher's environment (torchrun: RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT; SLURM srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ...),
+falls back to a single process when neither is set, picks nccl on GPU / gloo on CPU, puts
+`parallel.timeout_minutes` on every process group (the world group and all of mcore's), builds
+mcore's TP/PP/CP/DP groups and seeds python/numpy/torch plus mcore's tensor-parallel RNG
+tracker. Failures are re-raised tagged with the rank, so a hang or crash in a 64-process job
+says which process it was.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ovlt.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """A distributed set-up failure; the message starts with `[rank R/W]`."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as `gpu[003-005,9],cpu1` -> `gpu003`."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise DistributedError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def read_launch_env(env: Optional[dict] = None) -> LaunchEnv:
+    """Where this process sits, from torchrun or SLURM variables (torchrun wins)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        try:
+            return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]),
+                             int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                             int(env.get("MASTER_PORT", 29500)), "torchrun")
+        except ValueError as e:
+            raise DistributedError(f"bad torchrun environment: {e}") from None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        try:
+            addr = env.get("MASTER_ADDR") or _first_slurm_host(
+                env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+            # A job-specific default port so two jobs sharing a node don't collide.
+            port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+            return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                             int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
+        except ValueError as e:
+            raise DistributedError(f"bad SLURM environment: {e}") from None
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
+
+
+def _backend(requested: str) -> str:
+    if requested in ("nccl", "gloo"):
+        if requested == "nccl" and not torch.cuda.is_available():
+            raise DistributedError("parallel.backend=nccl but no CUDA device is visible")
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def set_seed(seed: int, tp_rng: bool = True) -> None:
+    """Seed python, numpy, torch and (after parallel_state exists) mcore's TP RNG tracker:
+    the same default stream on every TP rank, a TP-rank-dependent stream for TP-split dropout."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if tp_rng:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        if parallel_state.model_parallel_is_initialized():
+            model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def init_distributed(parallel_cfg=None, seed: int = 1234) -> DistInfo:
+    """Initialise torch.distributed and mcore parallel_state; see the module docstring.
+    `parallel_cfg`: `ovlt.config.ParallelConfig` (None = all sizes 1)."""
+    from ovlt.config import ParallelConfig
+    p = parallel_cfg or ParallelConfig()
+    le = read_launch_env()
+    tag = f"[rank {le.rank}/{le.world_size}]"
+    mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    if le.world_size % mp:
+        raise DistributedError(f"{tag} world size {le.world_size} is not divisible by "
+                               f"tensor_parallel x pipeline_parallel x context_parallel = {mp}")
+    backend = _backend(p.backend)
+    if not torch.cuda.is_available():
+        from ovlt.compat import mcore_cpu
+        mcore_cpu.apply()
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", le.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    timeout = timedelta(minutes=p.timeout_minutes)
+    try:
+        if not dist.is_initialized():
+            if le.source == "single":
+                # No launcher: a private in-process store, no port to pick or collide on.
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timeout)
+            else:
+                dist.init_process_group(
+                    backend, init_method=f"tcp://{le.master_addr}:{le.master_port}",
+                    rank=le.rank, world_size=le.world_size, timeout=timeout)
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_parallel,
+            pipeline_model_parallel_size=p.pipeline_parallel,
+            context_parallel_size=p.context_parallel,
+            distributed_timeout_minutes=p.timeout_minutes,
+            # On CPU the main groups are gloo already: don't build a second copy of each.
+            create_gloo_process_groups=backend == "nccl")
+        set_seed(seed)
+    except DistributedError:
+        raise
+    except Exception as e:  # tag the rank: the interesting failure is usually on one process
+        raise DistributedError(f"{tag} distributed init failed ({le.source}, backend={backend}, "
+                               f"master={le.master_addr}:{le.master_port}): {e}") from e
+    info = DistInfo(rank=le.rank, world_size=le.world_size, local_rank=le.local_rank,
+                    tp=p.tensor_parallel, pp=p.pipeline_parallel, cp=p.context_parallel,
+                    dp=le.world_size // mp, device=device)
+    log.info("distributed: %s via %s, backend=%s, tp=%d pp=%d cp=%d dp=%d, timeout=%.1f min",
+             le.world_size, le.source, backend, info.tp, info.pp, info.cp, info.dp,
+             p.timeout_minutes)
+    return info
+
+
+def destroy_distributed() -> None:
+    """Tear down mcore's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_tag() -> str:
+    if dist.is_initialized():
+        return f"[rank {dist.get_rank()}/{dist.get_world_size()}]"
+    return "[rank 0/1]"

@@ -1,0 +1,127 @@
+"""`ovlt eval {run,score,report}`.
+
+  ovlt eval run    --benchmark B --data PATH --model DIR [--engine auto|vllm|builtin] [--limit N] --out DIR
+  ovlt eval score  --benchmark B --data PATH --predictions FILE --out DIR [--judge-url URL]
+  ovlt eval report --scores DIR [DIR ...] --out DIR [--model-name NAME]
+`run` generates (resumable), then scores like `score`. Both print the overall accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ovlt.eval.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
+from ovlt.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--data", required=True, help="benchmark file (parquet/json/jsonl) or directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
+    p.add_argument("--image-root", default=None, help="extra directory to resolve image paths in")
+    p.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible endpoint for LLM answer extraction (off by default)")
+    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--judge-mode", choices=("fallback", "always"), default="fallback",
+                   help="fallback: only when the rules find no answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ovlt eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="generate greedily with a model, then score")
+    _common(run)
+    run.add_argument("--model", required=True, help="model directory (HF or ovlt mcore checkpoint)")
+    run.add_argument("--engine", choices=("auto", "vllm", "builtin"), default="auto")
+    run.add_argument("--config", default=None, help="ovlt YAML (model/data/rollout sections)")
+    run.add_argument("--max-new-tokens", type=int, default=2048)
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--prompt-suffix", default="", help="text appended to every prompt")
+    run.add_argument("--no-progress", action="store_true")
+    score = sub.add_parser("score", help="score a predictions JSONL")
+    _common(score)
+    score.add_argument("--predictions", required=True,
+                       help='JSONL of {"<id field>": ..., "response": ...}')
+    rep = sub.add_parser("report", help="report.md + bar chart from scores.json files")
+    rep.add_argument("--scores", nargs="+", required=True, help="scores.json files or their dirs")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--model-name", default="ours")
+    rep.add_argument("--title", default="ovlt evaluation")
+    return ap
+
+
+def _judge(args):
+    if not args.judge_url:
+        return None
+    from ovlt.eval.judge import LLMJudge
+    return LLMJudge(args.judge_url, model=args.judge_model)
+
+
+def build_engine(model_dir: str, engine: str, config: Optional[str] = None):
+    """The rollout engine for `eval run` (`ovlt.rollout.make_engine`)."""
+    from ovlt import rollout
+    from ovlt.config import JobConfig, load_config
+    if not hasattr(rollout, "make_engine"):
+        raise SystemExit("ovlt eval run: ovlt.rollout.make_engine is not available in this build")
+    cfg = load_config(config) if config else JobConfig()
+    return rollout.make_engine(cfg, model_dir=model_dir, engine=engine)
+
+
+def _print_scores(scores: dict, out: Path) -> None:
+    print(f"{scores['benchmark']}: accuracy {scores['accuracy']:.2f}% "
+          f"({scores['correct']}/{scores['n']}) -> {out / 'scores.json'}")
+
+
+def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None) -> int:
+    """`engine` / `request_builder` may be injected (tests); otherwise built from the args."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from ovlt.eval import report as rpt
+    if args.cmd == "report":
+        try:
+            scores = rpt.load_scores(args.scores)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"ovlt eval report: {e}", file=sys.stderr)
+            return 2
+        md, png = rpt.write_report(scores, args.out, model_name=args.model_name, title=args.title)
+        for b, s in scores.items():
+            print(f"{b}: {s['accuracy']:.2f}%")
+        print(f"wrote {md} and {png}")
+        return 0
+
+    from ovlt.eval.runner import (ChatRequestBuilder, load_predictions, run_generation,
+                                  score_predictions)
+    out = Path(args.out)
+    try:
+        items = load_benchmark(args.benchmark, args.data, limit=args.limit or None,
+                               image_root=args.image_root)
+        if args.cmd == "run":
+            if engine is None:
+                engine = build_engine(args.model, args.engine, args.config)
+            if request_builder is None:
+                from ovlt.config import JobConfig, load_config
+                cfg = load_config(args.config) if args.config else JobConfig()
+                request_builder = ChatRequestBuilder(cfg.data.min_pixels, cfg.data.max_pixels,
+                                                     prompt_suffix=args.prompt_suffix)
+            pred_path = run_generation(args.benchmark, items, engine, out, request_builder,
+                                       max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, progress=not args.no_progress)
+        else:
+            pred_path = Path(args.predictions)
+        predictions = load_predictions(args.benchmark, pred_path)
+    except BenchmarkError as e:
+        print(f"ovlt eval {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    scores = score_predictions(args.benchmark, items, predictions, out, judge=_judge(args),
+                               judge_mode=args.judge_mode)
+    _print_scores(scores, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

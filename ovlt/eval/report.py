@@ -1,0 +1,144 @@
+"""Reports: `report.md` (our accuracy next to the published numbers) + a PNG bar chart, and
+`plot_rounds` for accuracy across the iterate loop's rounds. matplotlib runs headless (Agg)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+from ovlt.utils.io import atomic_write_bytes, atomic_write_text
+
+BENCH_ORDER = ("mathvista", "mathverse", "mathvision")
+BENCH_TITLE = {"mathvista": "MathVista", "mathverse": "MathVerse", "mathvision": "MathVision"}
+# Published accuracies (percent), from ../shared/RECIPE.md (OpenVLThinker paper, v1.2).
+PUBLISHED: dict[str, dict[str, float]] = {
+    "Qwen2.5-VL-7B": {"mathvista": 68.5, "mathverse": 46.8, "mathvision": 24.0},
+    "OpenVLThinker-7B v1.2": {"mathvista": 72.3, "mathverse": 50.3, "mathvision": 25.9},
+}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_scores(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
+    """benchmark -> scores.json content, from scores.json files or directories holding one."""
+    out = {}
+    for p in paths:
+        p = Path(p)
+        f = p / "scores.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no scores.json (run `ovlt eval score` first)")
+        s = json.loads(f.read_text())
+        if "benchmark" not in s or "accuracy" not in s:
+            raise ValueError(f"{f}: not an ovlt scores.json (needs 'benchmark' and 'accuracy')")
+        out[s["benchmark"]] = s
+    return out
+
+
+def bar_chart(ours: Mapping[str, float], out_png: str | os.PathLike, model_name: str = "ours",
+              published: Mapping[str, Mapping[str, float]] = PUBLISHED) -> Path:
+    """Grouped bars: one group per benchmark, one bar per model (ours + published)."""
+    plt = _plt()
+    benches = [b for b in BENCH_ORDER if b in ours] or list(ours)
+    models = [(model_name, ours)] + list(published.items())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(models)
+    for k, (name, accs) in enumerate(models):
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(benches))]
+        ys = [accs.get(b, float("nan")) for b in benches]
+        bars = ax.bar(xs, ys, width, label=name)
+        for x, y in zip(xs, ys):
+            if y == y:  # not NaN
+                ax.text(x, y + 0.5, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(benches)), [BENCH_TITLE.get(b, b) for b in benches])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, max(100.0, max((v for _, a in models for v in a.values()), default=0) + 5))
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy vs published")
+    out = Path(out_png)
+    _save_png(fig, out)
+    return out
+
+
+def write_report(scores: Mapping[str, dict], out_dir: str | os.PathLike, model_name: str = "ours",
+                 title: str = "ovlt evaluation") -> tuple[Path, Path]:
+    """`report.md` + `accuracy.png` in out_dir. `scores`: benchmark -> scores.json dict."""
+    out = Path(out_dir)
+    ours = {b: float(s["accuracy"]) for b, s in scores.items()}
+    png = bar_chart(ours, out / "accuracy.png", model_name)
+    benches = [b for b in BENCH_ORDER if b in scores] + [b for b in scores if b not in BENCH_ORDER]
+    lines = [f"# {title}", "", "Accuracy (%); published numbers from the OpenVLThinker paper.", "",
+             "| model | " + " | ".join(BENCH_TITLE.get(b, b) for b in benches) + " |",
+             "|---|" + "---|" * len(benches)]
+    lines.append(f"| **{model_name}** | " + " | ".join(
+        f"**{ours[b]:.1f}** (n={scores[b]['n']})" for b in benches) + " |")
+    for name, accs in PUBLISHED.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{accs[b]:.1f}" if b in accs else "–" for b in benches) + " |")
+    lines += ["", f"![accuracy]({png.name})", ""]
+    for b in benches:
+        s = scores[b]
+        lines += [f"## {BENCH_TITLE.get(b, b)}", "",
+                  f"overall: {s['accuracy']:.2f}% ({s['correct']}/{s['n']})"
+                  + (f"; {s['n_missing_predictions']} items without prediction"
+                     if s.get("n_missing_predictions") else ""), ""]
+        for group, labels in s.get("by", {}).items():
+            lines += [f"| {group} | n | accuracy |", "|---|---|---|"]
+            lines += [f"| {lab} | {v['n']} | {v['accuracy']:.1f} |" for lab, v in labels.items()]
+            lines.append("")
+    md = out / "report.md"
+    atomic_write_text(md, "\n".join(lines))
+    return md, png
+
+
+RoundScores = Union[Sequence[Mapping[str, float]], Mapping[Union[int, str], Mapping[str, float]]]
+
+
+def plot_rounds(per_round_scores: RoundScores, out_png: str | os.PathLike,
+                published: Optional[Mapping[str, Mapping[str, float]]] = PUBLISHED) -> Path:
+    """Accuracy (%) per benchmark across rounds: a list (index = round, 0 = base model) or a dict
+    round -> {benchmark: accuracy}. Published numbers are drawn as dashed reference lines."""
+    plt = _plt()
+    if isinstance(per_round_scores, Mapping):
+        rounds = sorted(per_round_scores, key=lambda r: int(r))
+        rows = [per_round_scores[r] for r in rounds]
+        xs = [int(r) for r in rounds]
+    else:
+        rows = list(per_round_scores)
+        xs = list(range(len(rows)))
+    if not rows:
+        raise ValueError("plot_rounds needs at least one round of scores")
+    benches = [b for b in BENCH_ORDER if any(b in r for r in rows)]
+    benches += sorted({b for r in rows for b in r} - set(benches))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, b in enumerate(benches):
+        pts = [(x, r[b]) for x, r in zip(xs, rows) if b in r]
+        c = colors[k % len(colors)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=c,
+                label=BENCH_TITLE.get(b, b))
+        if published:
+            ref = published.get("OpenVLThinker-7B v1.2", {}).get(b)
+            if ref is not None:
+                ax.axhline(ref, color=c, linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.set_xticks(xs)
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy across rounds (dashed: OpenVLThinker-7B v1.2)")
+    ax.legend(fontsize=8)
+    out = Path(out_png)
+    _save_png(fig, out)
+    return out

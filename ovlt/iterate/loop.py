@@ -1,0 +1,173 @@
+"""The round loop: run the planned stages in order, each once, surviving kills.
+
+On every start the manifest is checked against the current config:
+  - a finished stage whose config slice changed is refused (naming the changed keys) unless
+    `--force-from` points at it or an earlier stage;
+  - `--force-from S` resets S and every later stage (their directories are removed);
+  - a stage left "running" or "failed" (killed or crashed) is run again from a clean directory,
+    after ending any process of the killed attempt still alive (found by its token).
+One orchestrator per run directory (an flock on `.lock`; the OS drops it when the process dies).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from ovlt.config import JobConfig, save_config
+from ovlt.iterate import metrics as metrics_mod
+from ovlt.iterate.manifest import DONE, FAILED, PENDING, RUNNING, Manifest, config_hash, diff_keys
+from ovlt.iterate.runner import Runner, StageLaunch, kill_token
+from ovlt.iterate.stages import StagePlan, build_plan, parse_stage_id, stage_config
+from ovlt.logging import get_logger
+from ovlt.utils.io import atomic_write_json
+
+log = get_logger(__name__)
+
+
+class IterateError(RuntimeError):
+    """A refusal or a failed stage; the message says what to do."""
+
+
+def run_dir_of(cfg: JobConfig) -> Path:
+    return Path(cfg.iterate.out_dir) / cfg.iterate.name
+
+
+def _lock(run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise IterateError(f"{run_dir}: another `ovlt iterate` is running on this run "
+                           "directory") from None
+    return f
+
+
+def check_manifest(man: Manifest, plans: list[StagePlan], force_from: Optional[str]) -> list[str]:
+    """Refuse changed finished stages; return the stage ids to reset."""
+    order = [p.sid for p in plans]
+    start = order.index(force_from) if force_from else len(order)
+    changed = []
+    for i, p in enumerate(plans):
+        st = man.get(p.sid)
+        if st.get("status") != DONE or i >= start:
+            continue
+        if st.get("config_hash") != config_hash(p.slice):
+            keys = diff_keys(st.get("config", {}), p.slice)
+            changed.append(f"{p.sid} (changed: {', '.join(keys[:8]) or 'unknown'})")
+    if changed:
+        raise IterateError(
+            "the config of finished stage(s) changed: " + "; ".join(changed) +
+            f". Pass --force-from {changed[0].split()[0]} (or an earlier stage) to rerun from "
+            "there, or restore the config.")
+    return order[start:]
+
+
+def _stage_token(run_dir: Path, sid: str, attempt: int) -> str:
+    h = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return f"{h}:{sid}:{attempt}"
+
+
+def _log_tail(path: Path, n: int = 60) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def run_stage(plan: StagePlan, cfg: JobConfig, man: Manifest, runner: Runner, port: int,
+              run_dir: Path) -> None:
+    prev = man.get(plan.sid)
+    if prev.get("status") in (RUNNING, FAILED):
+        n = kill_token(prev.get("token", ""))
+        log.info("%s: was %s (attempt %s); %d leftover process(es) ended; starting clean",
+                 plan.sid, prev["status"], prev.get("attempts"), n)
+    if plan.dir.exists():
+        shutil.rmtree(plan.dir)
+    plan.dir.mkdir(parents=True)
+    scfg = stage_config(cfg, plan)
+    save_config(scfg, plan.config_path)
+    atomic_write_json(plan.stage_json, {"sid": plan.sid, "round": plan.round, "stage": plan.stage,
+                                        "inputs": plan.inputs, "outputs": plan.outputs})
+    attempt = int(prev.get("attempts", 0)) + 1
+    token = _stage_token(run_dir, plan.sid, attempt)
+    man.mark_running(plan.sid, round_=plan.round, stage=plan.stage, config=plan.slice,
+                     inputs=plan.inputs, outputs=plan.outputs, log=str(plan.log_path), token=token)
+    env = dict(kv.split("=", 1) for kv in cfg.iterate.stage_env)
+    args = ["--config", str(plan.config_path)]
+    if plan.stage not in ("sft", "grpo"):  # the trainers' launchers take only --config
+        args += ["--stage", str(plan.stage_json)]
+    launch = StageLaunch(plan.sid, plan.program, args, plan.nproc, plan.nnodes,
+                         plan.log_path, env, token, port)
+    log.info("%s: starting (%d node(s) x %d proc, log %s)", plan.sid, plan.nnodes, plan.nproc,
+             plan.log_path)
+    t0 = time.time()
+    rc = runner.run(launch)
+    if rc != 0:
+        man.mark_failed(plan.sid, f"exit code {rc}")
+        raise IterateError(f"stage {plan.sid} failed with exit code {rc}; log {plan.log_path}; "
+                           f"last lines:\n{_log_tail(plan.log_path)}\nfix it and rerun with --resume")
+    missing = [p for p in plan.required if not Path(p).exists()]
+    if missing:
+        man.mark_failed(plan.sid, f"missing outputs {missing}")
+        raise IterateError(f"stage {plan.sid} exited 0 but did not write {', '.join(missing)}; "
+                           f"log {plan.log_path}")
+    m = metrics_mod.collect(plan.stage, plan.outputs)
+    man.mark_done(plan.sid, m)
+    log.info("%s: done in %.1fs %s", plan.sid, time.time() - t0, json.dumps(m, default=str)[:300])
+
+
+def run_loop(cfg: JobConfig, runner: Runner, resume: bool = False,
+             force_from: Optional[str] = None, stop_after: Optional[str] = None,
+             on_stage_done=None) -> Manifest:
+    run_dir = run_dir_of(cfg)
+    lock = _lock(run_dir)
+    try:
+        plans = build_plan(cfg, run_dir)
+        for p in plans:  # every stage's config and width is checked before anything runs
+            stage_config(cfg, p)
+            runner.command(StageLaunch(p.sid, p.program, [], p.nproc, p.nnodes))
+        man_path = run_dir / "manifest.json"
+        if man_path.exists():
+            man = Manifest.load(man_path)
+            if not resume and not force_from and any(
+                    s.get("status") != PENDING for s in man.stages.values()):
+                raise IterateError(f"{man_path} exists: pass --resume to continue this run, "
+                                   "--force-from STAGE to redo part of it, or choose another "
+                                   "iterate.name")
+        else:
+            man = Manifest(man_path)
+            man.data.update({"name": cfg.iterate.name, "created": time.time()})
+        fsid = parse_stage_id(force_from, cfg.iterate.rounds) if force_from else None
+        if fsid and fsid not in [p.sid for p in plans]:
+            raise IterateError(f"--force-from {force_from}: stage {fsid} is not part of this "
+                               "run's plan")
+        for sid in check_manifest(man, plans, fsid):
+            if man.status(sid) != PENDING:
+                log.info("%s: reset by --force-from %s", sid, fsid)
+                man.reset(sid)
+                d = run_dir / sid
+                if d.exists():
+                    shutil.rmtree(d)
+        man.data["plan"] = [p.sid for p in plans]
+        man.save()
+        save_config(cfg, run_dir / "config.yaml")
+        for i, p in enumerate(plans):
+            if man.status(p.sid) == DONE:
+                log.info("%s: done already, skipped", p.sid)
+            else:
+                run_stage(p, cfg, man, runner, cfg.iterate.master_port + i, run_dir)
+                if on_stage_done:
+                    on_stage_done(man, p)
+            if stop_after and p.sid == stop_after:
+                break
+        return man
+    finally:
+        lock.close()

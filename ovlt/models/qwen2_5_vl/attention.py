@@ -1,0 +1,136 @@
+"""ovlt's local core-attention module for mcore `SelfAttention` (spec slot `core_attention`).
+
+mcore's local `DotProductAttention` has no packed (THD / cu_seqlens) support, so this module
+replaces it in the local and FP8 specs. It takes the shapes mcore hands a core attention:
+  * `sbhd`: q [S, B, np, hn], k/v [S, B, ng, hn] -> [S, B, np*hn];
+  * `thd` (packed_seq_params.qkv_format == "thd"): q [T, np, hn], k/v [T, ng, hn] -> [T, np*hn];
+and, whenever `packed_seq_params.cu_seqlens_q` is set, attends only inside each segment
+(samples of a packed LLM row, or images / windows of the vision tower; there the layer reads
+`cu_window_seqlens` unless its index is a full-attention layer).
+
+Kernels: flash-attn's varlen kernel on CUDA when it imports, else torch SDPA. For segments, SDPA
+runs once per distinct segment length on the stacked segments of that length (vision windows
+are mostly equal-sized, so that is a handful of batched calls instead of one per window).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ovlt.logging import get_logger, log_once
+
+log = get_logger(__name__)
+
+try:  # optional GPU package: one seam, a real fallback
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_varlen = None
+
+
+def resolve_backend(requested: str = "auto", device_is_cuda: Optional[bool] = None) -> str:
+    """'flash' when asked for / available on CUDA, else 'sdpa'. ('te' is chosen in specs.py.)"""
+    cuda = torch.cuda.is_available() if device_is_cuda is None else device_is_cuda
+    if requested == "flash" and _flash_varlen is None:
+        raise RuntimeError("model.attention_backend=flash but flash_attn does not import")
+    if requested in ("flash", "auto") and cuda and _flash_varlen is not None:
+        return "flash"
+    return "sdpa"
+
+
+def _sdpa(q, k, v, causal, scale, dropout):
+    """q [N, h, L, d], k/v [N, g, L, d]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: float = 0.0,
+                     backend: str = "sdpa", max_seqlen: Optional[int] = None):
+    """Attention inside the segments of `cu_seqlens`. q [T, h, d], k/v [T, g, d] -> [T, h, d]."""
+    if backend == "flash" and q.is_cuda:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu[1:] - cu[:-1]).max())
+        return _flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout,
+                             softmax_scale=scale, causal=causal)
+    bounds = cu_seqlens.tolist()
+    groups = defaultdict(list)  # segment length -> start offsets
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            groups[e - s].append(s)
+    out = q.new_zeros(q.shape)
+    for length, starts in groups.items():
+        idx = (torch.tensor(starts, device=q.device)[:, None]
+               + torch.arange(length, device=q.device)[None]).reshape(-1)
+        n = len(starts)
+        qq, kk, vv = (t.index_select(0, idx).view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
+                      for t in (q, k, v))
+        o = _sdpa(qq, kk, vv, causal, scale, dropout)
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(n * length, q.shape[1], q.shape[2]))
+    return out
+
+
+class OvltCoreAttention(MegatronModule):
+    """Drop-in for mcore's `DotProductAttention` (same constructor) with packed-sequence support."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("context parallelism needs the TE attention spec "
+                                      "(transformer_impl=te); ovlt's local attention has no CP")
+        self.layer_number = max(1, layer_number)
+        self.causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        hn = config.kv_channels
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hn)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        # Vision tower: window attention except at the configured full-attention layers.
+        full = getattr(config, "ovlt_full_attention_layers", None)
+        self.window = full is not None and (self.layer_number - 1) not in set(full)
+        self.backend = resolve_backend(getattr(config, "ovlt_attention_backend", "auto"))
+        log_once(log, f"core_attn_{self.backend}", f"core attention backend: {self.backend}")
+
+    def _cu(self, packed_seq_params):
+        if packed_seq_params is None:
+            return None, None
+        if self.window:
+            cu = packed_seq_params.cu_window_seqlens
+            return cu, getattr(packed_seq_params, "max_window_seqlen", None)
+        return packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by OvltCoreAttention")
+        dropout = self.dropout if self.training else 0.0
+        causal = self.causal if attn_mask_type is None else attn_mask_type in (
+            AttnMaskType.causal, AttnMaskType.padding_causal)
+        cu, max_len = self._cu(packed_seq_params)
+        if query.dim() == 3:  # thd
+            if cu is None:
+                raise ValueError("thd attention needs packed_seq_params.cu_seqlens_q")
+            out = varlen_attention(query, key, value, cu, causal, self.scale, dropout,
+                                   self.backend, max_len)
+            return out.reshape(out.shape[0], -1)
+        s, b = query.shape[:2]
+        if cu is not None:
+            if b != 1:
+                raise ValueError(f"cu_seqlens with sbhd layout needs batch 1, got {b}")
+            out = varlen_attention(query[:, 0], key[:, 0], value[:, 0], cu, causal, self.scale,
+                                   dropout, self.backend, max_len)
+            return out.reshape(s, 1, -1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, h, S, d]
+        mask = None
+        if attention_mask is not None and not causal:
+            mask = ~attention_mask.bool()  # mcore: True = masked out; SDPA: True = attend
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=self.scale, dropout_p=dropout,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        return o.permute(2, 0, 1, 3).reshape(s, b, -1)

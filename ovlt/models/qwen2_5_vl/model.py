@@ -1,0 +1,130 @@
+"""Qwen2.5-VL on megatron-core: vision tower (first PP stage) + Qwen2 LLM (all stages).
+
+forward(input_ids [B,S], position_ids [3,B,S], pixel_values=None, image_grid_thw=None,
+        packed_seq_params=None | cu_seqlens, labels=None, return_hidden=False)
+  * first stage: token embeddings; image features (vision tower on all images of the batch)
+    are scattered at `image_token_id` positions in sample-major order, as HF does;
+  * other stages: the activation from `set_input_tensor`;
+  * last stage: logits [B,S,V/tp] (vocab-parallel, padding masked), per-token loss [B,S] with
+    `labels` (-100 = no loss), or final hidden states [S,B,H] with `return_hidden=True`;
+    non-last stages return their hidden states [S,B,H] for the pipeline schedule.
+Packed micro-batches: B=1, `cu_seqlens` [n+1] (or a PackedSeqParams with qkv_format "thd")
+keep attention inside each sample.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from ovlt.models.qwen2_5_vl.language import Qwen2LanguageModel
+from ovlt.models.qwen2_5_vl.vision import VisionModel
+
+
+def packed_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+class Qwen2_5_VLModel(MegatronModule):
+    def __init__(self, model_cfg, language_model: Qwen2LanguageModel,
+                 vision_model: Optional[VisionModel]):
+        super().__init__(language_model.config)
+        self.model_cfg = model_cfg
+        self.image_token_id = model_cfg.image_token_id
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
+        self.language_model = language_model
+        self.vision_model = vision_model  # None off the first pipeline stage
+        self.share_embeddings_and_output_weights = \
+            language_model.share_embeddings_and_output_weights
+
+    # ---------------------------------------------------------------- pipeline / kernels API
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's vocab shard of the LM head [V_padded/tp, H] (tied: the embedding).
+        Rows >= `vocab_size` (see `vocab_range`) are padding."""
+        if not self.post_process:
+            raise RuntimeError("output_weight() exists only on the last pipeline stage")
+        if self.share_embeddings_and_output_weights:
+            return self.language_model.shared_embedding_or_output_weight()
+        return self.language_model.output_layer.weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.language_model.true_vocab_size
+
+    def vocab_range(self) -> tuple[int, int]:
+        """[start, end) of the real vocab ids held by this TP rank's logits / output_weight."""
+        from megatron.core import parallel_state
+        per = self.language_model.vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+        start = parallel_state.get_tensor_model_parallel_rank() * per
+        return start, max(start, min(start + per, self.vocab_size))
+
+    def freeze(self, vision: bool = False, merger: bool = False, llm: bool = False) -> None:
+        """Stop gradients for the vision blocks+patch embed, the merger, and/or the LLM."""
+        if self.vision_model is not None:
+            for name, p in self.vision_model.named_parameters():
+                is_merger = name.startswith("merger.")
+                if (is_merger and merger) or (not is_merger and vision):
+                    p.requires_grad_(False)
+        if llm:
+            for p in self.language_model.parameters():
+                p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- forward
+    def _vision_trainable(self) -> bool:
+        return self.vision_model is not None and any(
+            p.requires_grad for p in self.vision_model.parameters())
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw):
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S,B,H]
+        is_image = input_ids == self.image_token_id  # [B,S]
+        if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
+            feats = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
+            n_tok = int(is_image.sum())
+            if feats.shape[0] != n_tok:
+                raise ValueError(f"{n_tok} <|image_pad|> tokens in input_ids but the images "
+                                 f"give {feats.shape[0]} features (grids "
+                                 f"{image_grid_thw.tolist()})")
+            # HF order: sample by sample ([B,S] row-major), then back to mcore's [S,B,H].
+            flat = emb.transpose(0, 1)
+            flat = flat.masked_scatter(is_image.unsqueeze(-1), feats)
+            return flat.transpose(0, 1).contiguous()
+        if bool(is_image.any()):
+            raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/"
+                             "image_grid_thw were given")
+        if self.training and self._vision_trainable():
+            # No image in this micro-batch: run the tower on one blank 2x2 unit and add it
+            # times zero, so every rank runs the same TP collectives and vision params get
+            # (zero) gradients like on ranks that had images.
+            m = self.vision_model.merge
+            blank_grid = torch.tensor([[1, m, m]], dtype=torch.long)
+            in_f = self.vision_model.patch_embed.proj.in_features
+            blank = torch.zeros(m * m, in_f, device=emb.device, dtype=emb.dtype)
+            emb = emb + 0.0 * self.vision_model(blank, blank_grid).sum().to(emb.dtype)
+        return emb
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None,
+                packed_seq_params: Union[None, PackedSeqParams, torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, return_hidden: bool = False):
+        if isinstance(packed_seq_params, torch.Tensor):
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"packed (cu_seqlens) input needs batch 1, got {input_ids.shape[0]}")
+            packed_seq_params = packed_params(packed_seq_params.to(input_ids.device))
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError(f"position_ids must be [3, B, S] (MRoPE), got {tuple(position_ids.shape)}")
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw)
+        return self.language_model(input_ids, position_ids, decoder_input=decoder_input,
+                                   labels=labels, packed_seq_params=packed_seq_params,
+                                   return_hidden=return_hidden)
