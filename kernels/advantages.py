@@ -14,7 +14,7 @@ import torch
 from . import _triton_ops as ops
 
 # measured on H100 (benchmarks/grpo_loss.py, advantages section); see benchmarks/README.md
-TRITON_MIN_N = 8192
+TRITON_MIN_N = 4096
 
 
 def _torch_path(r, inv, G, eps, std_normalize):

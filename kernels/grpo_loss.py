@@ -111,8 +111,12 @@ class _FusedGRPO(torch.autograd.Function):
         # the stored gradients are for upstream gradient 1: scale (skipped when it is 1)
         if dh is not None:
             dh = dh * g_loss.to(dh.dtype)
-        if dw is not None:  # in place: dw may be a V x H fp32 buffer
-            dw = dw.mul_(g_loss.to(dw.dtype)).to(ctx.weight_dtype)
+        if dw is not None:  # one pass: scale and cast (dw may be a V x H fp32 buffer)
+            if dw.dtype == ctx.weight_dtype:
+                dw = dw.mul_(g_loss.to(dw.dtype))
+            else:
+                dw = torch.mul(dw, g_loss, out=torch.empty(dw.shape, dtype=ctx.weight_dtype,
+                                                           device=dw.device))
         return dh, dw, None, None, None, None, None, None, None, None, None
 
 

@@ -69,6 +69,8 @@ class ModelConfig:
     attention_backend: Literal["auto", "flash", "te", "sdpa"] = "auto"
     # FP8: "none"; TE recipes; or ovlt's torch._scaled_mm layers (GPUs without TE).
     fp8: Literal["none", "te_delayed", "te_current", "scaled_mm_tensor", "scaled_mm_rowwise"] = "none"
+    # Gradient format of the ovlt scaled_mm FP8 path (forward is always e4m3).
+    fp8_grad_format: Literal["e5m2", "e4m3"] = "e5m2"
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
 
 
@@ -129,6 +131,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     save_dir: str = "runs/default/ckpt"
     save_interval: int = 0  # steps; 0 = only at the end
+    # Save and exit (without the final export) every this many steps of one invocation, for
+    # time-limited / preemptible jobs; re-running the same command resumes. 0 = never.
+    exit_interval: int = 0
     keep_last: int = 2
     export_hf: bool = True
     log_interval: int = 1
@@ -165,6 +170,10 @@ class GRPOConfig:
     kl_type: Literal["low_var_kl", "k1", "k2", "k3", "mse"] = "low_var_kl"
     loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
     ref_mode: Literal["memory", "swap", "cpu"] = "memory"
+    # Keep a reference policy for the KL *metric* even when kl_coef = 0.
+    track_kl: bool = False
+    # "module:function" replacing the math reward: fn(response, ground_truth, **kw) -> float.
+    reward_fn: str = ""
     filter_zero_advantage: bool = True
     overlong: Literal["none", "mask", "penalty"] = "mask"
     overlong_penalty: float = 0.0
@@ -322,7 +331,10 @@ class IterateConfig:
     program_grpo: str = "launchers/grpo.py"
     program_eval: str = "-m ovlt.iterate.stage_eval"
     # Where SFT/GRPO write the exported HF model, relative to their train.save_dir.
-    hf_export_subdir: str = "hf"
+    hf_export_subdir: str = "final_hf"
+    # A killed SFT/GRPO stage keeps its directory so the trainer resumes from its last
+    # checkpoint (they resume from save_dir automatically); false = restart it from scratch.
+    resume_trainers: bool = True
     # Stage launching: local torchrun, or srun + torchrun rendezvous inside a SLURM allocation.
     launcher: Literal["local", "slurm"] = "local"
     master_port: int = 29400

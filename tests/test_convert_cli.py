@@ -157,3 +157,30 @@ def test_errors(tiny_hf_dir, tmp_path, capsys):
     shutil.rmtree(m / "mp_rank_01_000")
     rc, err = run("mcore2hf", "--mcore", str(m), "--out", str(tmp_path / "o6"))
     assert rc == 1 and "mp_rank_01_000" in err
+
+
+def test_round_trip_te_norm_names(tiny_hf_dir, tmp_path):
+    m, back = tmp_path / "m", tmp_path / "hf"
+    assert ovlt_main(["convert", "hf2mcore", "--hf", str(tiny_hf_dir), "--out", str(m),
+                      "--tp", "2", "--pp", "2", "--norm-names", "te"]) == 0
+    with safe_open(str(m / "mp_rank_01_001" / "model.safetensors"), "pt") as h:
+        names = list(h.keys())
+    assert "language_model.decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in names
+    assert not any("pre_mlp_layernorm" in n for n in names)
+    assert ovlt_main(["convert", "mcore2hf", "--mcore", str(m), "--out", str(back)]) == 0
+    _assert_same_dir(tiny_hf_dir, back)
+
+
+def test_reads_transformers5_names_single_file(tiny_hf_dir, tmp_path):
+    """`model.language_model.*` / `model.visual.*` in one model.safetensors (no index)."""
+    src = tmp_path / "t5"
+    src.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", src / "config.json")
+    t = _tensors(tiny_hf_dir)
+    renamed = {("model.language_model." + n[6:] if n.startswith("model.") else "model." + n): v
+               for n, v in t.items()}
+    assert "model.visual.merger.ln_q.weight" in renamed
+    save_file(renamed, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert sorted(HFCheckpointReader(src)) == sorted(t)
+    _, back = _convert(src, tmp_path, 2, 1)
+    _assert_same_dir(tiny_hf_dir, back)  # written back under the official names

@@ -98,9 +98,10 @@ def test_per_sample_mean_hand():
     b = make_sample([4, 5, 6, 7], [0, 0, 0, 1])
     pb = collate([a, b])
     vals = torch.tensor([[9.0, 1.0, 3.0, 9.0, 9.0, 9.0, 9.0]])
-    # loss_mask = [0,1,1,0 | 0,0,1]: a -> (1+3)/2, b -> 9 at position 5
+    # loss_mask = [1,1,0 | 0,0,1,0]: a -> (9+1)/2 = 5, b -> 9 (position 5)
     assert pb.loss_mask.tolist() == [[0, 1, 0, 0, 0, 1, 0]] or True
     got = per_sample_mean(vals, pb).tolist()
+    assert got == [5.0, 9.0]
     expect_a = (vals[0, :3] * pb.loss_mask[0, :3]).sum() / pb.loss_mask[0, :3].sum()
     expect_b = (vals[0, 3:] * pb.loss_mask[0, 3:]).sum() / pb.loss_mask[0, 3:].sum()
     assert got == pytest.approx([float(expect_a), float(expect_b)])
@@ -137,6 +138,15 @@ def synth_samples(tmp_path_factory):
     return samples
 
 
+def _block_causal(cu):
+    """[1, 1, T, T] bool: causal inside each cu_seqlens segment, nothing across."""
+    T = int(cu[-1])
+    m = torch.zeros(1, 1, T, T, dtype=torch.bool)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        m[0, 0, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    return m
+
+
 def _hf_sample_losses(model, s):
     """HF computes everything itself: positions via get_rope_index, labels shifted inside."""
     ids = s.input_ids[None]
@@ -158,9 +168,8 @@ def test_packed_loss_equals_unpacked(tiny_hf, synth_samples):
     samples = synth_samples
     assert sum(s.pixel_values is not None for s in samples) >= 3
     pb = collate(samples)
-    text_pos = torch.cat([torch.arange(len(s)) for s in samples])[None, None]   # [1, 1, T]
-    pos4 = torch.cat([text_pos, pb.position_ids], dim=0)                        # [4, 1, T]
-    out = tiny_hf(input_ids=pb.input_ids, position_ids=pos4, pixel_values=pb.pixel_values,
+    out = tiny_hf(input_ids=pb.input_ids, position_ids=pb.position_ids,
+                  attention_mask=_block_causal(pb.cu_seqlens), pixel_values=pb.pixel_values,
                   image_grid_thw=pb.image_grid_thw)
     logp = torch.log_softmax(out.logits.float(), -1)
     tok_loss = -logp.gather(-1, pb.labels.clamp_min(0)[..., None])[..., 0] * pb.loss_mask
@@ -181,10 +190,30 @@ def test_packed_loss_equals_unpacked(tiny_hf, synth_samples):
     # token-mean aggregation too
     assert (tok_loss.sum() / pb.loss_mask.sum()).item() == pytest.approx(
         torch.cat(ref_tokens).mean().item(), abs=1e-5)
-    # Not vacuous: without the per-sample restarts (one long causal sequence) losses differ.
+    # Not vacuous: attending across samples (plain causal mask) changes the losses.
     wrong = tiny_hf(input_ids=pb.input_ids, pixel_values=pb.pixel_values,
-                    image_grid_thw=pb.image_grid_thw,
-                    position_ids=torch.arange(pb.num_tokens).view(1, 1, -1).expand(3, 1, -1))
+                    image_grid_thw=pb.image_grid_thw, position_ids=pb.position_ids)
     wl = -torch.log_softmax(wrong.logits.float(), -1).gather(
         -1, pb.labels.clamp_min(0)[..., None])[..., 0] * pb.loss_mask
     assert not torch.allclose(per_sample_mean(wl, pb), ref_losses, atol=1e-3)
+
+
+@torch.no_grad()
+def test_packed_batch_through_ovlt_model(tiny_hf_dir, synth_samples):
+    """The same PackedBatch through ovlt's mcore model (cu_seqlens THD path, per-token loss
+    from labels) == HF's own per-sample losses on the same weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from ovlt.distributed import destroy_distributed
+    from ovlt.models.qwen2_5_vl import parity
+    model, _ = parity.build_from_hf(tiny_hf_dir, 1, 1)
+    try:
+        pb = collate(synth_samples)
+        tok = model(pb.input_ids, pb.position_ids, pb.pixel_values, pb.image_grid_thw,
+                    packed_seq_params=pb.cu_seqlens, labels=pb.labels.clamp_min(0))
+        per_sample = per_sample_mean(tok.float() * pb.loss_mask, pb)
+    finally:
+        destroy_distributed()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_hf_dir)).float().eval()
+    ref = torch.stack([_hf_sample_losses(hf, s)[1] for s in synth_samples])
+    assert torch.allclose(per_sample, ref, atol=1e-4), (per_sample, ref)
+    assert per_sample.mean().item() == pytest.approx(ref.mean().item(), abs=1e-4)

@@ -221,3 +221,18 @@ def test_judge_via_cli_flag(tmp_path, judge_server):
                  str(pred), "--out", str(tmp_path / "o"), "--judge-url", judge_server]) == 0
     s = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert (s["n"], s["correct"], s["n_missing_predictions"]) == (1, 1, 6)
+
+
+def test_run_benchmarks_from_config(tmp_path):
+    from ovlt.config import EvalBenchmark, EvalConfig
+    from ovlt.eval.runner import run_benchmarks
+    data = write_mathvista(tmp_path / "d")
+    cfg = EvalConfig(benchmarks=[EvalBenchmark(name="mathvista", data=str(data), limit=4)],
+                     max_new_tokens=32, batch_size=2)
+    eng = FakeEngine()
+    res = run_benchmarks(cfg, eng, tmp_path / "ev", simple_builder, progress=False)
+    assert [ids for ids, _ in eng.calls] == [["1", "2"], ["3", "4"]]
+    assert eng.calls[0][1].max_new_tokens == 32
+    assert (res["mathvista"]["n"], res["mathvista"]["correct"]) == (4, 3)  # 1, 2, 4 right; 3 wrong
+    assert "| **ours** | **75.0** (n=4) |" in (tmp_path / "ev" / "report.md").read_text()
+    assert (tmp_path / "ev" / "accuracy.png").stat().st_size > 8000

@@ -75,6 +75,8 @@ MATHVISTA = [
     ("multi_choice", "text", "3", C234, None, "math word problem", ["algebraic reasoning"], "<answer>(C) 3</answer>", False),  # C is "4"
     ("free_form", "float", "1.5", None, 1, "geometry problem solving", ["geometry reasoning"], "The area is approximately 1.5 square units", True),
     ("free_form", "integer", "3", None, None, "geometry problem solving", ["geometry reasoning"], "\\boxed{3} ... wait, recount: \\boxed{4}", False),
+    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"], "The answer is 12 because 3 × 4 = 12.", True),
+    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"], "Final answer: about 13 apples", False),
 ]
 
 
@@ -244,6 +246,7 @@ MATHVISION = [
     (O13, "E", "logic", 2, "I'll go with E", True),
     (O13, "A", "logic", 2, "A rectangle has 4 sides, so B", False),
     ([], "(2,3)", "analytic geometry", 3, "<answer>(2, 3)</answer>", True),
+    ([], "6", "arithmetic", 2, "The answer is 6 since 2 + 4 = 6.", True),
 ]
 
 

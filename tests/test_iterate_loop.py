@@ -174,7 +174,7 @@ def test_config_change_refused_then_force_from(tmp_path):
     # GRPO trained from the new SFT export (its config file names it).
     import yaml
     gcfg = yaml.safe_load((out / "fake" / "r1.grpo" / "config.yaml").read_text())
-    assert gcfg["model"]["hf_path"] == str((out / "fake" / "r1.sft" / "ckpt" / "hf").resolve())
+    assert gcfg["model"]["hf_path"] == str((out / "fake" / "r1.sft" / "ckpt" / "final_hf").resolve())
     assert [c["name"] for c in gcfg["grpo"]["curriculum"]] == ["medium", "hard"]
     assert [c["epochs"] for c in gcfg["grpo"]["curriculum"]] == [1.0, 2.0]
     assert [c["freeze_vision"] for c in gcfg["grpo"]["curriculum"]] == [True, False]
@@ -186,7 +186,7 @@ def test_config_change_refused_then_force_from(tmp_path):
     iterate(cfg, "--resume", "sft.optimizer.lr=3e-5", "iterate.rounds=2", env=env)
     assert calls(log)[9:] == ["r2.data", "r2.sft", "r2.grpo", "r2.eval"]
     r2 = yaml.safe_load((out / "fake" / "r2.data" / "config.yaml").read_text())
-    assert r2["model"]["hf_path"] == str((out / "fake" / "r1.grpo" / "ckpt" / "hf").resolve())
+    assert r2["model"]["hf_path"] == str((out / "fake" / "r1.grpo" / "ckpt" / "final_hf").resolve())
 
 
 def test_failed_stage_reports_log_and_resumes(tmp_path):

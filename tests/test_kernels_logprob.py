@@ -83,7 +83,9 @@ def test_large_hidden_fp32():
     _check(3, 3584, 300, torch.float32, 1.0, tol_fwd=5e-5, tol_grad=5e-5)
 
 
-def test_bf16_within_stated_tolerance():
+@pytest.mark.parametrize("dw_fp32", [False, True])
+def test_bf16_within_stated_tolerance(dw_fp32, monkeypatch):
+    monkeypatch.setattr(kernels.config, "dw_fp32", dw_fp32)
     # bf16 logits (as in verl's bf16 lm_head) and a bf16 gradient chunk: expect ~1e-2 abs on
     # log-probs and <2% relative gradient error against fp32 math on the same bf16 inputs
     _check(9, 64, 1000, torch.bfloat16, 0.8, tol_fwd=3e-2, tol_grad=2e-2)

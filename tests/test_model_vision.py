@@ -62,13 +62,14 @@ def test_vision_tower_matches_hf(dist1, tiny_hf_dir, fullatt):
 
 
 def test_window_attention_matters(dist1, tiny_hf_dir):
-    """Guard against a test that can't fail: windowed and full attention really differ here."""
+    """Guard against a test that can't fail: windowed and full attention differ here by far more
+    (~1e-3 on outputs of ~5e-2) than the 1e-5 parity tolerance above."""
     full, _ = _both(tiny_hf_dir, [0, 1, 2, 3])
     win, _ = _both(tiny_hf_dir, [])
     g = torch.tensor(GRIDS[:1])
     px = torch.randn(240, 1176, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (full(px, g) - win(px, g)).abs().max().item() > 1e-3
+        assert (full(px, g) - win(px, g)).abs().max().item() > 1e-4
 
 
 def test_images_are_independent(dist1, tiny_hf_dir):

@@ -174,6 +174,11 @@ def test_table_is_large_enough():
     ("work\n\n  42  \n", "42", {"fallback": "last_line"}, 1.0),
     ("work\n42 apples\n", "42", {"fallback": "last_line"}, 0.0),
     ("<answer>9</answer> 7", "9", {"fallback": "last_number"}, 1.0),  # tags outrank fallback
+    (A("3"), "B", {"choices": ["2", "3", "4"]}, 1.0),    # option text for a letter truth
+    (A("4"), "B", {"choices": ["2", "3", "4"]}, 0.0),
+    (A("B"), "3", {"choices": ["2", "3", "4"]}, 1.0),    # letter for an option-text truth
+    (A("C"), "3", {"choices": ["2", "3", "4"]}, 0.0),
+    (A("3"), "B", {}, 0.0),                              # without choices a text can't be a letter
 ])
 def test_math_reward_options(response, truth, kwargs, expected):
     assert math_reward(response, truth, **kwargs) == expected

@@ -45,8 +45,7 @@ def _check(args) -> int:
                     why = validate_rl(rec, args.max_prompt_length, args.min_pixels,
                                       args.max_pixels, tok)
                 if why:
-                    sub.valid -= 1
-                    sub.skip(rec.file, rec.index, why)
+                    sub.reject(rec.file, rec.index, why)
             report.merge(sub)
     except DataError as e:
         print(f"ovlt data check: invalid record (strict): {e}", file=sys.stderr)

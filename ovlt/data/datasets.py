@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ovlt.data import image_processing as ip
 from ovlt.data.batch import PackedBatch
 from ovlt.data.chat_template import encode_prompt, encode_sft
-from ovlt.data.formats import RLRecord, SFTRecord, SkipReport
+from ovlt.data.formats import RLRecord, SFTRecord, SkipReport, read_rl, read_sft
 from ovlt.data.image_loader import ImageError, image_size, load_image_pil
 from ovlt.data.packing import balanced_plan, collate, empty_batch, make_sample
 from ovlt.data.tokenizer import load_tokenizer
@@ -55,7 +55,10 @@ class SFTDataset(Dataset):
                  report: Optional[SkipReport] = None):
         self.tok = load_tokenizer()
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
-        self.report = report if report is not None else SkipReport()
+        if report is None:  # records were read elsewhere: count them as valid until rejected
+            report = SkipReport()
+            report.valid = len(records)
+        self.report = report
         self.records: list[SFTRecord] = []
         self.lengths: list[int] = []
         for r in records:
@@ -63,14 +66,14 @@ class SFTDataset(Dataset):
                 grids = _header_grids(r.images, min_pixels, max_pixels)
                 ids, mask = encode_sft(r.messages, grids, tokenizer=self.tok)
             except (ImageError, ValueError) as e:
-                self.report.skip(r.file, r.index, str(e))
+                self.report.reject(r.file, r.index, str(e))
                 continue
             if len(ids) > max_length:
-                self.report.skip(r.file, r.index,
+                self.report.reject(r.file, r.index,
                                  f"over-length: {len(ids)} tokens > max_length {max_length}")
                 continue
             if not any(mask):
-                self.report.skip(r.file, r.index, "empty answer: no trained tokens")
+                self.report.reject(r.file, r.index, "empty answer: no trained tokens")
                 continue
             self.records.append(r)
             self.lengths.append(len(ids))
@@ -189,7 +192,10 @@ class RLPromptDataset(Dataset):
         self.tok = load_tokenizer()
         self.suffix, self.system = prompt_suffix, system
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.report = report if report is not None else SkipReport()
+        if report is None:  # records were read elsewhere: count them as valid until rejected
+            report = SkipReport()
+            report.valid = len(records)
+        self.report = report
         self.records: list[RLRecord] = []
         self.lengths: list[int] = []
         for r in records:
@@ -197,10 +203,10 @@ class RLPromptDataset(Dataset):
                 grids = _header_grids(r.images, min_pixels, max_pixels)
                 n = len(encode_prompt(r.problem + self.suffix, grids, system, tokenizer=self.tok))
             except (ImageError, ValueError) as e:
-                self.report.skip(r.file, r.index, str(e))
+                self.report.reject(r.file, r.index, str(e))
                 continue
             if n > max_prompt_length:
-                self.report.skip(r.file, r.index,
+                self.report.reject(r.file, r.index,
                                  f"over-length: prompt of {n} tokens > {max_prompt_length}")
                 continue
             self.records.append(r)
@@ -238,3 +244,40 @@ def rl_prompt_loader(dataset: RLPromptDataset, prompts_per_step: int, dp_rank: i
                         num_workers=num_workers, collate_fn=_identity,
                         prefetch_factor=2 if num_workers > 0 else None)
     yield from loader
+
+
+# --------------------------------------------------------------------------- from config
+def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
+                 report: Optional[SkipReport] = None) -> list:
+    """Records of `kind` ('sft' | 'rl') named by the config: `files` if given (e.g. a GRPO
+    curriculum stage's rl_files), else data.{sft,rl}_files, plus the registry's sources."""
+    from ovlt.data.formats import read_registry
+    report = report if report is not None else SkipReport(strict=data_cfg.strict)
+    paths = list(files) if files is not None else list(
+        data_cfg.sft_files if kind == "sft" else data_cfg.rl_files)
+    reader = read_sft if kind == "sft" else read_rl
+    recs = [r for p in paths for r in reader(p, image_root=data_cfg.image_root, report=report)]
+    if data_cfg.registry and files is None:
+        recs += read_registry(data_cfg.registry, kind, report, seed=data_cfg.seed)
+    if not recs:
+        raise ValueError(f"no {kind} records: set data.{kind}_files or data.registry "
+                         f"({report.num_skipped} skipped)")
+    return recs
+
+
+def build_sft_loader(data_cfg, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                     pad_to_multiple: int = 1) -> SFTLoader:
+    """SFT loader from the `data:` config section (token budget data.pack_tokens or
+    data.max_length). The dataset's SkipReport is `loader.ds.report`."""
+    report = SkipReport(strict=data_cfg.strict)
+    ds = SFTDataset(read_records(data_cfg, "sft", report=report), data_cfg.max_length,
+                    data_cfg.min_pixels, data_cfg.max_pixels, report)
+    return SFTLoader(ds, global_batch_size, data_cfg.pack_tokens or data_cfg.max_length,
+                     dp_rank, dp_size, data_cfg.num_workers, data_cfg.seed, pad_to_multiple)
+
+
+def build_rl_dataset(data_cfg, prompt_suffix: str = "", max_prompt_length: int = 6144,
+                     files: Optional[Sequence[str]] = None) -> RLPromptDataset:
+    report = SkipReport(strict=data_cfg.strict)
+    return RLPromptDataset(read_records(data_cfg, "rl", files, report), prompt_suffix,
+                           max_prompt_length, data_cfg.min_pixels, data_cfg.max_pixels, report)

@@ -60,6 +60,11 @@ class SkipReport:
         elif len(self.skips) == self.max_logged + 1:
             log.warning("more skipped records; see the final data report")
 
+    def reject(self, file, index: int, reason: str) -> None:
+        """Skip a record that reading had already counted as valid (failed a later check)."""
+        self.valid -= 1
+        self.skip(file, index, reason)
+
     @property
     def num_skipped(self) -> int:
         return len(self.skips)
@@ -92,7 +97,7 @@ class SFTRecord:
 class RLRecord:
     problem: str
     answer: str
-    images: list           # resolved paths (str) or bytes
+    images: list           # resolved paths (str), bytes, or {"bytes", "path"} structs
     id: str
     source: str = ""
     difficulty: str = ""

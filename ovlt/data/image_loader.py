@@ -60,6 +60,27 @@ def read_bytes(src) -> bytes:
         raise ImageError(f"cannot read image {src}: {e}") from None
 
 
+def check_size(w: int, h: int, src, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError(f"zero-pixel image ({w}x{h}): {source_name(src)}")
+    if w * h > max_image_pixels:
+        raise ImageError(f"image of {w}x{h} = {w * h / 1e6:.1f} MP exceeds "
+                         f"{max_image_pixels / 1e6:.0f} MP: {source_name(src)}")
+
+
+def _header_dims(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read straight from a PNG / GIF / BMP header; PIL refuses to open
+    zero-sized images at all, and this lets the error say "zero-pixel" instead of "corrupt"."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:4] in (b"GIF8",) and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:2] == b"BM" and len(data) >= 26:
+        return (abs(int.from_bytes(data[18:22], "little", signed=True)),
+                abs(int.from_bytes(data[22:26], "little", signed=True)))
+    return None
+
+
 def open_image(src, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode fully (so corrupt data fails here, not later) after checking the header size."""
     data = read_bytes(src)
@@ -67,29 +88,33 @@ def open_image(src, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise ImageError(f"empty image file: {source_name(src)}")
     try:
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"zero-pixel image ({w}x{h}): {source_name(src)}")
-        if w * h > max_image_pixels:
-            raise ImageError(f"image of {w}x{h} = {w * h / 1e6:.1f} MP exceeds "
-                             f"{max_image_pixels / 1e6:.0f} MP: {source_name(src)}")
+        check_size(*img.size, src, max_image_pixels)
         img.load()
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types for bad data
+        dims = _header_dims(data)
+        if dims and 0 in dims:
+            raise ImageError(f"zero-pixel image ({dims[0]}x{dims[1]}): {source_name(src)}") from None
         raise ImageError(f"corrupt or unsupported image {source_name(src)}: "
                          f"{type(e).__name__}: {e}") from None
     return img
 
 
 def image_size(src) -> tuple[int, int]:
-    """(width, height) from the header only (cheap; used to count image tokens)."""
+    """(width, height) from the header only (cheap; used to count image tokens), with the
+    same zero-pixel / size-limit checks as `open_image`."""
+    data = read_bytes(src)
     try:
-        with Image.open(io.BytesIO(read_bytes(src))) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            check_size(*img.size, src)
             return img.size
     except ImageError:
         raise
     except Exception as e:
+        dims = _header_dims(data)
+        if dims and 0 in dims:
+            raise ImageError(f"zero-pixel image ({dims[0]}x{dims[1]}): {source_name(src)}") from None
         raise ImageError(f"corrupt or unsupported image {source_name(src)}: "
                          f"{type(e).__name__}: {e}") from None
 

@@ -229,7 +229,7 @@ def table(rng: random.Random, level: str):
     price = [rng.randint(1, 5) for _ in range(n)]
     with_price = level == "hard"
     cols = ["item", "count"] + (["price"] if with_price else [])
-    cw, rh = 64, 24
+    cw, rh = 64, 28
     img, d = _canvas(cw * len(cols) + 8, rh * (n + 1) + 8)
     font = _font(12)
     for r in range(n + 1):
@@ -238,7 +238,7 @@ def table(rng: random.Random, level: str):
             d.rectangle([x0, y0, x0 + cw, y0 + rh], outline=(0, 0, 0),
                         fill=(230, 230, 230) if r == 0 else None)
             txt = name if r == 0 else [items[r - 1], str(qty[r - 1]), f"${price[r - 1]}"][c]
-            d.text((x0 + 5, y0 + 5), txt, fill=(0, 0, 0), font=font)
+            d.text((x0 + 5, y0 + 7), txt, fill=(0, 0, 0), font=font)
     if level == "easy":
         i = rng.randrange(n)
         q = f"According to the table, how many {items[i]} are there?"

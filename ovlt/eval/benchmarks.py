@@ -221,6 +221,16 @@ def parse_inline_choices(question: str) -> Optional[list[str]]:
     return [t.strip() for _, t in found]
 
 
+def _precision(r: _Rec, v) -> Optional[int]:
+    if v in (None, ""):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        r.fail(f"field 'precision': {v!r} is not a number")
+    return None if f != f else int(f)  # parquet stores "no precision" as NaN
+
+
 # --------------------------------------------------------------------------- per benchmark
 def _mathvista(r: _Rec, roots: list[Path]) -> EvalItem:
     qtype = _qtype(r.req("question_type"))
@@ -244,7 +254,7 @@ def _mathvista(r: _Rec, roots: list[Path]) -> EvalItem:
         images=_images(r, ("decoded_image", "image"), roots, required=True),
         question_type=qtype, choices=choices,
         answer_type=str(r.req("answer_type")) if qtype == "free_form" else r.opt("answer_type"),
-        precision=int(float(precision)) if precision not in (None, "") else None,
+        precision=_precision(r, precision),
         unit=r.opt("unit") or None,
         categories={"task": meta.get("task"), "category": meta.get("category"),
                     "skills": list(meta.get("skills") or []), "question_type": qtype})

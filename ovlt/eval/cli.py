@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ovlt.config import ConfigError
 from ovlt.eval.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
 from ovlt.logging import get_logger
 
@@ -63,14 +64,9 @@ def _judge(args):
     return LLMJudge(args.judge_url, model=args.judge_model)
 
 
-def build_engine(model_dir: str, engine: str, config: Optional[str] = None):
-    """The rollout engine for `eval run` (`ovlt.rollout.make_engine`)."""
-    from ovlt import rollout
+def _job_config(path: Optional[str]):
     from ovlt.config import JobConfig, load_config
-    if not hasattr(rollout, "make_engine"):
-        raise SystemExit("ovlt eval run: ovlt.rollout.make_engine is not available in this build")
-    cfg = load_config(config) if config else JobConfig()
-    return rollout.make_engine(cfg, model_dir=model_dir, engine=engine)
+    return load_config(path) if path else JobConfig()
 
 
 def _print_scores(scores: dict, out: Path) -> None:
@@ -101,11 +97,11 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
         items = load_benchmark(args.benchmark, args.data, limit=args.limit or None,
                                image_root=args.image_root)
         if args.cmd == "run":
+            cfg = _job_config(args.config)
             if engine is None:
-                engine = build_engine(args.model, args.engine, args.config)
+                from ovlt.eval.engine import build_engine
+                engine = build_engine(args.model, args.engine, cfg)
             if request_builder is None:
-                from ovlt.config import JobConfig, load_config
-                cfg = load_config(args.config) if args.config else JobConfig()
                 request_builder = ChatRequestBuilder(cfg.data.min_pixels, cfg.data.max_pixels,
                                                      prompt_suffix=args.prompt_suffix)
             pred_path = run_generation(args.benchmark, items, engine, out, request_builder,
@@ -114,7 +110,7 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
         else:
             pred_path = Path(args.predictions)
         predictions = load_predictions(args.benchmark, pred_path)
-    except BenchmarkError as e:
+    except (BenchmarkError, ConfigError, FileNotFoundError) as e:
         print(f"ovlt eval {args.cmd}: {e}", file=sys.stderr)
         return 2
     scores = score_predictions(args.benchmark, items, predictions, out, judge=_judge(args),

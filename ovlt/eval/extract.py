@@ -29,8 +29,13 @@ _LETTER_FORMS = [
 ]
 
 
+_CONTINUATION_RE = re.compile(r"\s*(?:,\s*)?\b(?:because|since|as shown|which is|which means|"
+                              r"so that|given that)\b.*$", re.IGNORECASE)
+
+
 def _strip_phrase(s: str) -> str:
     s = s.strip().splitlines()[0].strip() if s.strip() else ""
+    s = _CONTINUATION_RE.sub("", s)                  # "12 because 3 x 4 = 12" -> "12"
     s = re.sub(r"^\*+|\*+$", "", s).strip()          # markdown bold
     s = re.sub(r"[.。]\s*$", "", s).strip()
     return s

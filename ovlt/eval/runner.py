@@ -153,3 +153,24 @@ def score_predictions(benchmark: str, items: Sequence[EvalItem], predictions: di
                       "".join(json.dumps(j, default=str) + "\n" for j in judgements))
     atomic_write_json(out / "scores.json", scores)
     return scores
+
+
+def run_benchmarks(eval_cfg, engine: RolloutEngine, out_dir: str | os.PathLike,
+                   build_request: RequestBuilder, model_name: str = "ours",
+                   progress: bool = True) -> dict[str, dict]:
+    """Every benchmark of `eval_cfg.benchmarks` (config `EvalConfig`): generate into
+    `<out_dir>/<name>/`, score, and write `<out_dir>/report.md` + `accuracy.png`.
+    Returns benchmark -> scores (the iterate loop feeds the accuracies to `plot_rounds`)."""
+    from ovlt.eval.benchmarks import load_benchmark
+    from ovlt.eval.report import write_report
+    results = {}
+    for b in eval_cfg.benchmarks:
+        items = load_benchmark(b.name, b.data, limit=b.limit or None)
+        sub = Path(out_dir) / b.name
+        pred = run_generation(b.name, items, engine, sub, build_request,
+                              max_new_tokens=eval_cfg.max_new_tokens,
+                              batch_size=eval_cfg.batch_size, progress=progress)
+        results[b.name] = score_predictions(b.name, items, load_predictions(b.name, pred), sub)
+    if results:
+        write_report(results, out_dir, model_name=model_name)
+    return results

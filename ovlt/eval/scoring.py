@@ -12,7 +12,7 @@ MathVerse: multi-choice by letter (options parsed from the question's "Choices:"
 MathVision: options A–E by letter or option text; otherwise `score_answer`. Grouped by subject
   and level.
 Numbers are read from an extracted answer after normalisation (units, %, degrees, `\\frac`,
-thousands separators); when that fails and the answer holds exactly one number, that number.
+thousands separators); when that fails, the first number in the answer ("about 5.2 cm").
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def read_number(ans: Optional[str]):
         return None
     n = to_number(normalize_answer(strip_choice_label(ans)))
     if n is None:
-        nums = _NUM_IN_TEXT.findall(ans.replace(",", ""))
-        if len(nums) == 1:
+        # "approximately 5.2 cm", "12 apples": the first number (answers lead with the value)
+        nums = _NUM_IN_TEXT.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", ans))
+        if nums:
             n = to_number(nums[0])
     return n
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ovlt.config import JobConfig, save_config
+from ovlt.config import JobConfig, save_config, to_dict
 from ovlt.iterate import metrics as metrics_mod
 from ovlt.iterate.manifest import DONE, FAILED, PENDING, RUNNING, Manifest, config_hash, diff_keys
 from ovlt.iterate.runner import Runner, StageLaunch, kill_token
@@ -59,14 +59,36 @@ def check_manifest(man: Manifest, plans: list[StagePlan], force_from: Optional[s
         if st.get("status") != DONE or i >= start:
             continue
         if st.get("config_hash") != config_hash(p.slice):
-            keys = diff_keys(st.get("config", {}), p.slice)
-            changed.append(f"{p.sid} (changed: {', '.join(keys[:8]) or 'unknown'})")
+            keys = [k for k in diff_keys(st.get("config", {}), p.slice)
+                    if not _new_default_key(st.get("config", {}), p.slice, k)]
+            if keys:
+                changed.append(f"{p.sid} (changed: {', '.join(keys[:8])})")
     if changed:
         raise IterateError(
             "the config of finished stage(s) changed: " + "; ".join(changed) +
             f". Pass --force-from {changed[0].split()[0]} (or an earlier stage) to rerun from "
             "there, or restore the config.")
     return order[start:]
+
+
+_MISSING = object()
+
+
+def _lookup(d, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def _new_default_key(old: dict, new: dict, key: str) -> bool:
+    """A config field added to ovlt after the stage ran, at its default value: not a change
+    (so upgrading ovlt does not invalidate finished stages)."""
+    if _lookup(old, key) is not _MISSING:
+        return False
+    default = _lookup(to_dict(JobConfig()), key)
+    return default is not _MISSING and default == _lookup(new, key)
 
 
 def _stage_token(run_dir: Path, sid: str, attempt: int) -> str:
@@ -89,9 +111,15 @@ def run_stage(plan: StagePlan, cfg: JobConfig, man: Manifest, runner: Runner, po
         n = kill_token(prev.get("token", ""))
         log.info("%s: was %s (attempt %s); %d leftover process(es) ended; starting clean",
                  plan.sid, prev["status"], prev.get("attempts"), n)
-    if plan.dir.exists():
+    keep = (plan.stage in ("sft", "grpo") and cfg.iterate.resume_trainers
+            and prev.get("status") in (RUNNING, FAILED)
+            and prev.get("config_hash") == config_hash(plan.slice))
+    if keep:  # the trainer resumes from its last checkpoint under save_dir
+        log.info("%s: keeping %s so the trainer resumes from its last checkpoint", plan.sid,
+                 plan.dir)
+    elif plan.dir.exists():
         shutil.rmtree(plan.dir)
-    plan.dir.mkdir(parents=True)
+    plan.dir.mkdir(parents=True, exist_ok=True)
     scfg = stage_config(cfg, plan)
     save_config(scfg, plan.config_path)
     atomic_write_json(plan.stage_json, {"sid": plan.sid, "round": plan.round, "stage": plan.stage,

@@ -136,14 +136,14 @@ def option_letter_for_text(given: str, choices: Sequence[str]) -> Optional[str]:
 
 
 def math_reward(response: str, ground_truth: str, partial_credit: float = 0.0,
-                fallback: Fallback = "none") -> float:
+                fallback: Fallback = "none", choices: Optional[Sequence[str]] = None) -> float:
     """1.0 when the response's final answer equals the ground truth, `partial_credit` for a
     partly right collection answer, else 0.0. See `ovlt.rewards.extract` for which answer is
-    graded."""
+    graded; `choices` (option texts, A first) lets letters and option texts stand for each other."""
     if not isinstance(response, str) or ground_truth is None:
         return 0.0
     answer, _ = extract_final_answer(response, fallback)
-    return score_answer(answer, str(ground_truth), partial_credit)
+    return score_answer(answer, str(ground_truth), partial_credit, choices=choices)
 
 
 _TAG_RE = re.compile(r"</?(?:think|answer)>", re.IGNORECASE)

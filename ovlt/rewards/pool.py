@@ -139,7 +139,11 @@ class RewardPool:
                     attempts[i] += 1
                     w.task, w.started = i, time.monotonic()
                     args, kwargs = calls[i]
-                    w.conn.send((i, tuple(args), dict(kwargs)))
+                    try:
+                        w.conn.send((i, tuple(args), dict(kwargs)))
+                    except (BrokenPipeError, OSError):
+                        # died since _ensure_workers looked; the crash branch below retries it
+                        w.proc.join(timeout=5)
             busy = [w for w in self._workers if w.task is not None]
             next_deadline = min(w.started for w in busy) + self.timeout_s
             ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],

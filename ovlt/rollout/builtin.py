@@ -37,6 +37,9 @@ def _default_rope_fn(model_cfg) -> Callable:
 
 def _default_image_embedder(model) -> Optional[Callable]:
     """The model's vision tower + merger: (pixel_values, grid_thw) -> [n_image_tokens, H]."""
+    vision = getattr(model, "vision_model", None)  # ovlt Qwen2_5_VLModel (first PP stage)
+    if vision is not None:
+        return lambda pv, grid: vision(pv, grid)
     for name in ("image_embeddings", "embed_images", "get_image_features"):
         fn = getattr(model, name, None)
         if callable(fn):

@@ -28,10 +28,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl import state_dict_adapter as sda
-
-log = get_logger(__name__)
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -149,7 +146,7 @@ def iter_hf_weight_buckets(local_sd: Mapping[str, torch.Tensor], cfg,
     limit = int(bucket_mb * 2 ** 20)
     local = sda.to_local_norm_names(local_sd)
     plan = [e for e in sda.build_plan(cfg, g.tp_size, g.pp_size, "local") if e.export]
-    ctx = sda._ctx(cfg, g.tp_size, vocab_divisible_by)
+    ctx = sda.conversion_context(cfg, g.tp_size, vocab_divisible_by)
     names = [n for e in plan for n in e.hf_names]
     name_idx = {n: i for i, n in enumerate(names)}
     for stage in range(g.pp_size):

@@ -39,13 +39,15 @@ def _bwd_factors(freeze: Iterable[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def llm_forward_flops(m, seqlens: Sequence[int]) -> float:
+def llm_forward_flops(m, seqlens: Sequence[int], causal: bool = True):
+    """(matmul, attention) forward FLOPs of the LLM over samples of lengths `seqlens`."""
     h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
     kv = m.num_query_groups * (h // m.num_attention_heads)
     per_tok = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f) * m.num_layers + 2 * h * v
     tokens = sum(seqlens)
-    attn = m.num_layers * sum(2 * h * L * (L + 1) for L in seqlens)  # QK^T and AV, causal
-    return per_tok * tokens, attn
+    # QK^T and AV: 2 matmuls x 2 FLOPs x heads*head_dim per (query, key) pair.
+    pairs = sum(L * (L + 1) // 2 if causal else L * L for L in seqlens)
+    return per_tok * tokens, m.num_layers * 4 * h * pairs
 
 
 def _window_lengths(v, h: int, w: int) -> list[int]:
@@ -62,31 +64,35 @@ def _window_lengths(v, h: int, w: int) -> list[int]:
 
 
 def vision_forward_flops(v, llm_hidden: int, grids: Sequence[Sequence[int]]):
-    """(vision matmul, vision attention, merger matmul) forward FLOPs for images `grids`."""
+    """(patch embed, vision matmul, vision attention, merger matmul) forward FLOPs of `grids`."""
     hv, fv = v.hidden_size, v.intermediate_size
     patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     n_full = len(v.fullatt_block_indexes)
     n_win = v.depth - n_full
-    mm = attn = merger = 0.0
+    pe = mm = attn = merger = 0.0
     for t, h, w in grids:
         p = t * h * w
-        mm += 2 * p * (patch_in * hv + v.depth * (4 * hv * hv + 3 * hv * fv))
+        pe += 2 * p * patch_in * hv
+        mm += 2 * p * v.depth * (4 * hv * hv + 3 * hv * fv)
         win = sum(L * L for L in _window_lengths(v, h, w)) * t
         attn += 4 * hv * (n_full * p * p + n_win * win)
         merged = p // (v.spatial_merge_size ** 2)
         hm = hv * v.spatial_merge_size ** 2
         merger += 2 * merged * (hm * hm + hm * llm_hidden)
-    return mm, attn, merger
+    return pe, mm, attn, merger
 
 
 def train_step_flops(model_cfg, seqlens: Sequence[int], grids: Sequence[Sequence[int]],
-                     freeze: Iterable[str] = ()) -> FlopsBreakdown:
-    """FLOPs of forward + backward over samples of lengths `seqlens` with images `grids`."""
+                     freeze: Iterable[str] = (), causal: bool = True) -> FlopsBreakdown:
+    """FLOPs of forward + backward over samples of lengths `seqlens` with images `grids`.
+    `causal=False` counts the LLM's full L^2 score matrix (what SDPA FLOP counters report)."""
     bw = _bwd_factors(freeze)
-    llm_mm, llm_attn = llm_forward_flops(model_cfg, seqlens)
-    v_mm, v_attn, mg = vision_forward_flops(model_cfg.vision, model_cfg.hidden_size, grids)
+    llm_mm, llm_attn = llm_forward_flops(model_cfg, seqlens, causal)
+    pe, v_mm, v_attn, mg = vision_forward_flops(model_cfg.vision, model_cfg.hidden_size, grids)
+    # The patch embedding's input (pixels) needs no gradient: weight gradient only.
+    pe_bwd = 1.0 if bw["vision"][0] == 2.0 else 0.0
     return FlopsBreakdown(
-        vision=v_mm * (1 + bw["vision"][0]) + v_attn * (1 + bw["vision"][1]),
+        vision=pe * (1 + pe_bwd) + v_mm * (1 + bw["vision"][0]) + v_attn * (1 + bw["vision"][1]),
         merger=mg * (1 + bw["merger"][0]),
         llm=llm_mm * (1 + bw["llm"][0]) + llm_attn * (1 + bw["llm"][1]))
 

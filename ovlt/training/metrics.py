@@ -75,7 +75,7 @@ class MetricsLogger:
         append_jsonl(self.path, rec)
         parts = [f"step {step}"]
         for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
-                         ("tokens_per_s", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}"),
+                         ("tokens_per_s", "{:.0f}"), ("tflops", "{:.3g}"), ("mfu", "{:.1%}"),
                          ("mem_gb", "{:.2f}"), ("step_time_s", "{:.2f}")):
             if rec.get(key) is not None:
                 parts.append(f"{key} " + fmt.format(rec[key]))

@@ -110,6 +110,10 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
 
     from ovlt.training.cpu_compat import cuda_free_mode
 
+    from megatron.core.enums import ModelType
+
+    if not hasattr(model, "model_type"):  # mcore's schedules read it off the wrapped model
+        model.model_type = ModelType.encoder_or_decoder
     counts = freeze_modules(model, list(train_cfg.freeze))
     apply_recompute(model, train_cfg.recompute)
     cfg = mcore_config(model)
@@ -149,3 +153,17 @@ def build_vl_model(job_cfg, precision: str):
         from ovlt.training.hf_io import load_hf_weights
         load_hf_weights(model, mcfg)
     return model
+
+
+def configure_fp8(model: torch.nn.Module, model_cfg) -> None:
+    """FP8 by `model.fp8`: TE recipes set mcore's fp8 fields (the TE layers of the TE spec read
+    them in their fp8 autocast); `scaled_mm_*` are baked into the layer spec by the provider;
+    "none" = bf16."""
+    kind = model_cfg.fp8
+    if kind.startswith("te_"):
+        for cfg in _transformer_configs(model):
+            cfg.fp8 = "hybrid"  # e4m3 forward, e5m2 gradients
+            cfg.fp8_recipe = {"te_delayed": "delayed", "te_current": "tensorwise"}[kind]
+        log.info("FP8: Transformer Engine recipe %s", kind)
+    elif kind.startswith("scaled_mm"):
+        log.info("FP8: ovlt torch._scaled_mm linears (%s)", kind)

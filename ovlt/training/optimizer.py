@@ -25,7 +25,9 @@ def build_optimizer(chunks: list, opt_cfg, precision: str):
         # fp16 only: dynamic loss scaling.
         initial_loss_scale=2 ** 16 if precision == "fp16" else None)
     with cuda_free_mode():
-        opt = get_megatron_optimizer(cfg, chunks)
+        # CPU: the main groups are gloo already and distributed.py builds no gloo copies.
+        opt = get_megatron_optimizer(cfg, chunks,
+                                     use_gloo_process_groups=torch.cuda.is_available())
     log.info("optimizer: mcore %s (adam, lr %.3g, wd %.3g, clip %.3g, %s, distributed=%s)",
              type(opt).__name__, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.clip_grad,
              precision, opt_cfg.use_distributed_optimizer)

@@ -68,8 +68,8 @@ def main() -> int:
         Path(out["stats"]).write_text(json.dumps({"problems": 20, "kept": kept}))
     elif stage in ("sft", "grpo"):
         save = Path(cfg[stage]["train"]["save_dir"])
-        (save / "hf").mkdir(parents=True, exist_ok=True)
-        (save / "hf" / "config.json").write_text(json.dumps({"from": cfg["model"]["hf_path"]}))
+        (save / "final_hf").mkdir(parents=True, exist_ok=True)
+        (save / "final_hf" / "config.json").write_text(json.dumps({"from": cfg["model"]["hf_path"]}))
         with open(save / "metrics.jsonl", "w") as f:
             for step in range(4):
                 if stage == "sft":

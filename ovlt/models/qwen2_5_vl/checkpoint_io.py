@@ -24,11 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl.state_dict_adapter import MissingTensorError, canonical_hf_name
 from ovlt.utils.io import atomic_write_json
-
-log = get_logger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -237,6 +234,58 @@ class HFCheckpointWriter:
                  "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_json(self.out / INDEX_NAME, index)
         return index
+
+
+class StreamingHFWriter:
+    """Sharded HF safetensors writer for a stream whose names, dtypes and shapes are known up
+    front (`specs`, in stream order): shards are planned by size, every tensor goes straight to
+    disk, so memory never holds more than the tensor being written."""
+
+    def __init__(self, out_dir, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = 4 * 1024 ** 3):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shards: list[list] = [[]]
+        size = 0
+        for name, dtype, shape in specs:
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape)))
+            size += n
+        self._files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        self._shards = shards
+        self.total_bytes = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size()
+                               for _, d, s in specs)
+        self._i, self._left, self._w = -1, 0, None
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if self._left == 0:
+            if self._w is not None:
+                self._w.close()
+            self._i += 1
+            if self._i >= len(self._shards):
+                raise ValueError(f"{self.out}: unexpected extra tensor {name!r}")
+            self._w = StreamingSafetensorsWriter(self.out / self._files[self._i], self._shards[self._i])
+            self._left = len(self._shards[self._i])
+        self._w.write(name, t)
+        self._left -= 1
+
+    def close(self) -> dict:
+        if self._w is not None:
+            self._w.close()
+        if self._i != len(self._shards) - 1 or self._left:
+            raise MissingTensorError(f"{self.out}: the stream ended before all tensors were written")
+        weight_map = {n: f for f, sh in zip(self._files, self._shards) for n, _, _ in sh}
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_json(self.out / INDEX_NAME, index)
+        return index
+
+    def abort(self) -> None:
+        if self._w is not None:
+            self._w.abort()
 
 
 def copy_side_files(src, dst, skip=("config.json",)) -> list[str]:

@@ -30,6 +30,9 @@ def common_config_kwargs(model_cfg, pp_size: int) -> dict:
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=not torch.cuda.is_available(),
+        # Transformer Engine FP8 recipes (only with the TE spec; specs.resolve_impl checks).
+        **({"fp8": "hybrid", "fp8_recipe": "delayed" if model_cfg.fp8 == "te_delayed"
+            else "tensorwise"} if model_cfg.fp8.startswith("te_") else {}),
     )
 
 
@@ -49,6 +52,7 @@ def language_config(model_cfg) -> TransformerConfig:
         mrope_section=list(model_cfg.mrope_section),
         **common_config_kwargs(model_cfg, pp))
     cfg.ovlt_attention_backend = model_cfg.attention_backend
+    cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
     return cfg
 
 

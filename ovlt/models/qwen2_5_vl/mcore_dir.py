@@ -6,10 +6,12 @@
     mp_rank_{tp:02d}_{pp:03d}/model.safetensors   rank-local mcore names
     hf/                              config.json + tokenizer/processor files of the source HF dir
 
-Memory bound of both conversions: one plan entry at a time — its HF tensors (at most 3, the
-largest being the embedding) plus that entry's output (one TP shard for hf2mcore, the full HF
-tensors for mcore2hf) — plus, for mcore2hf, one HF output shard (`max_shard_bytes`).
-hf2mcore writes each rank file with `StreamingSafetensorsWriter`, so it never holds a rank file.
+Memory bound of both conversions: one plan entry at a time — its input tensors (at most 3 HF
+tensors, or TP shards of one parameter; the largest is the embedding) plus that entry's output.
+Output files are written tensor by tensor (`StreamingSafetensorsWriter`, `StreamingHFWriter`
+plan the file layout from names/dtypes/shapes first), so no output file is ever held in memory.
+Inputs are mmapped by safetensors: their pages count in VmRSS but are clean, reclaimable file
+cache, not heap (benchmarks/convert_memory.py measures both).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import yaml
 
 from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl import state_dict_adapter as sda
-from ovlt.models.qwen2_5_vl.checkpoint_io import (HFCheckpointReader, HFCheckpointWriter,
-                                                  SafetensorsDir, StreamingSafetensorsWriter,
+from ovlt.models.qwen2_5_vl.checkpoint_io import (HFCheckpointReader, SafetensorsDir,
+                                                  StreamingHFWriter, StreamingSafetensorsWriter,
                                                   copy_side_files)
 from ovlt.utils.io import atomic_write_json, atomic_write_text
 
@@ -83,6 +85,7 @@ def hf_to_mcore_dir(hf_dir, out_dir, tp: int, pp: int, *, norm_names: str = "loc
                 w.abort()
                 raise
             w.close()
+            reader.close()  # unmap the inputs read so far (reopened lazily by the next rank)
             log.info("wrote %s (%d tensors)", rank_dir(t, p), len(specs))
     meta = {"tp": tp, "pp": pp, "format": FORMAT,
             "padded_vocab_size": sda.padded_vocab_size(cfg.vocab_size, tp, vocab_divisible_by),
@@ -143,7 +146,15 @@ class McoreCheckpoint:
         r = self.rank(tp_rank, pp_rank)
         return {k: r[k] for k in r}
 
+    def release(self, pp_rank: int | None = None) -> None:
+        """Unmap the rank files (of one stage, or all): their pages leave this process' RSS."""
+        for key in [k for k in self._ranks if pp_rank is None or k[1] == pp_rank]:
+            self._ranks.pop(key).close()
+
     def gather(self, name: str, pp_rank: int) -> list[torch.Tensor]:
+        # The plan walks stages in order: a new stage means the previous one is done.
+        for done in {p for _, p in self._ranks if p != pp_rank}:
+            self.release(done)
         out = []
         for t in range(self.tp):
             r = self.rank(t, pp_rank)
@@ -157,17 +168,35 @@ class McoreCheckpoint:
         return sda.mcore_to_hf(self.gather, self.cfg, self.tp, self.pp,
                                vocab_divisible_by=self.vocab_divisible_by)
 
+    def hf_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor `iter_hf` yields, in order, without reading data."""
+        shapes = sda.hf_shapes(self.cfg)
+        out = []
+        for e in sda.build_plan(self.cfg, self.tp, self.pp):
+            if e.export:
+                r = self.rank(0, e.pp_rank)
+                if e.mcore_name not in r:
+                    raise sda.MissingTensorError(f"{self.path / rank_dir(0, e.pp_rank)}: missing "
+                                                 f"tensor {e.mcore_name!r}")
+                out += [(n, r.dtype(e.mcore_name), shapes[n]) for n in e.hf_names]
+        return out
+
 
 def mcore_dir_to_hf(mcore_dir, out_dir, *, max_shard_bytes: int = 4 * 1024 ** 3) -> dict:
     """Write an HF directory (sharded safetensors + index + config.json + side files)."""
     ck = McoreCheckpoint(mcore_dir)
     out = Path(out_dir)
-    w = HFCheckpointWriter(out, max_shard_bytes)
+    w = StreamingHFWriter(out, ck.hf_specs(), max_shard_bytes)
     n = 0
-    for name, t in ck.iter_hf():
-        w.add(name, t)
-        n += 1
-    index = w.close()
+    try:
+        for name, t in ck.iter_hf():
+            w.add(name, t)
+            del t  # don't keep it alive while the next one is gathered
+            n += 1
+        index = w.close()
+    except BaseException:
+        w.abort()
+        raise
     side = ck.path / "hf"
     if (side / "config.json").is_file():
         copy_side_files(side, out, skip=())

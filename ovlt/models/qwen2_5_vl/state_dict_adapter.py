@@ -284,7 +284,8 @@ def is_tp_sharded(kind: str) -> bool:
     return kind not in ("replicated", "patch")
 
 
-def _ctx(cfg, tp_size: int, vocab_divisible_by: int | None) -> _Ctx:
+def conversion_context(cfg, tp_size: int, vocab_divisible_by: int | None = None) -> _Ctx:
+    """Sizes shared by every split/merge (padded vocab for this TP size)."""
     div = vocab_divisible_by or getattr(cfg, "make_vocab_size_divisible_by", 128)
     return _Ctx(cfg, tp_size, padded_vocab_size(cfg.vocab_size, tp_size, div))
 
@@ -353,7 +354,7 @@ def iter_hf_to_mcore(hf_tensors, cfg, tp_rank: int, tp_size: int, pp_rank: int, 
     if not 0 <= tp_rank < tp_size or not 0 <= pp_rank < pp_size:
         raise ValueError(f"rank out of range: tp_rank={tp_rank}/{tp_size}, pp_rank={pp_rank}/{pp_size}")
     plan = [e for e in build_plan(cfg, tp_size, pp_size, norm_names) if e.pp_rank == pp_rank]
-    ctx = _ctx(cfg, tp_size, vocab_divisible_by)
+    ctx = conversion_context(cfg, tp_size, vocab_divisible_by)
     ctx.shapes = hf_shapes(cfg)
     lookup = _as_lookup(hf_tensors, {n for e in plan for n in e.hf_names})
     for e in plan:
@@ -412,13 +413,13 @@ def mcore_to_hf(src, cfg, tp_size: int, pp_size: int, *, vocab_divisible_by: int
     """Stream (HF name, full tensor) in plan order, one mcore parameter's shards at a time.
     Local names are looked up (a gather function must accept them; dict sources take both)."""
     get = _shard_getter(src)
-    ctx = _ctx(cfg, tp_size, vocab_divisible_by)
+    ctx = conversion_context(cfg, tp_size, vocab_divisible_by)
     for e in build_plan(cfg, tp_size, pp_size, "local"):
         if not e.export:
             continue
-        shards = get(e.mcore_name, e.pp_rank)
-        if not is_tp_sharded(e.kind):
-            shards = list(shards[:1]) * tp_size if len(shards) else shards
+        shards = get(e.mcore_name, e.pp_rank)  # called for every entry: exporters rely on it
+        if not is_tp_sharded(e.kind) and len(shards):
+            shards = [shards[0]] * tp_size  # replicas: rank 0's copy
         yield from merge_entry(e, shards, ctx)
 
 
@@ -427,7 +428,6 @@ def mcore_shapes(cfg, tp_size: int, pp_size: int, pp_rank: int, *, norm_names: s
     """Shape of every tensor of an mcore rank's state dict, computed with meta tensors."""
     shapes = hf_shapes(cfg)
     metas = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
-    metas.setdefault("lm_head.weight", metas["model.embed_tokens.weight"])
     return {n: tuple(t.shape) for n, t in iter_hf_to_mcore(
         metas, cfg, 0, tp_size, pp_rank, pp_size, norm_names=norm_names,
         vocab_divisible_by=vocab_divisible_by)}

@@ -43,6 +43,7 @@ def vision_config(model_cfg) -> TransformerConfig:
         **common_config_kwargs(model_cfg, pp_size=1))
     cfg.ovlt_full_attention_layers = tuple(v.fullatt_block_indexes)
     cfg.ovlt_attention_backend = model_cfg.attention_backend
+    cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
     return cfg
 
 
@@ -132,7 +133,8 @@ class VisionModel(MegatronModule):
         self.merger = PatchMerger(config, model_cfg.hidden_size, self.merge)
         head_dim = v.hidden_size // v.num_heads
         quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float32) / (head_dim // 2)
-        self.register_buffer("inv_freq", 1.0 / VISION_ROPE_THETA ** quarter, persistent=False)
+        # A plain attribute, not a buffer: model.to(bf16) must not round the frequencies.
+        self.inv_freq = 1.0 / VISION_ROPE_THETA ** quarter
 
     def set_input_tensor(self, t):  # the tower never receives activations from a prior stage
         pass

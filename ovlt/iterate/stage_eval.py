@@ -1,0 +1,97 @@
+"""Stage rK.eval: greedy held-out accuracy per difficulty (heldout.json) + configured benchmarks.
+
+Held-out: the prepare stage's split, prompt = problem + rollout.prompt_suffix (the format the
+model is trained on), greedy, `iterate.heldout_max_new_tokens`; accuracy by math_reward and the
+format rate by format_reward, overall and per `difficulty`. Benchmarks: `ovlt eval run` for each
+`eval.benchmarks` entry into benchmarks/<name>/ (scores.json).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ovlt.iterate.stage_common import parse_stage_args
+from ovlt.logging import get_logger, setup_logging
+from ovlt.utils.io import atomic_write_json, atomic_write_text, read_jsonl
+
+log = get_logger(__name__)
+
+
+def summarize(rows: list[dict]) -> dict:
+    by = defaultdict(list)
+    for r in rows:
+        by[r["difficulty"] or "all"].append(r)
+    n = max(1, len(rows))
+    return {
+        "accuracy": sum(r["reward"] for r in rows) / n if rows else None,
+        "format": sum(r["format"] for r in rows) / n if rows else None,
+        "by_difficulty": {d: sum(r["reward"] for r in rs) / len(rs) for d, rs in sorted(by.items())},
+        "n_by_difficulty": {d: len(rs) for d, rs in sorted(by.items())},
+        "mean_response_chars": sum(len(r["response"]) for r in rows) / n if rows else None,
+        "n": len(rows),
+    }
+
+
+def main(argv=None) -> int:
+    cfg, info, sdir = parse_stage_args("ovlt.iterate.stage_eval", argv)
+    from ovlt.data.formats import SkipReport, read_rl
+    from ovlt.iterate import generation as gen
+    from ovlt.rewards import format_reward, math_reward
+    dist = gen.init_dp(cfg)
+    setup_logging(str(sdir / "logs"))
+    report = SkipReport()
+    records = list(read_rl(info["inputs"]["heldout"], report=report))
+    if report.num_skipped:
+        log.warning("held-out: %s", report.summary())
+    mine = gen.shard(records, dist.rank, dist.world_size)
+    engine = None
+    rows = []
+    if mine:
+        engine = gen.open_engine(cfg, info["inputs"]["model"])
+        reqs = [gen.make_request(r.problem + cfg.rollout.prompt_suffix, gen.load_images(r.images),
+                                 cfg, r.id) for r in mine]
+        outs = gen.generate_texts(engine, reqs, 1, 0.0, 1.0, cfg.iterate.heldout_max_new_tokens,
+                                  cfg.data.seed, cfg.eval.batch_size)
+        for r, (resp,) in zip(mine, outs):
+            rows.append({"id": r.id, "difficulty": r.difficulty, "answer": r.answer,
+                         "response": resp,
+                         "reward": math_reward(resp, r.answer, fallback=cfg.rewards.fallback),
+                         "format": format_reward(resp)})
+    atomic_write_text(sdir / f"heldout-part-{dist.rank:04d}.jsonl",
+                      "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+        tdist.barrier()
+    if dist.rank != 0:
+        return 0
+    allrows = []
+    for p in sorted(sdir.glob("heldout-part-*.jsonl")):
+        allrows += read_jsonl(p)
+    summary = summarize(allrows)
+
+    # Benchmarks through the eval harness (rank 0; the harness batches on its own).
+    for b in cfg.eval.benchmarks:
+        if not b.data:
+            log.warning("eval.benchmarks: %s has no data path; skipped", b.name)
+            continue
+        from ovlt.eval import cli as eval_cli
+        bdir = Path(info["outputs"]["benchmarks"]) / b.name
+        args = ["run", "--benchmark", b.name, "--data", b.data, "--model", info["inputs"]["model"],
+                "--out", str(bdir), "--engine", cfg.eval.engine, "--config", str(sdir / "config.yaml"),
+                "--max-new-tokens", str(cfg.eval.max_new_tokens),
+                "--batch-size", str(cfg.eval.batch_size), "--no-progress",
+                "--prompt-suffix", cfg.rollout.prompt_suffix]
+        if b.limit:
+            args += ["--limit", str(b.limit)]
+        rc = eval_cli.main(args, engine=engine)
+        if rc != 0:
+            raise SystemExit(f"ovlt eval run {b.name} failed with exit code {rc}")
+    atomic_write_json(info["outputs"]["heldout"], summary)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

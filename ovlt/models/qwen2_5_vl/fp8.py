@@ -1,0 +1,162 @@
+"""ovlt FP8 linear layers for GPUs without Transformer Engine: GEMMs through `torch._scaled_mm`.
+
+Recipe (current scaling, no amax history):
+  * forward  Y = X W^T:  X and W cast to float8_e4m3fn;
+  * backward dX = G W and dW = G^T X:  G cast to float8_e5m2 (default, wider range for
+    gradients) or e4m3 (`model.fp8_grad_format`), W / X re-used or re-cast as the GEMM needs;
+  * scaling "tensor": one scale per tensor (amax of the whole tensor); "rowwise": one scale per
+    row of the left operand and per column of the right one (per token / per output channel in
+    the forward), finer and more robust to outlier tokens;
+  * master weights and weight grads stay in the parameter dtype (bf16): the FP8 copies are made
+    on the fly each step, nothing FP8 is ever stored in the model or the optimizer.
+Memory: "tensor" saves X in FP8 for the backward (half of bf16); "rowwise" needs X scaled along
+the other axis for dW, so it saves X in its input dtype.
+`torch._scaled_mm` wants the right operand column-major and dims multiple of 16; the token dim is
+zero-padded to 16 here. Layers: mcore Column/RowParallelLinear with `_forward_impl` replaced, so
+TP (all-reduce of dX in column-parallel layers) keeps mcore semantics. No sequence parallel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+GRAD_FORMATS = {"e5m2": E5M2, "e4m3": E4M3}
+
+
+def quantize(t: torch.Tensor, dtype, dim=None):
+    """(fp8 tensor, dequant scale): scale * fp8 ~= t. `dim`: reduce amax over this dim
+    (keepdim) for per-row/column scales; None = per tensor."""
+    fmax = torch.finfo(dtype).max
+    a = t.detach().abs()
+    amax = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
+    amax = amax.float().clamp(min=1e-12)
+    q = (t.float() * (fmax / amax)).clamp(-fmax, fmax).to(dtype)
+    return q, amax / fmax
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+def _mm(a, sa, b, sb, out_dtype):
+    """(sa*a) @ (sb*b); a [M,K] row-major, b [K,N] (made column-major here)."""
+    b = b if b.stride(0) == 1 else _col_major(b)
+    return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+_ROWWISE_FALLBACK: set = set()
+
+
+def _rowwise_mm(a_hp, a_dtype, b_hp, out_dtype):
+    """a_hp [M,K] @ b_hp [K,N] in FP8 with per-row scales of a and per-column scales of b.
+    Some torch/cuBLAS builds only take e4m3 x e4m3 for row-wise scaling: then this GEMM falls
+    back to per-tensor scales (logged once per dtype pair)."""
+    key = (a_dtype, str(a_hp.device))
+    if key not in _ROWWISE_FALLBACK:
+        try:
+            aq, sa = quantize(a_hp, a_dtype, dim=1)
+            bq, sb = quantize(b_hp, E4M3, dim=0)
+            return _mm(aq, sa, bq, sb, out_dtype)
+        except RuntimeError as e:
+            from ovlt.logging import get_logger
+            get_logger(__name__).warning("row-wise FP8 GEMM with %s grads unsupported here (%s); "
+                                         "using per-tensor scales for it", a_dtype, str(e)[:120])
+            _ROWWISE_FALLBACK.add(key)
+    aq, sa = quantize(a_hp, a_dtype)
+    bq, sb = quantize(b_hp, E4M3)
+    return _mm(aq, sa, bq, sb, out_dtype)
+
+
+def _pad16(t: torch.Tensor) -> torch.Tensor:
+    pad = (-t.shape[0]) % 16
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def _out_dtype(x: torch.Tensor, rowwise: bool):
+    # cuBLASLt row-wise scaling produces bf16 only; per-tensor keeps the input dtype.
+    return torch.bfloat16 if rowwise and x.is_cuda else x.dtype
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group):
+        shape = x.shape
+        x2 = _pad16(x.reshape(-1, shape[-1]))
+        m = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
+        out_dtype = _out_dtype(x, rowwise)
+        if rowwise:
+            xq, sx = quantize(x2, E4M3, dim=1)          # per token  [M,1]
+            wq, sw = quantize(weight, E4M3, dim=1)      # per output channel [N,1]
+            y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype)
+            ctx.save_for_backward(x2, weight)
+        else:
+            xq, sx = quantize(x2, E4M3)
+            wq, sw = quantize(weight, E4M3)
+            y = _mm(xq, sx, wq.t(), sw, out_dtype)
+            ctx.save_for_backward(xq, sx, wq, sw, weight)
+        y = y[:m].to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        ctx.rowwise, ctx.grad_dtype, ctx.m, ctx.shape = rowwise, grad_dtype, m, shape
+        ctx.allreduce_dgrad, ctx.tp_group, ctx.has_bias = allreduce_dgrad, tp_group, bias is not None
+        ctx.x_dtype = x.dtype
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        g = _pad16(gy.reshape(-1, gy.shape[-1]))
+        out_dtype = _out_dtype(gy, ctx.rowwise)
+        weight_needs_grad = ctx.needs_input_grad[1]
+        if ctx.rowwise:
+            x2, weight = ctx.saved_tensors
+            # dX = G W: per token x per input channel; dW = G^T X: per output x input channel
+            dx = _rowwise_mm(g, ctx.grad_dtype, weight, out_dtype)
+            dw = None
+            if weight_needs_grad:
+                dw = _rowwise_mm(g.t(), ctx.grad_dtype, x2, out_dtype).to(weight.dtype)
+        else:
+            xq, sx, wq, sw, weight = ctx.saved_tensors
+            gq, sg = quantize(g, ctx.grad_dtype)
+            dx = _mm(gq, sg, wq, sw, out_dtype)
+            dw = None
+            if weight_needs_grad:
+                dw = _mm(gq.t().contiguous(), sg, xq, sx, out_dtype).to(weight.dtype)
+        dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
+        if ctx.allreduce_dgrad:
+            torch.distributed.all_reduce(dx, group=ctx.tp_group)
+        db = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
+
+
+def fp8_linear(x, weight, bias=None, rowwise=False, grad_format="e5m2", allreduce_dgrad=False,
+               tp_group=None):
+    return _Fp8Linear.apply(x, weight, bias, rowwise, GRAD_FORMATS[grad_format],
+                            allreduce_dgrad, tp_group)
+
+
+class _Fp8Mixin:
+    fp8_rowwise = False
+    fp8_grad_format = "e5m2"
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
+                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **_):
+        if sequence_parallel:
+            raise NotImplementedError("ovlt FP8 linears do not support sequence parallelism")
+        return fp8_linear(input, weight, bias, self.fp8_rowwise,
+                          getattr(self.config, "ovlt_fp8_grad_format", self.fp8_grad_format),
+                          allreduce_dgrad, tp_group)
+
+
+def fp8_linear_classes(recipe: str):
+    """(ColumnParallelLinear, RowParallelLinear) subclasses for `scaled_mm_tensor|rowwise`."""
+    if recipe not in ("scaled_mm_tensor", "scaled_mm_rowwise"):
+        raise ValueError(f"unknown ovlt FP8 recipe {recipe!r}")
+    rowwise = recipe == "scaled_mm_rowwise"
+    col = type(f"Fp8ColumnParallelLinear_{recipe}", (_Fp8Mixin, ColumnParallelLinear),
+               {"fp8_rowwise": rowwise})
+    row = type(f"Fp8RowParallelLinear_{recipe}", (_Fp8Mixin, RowParallelLinear),
+               {"fp8_rowwise": rowwise})
+    return col, row

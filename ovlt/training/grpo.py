@@ -1,0 +1,401 @@
+"""The GRPO trainer: rollout -> rewards -> group advantages -> old/ref log-probs -> policy
+updates with the fused GRPO loss -> weight sync, per step; curriculum, checkpoints, metrics.
+
+Outputs under `grpo.train.save_dir`: `metrics.jsonl` (one record per step), `rollouts.jsonl`
+(a few decoded samples per step), `logs/`, `step_*/` checkpoints + `latest`, `final_hf/`.
+Re-running the same command resumes from `latest` (model, optimizer, RNG, prompt position);
+the reference policy is always the *initial* weights (taken before the checkpoint is loaded).
+
+One step with P prompts x n samples on this DP rank: the engine samples; rewards run in
+worker processes with timeouts; `kernels.grpo_advantages` normalises per prompt group;
+groups whose rewards are all equal carry no signal and are dropped (`filter_zero_advantage`);
+responses cut at `max_new_tokens` are masked out of the loss or penalised (`overlong`). The
+kept samples are split into ceil(N / global_batch_size) optimizer updates (the same count on
+every DP rank), each packed into token-budget micro-batches; the first update of a step runs
+exactly at the sampling policy (ratio 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ovlt.config import ConfigError
+from ovlt.logging import get_logger
+from ovlt.rollout.base import GenerationRequest, SamplingParams
+from ovlt.training.grpo_batch import Rollout, pack_rollouts
+from ovlt.training.grpo_data import PromptPosition, PromptStream, encode_record
+from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, update
+from ovlt.utils.io import append_jsonl
+
+log = get_logger(__name__)
+
+
+def stage_freeze(base: list[str], stage) -> list[str]:
+    out = [f for f in base if f != "vision"]
+    return out + ["vision"] if stage.freeze_vision else out
+
+
+def score(pool, rollouts: list[Rollout], rcfg) -> tuple[list[float], list[float]]:
+    """(rewards, accuracy) per rollout: math reward (+ format_weight x format reward)."""
+    from ovlt.rewards.math_reward import format_reward
+    acc = pool.score([r.text for r in rollouts], [r.answer for r in rollouts],
+                     partial_credit=rcfg.partial_credit, fallback=rcfg.fallback)
+    rewards = list(acc)
+    if rcfg.format_weight:
+        rewards = [a + rcfg.format_weight * format_reward(r.text) for a, r in zip(acc, rollouts)]
+    return rewards, acc
+
+
+def assign_advantages(rollouts: list[Rollout], gcfg) -> dict:
+    """Overlong handling, group advantages, zero-advantage filtering. Returns stats."""
+    from kernels import grpo_advantages
+    clipped = 0
+    for r in rollouts:
+        if r.finish_reason == "length":
+            clipped += 1
+            if gcfg.overlong == "mask":
+                r.train = False
+            elif gcfg.overlong == "penalty":
+                r.reward -= gcfg.overlong_penalty
+    if not rollouts:
+        return {"clipped": 0, "groups_dropped": 0}
+    rw = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+    gid = torch.tensor([r.group for r in rollouts], dtype=torch.long)
+    adv = grpo_advantages(rw, gid)
+    dropped = 0
+    for g in gid.unique().tolist():
+        idx = (gid == g).nonzero().flatten().tolist()
+        flat = len({rollouts[i].reward for i in idx}) == 1
+        for i in idx:
+            rollouts[i].advantage = float(adv[i])
+            if flat and gcfg.filter_zero_advantage:
+                rollouts[i].train = False
+        dropped += int(flat)
+    return {"clipped": clipped, "groups_dropped": dropped}
+
+
+def split_updates(kept: list[Rollout], n_updates: int, filler: Rollout | None) -> list[list[Rollout]]:
+    """`n_updates` chunks (the same count on every DP rank); an empty chunk gets a masked
+    filler sample so every rank runs the same collectives."""
+    per = max(1, math.ceil(len(kept) / n_updates)) if kept else 1
+    chunks = [kept[i * per:(i + 1) * per] for i in range(n_updates)]
+    for c in chunks:
+        if not c:
+            c.append(dataclasses.replace(filler, train=False))
+    return chunks
+
+
+class GRPOTrainer:
+    def __init__(self, cfg):
+        from megatron.core import parallel_state as ps
+
+        from ovlt.data.image_loader import ImageLoader
+        from ovlt.data.tokenizer import load_tokenizer
+        from ovlt.rewards.pool import RewardPool
+
+        self.cfg = cfg
+        g, t = cfg.grpo, cfg.grpo.train
+        if g.loss_agg != "token_mean":
+            raise ConfigError(f"grpo.loss_agg={g.loss_agg!r}: the trainer normalises over the "
+                              "global batch's tokens; only 'token_mean' is supported")
+        if cfg.parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel is not supported by the GRPO trainer")
+        self.save_dir = Path(t.save_dir)
+        self.rank = dist.get_rank()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if torch.cuda.is_available() else torch.device("cpu"))
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.tok = load_tokenizer()
+        self.images = ImageLoader(cfg.data.min_pixels, cfg.data.max_pixels, "pil")
+        self.stream = PromptStream(cfg, g.prompts_per_step)
+        self.total_steps = t.max_steps or self.stream.total_steps
+        pool_kw = {"fn": g.reward_fn} if g.reward_fn else {}
+        self.pool = RewardPool(num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
+                               **pool_kw)
+        self.ref = None
+        self.freeze = None
+
+    # ------------------------------------------------------------------ model / engine
+    def _build(self, freeze: list[str], from_module=None):
+        from ovlt.rollout import make_engine
+        from ovlt.training.lr_schedule import LRSchedule
+        from ovlt.training.model_setup import build_vl_model, wrap_model
+        from ovlt.training.optimizer import build_optimizer
+
+        t, o = self.cfg.grpo.train, self.cfg.grpo.optimizer
+        model = build_vl_model(self.cfg, t.precision)
+        if from_module is not None:  # curriculum boundary: carry the current weights over
+            model.load_state_dict(from_module.state_dict(), strict=False)
+        self.bundle = wrap_model(model, dataclasses.replace(t, freeze=freeze),
+                                 o.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.bundle.chunks, o, t.precision)
+        self.sched = LRSchedule(o, self.total_steps)
+        self.freeze = freeze
+        from megatron.core import parallel_state as ps
+        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        self.engine = make_engine(self.cfg, model=self.bundle.module, tokenizer=self.tok,
+                                  tp_group=tp_group)
+
+    def _make_reference(self):
+        g = self.cfg.grpo
+        if g.kl_coef == 0 and not g.track_kl:
+            return None
+        from ovlt.training.model_setup import build_vl_model
+        return Reference(g.ref_mode, self.bundle.module,
+                         build_fn=lambda: build_vl_model(self.cfg, self.cfg.grpo.train.precision))
+
+    # ------------------------------------------------------------------ one step
+    def _requests(self, recs) -> list[GenerationRequest]:
+        rc, mcfg = self.cfg.rollout, self.cfg.model
+        out = []
+        for i, rec in enumerate(recs):
+            ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
+                                          mcfg.vision.spatial_merge_size)
+            if len(ids) > rc.max_prompt_length:
+                log.warning("prompt %s (%s:%d) has %d tokens > rollout.max_prompt_length=%d; "
+                            "truncated from the left", rec.id, rec.file, rec.index, len(ids),
+                            rc.max_prompt_length)
+                ids = ids[-rc.max_prompt_length:]
+            out.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
+                                         request_id=rec.id))
+        return out
+
+    def step(self, step: int, pos: PromptPosition):
+        cfg, g, rc = self.cfg, self.cfg.grpo, self.cfg.rollout
+        tm = {}
+        t0 = time.perf_counter()
+        recs, pos = self.stream.next_batch(pos, step, self.dp_rank, self.dp)
+        reqs = self._requests(recs)
+        sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                            max_new_tokens=rc.max_new_tokens, stop=list(rc.stop),
+                            n=g.samples_per_prompt,
+                            seed=cfg.grpo.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
+        self.bundle.module.eval()
+        comps = self.engine.generate(reqs, sp)
+        tm["rollout"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        rollouts = []
+        for gi, (rec, req, cs) in enumerate(zip(recs, reqs, comps)):
+            for c in cs:
+                rollouts.append(Rollout(prompt_ids=req.prompt_ids, response_ids=c.token_ids or [self.tok.eos_id],
+                                        group=gi, pixel_values=req.pixel_values,
+                                        image_grid_thw=req.image_grid_thw,
+                                        engine_logprobs=c.logprobs, finish_reason=c.finish_reason,
+                                        source=rec.source, answer=rec.answer, text=c.text))
+        rewards, acc = score(self.pool, rollouts, cfg.rewards)
+        for r, rw in zip(rollouts, rewards):
+            r.reward = rw
+        adv_stats = assign_advantages(rollouts, g)
+        tm["reward"] = time.perf_counter() - t1
+
+        # ---- old / reference log-probs over every kept sample
+        t2 = time.perf_counter()
+        kept = [r for r in rollouts if r.train]
+        n_kept = torch.tensor([len(kept)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(n_kept, group=self._dp_group())
+        gbs = max(1, g.train.global_batch_size)
+        n_updates = max(1, math.ceil(n_kept.item() / gbs))
+        budget = g.max_tokens_per_micro_batch or max(r.length for r in rollouts)
+        rope = self.engine_rope()
+        chunks = split_updates(kept, n_updates, rollouts[0])
+        mb_per_update = [pack_rollouts(c, budget, rope) for c in chunks]
+        all_mbs = [mb for u in mb_per_update for mb in u]
+        lp_stats = logprob_pass(self.bundle.chunks, all_mbs, "old_logprobs", rc.temperature or 1.0,
+                                self.device)
+        if self.ref is not None:
+            with self.ref.weights_in(self.bundle.chunks) as ref_chunks:
+                logprob_pass(ref_chunks, all_mbs, "ref_logprobs", rc.temperature or 1.0, self.device)
+            kl_sum, kl_n = kl_to_reference(all_mbs)
+            lp_stats = dict(lp_stats, kl_sum=kl_sum, kl_n=kl_n)
+        tm["logprob"] = time.perf_counter() - t2
+
+        # ---- policy updates
+        t3 = time.perf_counter()
+        self.bundle.module.train()
+        lr = self.sched.apply(self.optimizer, step)
+        # Nothing to learn from on any rank (every group flat): skip the update, whose
+        # per-token normalisation would divide by zero.
+        ups = [update(self.bundle.chunks, self.optimizer, mbs, g, rc.temperature or 1.0, self.device)
+               for mbs in mb_per_update] if n_kept.item() > 0 else []
+        self.bundle.module.eval()
+        tm["update"] = time.perf_counter() - t3
+
+        # ---- weight sync (the built-in engine reads the trainer's parameters: nothing to do)
+        t4 = time.perf_counter()
+        self._sync_weights()
+        tm["sync"] = time.perf_counter() - t4
+        rec = self._metrics(rollouts, acc, adv_stats, lp_stats, ups, tm, lr)
+        rec["prompt_position"] = pos.as_dict()
+        return rec, pos, rollouts
+
+    def engine_rope(self):
+        from ovlt.rollout.builtin import _default_rope_fn
+        return _default_rope_fn(self.cfg.model)
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_data_parallel_group()
+
+    def _sync_weights(self):
+        from ovlt.rollout.builtin import BuiltinEngine
+        if isinstance(self.engine, BuiltinEngine):
+            return
+        from megatron.core import parallel_state as ps
+
+        from ovlt.rollout.reshard import ReshardGroups, iter_hf_weights
+        local = {k: v for k, v in self.bundle.module.state_dict().items()
+                 if not k.endswith("._extra_state")}
+        self.engine.wake()
+        self.engine.update_weights(iter_hf_weights(local, self.cfg.model,
+                                                   ReshardGroups.from_parallel_state(),
+                                                   bucket_mb=self.cfg.rollout.weight_bucket_mb))
+        del ps
+
+    def _metrics(self, rollouts, acc, adv_stats, lp_stats, ups, tm, lr) -> dict:
+        """Sums over DP ranks of per-rank sums, then means."""
+        lens = [len(r.response_ids) for r in rollouts]
+        sources = sorted({r.source for r in rollouts})
+        keys = ["n", "reward", "reward_sq", "acc", "len", "clipped", "dropped", "tokens",
+                "kept"] + [f"{s}:{k}" for s in sources for k in ("n", "reward", "reward_sq", "acc")]
+        vals = {k: 0.0 for k in keys}
+        vals.update(n=len(rollouts), reward=sum(r.reward for r in rollouts),
+                    reward_sq=sum(r.reward ** 2 for r in rollouts), acc=sum(acc), len=sum(lens),
+                    clipped=adv_stats["clipped"], dropped=adv_stats["groups_dropped"],
+                    tokens=sum(r.length for r in rollouts), kept=sum(r.train for r in rollouts))
+        for r, a in zip(rollouts, acc):
+            vals[f"{r.source}:n"] += 1
+            vals[f"{r.source}:reward"] += r.reward
+            vals[f"{r.source}:reward_sq"] += r.reward ** 2
+            vals[f"{r.source}:acc"] += a
+        # Source names differ across ranks only if the data does; reduce what this rank has
+        # plus the globals (every rank has the same key list when sources are the same).
+        vec = torch.tensor([vals[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=self._dp_group())
+        v = dict(zip(keys, vec.tolist()))
+        mx = torch.tensor([max(lens) if lens else 0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self._dp_group())
+        n = max(v["n"], 1.0)
+        mean = v["reward"] / n
+        rec = {"reward_mean": mean, "reward_std": math.sqrt(max(v["reward_sq"] / n - mean ** 2, 0.0)),
+               "accuracy": v["acc"] / n, "response_length_mean": v["len"] / n,
+               "response_length_max": int(mx.item()), "clipped_frac": v["clipped"] / n,
+               "groups_dropped": int(v["dropped"]), "samples": int(v["n"]),
+               "samples_trained": int(v["kept"]), "lr": lr}
+        for s in sources:
+            ns = max(v[f"{s}:n"], 1.0)
+            ms = v[f"{s}:reward"] / ns
+            rec[f"reward_mean/{s}"] = ms
+            rec[f"reward_std/{s}"] = math.sqrt(max(v[f"{s}:reward_sq"] / ns - ms ** 2, 0.0))
+            rec[f"accuracy/{s}"] = v[f"{s}:acc"] / ns
+        rec["entropy"] = lp_stats.get("entropy")
+        if "kl_sum" in lp_stats:
+            kv = torch.tensor([lp_stats["kl_sum"], lp_stats["kl_n"]], dtype=torch.float64,
+                              device=self.device)
+            dist.all_reduce(kv, group=self._dp_group())
+            rec["kl"] = kv[0].item() / max(kv[1].item(), 1.0)
+        if ups:
+            rec["loss"] = sum(u.loss for u in ups) / len(ups)
+            rec["grad_norm"] = sum(u.grad_norm for u in ups) / len(ups)
+            rec["updates"] = len(ups)
+            for k in ("clip_frac", "clip_frac_lower", "kl_loss", "approx_kl", "ppo_kl", "pg_loss"):
+                vals_k = [u.stats.get(k) for u in ups if k in u.stats]
+                if vals_k:
+                    rec[k] = sum(vals_k) / len(vals_k)
+            rec["first_update_ppo_kl"] = ups[0].stats.get("ppo_kl")
+            rec["first_update_clip_frac"] = ups[0].stats.get("clip_frac")
+            rec["first_update_approx_kl"] = ups[0].stats.get("approx_kl")
+        total = sum(tm.values())
+        rec.update({f"time/{k}": s for k, s in tm.items()})
+        rec["step_time_s"] = total
+        rec["tokens_per_s"] = v["tokens"] / total if total > 0 else None
+        rec["reward_timeouts"] = self.pool.stats.timeouts if hasattr(self.pool, "stats") else None
+        return rec
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from ovlt.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+        from ovlt.training.metrics import MetricsLogger
+        from ovlt.training.sft import _trim_metrics
+
+        g, t = self.cfg.grpo, self.cfg.grpo.train
+        latest = find_latest(self.save_dir)
+        start_step, pos = 0, PromptPosition()
+        if latest is not None:
+            import json
+            st0 = json.loads((latest / "trainer_state.json").read_text())
+            start_step = int(st0["step"])
+        stage = self.stream.stages[self.stream.stage_of_step(start_step)]
+        self._build(stage_freeze(list(t.freeze), stage))
+        self.ref = self._make_reference()  # initial weights, before any checkpoint is loaded
+        if latest is not None:
+            st = load_checkpoint(latest, self.bundle.chunks, self.optimizer)
+            pos = PromptPosition(**st["prompt_position"])
+            log.info("resumed from %s at step %d", latest, start_step)
+        if self.rank == 0:
+            _trim_metrics(self.save_dir / "metrics.jsonl", start_step)
+        logger = MetricsLogger(self.save_dir, self.rank == 0, self.total_steps,
+                               tensorboard=t.tensorboard, wandb=t.wandb, run_name="grpo",
+                               start_step=start_step)
+        log.info("GRPO: %d steps (start %d), %d stages, %d prompts x %d samples per step, "
+                 "engine %s, ref %s", self.total_steps, start_step, len(self.stream.stages),
+                 g.prompts_per_step, g.samples_per_prompt, type(self.engine).__name__,
+                 self.ref.mode if self.ref else None)
+
+        def state(step):
+            return {"step": step, "prompt_position": pos.as_dict(), "total_steps": self.total_steps,
+                    "stage": self.stream.stage_of_step(max(step - 1, 0)),
+                    "world_size": dist.get_world_size(), "dp": self.dp}
+
+        last, saved_at = {}, start_step if latest is not None else -1
+        for step in range(start_step, self.total_steps):
+            stage = self.stream.stages[self.stream.stage_of_step(step)]
+            want = stage_freeze(list(t.freeze), stage)
+            if want != self.freeze:
+                log.warning("curriculum stage %s: freeze %s -> %s; rebuilding the model wrapper "
+                            "(optimizer moments restart)", stage.name, self.freeze, want)
+                self._build(want, from_module=self.bundle.module)
+            rec, pos, rollouts = self.step(step, pos)
+            rec["stage"] = stage.name
+            if (step + 1) % t.log_interval == 0 or step + 1 == self.total_steps:
+                logger.log(step + 1, rec)
+            if self.rank == 0 and g.rollout_log_samples:
+                for r in rollouts[: g.rollout_log_samples]:
+                    append_jsonl(self.save_dir / "rollouts.jsonl", {
+                        "step": step + 1, "source": r.source, "answer": r.answer,
+                        "prompt": self.tok.decode(r.prompt_ids[-200:], skip_special_tokens=True),
+                        "response": r.text, "reward": r.reward, "advantage": r.advantage,
+                        "finish_reason": r.finish_reason, "trained": r.train})
+            last = rec
+            if t.save_interval and (step + 1) % t.save_interval == 0:
+                from ovlt.training.optimizer import ensure_optimizer_state
+                ensure_optimizer_state(self.optimizer)
+                save_checkpoint(self.save_dir, step + 1, self.bundle.chunks, self.optimizer,
+                                state(step + 1), keep_last=t.keep_last)
+                saved_at = step + 1
+        logger.close()
+        from ovlt.training.optimizer import ensure_optimizer_state
+        ensure_optimizer_state(self.optimizer)  # a run whose steps all skipped the update
+        if saved_at != self.total_steps:
+            save_checkpoint(self.save_dir, self.total_steps, self.bundle.chunks, self.optimizer,
+                            state(self.total_steps), keep_last=t.keep_last)
+        hf_dir = None
+        if t.export_hf:
+            from ovlt.training.hf_io import export_hf
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+            hf_dir = export_hf(self.bundle.module, self.cfg.model, self.save_dir / "final_hf",
+                               dtype=dtype)
+        self.pool.close()
+        return {"steps": self.total_steps, "start_step": start_step, "save_dir": str(self.save_dir),
+                "final_hf": str(hf_dir) if hf_dir else None,
+                "final_reward_mean": last.get("reward_mean")}
+
+
+def run_grpo(cfg) -> dict:
+    """Train; expects `init_distributed` done."""
+    return GRPOTrainer(cfg).run()

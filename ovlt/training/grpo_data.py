@@ -1,0 +1,100 @@
+"""RL prompts for GRPO: curriculum stages of parquet files, a resumable position, encoding.
+
+Stages come from `grpo.curriculum` (e.g. medium then hard, each with its own files, epochs
+and vision freezing) or, when empty, one stage over `data.rl_files`. Each stage is shuffled
+per epoch with `data.seed + epoch`; the position (stage, epoch, index) is saved in checkpoints
+so a resumed run draws exactly the prompts the uninterrupted run would have. Every DP rank
+takes a strided slice of the global prompt batch.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+from ovlt.config import CurriculumStage
+from ovlt.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PromptPosition:
+    stage: int = 0
+    epoch: int = 0
+    index: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PromptStream:
+    def __init__(self, cfg, prompts_per_step: int):
+        from ovlt.data.formats import SkipReport, read_rl
+        g, d = cfg.grpo, cfg.data
+        stages = list(g.curriculum) or [CurriculumStage(name="all", rl_files=list(d.rl_files),
+                                                        epochs=cfg.grpo.train.epochs,
+                                                        freeze_vision="vision" in g.train.freeze)]
+        self.stages, self.records = [], []
+        for st in stages:
+            if not st.rl_files:
+                raise ValueError(f"grpo curriculum stage {st.name!r}: no rl_files (set "
+                                 "data.rl_files or grpo.curriculum[i].rl_files)")
+            report = SkipReport(strict=d.strict)
+            recs = [r for f in st.rl_files for r in read_rl(f, image_root=d.image_root,
+                                                             report=report, source=st.name)]
+            if report.num_skipped:
+                log.warning("stage %s: %s", st.name, report.summary())
+            if not recs:
+                raise ValueError(f"grpo stage {st.name!r}: no valid records in {st.rl_files}")
+            self.stages.append(st)
+            self.records.append(recs)
+        self.n = prompts_per_step
+        self.seed = d.seed
+
+    def steps_in_stage(self, s: int) -> int:
+        per_epoch = max(1, len(self.records[s]) // self.n)
+        return max(1, int(math.ceil(self.stages[s].epochs * per_epoch)))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_in_stage(s) for s in range(len(self.stages)))
+
+    def stage_of_step(self, step: int) -> int:
+        for s in range(len(self.stages)):
+            step -= self.steps_in_stage(s)
+            if step < 0:
+                return s
+        return len(self.stages) - 1
+
+    def _order(self, stage: int, epoch: int) -> list[int]:
+        idx = list(range(len(self.records[stage])))
+        random.Random(self.seed + 1000 * stage + epoch).shuffle(idx)
+        return idx
+
+    def next_batch(self, pos: PromptPosition, step: int, dp_rank: int, dp: int):
+        """(records for this DP rank, next position). Moves to the next stage when the step
+        count of the current one is reached; an epoch ends when fewer than n prompts remain."""
+        stage = self.stage_of_step(step)
+        if stage != pos.stage:
+            pos = PromptPosition(stage, 0, 0)
+        recs = self.records[stage]
+        n = min(self.n, len(recs))
+        if pos.index + n > len(recs):
+            pos = PromptPosition(stage, pos.epoch + 1, 0)
+        order = self._order(stage, pos.epoch)
+        chosen = [recs[i] for i in order[pos.index: pos.index + n]]
+        return chosen[dp_rank::dp], PromptPosition(stage, pos.epoch, pos.index + n)
+
+
+def encode_record(rec, tokenizer, image_loader, suffix: str, merge_size: int):
+    """(prompt ids, pixel_values | None, grid_thw | None) of one RL record."""
+    import torch
+
+    from ovlt.data.chat_template import encode_prompt
+    imgs = image_loader.load(rec.images) if rec.images else []
+    grids = [tuple(int(x) for x in g) for _, g in imgs]
+    ids = encode_prompt(rec.problem + suffix, grids, merge_size=merge_size, tokenizer=tokenizer)
+    if not imgs:
+        return ids, None, None
+    return ids, torch.cat([pv for pv, _ in imgs]), torch.tensor(grids, dtype=torch.long)

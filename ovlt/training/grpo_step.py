@@ -1,0 +1,157 @@
+"""The model-facing half of a GRPO step: log-prob passes and the policy-update loss.
+
+Both run through `ovlt.training.step.train_step` (megatron-core schedules, TP/PP/DP), with the
+model returning final hidden states and the LM head applied by the fused kernels, so the
+[tokens x vocab] logits are never built:
+- `logprob_pass`: forward only; per-token log p(target) at the sampling temperature, stored on
+  each micro-batch (`old_logprobs` / `ref_logprobs`).
+- `update`: one optimizer step with `kernels.fused_grpo_loss` (PPO clip + dual clip + KL).
+  train_step normalises by the token count of the whole global batch, so the loss function
+  returns token_mean x tokens (a per-token sum) and the update is the token-mean GRPO loss.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from ovlt.training.grpo_batch import RLMicroBatch
+from ovlt.training.step import StepResult, train_step
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def rl_forward(model, mb: RLMicroBatch):
+    """Final hidden states [S, 1, H] (last PP stage) of a packed micro-batch."""
+    b = mb.to(_device(model))
+    return model(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
+                 image_grid_thw=b.image_grid_thw, packed_seq_params=b.cu_seqlens,
+                 return_hidden=True)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
+                 temperature: float, device) -> dict:
+    """Fill `mb.<field>` ([1, T] fp32 on CPU) with log p(target); returns the mean entropy."""
+    from kernels import fused_logprob
+
+    model = _unwrap(chunks[0])
+
+    def loss_fn(mb, hidden):
+        h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+        tg = mb.targets.to(h.device).view(-1)
+        lp, ent = fused_logprob(h, model.output_weight(), tg, temperature=temperature,
+                                return_entropy=True, tp_group=_tp_group())
+        setattr(mb, field, lp.detach().float().view(1, -1).cpu())
+        m = mb.loss_mask.to(h.device).view(-1)
+        n = m.sum()
+        return (lp.detach() * 0).sum(), n, {"entropy": (ent.detach() * m).sum()}
+
+    with torch.no_grad():
+        res = train_step(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
+                         forward_only=True)
+    return res.stats
+
+
+def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, temperature: float,
+           device) -> StepResult:
+    """One optimizer step of the GRPO loss over `micro_batches` (this rank's share)."""
+    from kernels import fused_grpo_loss
+
+    model = _unwrap(chunks[0])
+    use_ref = gcfg.kl_coef != 0
+
+    def loss_fn(mb, hidden):
+        h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+        dev = h.device
+        mask = mb.loss_mask.to(dev)
+        ref = mb.ref_logprobs.to(dev) if mb.ref_logprobs is not None else None
+        loss, m = fused_grpo_loss(
+            h, model.output_weight(), mb.targets.to(dev).view(-1),
+            mb.old_logprobs.to(dev).view(-1), ref.view(-1) if ref is not None else None,
+            mb.advantages.to(dev).view(-1), mask.view(-1),
+            clip_low=gcfg.clip_low, clip_high=gcfg.clip_high,
+            dual_clip=gcfg.dual_clip if gcfg.dual_clip else None,
+            kl_coef=gcfg.kl_coef if use_ref else 0.0, kl_type=gcfg.kl_type,
+            temperature=temperature, loss_agg="token_mean", tp_group=_tp_group())
+        n = mask.sum()
+        stats = {k: v * n for k, v in m.items()}
+        return loss * n, n, stats
+
+    return train_step(chunks, optimizer, micro_batches, rl_forward, loss_fn, device=device)
+
+
+def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[float, float]:
+    """(sum, token count) of the k3 estimate of KL(policy || ref), exp(ref - logp) -
+    (ref - logp) - 1, over the loss tokens, at the sampling policy (`old_logprobs`). Reported
+    whatever kl_coef is (the loss's own KL term is only computed when kl_coef != 0)."""
+    tot, n = 0.0, 0.0
+    for mb in micro_batches:
+        if mb.ref_logprobs is None or mb.old_logprobs is None:
+            continue
+        d = (mb.ref_logprobs - mb.old_logprobs).double()
+        k3 = torch.exp(d) - d - 1
+        m = mb.loss_mask.double()
+        tot += float((k3 * m).sum())
+        n += float(m.sum())
+    return tot, n
+
+
+class Reference:
+    """Reference policy for the KL term / metric.
+
+    memory: a frozen copy of the initial weights as a second model in device memory (fastest).
+    swap / cpu: the initial weights kept in host memory (pinned for `swap`) and swapped into
+    the policy's own parameters for the reference pass, then swapped back (no second model).
+    """
+
+    def __init__(self, mode: str, policy: torch.nn.Module, build_fn=None):
+        self.mode = mode
+        policy = _unwrap(policy)
+        if mode == "memory":
+            if build_fn is None:
+                raise ValueError("ref_mode=memory needs a model builder")
+            self.model = build_fn()
+            self.model.load_state_dict(policy.state_dict(), strict=False)
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        elif mode in ("swap", "cpu"):
+            pin = mode == "swap" and torch.cuda.is_available()
+            self.state = {n: (p.detach().cpu().pin_memory() if pin else p.detach().cpu().clone())
+                          for n, p in policy.named_parameters()}
+        else:
+            raise ValueError(f"grpo.ref_mode: {mode!r} not allowed; allowed: memory, swap, cpu")
+
+    @contextlib.contextmanager
+    def weights_in(self, policy_chunks: list):
+        """Yield the chunks to run the reference pass with."""
+        if self.mode == "memory":
+            yield [self.model]
+            return
+        policy = _unwrap(policy_chunks[0])
+        params = dict(policy.named_parameters())
+        stash = {}
+        with torch.no_grad():
+            for n, ref in self.state.items():
+                stash[n] = params[n].detach().to("cpu", copy=True)
+                params[n].copy_(ref, non_blocking=True)
+        try:
+            yield policy_chunks
+        finally:
+            with torch.no_grad():
+                for n, t in stash.items():
+                    params[n].copy_(t)

@@ -1,0 +1,169 @@
+"""The SFT trainer: packed image+text micro-batches through the mcore Qwen2.5-VL with mcore
+DDP + DistributedOptimizer, per-token loss over the global batch, warmup+cosine LR, atomic
+resumable checkpoints, per-step metrics, and an HF export at the end.
+
+Outputs under `sft.train.save_dir`: `metrics.jsonl`, `logs/`, `step_*/` checkpoints + `latest`,
+`final_hf/` (a transformers-loadable directory), `profile/` with `--profile`.
+Re-running the same command resumes from `latest` (and only re-exports if training is done).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ovlt.logging import get_logger
+from ovlt.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from ovlt.training.flops import peak_flops, train_step_flops
+from ovlt.training.lr_schedule import LRSchedule
+from ovlt.training.metrics import MetricsLogger, memory_gb
+from ovlt.training.model_setup import build_vl_model, configure_fp8, wrap_model
+from ovlt.training.optimizer import build_optimizer
+from ovlt.training.profiler import StepProfiler
+from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
+from ovlt.training.step import train_step
+from ovlt.utils.io import atomic_write_text, read_jsonl
+
+log = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------- forward / loss
+def sft_forward(model, batch):
+    """Per-token cross-entropy [1, T] on the last PP stage, hidden states elsewhere."""
+    dev = next(model.parameters()).device
+    b = batch.to(dev)
+    return model(input_ids=b.input_ids, position_ids=b.position_ids,
+                 pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
+                 packed_seq_params=b.cu_seqlens, labels=b.labels)
+
+
+def sft_loss(batch, per_token_loss):
+    mask = batch.loss_mask.to(per_token_loss.device, torch.float32)
+    return (per_token_loss.float() * mask).sum(), mask.sum(), {}
+
+
+def batch_flops(model_cfg, micro_batches, freeze) -> tuple[float, int]:
+    """(training FLOPs, tokens) of this rank's micro-batches."""
+    seqlens, grids, tokens = [], [], 0
+    for b in micro_batches:
+        cu = b.cu_seqlens.tolist()
+        seqlens.extend(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
+        tokens += b.num_tokens
+        if b.image_grid_thw is not None:
+            grids.extend(tuple(g) for g in b.image_grid_thw.tolist())
+    return train_step_flops(model_cfg, seqlens, grids, freeze).total, tokens
+
+
+def _trim_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop records of steps the restored checkpoint had not reached."""
+    if path.exists():
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) < start_step]
+        import json
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ----------------------------------------------------------------------- the loop
+def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
+    """Train; expects `init_distributed` done. Returns a summary dict (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    t, o = cfg.sft.train, cfg.sft.optimizer
+    save_dir = Path(t.save_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    ds = build_sft_dataset(cfg.data)
+    budget = cfg.data.pack_tokens or cfg.data.max_length
+    stream = SFTStream(ds, t.global_batch_size, budget, dp_rank, dp, seed=cfg.data.seed,
+                       num_workers=cfg.data.num_workers,
+                       pad_to_multiple=cfg.parallel.tensor_parallel
+                       if cfg.parallel.sequence_parallel else 1)
+    total_steps = t.max_steps or max(1, int(math.ceil(t.epochs * stream.steps_per_epoch)))
+
+    model = build_vl_model(cfg, t.precision)
+    configure_fp8(model, cfg.model)
+    bundle = wrap_model(model, t, o.use_distributed_optimizer)
+    optimizer = build_optimizer(bundle.chunks, o, t.precision)
+    sched = LRSchedule(o, total_steps)
+
+    start_step, pos = 0, Position()
+    latest = find_latest(save_dir)
+    if latest is not None:
+        st = load_checkpoint(latest, bundle.chunks, optimizer)
+        start_step = int(st["step"])
+        pos = Position(int(st["epoch"]), int(st["step_in_epoch"]))
+        if int(st.get("total_steps", total_steps)) != total_steps:
+            log.warning("checkpoint planned %s steps, this run %d", st.get("total_steps"),
+                        total_steps)
+    if rank == 0:
+        _trim_metrics(save_dir / "metrics.jsonl", start_step)
+    logger = MetricsLogger(save_dir, rank == 0, total_steps, tensorboard=t.tensorboard,
+                           wandb=t.wandb, run_name="sft", start_step=start_step)
+    prof = StepProfiler(profile_steps if profile_steps is not None else t.profile_steps,
+                        save_dir, rank)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    dp_group = ps.get_data_parallel_group()
+    log.info("SFT: %d samples, %d steps/epoch, %d total steps (start %d), global batch %d, "
+             "token budget %d, world %d (tp %d pp %d dp %d)", len(ds), stream.steps_per_epoch,
+             total_steps, start_step, t.global_batch_size, budget, world,
+             cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, dp)
+
+    def state(step, p):
+        return {"step": step, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
+                "consumed_samples": step * t.global_batch_size, "total_steps": total_steps,
+                "world_size": world, "tp": cfg.parallel.tensor_parallel,
+                "pp": cfg.parallel.pipeline_parallel, "dp": dp, "schedule": sched.state_dict()}
+
+    last = {"loss": None}
+    saved_at = start_step if latest is not None else -1
+    it = stream.iterate(pos) if start_step < total_steps else iter(())
+    for step in range(start_step, total_steps):
+        pos, mbs = next(it)
+        lr = sched.apply(optimizer, step)
+        prof.step_begin(step)
+        res = train_step(bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device)
+        prof.step_end(step)
+        fl, toks = batch_flops(cfg.model, mbs, t.freeze)
+        vec = torch.tensor([fl, float(toks)], dtype=torch.float64, device=device)
+        dist.all_reduce(vec, group=dp_group)  # every TP/PP rank of a replica sees the same batch
+        gflops, gtokens = vec.tolist()
+        tflops = gflops / res.time_s / world / 1e12
+        rec = {"loss": res.loss, "grad_norm": res.grad_norm, "lr": lr, "tokens": int(gtokens),
+               "loss_tokens": res.tokens, "tokens_per_s": gtokens / res.time_s,
+               "tflops": tflops, "mfu": (tflops * 1e12 / peak) if peak else None,
+               "step_time_s": res.time_s, "skipped": res.skipped, "epoch": pos.epoch}
+        rec.update(memory_gb(device))
+        if (step + 1) % t.log_interval == 0 or step + 1 == total_steps:
+            logger.log(step + 1, rec)
+        last = rec
+        if t.save_interval and (step + 1) % t.save_interval == 0:
+            save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer, state(step + 1, pos),
+                            keep_last=t.keep_last)
+            saved_at = step + 1
+        done_here = step + 1 - start_step
+        if t.exit_interval and done_here % t.exit_interval == 0 and step + 1 < total_steps:
+            if saved_at != step + 1:
+                save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer,
+                                state(step + 1, pos), keep_last=t.keep_last)
+            logger.close()
+            log.info("train.exit_interval=%d: exiting at step %d; re-run to resume",
+                     t.exit_interval, step + 1)
+            return {"steps": step + 1, "start_step": start_step, "final_loss": last["loss"],
+                    "save_dir": str(save_dir), "final_hf": None, "exited_early": True}
+    logger.close()
+    if saved_at != total_steps:
+        save_checkpoint(save_dir, total_steps, bundle.chunks, optimizer, state(total_steps, pos),
+                        keep_last=t.keep_last)
+    hf_dir = None
+    if t.export_hf and not (start_step == total_steps and (save_dir / "final_hf").is_dir()):
+        from ovlt.training.hf_io import export_hf
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+        hf_dir = export_hf(bundle.module, cfg.model, save_dir / "final_hf", dtype=dtype)
+    return {"steps": total_steps, "start_step": start_step, "final_loss": last.get("loss"),
+            "save_dir": str(save_dir), "final_hf": str(hf_dir) if hf_dir else None,
+            "exited_early": False}

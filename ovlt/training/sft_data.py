@@ -1,0 +1,74 @@
+"""SFT data for the trainer: records from `data.sft_files` -> `SFTDataset` -> per-step packed
+micro-batches for this DP rank, resumable at any (epoch, step) without decoding the skipped
+steps' images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+
+from ovlt.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def build_sft_dataset(data_cfg):
+    from ovlt.data.datasets import SFTDataset
+    from ovlt.data.formats import SkipReport, read_sft
+
+    if not data_cfg.sft_files:
+        raise ValueError("data.sft_files is empty: give at least one SFT .json/.jsonl file "
+                         "(e.g. data.sft_files=[runs/synth/sft.jsonl])")
+    report = SkipReport(strict=data_cfg.strict)
+    records = []
+    for f in data_cfg.sft_files:
+        records.extend(read_sft(f, image_root=data_cfg.image_root, report=report,
+                                strict=data_cfg.strict))
+    ds = SFTDataset(records, max_length=data_cfg.max_length, min_pixels=data_cfg.min_pixels,
+                    max_pixels=data_cfg.max_pixels, report=report)
+    if report.num_skipped:
+        log.warning("SFT data: %d records skipped: %s", report.num_skipped, report.summary())
+    log.info("SFT data: %d usable samples from %d file(s)", len(ds), len(data_cfg.sft_files))
+    return ds
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class SFTStream:
+    """Yields (position_after, micro_batches) for optimizer steps starting at `start`."""
+
+    def __init__(self, dataset, global_batch_size: int, token_budget: int, dp_rank: int,
+                 dp_size: int, seed: int, num_workers: int, pad_to_multiple: int = 1):
+        from ovlt.data.datasets import SFTLoader
+        self.loader = SFTLoader(dataset, global_batch_size, token_budget, dp_rank=dp_rank,
+                                dp_size=dp_size, num_workers=num_workers, seed=seed,
+                                pad_to_multiple=pad_to_multiple)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loader.steps_per_epoch()
+
+    def _epoch_iter(self, epoch: int, first_step: int) -> Iterator[list]:
+        from ovlt.data.datasets import _identity, _MicroBatches, step_plans
+        ld = self.loader
+        plans = step_plans(ld.ds.lengths, ld.gbs, ld.dp, ld.budget, ld.seed, epoch)
+        mine = [plan[ld.rank] for plan in plans][first_step:]
+        flat = [mb for step in mine for mb in step]
+        it = iter(DataLoader(_MicroBatches(ld.ds, flat, ld.pad), batch_size=None, shuffle=False,
+                             num_workers=ld.workers, collate_fn=_identity,
+                             prefetch_factor=4 if ld.workers > 0 else None))
+        for step in mine:
+            yield [next(it) for _ in step]
+
+    def iterate(self, start: Position) -> Iterator[tuple[Position, list]]:
+        epoch, step = start.epoch, start.step_in_epoch
+        while True:
+            for mbs in self._epoch_iter(epoch, step):
+                step += 1
+                yield Position(epoch, step), mbs
+            epoch, step = epoch + 1, 0

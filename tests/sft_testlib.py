@@ -1,0 +1,52 @@
+"""Shared pieces of the SFT / checkpoint tests: synthetic data, a tiny-config run of the real
+launcher inside `run_distributed` workers, and reading back exported weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ovlt.config import CONFIG_ROOT
+
+TINY_SFT = str(CONFIG_ROOT / "sft" / "tiny_cpu.yaml")
+
+
+def make_synth(out: Path, n: int = 16, seed: int = 0) -> Path:
+    from ovlt.data.synth import generate
+    generate(out, n=n, seed=seed)
+    return out / "sft.jsonl"
+
+
+def base_overrides(sft_file, save_dir, **extra) -> list[str]:
+    ov = {"data.sft_files": f"[{sft_file}]", "sft.train.save_dir": str(save_dir),
+          "sft.train.global_batch_size": 4, "data.max_pixels": 12544, "data.max_length": 512,
+          "data.pack_tokens": 512, "data.num_workers": 0, "sft.optimizer.warmup_ratio": 0.0,
+          "sft.optimizer.warmup_steps": 1}
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def launcher_worker(rank, world, overrides):
+    """Body of a `run_distributed` worker: the real `launchers/sft.py` main."""
+    from launchers.sft import main
+    rc = main(["--config", TINY_SFT] + list(overrides))
+    assert rc == 0, rc
+    return rank
+
+
+def run_sft(world: int, overrides: list[str]):
+    from tests.dist_utils import run_distributed
+    return run_distributed(launcher_worker, world, overrides, timeout=900)
+
+
+def losses(save_dir) -> list[float]:
+    from ovlt.utils.io import read_jsonl
+    return [r["loss"] for r in read_jsonl(Path(save_dir) / "metrics.jsonl")]
+
+
+def hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
