@@ -75,7 +75,8 @@ def main(argv=None):
     adv_rows = []
     for n_prompts, g in ((512, 5), (8192, 8), (1024, 8), (256, 8)):
         N = n_prompts * g
-        ids = torch.arange(n_prompts, device=dev).repeat_interleave(g)[torch.randperm(N, device=dev)]
+        ids = torch.arange(n_prompts, device=dev).repeat_interleave(g)
+        ids = ids[torch.randperm(N, device=dev)]
         r = (torch.rand(N, device=dev) > 0.5).float()
 
         def tri():

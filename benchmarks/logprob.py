@@ -7,7 +7,6 @@ and the fused scalar-loss path of `fused_grpo_loss`), plus the bf16 GEMM floor.
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from _bench_util import measure, write_results  # noqa: E402  (puts the repo root on sys.path)
@@ -154,7 +153,8 @@ def main(argv=None):
             for fp32 in (False, True):
                 kernels.config.chunk_bytes, kernels.config.dw_fp32 = c * V * 2, fp32
                 r = measure(lambda: ovlt_fused_loss(h, w, t, consts), [h, w])
-                rows.append(dict(T=T, variant=f"ovlt_fused_loss_c{c}_dw{'fp32' if fp32 else 'bf16'}",
+                name = f"ovlt_fused_loss_c{c}_dw{'fp32' if fp32 else 'bf16'}"
+                rows.append(dict(T=T, variant=name,
                                  default=(c == c_def and fp32 == default[1]), **r))
                 print(rows[-1], flush=True)
         kernels.config.chunk_bytes, kernels.config.dw_fp32 = default

@@ -145,7 +145,11 @@ def throughput(shape, layers, seq, device, warmup, iters, log):
 
     for name, fp8, packed in (("ovlt_local", "none", False), ("ovlt_local_thd4", "none", True),
                               ("ovlt_fp8_tensor", "scaled_mm_tensor", False),
+                              ("ovlt_fp8_tensor_compiled", "scaled_mm_tensor", False),
                               ("ovlt_fp8_rowwise", "scaled_mm_rowwise", False)):
+        if name.endswith("_compiled") and device.type != "cuda":
+            continue
+        os.environ["OVLT_FP8_COMPILE"] = "1" if name.endswith("_compiled") else "0"
         m = build_ovlt(shape, layers, fp8)
 
         def step(m=m, packed=packed):
@@ -165,45 +169,60 @@ def throughput(shape, layers, seq, device, warmup, iters, log):
     return rows
 
 
-def fp8_closeness(shape, layers, seq, steps, device, log):
-    """Same init, same batch (random next-token labels), Adam: loss curves of FP8 vs bf16."""
+def fp8_closeness(shape, layers, seq, steps, device, log, lr=1e-5):
+    """Same init, same batch (random next-token labels), Adam: loss curves of FP8 vs bf16,
+    and step-0 weight-gradient error of bf16 and FP8 against an fp32 copy of the model."""
     ids, pos, _, _ = inputs(seq, device)
     labels = torch.randint(0, VOCAB, ids.shape, generator=torch.Generator().manual_seed(1)).to(device)
     ref_state = None
-    curves, grad_rel = {}, {}
-    for name, fp8 in (("bf16", "none"), ("fp8_tensor", "scaled_mm_tensor"),
-                      ("fp8_rowwise", "scaled_mm_rowwise")):
+    curves, grads = {}, {}
+    probe = ("language_model.decoder.layers.0.mlp.linear_fc1.weight",
+             f"language_model.decoder.layers.{layers - 1}.mlp.linear_fc2.weight",
+             "language_model.decoder.layers.0.self_attention.linear_qkv.weight")
+    for name, fp8, dtype in (("fp32", "none", "fp32"), ("bf16", "none", "bf16"),
+                             ("fp8_tensor", "scaled_mm_tensor", "bf16"),
+                             ("fp8_rowwise", "scaled_mm_rowwise", "bf16")):
+        os.environ["OVLT_FP8_COMPILE"] = "0"
         torch.manual_seed(0)
-        m = build_ovlt(shape, layers, fp8)
+        cfg = model_cfg(shape, layers, fp8)
+        cfg.params_dtype = dtype
+        from ovlt.models.qwen2_5_vl.provider import build_model
+        m = build_model(cfg)
+        m.freeze(vision=True, merger=True)
+        m.train()
         if ref_state is None:
             ref_state = {k: v.detach().clone() for k, v in m.state_dict().items()
                          if isinstance(v, torch.Tensor)}
         else:
-            m.load_state_dict(ref_state, strict=False)
+            m.load_state_dict(ref_state, strict=False)  # same weights (cast to this dtype)
+        named = dict(m.named_parameters())
         params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=1e-4)
+        opt = torch.optim.Adam(params, lr=lr)
         losses = []
-        for i in range(steps):
+        for i in range(steps if name != "fp32" else 1):
             opt.zero_grad(set_to_none=True)
             loss = m(ids, pos, labels=labels).float().mean()
             loss.backward()
             if i == 0:
-                w = m.language_model.decoder.layers[0].mlp.linear_fc1.weight.grad.float()
-                grad_rel[name] = w
+                grads[name] = {k: named[k].grad.detach().float().clone() for k in probe}
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         curves[name] = losses
         log(f"loss {name}", [round(x, 4) for x in losses])
-        del m, opt, params
+        del m, opt, params, named
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     ref = curves["bf16"]
-    out = {"steps": steps, "layers": layers, "seq": seq, "curves": curves}
+    out = {"steps": steps, "layers": layers, "seq": seq, "lr": lr, "curves": curves,
+           "step0_grad_rel_err_vs_fp32": {}}
     for k in ("fp8_tensor", "fp8_rowwise"):
-        out[k + "_max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(curves[k], ref))
-        g, gr = grad_rel[k], grad_rel["bf16"]
-        out[k + "_step0_fc1_grad_rel_err"] = float((g - gr).norm() / gr.norm())
+        out[k + "_max_rel_loss_diff_vs_bf16"] = max(abs(a - b) / abs(b) for a, b in zip(curves[k], ref))
+    for k in ("bf16", "fp8_tensor", "fp8_rowwise"):
+        out["step0_grad_rel_err_vs_fp32"][k] = {
+            p.split("decoder.")[-1]: float((grads[k][p] - grads["fp32"][p]).norm()
+                                           / grads["fp32"][p].norm()) for p in probe}
+    log("grad rel err vs fp32", out["step0_grad_rel_err_vs_fp32"])
     return out
 
 

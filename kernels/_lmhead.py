@@ -3,7 +3,7 @@
 For each chunk of C tokens: `logits = h_c @ W^T` (one cuBLAS GEMM, [C, V_local], in the
 inputs' dtype), the Triton row statistics in fp32, and, when a per-token gradient is known,
 the chunk is overwritten in place by its gradient and consumed by two more GEMMs:
-`dh_c = dlogits @ W` and `dW += dlogits^T @ h_c` (fp32 accumulator). Only one chunk of
+`dh_c = dlogits @ W` and `dW += dlogits^T @ h_c` (dtype per `config.dw_fp32`). Only one chunk of
 logits ever exists. With `tp_group`, W is this rank's contiguous vocab shard (megatron
 layout) and ranks all-reduce only per-token statistics (max, then sum-exp, sum p*z, target
 logit), and the partial d hidden once at the end.
@@ -22,7 +22,7 @@ from . import _triton_ops as ops
 @dataclass
 class KernelConfig:
     # bytes for the one live logits chunk: 448 MiB gives C=1536 tokens at V=152064 in bf16
-    # (H100: C=1024 -> 2048 trades +0.29 GiB for -6 ms at T=16384; benchmarks/README.md)
+    # (H100: C=1024 -> 2048 trades +0.29 GiB for -7.5 ms at T=16384; benchmarks/README.md)
     chunk_bytes: int = 448 << 20
     # d weight accumulation across chunks. False: in the weight's dtype (cuBLAS accumulates
     # each chunk's GEMM in fp32, then one rounding per chunk into the bf16 sum, as Liger

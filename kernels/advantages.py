@@ -13,19 +13,21 @@ import torch
 
 from . import _triton_ops as ops
 
-# measured on H100 (benchmarks/grpo_loss.py, advantages section); see benchmarks/README.md
-TRITON_MIN_N = 4096
+# H100 (benchmarks/grpo_loss.py): both paths are launch-bound (~0.3-0.6 ms incl. unique);
+# Triton was faster at 2048, 8K and 64K (and at 2560 in one of two runs); torch below 2048
+TRITON_MIN_N = 2048
 
 
 def _torch_path(r, inv, G, eps, std_normalize):
-    cnt = torch.zeros(G, dtype=torch.float32, device=r.device).index_add_(0, inv, torch.ones_like(r))
-    mean = torch.zeros(G, dtype=torch.float32, device=r.device).index_add_(0, inv, r) / cnt
+    zeros = torch.zeros(G, dtype=torch.float32, device=r.device)
+    cnt = zeros.clone().index_add_(0, inv, torch.ones_like(r))
+    mean = zeros.clone().index_add_(0, inv, r) / cnt
     single = cnt < 1.5
     mean = torch.where(single, torch.zeros_like(mean), mean)
     a = r - mean[inv]
     if not std_normalize:
         return a
-    m2 = torch.zeros(G, dtype=torch.float32, device=r.device).index_add_(0, inv, a * a)
+    m2 = zeros.index_add_(0, inv, a * a)
     std = torch.where(single, torch.ones_like(m2), torch.sqrt(m2 / (cnt - 1).clamp_min(1)))
     return a / (std[inv] + eps)
 

@@ -101,12 +101,15 @@ class _FusedGRPO(torch.autograd.Function):
             loss_tok = token_terms(logp, old, adv, ref, cfg)[0]
         loss = (w * loss_tok).sum()
         ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.done = weight.dtype, False
         ctx.mark_non_differentiable(logp, ent)
         return loss, logp, ent
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
+        if ctx.done:  # the stored gradients are scaled in place below
+            raise RuntimeError("fused_grpo_loss: backward can run only once per forward")
+        ctx.done = True
         dh, dw = ctx.saved_tensors
         # the stored gradients are for upstream gradient 1: scale (skipped when it is 1)
         if dh is not None:

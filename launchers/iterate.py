@@ -52,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     from ovlt.iterate.loop import IterateError, run_dir_of, run_loop
     from ovlt.iterate.report import write_report
     from ovlt.iterate.runner import make_runner
-    from ovlt.iterate.stages import build_plan, parse_stage_id
+    from ovlt.iterate.stages import build_plan, parse_stage_id, stage_config
 
     run_dir = run_dir_of(cfg)
     if args.plan:
-        for p in build_plan(cfg, run_dir):
-            print(f"{p.sid:<12} {p.nnodes}x{p.nproc}  {p.program}")
+        try:
+            for p in build_plan(cfg, run_dir):
+                stage_config(cfg, p)  # validates the stage's config for its world size
+                print(f"{p.sid:<12} {p.nnodes}x{p.nproc}  {p.program}")
+        except (ValueError, ConfigError) as e:
+            print(f"iterate: {e}", file=sys.stderr)
+            return 1
         return 0
     setup_logging(str(run_dir / "logs"))
     try:

@@ -278,6 +278,8 @@ class SelfAnswerConfig:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     batch_size: int = 16
+    # Problems sampled from the pool for self-answering each round (0 = the whole pool).
+    problems: int = 0
 
 
 @dataclass

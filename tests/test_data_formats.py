@@ -110,10 +110,11 @@ def test_sft_json_list_and_image_root(tmp_path, imgdir):
     f.parent.mkdir()
     f.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
-         "images": ["ok.png"]}]))
+         "images": ["ok.png"], "system": "Be brief."}]))
     recs = list(read_sft(f, image_root=str(imgdir)))
     assert recs[0].images == [str(imgdir / "ok.png")]
-    assert recs[0].messages == [{"role": "user", "content": "<image>Q"},
+    assert recs[0].messages == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "<image>Q"},
                                 {"role": "assistant", "content": "A"}]
 
 
@@ -240,3 +241,21 @@ def test_cli_check(tmp_path, imgdir, capsys):
     g = tmp_path / "good.jsonl"
     _write_jsonl(g, [{"messages": _conv(), "images": ["imgs/ok.png"]}])
     assert main(["check", str(g)]) == 0
+
+
+def test_cli_check_parquet_and_registry(tmp_path, imgdir, capsys):
+    from ovlt.data.cli import main
+    rl = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"problem": ["<image>q", "<image>q"], "answer": ["1", ""],
+                             "images": [["imgs/ok.png"], ["imgs/ok.png"]]}), rl)
+    sft = tmp_path / "s.jsonl"
+    _write_jsonl(sft, [{"messages": _conv(), "images": ["imgs/huge.png"]}])
+    reg = tmp_path / "reg.yaml"
+    reg.write_text("sources:\n  - {files: r.parquet}\n  - {files: s.jsonl}\n")
+    assert main(["check", str(rl)]) == 1
+    out = capsys.readouterr().out
+    assert "1 valid, 1 skipped" in out and f"SKIP {rl}: record 1: empty answer" in out
+    assert main(["check", str(reg)]) == 1
+    out = capsys.readouterr().out
+    assert "1 valid, 2 skipped" in out and "exceeds 50 MP" in out
+    assert main(["check", str(tmp_path / "none.jsonl")]) == 2

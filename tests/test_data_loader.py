@@ -138,3 +138,11 @@ def test_builders_from_config(synth_dir, tmp_path):
     assert sum(r.source == "extra" for r in rl.records) == 12
     only = build_rl_dataset(cfg, files=[str(synth_dir / "rl.parquet")])
     assert len(only) == 24
+
+
+def test_iter_epoch_resumes_mid_epoch(synth_dir):
+    ds = SFTDataset(list(read_sft(synth_dir / "sft.jsonl")), max_pixels=112 * 112)
+    loader = SFTLoader(ds, 8, 2048, num_workers=0, seed=4)
+    full = [[b.sample_ids for b in step] for step in loader.iter_epoch(2)]
+    tail = [[b.sample_ids for b in step] for step in loader.iter_epoch(2, first_step=1)]
+    assert len(full) == 3 and tail == full[1:]

@@ -217,3 +217,14 @@ def test_packed_batch_through_ovlt_model(tiny_hf_dir, synth_samples):
     ref = torch.stack([_hf_sample_losses(hf, s)[1] for s in synth_samples])
     assert torch.allclose(per_sample, ref, atol=1e-4), (per_sample, ref)
     assert per_sample.mean().item() == pytest.approx(ref.mean().item(), abs=1e-4)
+
+
+def test_make_sample_checks_and_batch_to():
+    with pytest.raises(ValueError, match="3 ids but 2 mask values"):
+        make_sample([1, 2, 3], [0, 1])
+    with pytest.raises(ValueError, match="5 pixel_values rows but the grids need 16"):
+        make_sample([VS, IMG, IMG, IMG, IMG, VE], [0] * 6, torch.zeros(5, 1176), [(1, 4, 4)])
+    pb = collate([_fake(6, (1, 4, 4), seed=1)])
+    pb.skipped = [("id", "f", 3, "why")]
+    moved = pb.to("cpu")
+    assert moved.skipped == pb.skipped and torch.equal(moved.input_ids, pb.input_ids)

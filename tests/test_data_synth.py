@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from ovlt.data.formats import SkipReport, read_rl, read_sft, validate_rl, validate_sft
 from ovlt.data.synth import COLORS, LEVELS, TASKS, generate, make_problem

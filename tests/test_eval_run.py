@@ -236,3 +236,12 @@ def test_run_benchmarks_from_config(tmp_path):
     assert (res["mathvista"]["n"], res["mathvista"]["correct"]) == (4, 3)  # 1, 2, 4 right; 3 wrong
     assert "| **ours** | **75.0** (n=4) |" in (tmp_path / "ev" / "report.md").read_text()
     assert (tmp_path / "ev" / "accuracy.png").stat().st_size > 8000
+
+
+def test_only_rank0_writes(tmp_path, monkeypatch):
+    data = write_mathvista(tmp_path / "d")
+    monkeypatch.setenv("RANK", "1")  # a TP peer under torchrun: generates, records nothing
+    eng = FakeEngine()
+    assert _run(tmp_path, data, eng) == 0
+    assert len(eng.calls) == 3 and not (tmp_path / "out" / "predictions.jsonl").exists()
+    assert not (tmp_path / "out" / "scores.json").exists()

@@ -173,18 +173,17 @@ def test_grpo_raises_mean_reward(dist1, tiny_hf_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     f = tmp_path / "rl.parquet"
-    pq.write_table(pa.table({"problem": [f"Question {i}: pick a word." for i in range(12)],
-                             "answer": ["x"] * 12}), f)
+    pq.write_table(pa.table({"problem": [f"Q{i}" for i in range(8)], "answer": ["x"] * 8}), f)
     cfg = _cfg(tmp_path, tiny_hf_dir, f, "grpo.kl_coef=0.0", "rollout.max_new_tokens=1",
-               "rollout.top_k=2", "grpo.prompts_per_step=12", "grpo.samples_per_prompt=8",
-               "grpo.train.global_batch_size=96", "grpo.optimizer.lr=0.02",
-               "grpo.train.seed=5")
+               "rollout.top_k=2", "rollout.prompt_suffix=''", "grpo.prompts_per_step=8",
+               "grpo.samples_per_prompt=6", "grpo.train.global_batch_size=48",
+               "grpo.optimizer.lr=0.01", "grpo.train.seed=5")
     from ovlt.training.grpo_data import PromptPosition
     tr = _trainer(cfg)
     pos, means = PromptPosition(), []
-    for step in range(6):
+    for step in range(4):
         rec, pos, _ = tr.step(step, pos)
         means.append(rec["reward_mean"])
     tr.pool.close()
-    assert 0.2 < means[0] < 0.8, means            # half-solved at the start
-    assert sum(means[-2:]) / 2 > means[0] + 0.15, means
+    assert 0.05 < means[0] < 0.7, means           # partly solved at the start
+    assert min(means[-2:]) > means[0] + 0.25, means

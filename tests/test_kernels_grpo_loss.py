@@ -3,11 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _triton_ops as ops
 from tests.kernel_refs import ref_grpo, ref_logprob
-
-pytestmark = pytest.mark.skipif(not ops.HAVE_TRITON, reason="triton not installed")
-
 
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):
@@ -97,6 +93,9 @@ def test_flat_inputs_match_batched_and_no_grad():
     torch.testing.assert_close(loss_f, loss_b)
     torch.testing.assert_close(loss_n, loss_b.detach())
     assert not loss_n.requires_grad
+    loss_b.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss_b.backward()
 
 
 def test_bad_arguments_raise():

@@ -244,3 +244,15 @@ def test_extract_sources():
 def test_grade_answer_symmetric_rules():
     assert grade_answer("0.5", "\\frac{1}{2}") and grade_answer("\\frac{1}{2}", "0.5")
     assert not grade_answer(None, "1")
+
+
+@pytest.mark.parametrize("response,truth,w,expected", [
+    ("<think>r</think><answer>5</answer>", "5", 0.1, 1.0),
+    ("<think>r</think><answer>4</answer>", "5", 0.1, 0.1),       # format only
+    ("<answer>5</answer>", "5", 0.1, 0.9),                       # right, no thinking
+    ("<answer>5</answer>", "5", 0.0, 1.0),
+    ("no answer", "5", 0.5, 0.0),
+])
+def test_total_reward_weighting(response, truth, w, expected):
+    from ovlt.rewards import total_reward
+    assert total_reward(response, truth, format_weight=w) == pytest.approx(expected, abs=1e-12)

@@ -57,7 +57,7 @@ def test_hanging_grader_times_out_scores_zero_and_pool_recovers():
         elapsed = time.monotonic() - t
         assert out == [1.0, 0.0, 0.0, 0.0, 1.0]
         assert pool.stats.timeouts == 2 and pool.stats.items == 5
-        assert elapsed < 20  # two 1 s timeouts (+ worker restarts), never the 600 s sleep
+        assert elapsed < 60  # two 1 s timeouts (+ worker restarts), never the 600 s sleep
         # The hung workers were killed and reaped; the pool keeps working with new ones.
         assert pool.score(["z"], ["z"]) == [1.0]
         assert pool.stats.restarts >= 1
@@ -111,3 +111,37 @@ def test_bad_arguments():
         RewardPool(fn="ovlt.rewards.math_reward:no_such_function")
     with RewardPool(num_workers=1) as pool, pytest.raises(ValueError, match="ground truths"):
         pool.score(["a"], [])
+
+
+def test_pool_from_config_uses_reward_settings():
+    from ovlt.config import RewardConfig
+    from ovlt.rewards import reward_kwargs
+    cfg = RewardConfig(partial_credit=0.5, format_weight=0.1, timeout_s=10.0, num_workers=1,
+                       fallback="last_number")
+    responses = ["<think>r</think><answer>(1,3)</answer>", "it is 7", "<think>r</think><answer>7</answer>"]
+    with RewardPool.from_config(cfg) as pool:
+        out = pool.score(responses, ["(1,2)", "7", "8"], **reward_kwargs(cfg))
+    # 0.9 * 0.5 (partial) + 0.1 (format); 0.9 * 1 (fallback number, no format); 0 + 0.1
+    assert out == pytest.approx([0.55, 0.9, 0.1], abs=1e-12)
+
+
+def test_worker_that_cannot_start_raises_clearly(monkeypatch):
+    pool = RewardPool(num_workers=1, timeout_s=5, fn=f"{HERE}:grader_hangs_on")
+    try:
+        (w,) = pool._workers
+        w.proc.kill()  # dies before saying "ready"
+        w.proc.join()
+        pool._workers[0].task = None
+        # the dead worker is replaced (not an error): start-up failures only raise when the
+        # replacement itself cannot start
+        assert pool.score(["a"], ["a"]) == [1.0]
+    finally:
+        pool.close()
+    bad = RewardPool(num_workers=1, timeout_s=5, fn=f"{HERE}:grader_hangs_on")
+    try:
+        bad.fn = "tests.no_such_module:f"  # what a worker would see if the module vanished
+        bad._workers[0].kill()
+        with pytest.raises(RuntimeError, match="failed to start: ModuleNotFoundError"):
+            bad.score(["a"], ["a"])
+    finally:
+        bad.close()

@@ -138,6 +138,9 @@ class SFTLoader:
                  pad_to_multiple: int = 1):
         if global_batch_size < dp_size:
             raise ValueError(f"global_batch_size {global_batch_size} < dp_size {dp_size}")
+        if pad_to_multiple > 1 and token_budget % pad_to_multiple:
+            raise ValueError(f"token budget {token_budget} is not a multiple of "
+                             f"pad_to_multiple {pad_to_multiple}")
         if len(dataset) < global_batch_size:
             raise ValueError(f"dataset has {len(dataset)} usable samples, fewer than one global "
                              f"batch ({global_batch_size}); see the skip report")
@@ -156,8 +159,12 @@ class SFTLoader:
         return self.steps_per_epoch()
 
     def __iter__(self) -> Iterator[list[PackedBatch]]:
-        plans = step_plans(self.ds.lengths, self.gbs, self.dp, self.budget, self.seed, self.epoch)
-        mine = [plan[self.rank] for plan in plans]
+        return self.iter_epoch(self.epoch)
+
+    def iter_epoch(self, epoch: int, first_step: int = 0) -> Iterator[list[PackedBatch]]:
+        """Steps `first_step`.. of `epoch` (resuming mid-epoch decodes nothing before it)."""
+        plans = step_plans(self.ds.lengths, self.gbs, self.dp, self.budget, self.seed, epoch)
+        mine = [plan[self.rank] for plan in plans][first_step:]
         flat = [mb for step in mine for mb in step]
         loader = DataLoader(_MicroBatches(self.ds, flat, self.pad), batch_size=None,
                             shuffle=False, num_workers=self.workers, collate_fn=_identity,

@@ -201,6 +201,8 @@ def read_sft(path, image_root: Optional[str] = None, report: Optional[SkipReport
         msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(m.get("role", m.get("from")),
                                                                     m.get("role", m.get("from"))),
                  "content": m.get("content", m.get("value"))} for m in msgs]
+        if isinstance(obj.get("system"), str) and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": obj["system"]})  # LLaMA-Factory column
         imgs = obj.get("images") or []
         imgs = [imgs] if isinstance(imgs, str) else imgs
         imgs = [_resolve(p, base, image_root) if isinstance(p, str) else p for p in imgs]

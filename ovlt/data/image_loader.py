@@ -4,8 +4,9 @@ else PIL in DataLoader worker processes. Which path is used is logged once per p
 Both paths produce what `image_processing.preprocess` produces: (pixel_values [N, 1176]
 float32, grid_thw). The PIL path is bit-identical to transformers' processor. The DALI path
 decodes with nvJPEG and resizes with DALI's antialiased cubic filter, which is not PIL's
-bicubic: expect per-value differences of a few 1e-2 in normalised units (a few grey levels)
-at edges; the grids are identical because both take the size from `smart_resize`.
+bicubic, so values differ slightly (not yet measured: `benchmarks/image_loading.py` reports
+the max/mean difference to the PIL path whenever DALI runs); the grids are identical because
+both take the size from `smart_resize`. JPEG decoders may also differ by a grey level.
 
 Sources are what the data files hold: a path (str / PathLike), raw bytes, or a
 `{"bytes": ..., "path": ...}` dict (parquet image structs; bytes win when present).
@@ -155,7 +156,10 @@ def choose_backend(requested: str = "auto") -> str:
 
 class DaliImageLoader:
     """Batched GPU decode + smart resize with DALI; normalisation + patchify in torch on GPU.
-    Sizes come from the file headers (PIL, CPU, cheap) so grids match the PIL path."""
+    Sizes come from the file headers (PIL, CPU, cheap) so grids match the PIL path.
+    Alpha is dropped, not composited on white as in the PIL path.
+    NOTE: never executed by ovlt's tests or benchmarks so far (no DALI wheel reachable on the
+    test machines; see benchmarks/README.md)."""
 
     def __init__(self, min_pixels: int, max_pixels: int, batch_size: int = 64,
                  device_id: int | None = None, num_threads: int = 4):
@@ -168,10 +172,15 @@ class DaliImageLoader:
                       prefetch_queue_depth=1)
         def pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8)
-            size = fn.external_source(name="size", dtype=types.FLOAT)  # [h, w] per sample
+            # per-sample target width / height (named axes: no ambiguity about `size` order)
+            rw = fn.external_source(name="rw", dtype=types.FLOAT)
+            rh = fn.external_source(name="rh", dtype=types.FLOAT)
             img = fn.decoders.image(enc, device="mixed", output_type=types.RGB)
-            return fn.resize(img, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+            return fn.resize(img, resize_x=rw, resize_y=rh, interp_type=types.INTERP_CUBIC,
+                             antialias=True)
 
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        self._feed = feed_ndarray
         self._pipe = pipe()
         self._pipe.build()
         self._mean = torch.tensor(ip.CLIP_MEAN, device=f"cuda:{self.device_id}")
@@ -192,19 +201,24 @@ class DaliImageLoader:
         for i in range(0, len(sources), self.batch_size):
             chunk = list(sources[i:i + self.batch_size])
             datas = [read_bytes(s) for s in chunk]
-            sizes = []
-            for s, d in zip(chunk, datas):
+            ws, hs = [], []
+            for d in datas:
                 w, h = image_size(d)
                 rh, rw = ip.smart_resize(h, w, ip.FACTOR, self.min_pixels, self.max_pixels)
-                sizes.append(np.array([rh, rw], np.float32))
+                ws.append(np.array(rw, np.float32))
+                hs.append(np.array(rh, np.float32))
             n = len(chunk)
             pad = self.batch_size - n  # DALI pipelines run fixed-size batches
             encs = [np.frombuffer(d, np.uint8) for d in datas] + [np.frombuffer(datas[0], np.uint8)] * pad
             self._pipe.feed_input("enc", encs)
-            self._pipe.feed_input("size", sizes + [sizes[0]] * pad)
+            self._pipe.feed_input("rw", ws + [ws[0]] * pad)
+            self._pipe.feed_input("rh", hs + [hs[0]] * pad)
             (imgs,) = self._pipe.run()
             for k in range(n):
-                t = torch.from_dlpack(imgs[k]).to(torch.uint8)   # [H, W, 3] on GPU
+                src = imgs[k]   # TensorGPU [H, W, 3] uint8
+                t = torch.empty(tuple(src.shape()), dtype=torch.uint8,
+                                device=f"cuda:{self.device_id}")
+                self._feed(src, t, cuda_stream=torch.cuda.current_stream(self.device_id))
                 out.append(self._patchify(t))
         return out
 

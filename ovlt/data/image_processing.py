@@ -28,7 +28,7 @@ PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE   # 1176
 MAX_ASPECT_RATIO = 200
 # Qwen2.5-VL preprocessor_config.json defaults.
 DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280 * 16
+DEFAULT_MAX_PIXELS = 12845056   # = 28 * 28 * 16384
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR,

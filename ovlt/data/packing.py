@@ -48,6 +48,10 @@ def make_sample(ids, token_mask, pixel_values=None, grids=None, id: str = "") ->
     if ids_t.shape != mask_t.shape:
         raise ValueError(f"sample {id}: {ids_t.numel()} ids but {mask_t.numel()} mask values")
     g = None if grids is None or len(grids) == 0 else torch.as_tensor(grids, dtype=torch.long).reshape(-1, 3)
+    n_rows = 0 if g is None else int(g.prod(-1).sum())
+    got = 0 if pixel_values is None else int(pixel_values.shape[0])
+    if got != n_rows:
+        raise ValueError(f"sample {id}: {got} pixel_values rows but the grids need {n_rows}")
     return Sample(ids_t, mask_t, pixel_values, g, id)
 
 

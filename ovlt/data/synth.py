@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 from pathlib import Path
 
@@ -203,7 +202,8 @@ def geometry(rng: random.Random, level: str):
         return img, q, C, steps
     k = rng.randint(1, 3)
     a, b, c = rng.choice([(3, 4, 5), (6, 8, 10), (5, 12, 13)])
-    a, b, c = a * k if c * k <= 26 else a, b * k if c * k <= 26 else b, c * k if c * k <= 26 else c
+    if c * k <= 26:  # scale the Pythagorean triple while the labels stay 2-digit and short
+        a, b, c = a * k, b * k, c * k
     sx, sy = 120 / max(a, b), 110 / max(a, b)
     p0, p1, p2 = (30, 150), (30 + b * sx, 150), (30, 150 - a * sy)
     d.polygon([p0, p1, p2], outline=black, width=2)
@@ -214,7 +214,6 @@ def geometry(rng: random.Random, level: str):
     q = "The triangle has a right angle. What is the length of the side marked '?'?"
     steps = ["The side marked '?' is the hypotenuse.",
              f"By Pythagoras: sqrt({a}^2 + {b}^2) = sqrt({a * a} + {b * b}) = sqrt({c * c}) = {c}."]
-    assert math.isclose(math.hypot(a, b), c)
     return img, q, c, steps
 
 

@@ -90,8 +90,8 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
         print(f"wrote {md} and {png}")
         return 0
 
-    from ovlt.eval.runner import (ChatRequestBuilder, load_predictions, run_generation,
-                                  score_predictions)
+    from ovlt.eval.runner import (ChatRequestBuilder, is_writer, load_predictions,
+                                  run_generation, score_predictions)
     out = Path(args.out)
     try:
         items = load_benchmark(args.benchmark, args.data, limit=args.limit or None,
@@ -106,9 +106,12 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
                                                      prompt_suffix=args.prompt_suffix)
             pred_path = run_generation(args.benchmark, items, engine, out, request_builder,
                                        max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.batch_size, progress=not args.no_progress)
+                                       batch_size=args.batch_size,
+                                       progress=not args.no_progress and is_writer())
         else:
             pred_path = Path(args.predictions)
+        if not is_writer():
+            return 0
         predictions = load_predictions(args.benchmark, pred_path)
     except (BenchmarkError, ConfigError, FileNotFoundError) as e:
         print(f"ovlt eval {args.cmd}: {e}", file=sys.stderr)

@@ -58,6 +58,12 @@ class ChatRequestBuilder:
             images=images, prompt_text=text, request_id=item.id)
 
 
+def is_writer() -> bool:
+    """Only global rank 0 writes predictions and scores (every rank generates: the engine's
+    collectives need all of them)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
 def _repair_torn_tail(path: Path) -> None:
     """A kill mid-write leaves a partial last line; cut it so later appends stay valid JSONL."""
     if not path.exists() or path.stat().st_size == 0:
@@ -106,7 +112,8 @@ def run_generation(benchmark: str, items: Sequence[EvalItem], engine: RolloutEng
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
-    _repair_torn_tail(pred_path)
+    if is_writer():
+        _repair_torn_tail(pred_path)
     done = set(load_predictions(benchmark, pred_path)) if pred_path.exists() else set()
     todo = [it for it in items if it.id not in done]
     logger.info("%s: %d items, %d already predicted, %d to generate", benchmark, len(items),
@@ -122,6 +129,8 @@ def run_generation(benchmark: str, items: Sequence[EvalItem], engine: RolloutEng
             outputs = engine.generate(requests, params)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"engine returned {len(outputs)} results for {len(batch)} requests")
+            if not is_writer():
+                continue  # TP/PP peers under torchrun run the same batches; rank 0 records
             for it, comps in zip(batch, outputs):
                 c = comps[0]
                 append_jsonl(pred_path, {id_key: it.id, "response": c.text,

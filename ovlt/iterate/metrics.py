@@ -58,13 +58,17 @@ def collect(stage: str, outputs: dict) -> dict:
                 "loss_last": loss[-1] if loss else None}
     if stage == "grpo":
         rew = step_series(outputs["save_dir"], REWARD_KEYS)
+        acc = step_series(outputs["save_dir"], ACC_KEYS)
         k = max(1, min(3, len(rew) // 3)) if rew else 0
+        ka = max(1, min(3, len(acc) // 3)) if acc else 0
         return {"steps": len(rew),
                 "reward_first": rew[0] if rew else None,
                 "reward_last": rew[-1] if rew else None,
                 # means of the first / last few steps: less noisy than single steps
                 "reward_before": sum(rew[:k]) / k if rew else None,
-                "reward_after": sum(rew[-k:]) / k if rew else None}
+                "reward_after": sum(rew[-k:]) / k if rew else None,
+                "accuracy_before": sum(acc[:ka]) / ka if acc else None,
+                "accuracy_after": sum(acc[-ka:]) / ka if acc else None}
     if stage == "eval":
         out = _read_json(outputs["heldout"])
         bench = {}

@@ -65,6 +65,10 @@ def main(argv=None) -> int:
         rng = random.Random(cfg.data.seed * 1000 + rnd)
         keep = sorted(rng.sample(range(len(records)), it.prepare.pool_per_round))
         records = [records[i] for i in keep]
+    if rnd > 1 and it.self_answer.problems and it.self_answer.problems < len(records):
+        rng = random.Random(cfg.data.seed * 1000 + 500 + rnd)
+        keep = sorted(rng.sample(range(len(records)), it.self_answer.problems))
+        records = [records[i] for i in keep]
     order = {r.id: i for i, r in enumerate(records)}
     mine = gen.shard(records, dist.rank, dist.world_size)
     seed = cfg.data.seed + 7919 * rnd + dist.rank

@@ -137,7 +137,8 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
         # -- data
         keys = ["iterate.filter", "iterate.sft_examples_per_round", "iterate.prepare.pool_per_round",
                 "rewards", "data.min_pixels", "data.max_pixels", "rollout.prompt_suffix"]
-        keys += (["iterate.teacher", "iterate.caption"] if k == 1 else ["iterate.self_answer"])
+        keys += (["iterate.teacher", "iterate.caption"] if k == 1
+                 else ["iterate.self_answer", "data.seed"])
         data_out = {"sft": str(rdir("data") / "sft.jsonl"), "stats": str(rdir("data") / "stats.json")}
         plans.append(plan(f"r{k}.data", k, "data", _pick(d, keys),
                           {"model.hf_path": prev_model},

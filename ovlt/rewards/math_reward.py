@@ -38,6 +38,7 @@ _MATH_WORDS = re.compile(
     r"\\[a-zA-Z]+|\b(?:sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi|inf|infty|arcsin|arccos|"
     r"arctan|frac|cdot|times|le|ge|neq|in|cup|cap)\b", re.IGNORECASE)
 MAX_MATH_VERIFY_CHARS = 300
+MATH_VERIFY_TIMEOUT_S = 5  # math-verify's own SIGALRM limit per parse / verify
 MAX_BRACE_DEPTH = 12
 
 
@@ -76,7 +77,7 @@ def _math_verify_equal(given: str, truth: str) -> bool:
         return False
     # math-verify times itself out with SIGALRM, which only works on a process's main thread;
     # elsewhere (threads) we rely on the caller's process-level timeout (RewardPool).
-    t = 3 if threading.current_thread() is threading.main_thread() else None
+    t = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
         gold = parse(f"${truth}$", parsing_timeout=t)
         pred = parse(f"${given}$", parsing_timeout=t)
@@ -86,6 +87,12 @@ def _math_verify_equal(given: str, truth: str) -> bool:
     except Exception as e:  # math-verify raises on odd input; a grader error is a wrong answer
         logger.debug("math-verify failed on %r vs %r: %s", given, truth, e)
         return False
+
+
+def warmup() -> None:
+    """Pay math-verify's lazy imports now (RewardPool workers call this before taking items)."""
+    _math_verify_equal("\\frac{1}{2}", "0.5")
+    _math_verify_equal("x^2+2x+1", "(x+1)^2")
 
 
 def _is_letter_truth(truth: str) -> bool:
@@ -162,3 +169,14 @@ def format_reward(response: str) -> float:
     if not m or not m.group(2).strip():
         return 0.0
     return 1.0
+
+
+def total_reward(response: str, ground_truth: str, partial_credit: float = 0.0,
+                 fallback: Fallback = "none", format_weight: float = 0.0,
+                 choices: Optional[Sequence[str]] = None) -> float:
+    """The GRPO reward: (1 - format_weight) * math_reward + format_weight * format_reward
+    (EasyR1's weighting; format_weight = 0 is the accuracy reward alone)."""
+    acc = math_reward(response, ground_truth, partial_credit, fallback, choices)
+    if not format_weight:
+        return acc
+    return (1.0 - format_weight) * acc + format_weight * format_reward(response)

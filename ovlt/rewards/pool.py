@@ -10,6 +10,10 @@ stopped by `close()` / the context manager / interpreter exit, so the pool leaks
 
     with RewardPool(num_workers=2, timeout_s=5.0) as pool:
         rewards = pool.score(responses, ground_truths, partial_credit=0.5)
+
+    # from the job config (accuracy + weighted format reward, RewardConfig's settings):
+    with RewardPool.from_config(cfg.rewards) as pool:
+        rewards = pool.score(responses, ground_truths, **reward_kwargs(cfg.rewards))
 """
 from __future__ import annotations
 
@@ -20,13 +24,14 @@ import weakref
 from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ovlt.logging import get_logger
 
 logger = get_logger(__name__)
 
 DEFAULT_FN = "ovlt.rewards.math_reward:math_reward"
+STARTUP_TIMEOUT_S = 300.0  # importing sympy on a loaded machine can take a while
 
 
 @dataclass
@@ -47,8 +52,17 @@ def _resolve(fn_spec: str) -> Callable:
 
 
 def _worker_main(conn, fn_spec: str) -> None:
-    """Worker loop: receive (index, args, kwargs), send (index, ok, value)."""
-    fn = _resolve(fn_spec)
+    """Worker loop: import and warm up the grader, say "ready", then receive
+    (index, args, kwargs) and send (index, ok, value)."""
+    try:
+        fn = _resolve(fn_spec)
+        warmup = getattr(importlib.import_module(fn_spec.split(":")[0]), "warmup", None)
+        if callable(warmup):
+            warmup()  # lazy imports (sympy, latex parser) must not eat the first item's timeout
+    except Exception as e:
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
     while True:
         try:
             msg = conn.recv()
@@ -63,6 +77,12 @@ def _worker_main(conn, fn_spec: str) -> None:
             conn.send((idx, False, f"{type(e).__name__}: {e}"))
 
 
+def reward_kwargs(reward_cfg) -> dict:
+    """`total_reward` keyword arguments from `RewardConfig`."""
+    return {"partial_credit": reward_cfg.partial_credit, "fallback": reward_cfg.fallback,
+            "format_weight": reward_cfg.format_weight}
+
+
 class _Worker:
     def __init__(self, ctx, fn_spec: str):
         self.conn, child = ctx.Pipe()
@@ -71,6 +91,23 @@ class _Worker:
         child.close()
         self.task: Optional[int] = None   # index of the item in flight
         self.started = 0.0
+        self.ready = False                 # imported and warmed up; item timers start after
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the worker has started (start-up is not charged to any item)."""
+        if self.ready:
+            return
+        if not self.conn.poll(timeout):
+            self.kill()
+            raise RuntimeError(f"reward worker pid {self.proc.pid} did not start in {timeout:.0f}s")
+        try:
+            status, detail = self.conn.recv()
+        except (EOFError, OSError):
+            status, detail = "failed", f"exited with code {self.proc.exitcode}"
+        if status != "ready":
+            self.kill()
+            raise RuntimeError(f"reward worker failed to start: {detail}")
+        self.ready = True
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -115,6 +152,12 @@ class RewardPool:
         # Stops the workers on close(), on garbage collection, or at interpreter exit
         # (finalize runs at exit by default) even if the caller forgets close().
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    @classmethod
+    def from_config(cls, reward_cfg) -> "RewardPool":
+        """From `RewardConfig` (num_workers, timeout_s); pair with `reward_kwargs(reward_cfg)`."""
+        return cls(num_workers=reward_cfg.num_workers, timeout_s=reward_cfg.timeout_s,
+                   fn="ovlt.rewards.math_reward:total_reward")
 
     # ------------------------------------------------------------------ public API
     def score(self, responses: Sequence[str], ground_truths: Sequence[str], **kwargs) -> list[float]:
@@ -201,9 +244,12 @@ class RewardPool:
 
     # ------------------------------------------------------------------ internals
     def _ensure_workers(self) -> None:
-        """Replace dead workers (timed out, crashed, or killed from outside between calls)."""
+        """Replace dead workers (timed out, crashed, or killed from outside between calls) and
+        wait until every worker is ready."""
         for k, w in enumerate(self._workers):
             if not w.proc.is_alive() and w.task is None:
                 w.kill()
                 self._workers[k] = _Worker(self._ctx, self.fn)
                 self.stats.restarts += 1
+        for w in self._workers:
+            w.wait_ready(STARTUP_TIMEOUT_S)

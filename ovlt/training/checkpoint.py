@@ -190,7 +190,8 @@ def _load_optimizer(optimizer, state) -> None:
     mcore 0.16.1 keeps torch Adam's per-param `step` out of the saved parameter state but then
     copies into *every* key of the live per-param state (KeyError 'step' without apex/TE's
     fused Adam, whose step lives in the param groups). The step itself is restored by the
-    non-parameter part, so it is set aside while the parameter state is copied in."""
+    non-parameter part, so it is set aside while the parameter state is copied in. (torch Adam
+    is the CPU path; GPUs with TE use its fused Adam, which never reaches this quirk.)"""
     from ovlt.training.optimizer import inner_optimizers
     inner = inner_optimizers(optimizer)
     parts = [state] if len(inner) == 1 else [v for _, v in sorted(state.items())]
@@ -209,8 +210,10 @@ def _load_optimizer(optimizer, state) -> None:
         try:
             o.load_parameter_state_from_fully_reshardable(param_state)
         finally:
+            # mcore hands every param the *same* step tensor, which torch Adam would then
+            # increment once per param per step: give each param its own copy.
             for p, st in steps.items():
-                torch_state[p]["step"] = st
+                torch_state[p]["step"] = st.clone()
 
 
 def load_checkpoint(path, chunks: list, optimizer, load_optimizer: bool = True,
