@@ -12,6 +12,7 @@ its log in `runs/<name>/<stage>/stage.log`; `runs/<name>/manifest.json` records 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     setup_logging(str(run_dir / "logs"))
+
+    def _term(signum, frame):  # scheduler preemption: stop the stage cleanly, resume later
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _term)
     try:
         runner = make_runner(cfg.iterate.launcher)
         stop = parse_stage_id(args.stop_after, cfg.iterate.rounds) if args.stop_after else None

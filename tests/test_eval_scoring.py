@@ -319,3 +319,27 @@ def test_prediction_without_response_and_unknown_benchmark(tmp_path, capsys):
     assert rc == 2 and "line 1 (id=1): missing field 'response'" in capsys.readouterr().err
     with pytest.raises(BenchmarkError, match="unknown benchmark"):
         load_benchmark("mmmu", tmp_path)
+
+
+def test_hf_sharded_layout_prefers_testmini_shards(tmp_path):
+    d = tmp_path / "MathVision" / "data"
+    d.mkdir(parents=True)
+
+    def shard(name, ids):
+        recs = [{"id": i, "question": "q", "options": [], "image": None,
+                 "decoded_image": {"bytes": png_bytes(), "path": None}, "answer": "1",
+                 "level": 1, "subject": "s"} for i in ids]
+        pq.write_table(pa.Table.from_pylist(recs), d / name)
+
+    shard("testmini-00000-of-00002-aa.parquet", ["1", "2"])
+    shard("testmini-00001-of-00002-bb.parquet", ["3"])
+    shard("test-00000-of-00001-cc.parquet", ["100", "101"])
+    assert [it.id for it in load_benchmark("mathvision", tmp_path / "MathVision")] == ["1", "2", "3"]
+    assert [it.id for it in load_benchmark("mathvision", tmp_path / "MathVision", limit=2)] == ["1", "2"]
+    assert [it.id for it in load_benchmark("mathvision", d / "test-00000-of-00001-cc.parquet")] == ["100", "101"]
+    (d / "extra.json").write_text("[]")
+    (d / "other.jsonl").write_text("")
+    for f in d.glob("test*.parquet"):
+        f.unlink()
+    with pytest.raises(BenchmarkError, match="expected one of"):  # two candidates: ambiguous
+        load_benchmark("mathvision", tmp_path / "MathVision")

@@ -205,3 +205,25 @@ def test_failed_stage_reports_log_and_resumes(tmp_path):
     assert sorted(sft) == [(0, 2), (0, 2), (1, 2), (1, 2)]
     assert [r["sid"] for r in rows if r["rank"] == 0].count("r1.data") == 1
     assert stage_status(man, "r1.eval") == "done"
+
+
+def test_sigterm_stops_the_stage_and_its_workers(tmp_path):
+    out = tmp_path / "runs"
+    cfg = write_cfg(tmp_path, out, rounds=1, extra="  nproc_sft: 2\n")
+    log = tmp_path / "calls.jsonl"
+    man = out / "fake" / "manifest.json"
+    proc = subprocess.Popen([sys.executable, "launchers/iterate.py", "--config", str(cfg)],
+                            cwd=REPO, env=env_with(OVLT_FAKE_CALLS=log, OVLT_FAKE_SLEEP="r1.sft=300"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: calls(log).count("r1.sft") == 2, what="both SFT ranks to start")
+        token = json.loads(man.read_text())["stages"]["r1.sft"]["token"]
+        from ovlt.iterate.runner import find_token_pids
+        assert len(find_token_pids(token)) >= 3  # torchrun + 2 workers
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert find_token_pids(token) == []
+    assert stage_status(man, "r1.sft") == "running"  # a later --resume runs it again

@@ -1,8 +1,9 @@
 """Read MathVista / MathVerse / MathVision from their released layouts into `EvalItem`s.
 
 Accepted inputs (`--data PATH`): a parquet, JSON or JSONL file, or a directory holding one
-(the first of `testmini.parquet`, `test.parquet`, `testmini.json`, `test.jsonl`, ... or any single
-data file found under it, `data/` included). JSON may be a list of records or a dict mapping id ->
+(the first of `testmini.parquet`, `test.parquet`, `testmini.json`, `test.jsonl`, ..., else the
+shards of the testmini split, else of test, as HF stores them: `data/testmini-00000-of-00001-x.parquet`,
+else the only data file under it). JSON may be a list of records or a dict mapping id ->
 record (MathVista's `testmini.json`). Images may be embedded (`{"bytes": ..., "path": ...}`
 structs as HF parquet stores them, or raw bytes) or relative paths, resolved against the data
 file's directory, its parent, and `image_root` when given.
@@ -83,22 +84,30 @@ class EvalItem:
 
 
 # --------------------------------------------------------------------------- files
-def find_data_file(path: str | os.PathLike) -> Path:
+def find_data_files(path: str | os.PathLike) -> list[Path]:
+    """The data file(s) of a benchmark: `path` itself, or in a directory (and `data/`) the first
+    of DATA_NAMES, else the shards of the `testmini` split, else of `test` (HF layout
+    `data/testmini-00000-of-00001-*.parquet`), else the only data file there is."""
     p = Path(path)
     if p.is_file():
-        return p
+        return [p]
     if not p.is_dir():
         raise BenchmarkError(f"{p}: no such file or directory")
     for name in DATA_NAMES:
         for cand in (p / name, p / "data" / name):
             if cand.is_file():
-                return cand
+                return [cand]
     found = sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".json", ".jsonl")
                    and q.is_file())
+    for split in ("testmini", "test"):
+        shards = [q for q in found if re.match(rf"{split}[-_.]", q.name)]
+        if shards and len({q.suffix for q in shards}) == 1:
+            return shards
     if len(found) == 1:
-        return found[0]
-    raise BenchmarkError(f"{p}: expected one of {', '.join(DATA_NAMES)} or a single "
-                         f"parquet/json/jsonl file, found {[str(f) for f in found][:10]}")
+        return found
+    raise BenchmarkError(f"{p}: expected one of {', '.join(DATA_NAMES)}, testmini-*/test-* "
+                         f"shards or a single parquet/json/jsonl file, found "
+                         f"{[str(f) for f in found][:10]}")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -303,19 +312,21 @@ def load_benchmark(name: str, path: str | os.PathLike, limit: Optional[int] = No
     """All items of benchmark `name` from `path` (file or directory), in file order."""
     if name not in _PARSERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    f = find_data_file(path)
-    roots = [f.parent, f.parent.parent] + ([Path(image_root)] if image_root else [])
-    records = read_records(f)
-    if limit:
-        records = records[:limit]
+    files = find_data_files(path)
     items, seen = [], set()
-    for n, rec in enumerate(records):
-        r = _Rec(rec, f"{f}: record {n}", ID_FIELD[name])
-        item = _PARSERS[name](r, roots)
-        item.source = r.where
-        if item.id in seen:
-            r.fail(f"duplicate {ID_FIELD[name]} {item.id!r}")
-        seen.add(item.id)
-        items.append(item)
-    logger.info("loaded %d %s items from %s", len(items), name, f)
+    for f in files:
+        if limit and len(items) >= limit:
+            break
+        roots = [f.parent, f.parent.parent] + ([Path(image_root)] if image_root else [])
+        for n, rec in enumerate(read_records(f)):
+            if limit and len(items) >= limit:
+                break
+            r = _Rec(rec, f"{f}: record {n}", ID_FIELD[name])
+            item = _PARSERS[name](r, roots)
+            item.source = r.where
+            if item.id in seen:
+                r.fail(f"duplicate {ID_FIELD[name]} {item.id!r}")
+            seen.add(item.id)
+            items.append(item)
+    logger.info("loaded %d %s items from %s", len(items), name, ", ".join(map(str, files)))
     return items

@@ -84,12 +84,19 @@ class Runner:
             f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                    cwd=str(REPO_ROOT), preexec_fn=_die_with_parent)
+                                    preexec_fn=_die_with_parent)  # cwd: the user's, like paths in the config
             try:
                 return proc.wait()
             except BaseException:
-                proc.kill()
-                proc.wait()
+                # Interrupted (Ctrl-C, SIGTERM from a scheduler): let torchrun stop its workers,
+                # then make sure nothing of this attempt survives.
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                kill_token(launch.token)
                 raise
 
 

@@ -30,7 +30,7 @@ from ovlt.rollout.base import GenerationRequest, SamplingParams
 from ovlt.training.grpo_batch import Rollout, pack_rollouts
 from ovlt.training.grpo_data import PromptPosition, PromptStream, encode_record
 from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, update
-from ovlt.utils.io import append_jsonl
+from ovlt.utils.io import append_jsonl, atomic_write_text, read_jsonl
 
 log = get_logger(__name__)
 
@@ -88,6 +88,15 @@ def split_updates(kept: list[Rollout], n_updates: int, filler: Rollout | None) -
         if not c:
             c.append(dataclasses.replace(filler, train=False))
     return chunks
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """On resume, drop records of steps after the restored checkpoint (`step` is 1-based:
+    the record of step k is written after k steps, which a checkpoint at k includes)."""
+    if path.exists():
+        import json
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class GRPOTrainer:
@@ -321,7 +330,6 @@ class GRPOTrainer:
     def run(self) -> dict:
         from ovlt.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
         from ovlt.training.metrics import MetricsLogger
-        from ovlt.training.sft import _trim_metrics
 
         g, t = self.cfg.grpo, self.cfg.grpo.train
         latest = find_latest(self.save_dir)
@@ -338,7 +346,8 @@ class GRPOTrainer:
             pos = PromptPosition(**st["prompt_position"])
             log.info("resumed from %s at step %d", latest, start_step)
         if self.rank == 0:
-            _trim_metrics(self.save_dir / "metrics.jsonl", start_step)
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                trim_jsonl(self.save_dir / name, start_step)
         logger = MetricsLogger(self.save_dir, self.rank == 0, self.total_steps,
                                tensorboard=t.tensorboard, wandb=t.wandb, run_name="grpo",
                                start_step=start_step)

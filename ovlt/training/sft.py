@@ -60,7 +60,7 @@ def batch_flops(model_cfg, micro_batches, freeze) -> tuple[float, int]:
 def _trim_metrics(path: Path, start_step: int) -> None:
     """On resume, drop records of steps the restored checkpoint had not reached."""
     if path.exists():
-        keep = [r for r in read_jsonl(path) if r.get("step", 0) < start_step]
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]  # 1-based
         import json
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
