@@ -187,3 +187,49 @@ def test_grpo_raises_mean_reward(dist1, tiny_hf_dir, tmp_path):
     tr.pool.close()
     assert 0.05 < means[0] < 0.7, means           # partly solved at the start
     assert min(means[-2:]) > means[0] + 0.25, means
+
+
+def test_curriculum_freezes_vision_in_first_stage_only(dist1, tiny_hf_dir, rl_file, tmp_path):
+    """Two stages (medium: vision frozen, hard: vision trained), one step each, through the
+    trainer's own loop: the vision tower is unchanged after stage 1 and changed after stage 2;
+    the merger (train.freeze) never changes; outputs for the iterate loop exist."""
+    from ovlt.training import grpo as grpo_mod
+    stages = (f"grpo.curriculum=[{{name: medium, rl_files: [{rl_file}], epochs: 1.0, "
+              f"freeze_vision: true}}, {{name: hard, rl_files: [{rl_file}], epochs: 1.0, "
+              f"freeze_vision: false}}]")
+    cfg = _cfg(tmp_path, tiny_hf_dir, rl_file, stages, "grpo.kl_coef=0.0",
+               "grpo.prompts_per_step=8", "grpo.samples_per_prompt=2",
+               "grpo.train.global_batch_size=16", "grpo.optimizer.lr=0.01",
+               "grpo.filter_zero_advantage=false", "grpo.train.max_steps=0")
+    snaps = []  # vision weights before step 0, after step 0, after step 1
+    orig = grpo_mod.GRPOTrainer.step
+
+    def vision(self):
+        return {k: v.detach().clone() for k, v in self.bundle.module.state_dict().items()
+                if k.startswith("vision_model.") and not k.endswith("_extra_state")}
+
+    def step(self, i, pos):
+        if not snaps:
+            snaps.append(vision(self))
+        out = orig(self, i, pos)
+        snaps.append(vision(self))
+        return out
+
+    grpo_mod.GRPOTrainer.step = step
+    try:
+        tr = grpo_mod.GRPOTrainer(cfg)
+        assert tr.total_steps == 2
+        summary = tr.run()
+    finally:
+        grpo_mod.GRPOTrainer.step = orig
+    init, snaps = snaps[0], snaps[1:]
+    blocks = [k for k in init if k.startswith("vision_model.decoder.")]
+    merger = [k for k in init if k.startswith("vision_model.merger.")]
+    assert blocks and merger
+    assert all(torch.equal(snaps[0][k], init[k]) for k in init)           # stage 1: frozen
+    assert any(not torch.equal(snaps[1][k], init[k]) for k in blocks)     # stage 2: trained
+    assert all(torch.equal(snaps[1][k], init[k]) for k in merger)         # merger: frozen
+    from ovlt.utils.io import read_jsonl
+    recs = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [r["stage"] for r in recs] == ["medium", "hard"]
+    assert (tmp_path / "out" / "final_hf" / "config.json").is_file() and summary["steps"] == 2

@@ -23,13 +23,18 @@ OVERRIDES = [
     "iterate.caption.max_new_tokens=4", "iterate.teacher.samples=3",
     "iterate.self_answer.samples=2", "iterate.self_answer.max_new_tokens=12",
     "iterate.heldout_max_new_tokens=12", "iterate.sft_examples_per_round=8",
-    "sft.train.epochs=1.0", "sft.train.global_batch_size=4",
+    "sft.train.max_steps=2", "sft.train.global_batch_size=4",
     "rollout.max_new_tokens=12", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=2",
     "grpo.train.global_batch_size=4", "iterate.stage_env=[OMP_NUM_THREADS=1]",
 ]
 
 
 def _run(out: Path, *extra, env=None):
+    bench = out.parent / "mathvista"
+    if not bench.exists():  # a 2-item MathVista in its released layout (the eval tests' fixture)
+        from tests.test_eval_tiny_model import write_mathvista
+        write_mathvista(bench)
+    extra = (f"eval.benchmarks=[{{name: mathvista, data: {bench}}}]", "eval.max_new_tokens=4") + extra
     return subprocess.Popen([sys.executable, "launchers/iterate.py", "--config",
                              "configs/iterate/tiny_cpu.yaml", f"iterate.out_dir={out}",
                              *OVERRIDES, *extra], cwd=REPO, env=env or dict(os.environ, OMP_NUM_THREADS="1"),
@@ -83,7 +88,11 @@ def test_real_tiny_loop_kill_and_resume(tmp_path):
         ev = m[s]["metrics"]
         assert ev["n"] == 6 and 0.0 <= ev["accuracy"] <= 1.0
         assert sum(ev["n_by_difficulty"].values()) == 6
+        # the configured benchmark went through `ovlt eval run` (2 items)
+        assert 0.0 <= ev["benchmarks"]["mathvista"] <= 100.0
+        assert (run_dir / s / "benchmarks" / "mathvista" / "scores.json").exists()
     report = (run_dir / "report.md").read_text()
+    assert "| mathvista |" in report
     assert "| 0 (base) |" in report and "\n| 2 | " in report
     for png in ("reward_curve.png", "accuracy_per_round.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

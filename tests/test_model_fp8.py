@@ -76,3 +76,17 @@ def test_fp8_spec_builds_and_tracks_fp32(tiny_hf_dir):
             assert 1e-4 < rel < 0.1, (k, rel)
     finally:
         destroy_distributed()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernel)")
+def test_cast_transpose_kernel_bitwise():
+    from ovlt.models.qwen2_5_vl.fp8_cast import cast_transpose
+    x = torch.randn(1000, 777, device="cuda", dtype=torch.bfloat16)
+    for src in (x, x[:, ::3], x.t()):
+        for dt in (E4M3, E5M2):
+            q, qt, dq = cast_transpose(src, dt, True, True)
+            fmax = torch.finfo(dt).max
+            ref = (src.float() * (fmax / src.float().abs().max())).clamp(-fmax, fmax).to(dt)
+            assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+            assert torch.equal(qt.view(torch.uint8), ref.t().contiguous().view(torch.uint8))

@@ -1,7 +1,6 @@
 """mcore Qwen2.5-VL vs HF transformers on the tiny random model (fp32, CPU): logits at TP=1,
 TP=2, PP=2, TP=2 x PP=2 (two images of different sizes + a text-only sample), and the parity CLI."""
 import pytest
-import torch
 
 from ovlt.models.qwen2_5_vl import parity
 from tests.dist_utils import run_distributed
@@ -71,3 +70,16 @@ def test_parity_cli_exit_codes(tiny_hf_dir, capsys):
     # an impossible tolerance must fail
     assert parity.main(["--hf", str(tiny_hf_dir), "--images", "1", "--tol", "0"]) == 1
     assert parity.main(["--hf", str(tiny_hf_dir) + "/nope"]) == 2
+
+
+def test_parity_cli_other_config(tmp_path):
+    """Any tiny config, not only the fixture's: untied LM head, 6 heads / 2 KV groups, a
+    3-block vision tower with one full-attention block, 3 images."""
+    from ovlt.config import CONFIG_ROOT, load_config
+    from ovlt.models.qwen2_5_vl.hf_config import save_tiny_hf_model
+    cfg = load_config(CONFIG_ROOT / "model" / "tiny.yaml", [
+        "model.tie_word_embeddings=false", "model.hidden_size=96", "model.num_attention_heads=6",
+        "model.num_query_groups=2", "model.num_layers=2", "model.ffn_hidden_size=64",
+        "model.vision.depth=3", "model.vision.fullatt_block_indexes=[2]"]).model
+    save_tiny_hf_model(tmp_path, cfg, seed=3)
+    assert parity.main(["--hf", str(tmp_path), "--images", "3"]) == 0

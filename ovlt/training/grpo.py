@@ -170,8 +170,17 @@ class GRPOTrainer:
                             "truncated from the left", rec.id, rec.file, rec.index, len(ids),
                             rc.max_prompt_length)
                 ids = ids[-rc.max_prompt_length:]
+            images = None
+            if pv is not None and not self._shares_weights():  # vLLM takes the (resized) images
+                from PIL import Image
+
+                from ovlt.data.image_loader import open_image
+                from ovlt.data.image_processing import resize_rgb
+                images = [Image.fromarray(resize_rgb(open_image(src), self.cfg.data.min_pixels,
+                                                     self.cfg.data.max_pixels))
+                          for src in rec.images]
             out.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
-                                         request_id=rec.id))
+                                         images=images, request_id=rec.id))
         return out
 
     def step(self, step: int, pos: PromptPosition):
@@ -186,6 +195,8 @@ class GRPOTrainer:
                             seed=cfg.grpo.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
         self.bundle.module.eval()
         comps = self.engine.generate(reqs, sp)
+        if not self._shares_weights():
+            self.engine.sleep()  # free the engine's GPU memory for the update
         tm["rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -251,9 +262,12 @@ class GRPOTrainer:
         from megatron.core import parallel_state as ps
         return ps.get_data_parallel_group()
 
-    def _sync_weights(self):
+    def _shares_weights(self) -> bool:
         from ovlt.rollout.builtin import BuiltinEngine
-        if isinstance(self.engine, BuiltinEngine):
+        return isinstance(self.engine, BuiltinEngine)
+
+    def _sync_weights(self):
+        if self._shares_weights():
             return
         from megatron.core import parallel_state as ps
 
@@ -269,7 +283,10 @@ class GRPOTrainer:
     def _metrics(self, rollouts, acc, adv_stats, lp_stats, ups, tm, lr) -> dict:
         """Sums over DP ranks of per-rank sums, then means."""
         lens = [len(r.response_ids) for r in rollouts]
-        sources = sorted({r.source for r in rollouts})
+        mine = sorted({r.source for r in rollouts})
+        every = [None] * self.dp  # the union over DP ranks: every rank reduces the same keys
+        dist.all_gather_object(every, mine, group=self._dp_group())
+        sources = sorted({s for lst in every for s in lst})
         keys = ["n", "reward", "reward_sq", "acc", "len", "clipped", "dropped", "tokens",
                 "kept"] + [f"{s}:{k}" for s in sources for k in ("n", "reward", "reward_sq", "acc")]
         vals = {k: 0.0 for k in keys}
@@ -282,8 +299,6 @@ class GRPOTrainer:
             vals[f"{r.source}:reward"] += r.reward
             vals[f"{r.source}:reward_sq"] += r.reward ** 2
             vals[f"{r.source}:acc"] += a
-        # Source names differ across ranks only if the data does; reduce what this rank has
-        # plus the globals (every rank has the same key list when sources are the same).
         vec = torch.tensor([vals[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec, group=self._dp_group())
         v = dict(zip(keys, vec.tolist()))
@@ -345,6 +360,7 @@ class GRPOTrainer:
             st = load_checkpoint(latest, self.bundle.chunks, self.optimizer)
             pos = PromptPosition(**st["prompt_position"])
             log.info("resumed from %s at step %d", latest, start_step)
+        self._sync_weights()  # an engine with its own weights starts from the trainer's
         if self.rank == 0:
             for name in ("metrics.jsonl", "rollouts.jsonl"):
                 trim_jsonl(self.save_dir / name, start_step)
@@ -369,6 +385,7 @@ class GRPOTrainer:
                 log.warning("curriculum stage %s: freeze %s -> %s; rebuilding the model wrapper "
                             "(optimizer moments restart)", stage.name, self.freeze, want)
                 self._build(want, from_module=self.bundle.module)
+                self._sync_weights()
             rec, pos, rollouts = self.step(step, pos)
             rec["stage"] = stage.name
             if (step + 1) % t.log_interval == 0 or step + 1 == self.total_steps:
@@ -407,4 +424,8 @@ class GRPOTrainer:
 
 def run_grpo(cfg) -> dict:
     """Train; expects `init_distributed` done."""
-    return GRPOTrainer(cfg).run()
+    trainer = GRPOTrainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.pool.close()  # idempotent; also on failure, so no reward worker outlives us

@@ -124,8 +124,11 @@ class Reference:
         if mode == "memory":
             if build_fn is None:
                 raise ValueError("ref_mode=memory needs a model builder")
+            from megatron.core.enums import ModelType
             self.model = build_fn()
             self.model.load_state_dict(policy.state_dict(), strict=False)
+            if not hasattr(self.model, "model_type"):  # read by mcore's schedules
+                self.model.model_type = ModelType.encoder_or_decoder
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)

@@ -114,6 +114,11 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
 
     if not hasattr(model, "model_type"):  # mcore's schedules read it off the wrapped model
         model.model_type = ModelType.encoder_or_decoder
+    lm = getattr(model, "language_model", None)
+    if lm is not None and not hasattr(model, "shared_embedding_or_output_weight"):
+        # finalize_model_grads all-reduces tied embedding grads across PP stages through this
+        # method of the top module; the LLM has it.
+        model.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
     counts = freeze_modules(model, list(train_cfg.freeze))
     apply_recompute(model, train_cfg.recompute)
     cfg = mcore_config(model)

@@ -11,8 +11,9 @@ Recipe (current scaling, no amax history):
     on the fly each step, nothing FP8 is ever stored in the model or the optimizer.
 Memory: "tensor" saves X in FP8 for the backward (half of bf16); "rowwise" needs X scaled along
 the other axis for dW, so it saves X in its input dtype.
-`torch._scaled_mm` wants the right operand column-major and dims multiple of 16; the token dim is
-zero-padded to 16 here. Layers: mcore Column/RowParallelLinear with `_forward_impl` replaced, so
+`torch._scaled_mm` wants both operands K-major and dims multiple of 16; the token dim is
+zero-padded to 16 here. Per-tensor casts that also need a transposed copy go through the fused
+Triton cast-transpose kernel of `fp8_cast.py` on CUDA. Layers: mcore Column/RowParallelLinear with `_forward_impl` replaced, so
 TP (all-reduce of dX in column-parallel layers) keeps mcore semantics. No sequence parallel.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from ovlt.models.qwen2_5_vl.fp8_cast import cast_transpose
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -115,11 +118,12 @@ class _Fp8Linear(torch.autograd.Function):
             y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype)
             ctx.save_for_backward(x2, weight)
         else:
-            xq, sx = quantize(x2, E4M3)
-            wq, sw = quantize(weight, E4M3)
+            # X^T in FP8 is what dW needs (K-major operands only); W is re-cast in the backward
+            # rather than kept (saves 1 byte/param).
+            xq, xqt, sx = cast_transpose(x2, E4M3, want_q=True, want_qt=weight.requires_grad)
+            wq, _, sw = cast_transpose(weight, E4M3)
             y = _mm(xq, sx, wq.t(), sw, out_dtype)
-            # X is kept in FP8; W is re-cast in the backward rather than kept (saves 1 byte/param)
-            ctx.save_for_backward(xq, sx, weight)
+            ctx.save_for_backward(xqt, sx, weight)
         y = y[:m].to(x.dtype)
         if bias is not None:
             y = y + bias
@@ -141,13 +145,13 @@ class _Fp8Linear(torch.autograd.Function):
             if weight_needs_grad:
                 dw = _rowwise_mm(g.t(), ctx.grad_dtype, x2, out_dtype).to(weight.dtype)
         else:
-            xq, sx, weight = ctx.saved_tensors
-            wq, sw = quantize(weight, E4M3)
-            gq, sg = quantize(g, ctx.grad_dtype)
-            dx = _mm(gq, sg, wq, sw, out_dtype)
+            xqt, sx, weight = ctx.saved_tensors
+            _, wqt, sw = cast_transpose(weight, E4M3, want_q=False, want_qt=True)
+            gq, gqt, sg = cast_transpose(g, ctx.grad_dtype, want_q=True, want_qt=weight_needs_grad)
+            dx = _mm(gq, sg, wqt.t(), sw, out_dtype)             # W as an N-major operand
             dw = None
             if weight_needs_grad:
-                dw = _mm(gq.t().contiguous(), sg, xq, sx, out_dtype).to(weight.dtype)
+                dw = _mm(gqt, sg, xqt.t(), sx, out_dtype).to(weight.dtype)
         dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
         if ctx.allreduce_dgrad:
             torch.distributed.all_reduce(dx, group=ctx.tp_group)

@@ -24,6 +24,8 @@ log = get_logger(__name__)
 
 def build_model(model_cfg, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None) -> Qwen2_5_VLModel:
+    """This rank's stage of the model, randomly initialised (mcore init); load weights with
+    `load_hf_weights(model, hf_dir)` (`model_cfg.hf_path` is not read here)."""
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_model needs mcore parallel_state: call "
                            "ovlt.distributed.init_distributed(parallel_cfg) first")
@@ -43,8 +45,7 @@ def build_model(model_cfg, pre_process: Optional[bool] = None,
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
-        position_embedding_type="mrope", rotary_base=int(model_cfg.rope_theta)
-        if float(model_cfg.rope_theta).is_integer() else model_cfg.rope_theta)
+        position_embedding_type="mrope", rotary_base=model_cfg.rope_theta)
     vision = VisionModel(model_cfg, specs.vision_layer_spec(model_cfg)) if pre_process else None
     model = Qwen2_5_VLModel(model_cfg, llm, vision)
     # mcore's torch-norm layers are created in fp32 whatever params_dtype says (mcore expects a
