@@ -197,6 +197,8 @@ class RolloutConfig:
     colocate: bool = True
     weight_bucket_mb: int = 512
     cuda_graphs: bool = True
+    # Built-in engine: sequences decoded together (one static KV cache of this many rows).
+    max_batch_size: int = 64
     prompt_suffix: str = (
         " You FIRST think about the reasoning process as an internal monologue and then provide "
         "the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
@@ -280,6 +282,9 @@ class SelfAnswerConfig:
     batch_size: int = 16
     # Problems sampled from the pool for self-answering each round (0 = the whole pool).
     problems: int = 0
+    # Not in the recipe: a problem the model did not solve keeps the previous round's chain
+    # (counted in stats.json as carried_over), so a weak model cannot empty the SFT set.
+    carry_over_unsolved: bool = False
 
 
 @dataclass

@@ -59,6 +59,7 @@ def _layout_worker(rank, world):
     with get_cuda_rng_tracker().fork():
         out["tp_stream"] = torch.rand(3).tolist()
     out["after_fork"] = torch.rand(1).tolist()  # the fork must not consume the default stream
+    torch.distributed.barrier()
     destroy_distributed()
     return out
 

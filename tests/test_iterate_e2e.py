@@ -26,6 +26,8 @@ OVERRIDES = [
     "sft.train.max_steps=2", "sft.train.global_batch_size=4",
     "rollout.max_new_tokens=12", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=2",
     "grpo.train.global_batch_size=4", "iterate.stage_env=[OMP_NUM_THREADS=1]",
+    # a 2-step SFT model solves nothing: round 2 keeps round 1's chains for unsolved problems
+    "iterate.self_answer.carry_over_unsolved=true",
 ]
 
 
@@ -81,6 +83,8 @@ def test_real_tiny_loop_kill_and_resume(tmp_path):
     assert m["r1.data"]["metrics"]["candidate_accuracy"] == pytest.approx(2 / 3)
     assert m["r2.data"]["metrics"]["source"] == "previous GRPO model"
     assert m["r2.data"]["inputs"]["model"].endswith("r1.grpo/ckpt/final_hf")
+    r2 = m["r2.data"]["metrics"]
+    assert r2["kept"] == r2["solved_problems"] + r2["carried_over"] and r2["kept"] > 0
     # the trainers ran and logged; GRPO followed the two-stage curriculum
     assert m["r1.sft"]["metrics"]["steps"] == 2 and m["r1.sft"]["metrics"]["loss_first"] > 0
     assert m["r1.grpo"]["metrics"]["steps"] >= 2

@@ -53,6 +53,7 @@ iterate:
     env = dict(os.environ, PATH=f"{REPO / 'tests' / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}",
                FAKE_SLURM_NODELIST="gpu-[07-09]", FAKE_SLURM_NNODES="3", FAKE_SLURM_JOB_ID="4242",
                FAKE_SRUN_LOG=str(tmp_path / "srun.jsonl"), OVLT_PYTHON=sys.executable,
+               SLURM_CPUS_PER_TASK="16",
                OMP_NUM_THREADS="1")
     return subprocess.run(["sbatch", "--nodes=3", "launchers/iterate.sh", str(cfg), *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -92,6 +93,7 @@ def test_sbatch_iterate_records_rendezvous_per_stage(tmp_path):
         assert _opt(srun_opts, "ntasks-per-node") == "1"
         assert _opt(srun_opts, "nodelist") == ",".join(hosts[:n])
         assert _opt(srun_opts, "job-name") == f"ovlt-{sid}"
+        assert _opt(srun_opts, "cpus-per-task") == "16"
         # torchrun: c10d rendezvous at the first host, this stage's width, a per-stage id
         assert _opt(a, "nnodes", t) == str(n)
         assert _opt(a, "nproc-per-node", t) == str(nproc)

@@ -147,3 +147,29 @@ def test_synthetic_teacher_candidates():
     assert t.answer([item], n=6) == [cands]                     # deterministic
     with pytest.raises(TeacherError, match="no reference solution"):
         t.answer([TeacherItem("x", "q")], n=2)
+
+
+def test_engine_teacher_prompts_and_sampling():
+    from ovlt.data.chat_template import encode_prompt
+    from ovlt.iterate.teacher import EngineTeacher
+    from ovlt.rollout.base import Completion
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, reqs, params):
+            self.calls.append((reqs, params))
+            return [[Completion(r.request_id, [1], [0.0], f"{r.request_id}-{j}", "stop")
+                     for j in range(params.n)] for r in reqs]
+
+    eng = Recorder()
+    t = EngineTeacher(eng, max_tokens=77, temperature=0.6, top_p=0.9, seed=5, batch_size=1)
+    out = t.answer(ITEMS, n=2)
+    assert out == [["p1-0", "p1-1"], ["p2-0", "p2-1"]]
+    assert len(eng.calls) == 2  # batch_size=1
+    req, params = eng.calls[0][0][0], eng.calls[0][1]
+    assert req.prompt_ids == encode_prompt(teacher_prompt(ITEMS[0]))  # text-only chat prompt
+    assert req.pixel_values is None
+    assert (params.n, params.max_new_tokens, params.temperature, params.top_p, params.seed) == \
+        (2, 77, 0.6, 0.9, 5)

@@ -66,6 +66,7 @@ def _grad_worker(rank, world, hf_dir, tp):
             want = _shard(ref[h], kind, tp, r, padded)
             assert grads[m].shape == want.shape, (m, grads[m].shape, want.shape)
             out["diffs"][m] = (float((grads[m] - want).abs().max()), float(want.abs().max()))
+        torch.distributed.barrier()  # no teardown while another rank still works
         return out
     finally:
         destroy_distributed()

@@ -165,6 +165,8 @@ class SlurmRunner(Runner):
                              "inside an allocation (sbatch launchers/iterate.sh)")
         self.hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
         self.job_id = env.get("SLURM_JOB_ID", "0")
+        # srun no longer inherits sbatch's --cpus-per-task (Slurm >= 22.05): pass it on.
+        self.cpus_per_task = env.get("SLURM_CPUS_PER_TASK")
 
     def command(self, launch: StageLaunch) -> list[str]:
         n = launch.nnodes
@@ -176,7 +178,7 @@ class SlurmRunner(Runner):
             "srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
             f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=1", "--export=ALL",
             f"--job-name=ovlt-{launch.sid}",
-        ] + _torchrun() + [
+        ] + ([f"--cpus-per-task={self.cpus_per_task}"] if self.cpus_per_task else []) + _torchrun() + [
             f"--nnodes={n}", f"--nproc-per-node={launch.nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={hosts[0]}:{launch.port}", f"--rdzv-id={self.job_id}-{launch.sid}",
             "--max-restarts=0",

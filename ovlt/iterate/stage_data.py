@@ -124,6 +124,13 @@ def main(argv=None) -> int:
         for p in sorted(sdir.glob("part-*.jsonl")):
             allrows += read_jsonl(p)
         allrows.sort(key=lambda x: order[x["id"]])
+        carried = 0
+        if rnd > 1 and it.self_answer.carry_over_unsolved:
+            prev = {str(r["id"]): r for r in read_jsonl(info["inputs"]["prev_sft"])}
+            for x in allrows:
+                if "sft" not in x and x["id"] in prev:
+                    x["sft"], x["carried"] = prev[x["id"]], True
+                    carried += 1
         kept = [x["sft"] for x in allrows if "sft" in x]
         cap = it.sft_examples_per_round
         if cap and len(kept) > cap:
@@ -142,7 +149,8 @@ def main(argv=None) -> int:
             "candidate_accuracy": sum(x["verified"] for x in allrows) / max(1, n_c),
             "candidate_format": sum(x["format"] for x in allrows) / max(1, n_c),
             "solved_problems": sum(1 for x in allrows if x["verified"]),
-            "kept": len(kept), "cut_at_wait": sum(1 for x in allrows if x["cut"] and "sft" in x),
+            "solved_fraction": sum(1 for x in allrows if x["verified"]) / max(1, len(allrows)),
+            "kept": len(kept), "carried_over": carried, "cut_at_wait": sum(1 for x in allrows if x["cut"] and "sft" in x),
             "mean_chain_chars": sum(len(k["messages"][1]["content"]) for k in kept) / len(kept),
             "kept_by_difficulty": dict(sorted(Counter(k["difficulty"] for k in kept).items())),
         }

@@ -140,9 +140,11 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
         keys += (["iterate.teacher", "iterate.caption"] if k == 1
                  else ["iterate.self_answer", "data.seed"])
         data_out = {"sft": str(rdir("data") / "sft.jsonl"), "stats": str(rdir("data") / "stats.json")}
+        data_in = {"model": prev_model, "pool": pool, "solutions": solutions}
+        if k > 1:
+            data_in["prev_sft"] = str(run_dir / f"r{k - 1}.data" / "sft.jsonl")
         plans.append(plan(f"r{k}.data", k, "data", _pick(d, keys),
-                          {"model.hf_path": prev_model},
-                          {"model": prev_model, "pool": pool, "solutions": solutions},
+                          {"model.hf_path": prev_model}, data_in,
                           data_out, list(data_out.values())))
         # -- SFT from the base model
         sft_save = rdir("sft") / "ckpt"

@@ -37,4 +37,5 @@ def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> Rollout
     while hasattr(model, "module"):  # DDP / Float16Module wrappers
         model = model.module
     return BuiltinEngine(model, cfg.model, tokenizer=tokenizer, tp_group=tp_group,
-                         cuda_graphs=cfg.rollout.cuda_graphs, **kw)
+                         cuda_graphs=cfg.rollout.cuda_graphs,
+                         max_batch_size=cfg.rollout.max_batch_size, **kw)

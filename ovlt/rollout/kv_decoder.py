@@ -73,6 +73,10 @@ class LLMDecoder:
                 ln2=ln2, fc1_w=params[p + "mlp.linear_fc1.weight"],
                 fc2_w=params[p + "mlp.linear_fc2.weight"]))
         self.embed = params[emb_key]
+        if pre + "decoder.final_layernorm.weight" not in params:
+            raise ValueError("LLMDecoder: the model has no final layer norm: the built-in engine "
+                             "needs every LLM layer on this rank (pipeline_parallel=1; use "
+                             "rollout.engine=vllm with pipeline parallelism)")
         self.final_norm = params[pre + "decoder.final_layernorm.weight"]
         out = params.get(pre + "output_layer.weight")
         self.lm_head = out if out is not None else self.embed  # tied embeddings

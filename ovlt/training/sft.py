@@ -125,9 +125,9 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     for step in range(start_step, total_steps):
         pos, mbs = next(it)
         lr = sched.apply(optimizer, step)
-        prof.step_begin(step)
+        prof.step_begin(step + 1)  # 1-based, like the log lines
         res = train_step(bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device)
-        prof.step_end(step)
+        prof.step_end(step + 1)
         fl, toks = batch_flops(cfg.model, mbs, t.freeze)
         vec = torch.tensor([fl, float(toks)], dtype=torch.float64, device=device)
         dist.all_reduce(vec, group=dp_group)  # every TP/PP rank of a replica sees the same batch

@@ -49,8 +49,21 @@ def _sdpa(q, k, v, causal, scale, dropout):
                                           dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
+    """[(length, n, token index [n*length])] for the non-empty segments of `cu_seqlens`,
+    grouped by length (one host sync; cache the result per batch, see `_groups`)."""
+    bounds = cu_seqlens.tolist()
+    by_len = defaultdict(list)  # segment length -> start offsets
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            by_len[e - s].append(s)
+    return [(length, len(starts), (torch.tensor(starts, device=device)[:, None]
+                                   + torch.arange(length, device=device)[None]).reshape(-1))
+            for length, starts in by_len.items()]
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: float = 0.0,
-                     backend: str = "sdpa", max_seqlen: Optional[int] = None):
+                     backend: str = "sdpa", max_seqlen: Optional[int] = None, groups=None):
     """Attention inside the segments of `cu_seqlens`. q [T, h, d], k/v [T, g, d] -> [T, h, d]."""
     if backend == "flash" and q.is_cuda:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -58,16 +71,10 @@ def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: f
             max_seqlen = int((cu[1:] - cu[:-1]).max())
         return _flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout,
                              softmax_scale=scale, causal=causal)
-    bounds = cu_seqlens.tolist()
-    groups = defaultdict(list)  # segment length -> start offsets
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e > s:
-            groups[e - s].append(s)
+    if groups is None:
+        groups = segment_groups(cu_seqlens, q.device)
     out = q.new_zeros(q.shape)
-    for length, starts in groups.items():
-        idx = (torch.tensor(starts, device=q.device)[:, None]
-               + torch.arange(length, device=q.device)[None]).reshape(-1)
-        n = len(starts)
+    for length, n, idx in groups:
         qq, kk, vv = (t.index_select(0, idx).view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
                       for t in (q, k, v))
         o = _sdpa(qq, kk, vv, causal, scale, dropout)
@@ -105,6 +112,18 @@ class OvltCoreAttention(MegatronModule):
             return cu, getattr(packed_seq_params, "max_window_seqlen", None)
         return packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
 
+    def _groups(self, packed_seq_params, cu, device):
+        """Segment grouping, computed once per batch and kept on the params object, so the
+        layers don't each sync with the host and rebuild the indices."""
+        if self.backend == "flash" and device.type == "cuda":
+            return None
+        key = "_ovlt_groups_window" if self.window else "_ovlt_groups_full"
+        cached = getattr(packed_seq_params, key, None)
+        if cached is None or cached[0] is not cu:
+            cached = (cu, segment_groups(cu, device))
+            setattr(packed_seq_params, key, cached)
+        return cached[1]
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
@@ -117,14 +136,16 @@ class OvltCoreAttention(MegatronModule):
             if cu is None:
                 raise ValueError("thd attention needs packed_seq_params.cu_seqlens_q")
             out = varlen_attention(query, key, value, cu, causal, self.scale, dropout,
-                                   self.backend, max_len)
+                                   self.backend, max_len,
+                                   self._groups(packed_seq_params, cu, query.device))
             return out.reshape(out.shape[0], -1)
         s, b = query.shape[:2]
         if cu is not None:
             if b != 1:
                 raise ValueError(f"cu_seqlens with sbhd layout needs batch 1, got {b}")
             out = varlen_attention(query[:, 0], key[:, 0], value[:, 0], cu, causal, self.scale,
-                                   dropout, self.backend, max_len)
+                                   dropout, self.backend, max_len,
+                                   self._groups(packed_seq_params, cu, query.device))
             return out.reshape(s, 1, -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, h, S, d]
         mask = None

@@ -136,11 +136,14 @@ def run(hf_dir, tp: int, pp: int, images: int, seed: int = 0):
     model, cfg = build_from_hf(hf_dir, tp, pp)
     batch = make_batch(cfg, images, seed)
     logits = mcore_logits(model, batch, cfg)
-    if logits is None or ps.get_tensor_model_parallel_rank() != 0:
-        return None
-    ref = hf_forward(load_hf(hf_dir), batch)
-    per = (logits - ref).abs().amax(dim=(1, 2))
-    return float(per.max()), [float(x) for x in per]
+    result = None
+    if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+        ref = hf_forward(load_hf(hf_dir), batch)
+        per = (logits - ref).abs().amax(dim=(1, 2))
+        result = float(per.max()), [float(x) for x in per]
+    # Nobody tears down (rank 0 hosts the TCP store) while the reporting rank still works.
+    torch.distributed.barrier()
+    return result
 
 
 def _worker(rank, world, hf_dir, tp, pp, images):

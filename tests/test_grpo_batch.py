@@ -1,0 +1,67 @@
+"""GRPO data plumbing with hand-computed expectations: overlong handling, group advantages,
+zero-advantage filtering, update splitting, and the packed micro-batch layout."""
+import math
+from types import SimpleNamespace
+
+import torch
+
+from ovlt.training.grpo import assign_advantages, split_updates
+from ovlt.training.grpo_batch import Rollout, pack_rollouts
+
+
+def _cfg(**kw):
+    base = dict(overlong="mask", overlong_penalty=0.0, filter_zero_advantage=True)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _rolls(spec):
+    """spec: (group, reward, finish_reason)."""
+    return [Rollout(prompt_ids=[1, 2], response_ids=[3], group=g, reward=r, finish_reason=f)
+            for g, r, f in spec]
+
+
+def test_advantages_filter_and_overlong_mask():
+    rs = _rolls([(0, 1.0, "stop"), (0, 0.0, "stop"), (0, 1.0, "length"),
+                 (1, 1.0, "stop"), (1, 1.0, "stop")])
+    st = assign_advantages(rs, _cfg())
+    # group 0: rewards 1, 0, 1 -> mean 2/3, unbiased std sqrt(1/3)
+    sd = math.sqrt(1 / 3)
+    want = [(1 - 2 / 3) / (sd + 1e-6), (0 - 2 / 3) / (sd + 1e-6), (1 - 2 / 3) / (sd + 1e-6)]
+    assert all(abs(r.advantage - w) < 1e-5 for r, w in zip(rs[:3], want))
+    assert [r.train for r in rs] == [True, True, False, False, False]  # overlong masked, flat group
+    assert st == {"clipped": 1, "groups_dropped": 1}
+
+
+def test_overlong_penalty_and_no_filter():
+    rs = _rolls([(0, 1.0, "length"), (0, 1.0, "stop"), (1, 0.0, "stop"), (1, 0.0, "stop")])
+    assign_advantages(rs, _cfg(overlong="penalty", overlong_penalty=0.5, filter_zero_advantage=False))
+    assert rs[0].reward == 0.5 and all(r.train for r in rs)
+    assert rs[0].advantage < 0 < rs[1].advantage
+    assert rs[2].advantage == rs[3].advantage == 0.0
+
+
+def test_split_updates_same_count_with_filler():
+    kept = _rolls([(0, 1.0, "stop")] * 5)
+    chunks = split_updates(kept, 3, kept[0])
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    chunks = split_updates([], 2, kept[0])
+    assert len(chunks) == 2 and all(len(c) == 1 and not c[0].train for c in chunks)
+
+
+def test_pack_layout_targets_and_budget():
+    rope = lambda ids, grid: torch.arange(len(ids)).expand(3, -1)  # noqa: E731  (text only)
+    a = Rollout(prompt_ids=[10, 11, 12], response_ids=[20, 21], group=0, advantage=0.5)
+    b = Rollout(prompt_ids=[13], response_ids=[22, 23, 24], group=1, advantage=-1.0, train=False)
+    c = Rollout(prompt_ids=[14, 15, 16, 17], response_ids=[25], group=2, advantage=2.0)
+    mbs = pack_rollouts([a, b, c], 9, rope)
+    assert sorted(len(mb.rollout_ids) for mb in mbs) == [1, 2]
+    assert all(mb.num_tokens <= 9 for mb in mbs)
+    one = pack_rollouts([a, b], 100, rope)[0]
+    assert one.input_ids.tolist() == [[10, 11, 12, 20, 21, 13, 22, 23, 24]]
+    assert one.cu_seqlens.tolist() == [0, 5, 9]
+    # position i predicts token i+1: a's response tokens are targets of positions 2, 3
+    assert one.targets.tolist() == [[-100, -100, 20, 21, -100, 22, 23, 24, -100]]
+    assert one.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0, 0]]  # b is not trained
+    assert one.advantages[0, :5].tolist() == [0.5] * 5
+    assert one.position_ids.shape == (3, 1, 9) and one.position_ids[0, 0, 5].item() == 0
