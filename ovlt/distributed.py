@@ -167,9 +167,13 @@ def init_distributed(parallel_cfg=None, seed: int = 1234) -> DistInfo:
     return info
 
 
-def destroy_distributed() -> None:
-    """Tear down mcore's groups and the default process group (safe to call twice)."""
+def destroy_distributed(barrier: bool = False) -> None:
+    """Tear down mcore's groups and the default process group (safe to call twice).
+    `barrier=True` first waits for every rank: rank 0 hosts the TCP store, so a rank that
+    finishes early must not tear down while others still talk to it."""
     from megatron.core import parallel_state
+    if barrier and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

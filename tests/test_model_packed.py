@@ -68,6 +68,12 @@ def test_return_hidden_and_output_weight(model_cfg):
     start, end = model.vocab_range()
     assert (start, end) == (0, cfg.vocab_size) and w.shape[0] >= cfg.vocab_size
     assert w is model.language_model.embedding.word_embeddings.weight  # tied tiny model
+    # what mcore's finalize_model_grads uses to sync the tied weight's grads across PP stages
+    from megatron.core.distributed.finalize_model_grads import (
+        _get_shared_word_embedding_weight)
+    from megatron.core.utils import get_attr_wrapped_model
+    found = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
+    assert _get_shared_word_embedding_weight(found, model.config) is w
     manual = (hidden.transpose(0, 1) @ w.t())[..., :cfg.vocab_size]
     assert (manual - logits[..., :cfg.vocab_size]).abs().max().item() < 1e-5
 

@@ -55,3 +55,10 @@ def test_final_hf_loads_in_transformers_and_matches_trainer_loss(trained):
     assert out.loss.item() < losses(save)[0] - 0.5  # trained weights, not the random init
     t = hf_tensors(hf_dir)
     assert "model.language_model.embed_tokens.weight" in t or "model.embed_tokens.weight" in t
+    # The directory is complete: its tokenizer loads and encodes like ovlt's own.
+    from transformers import AutoTokenizer
+
+    from ovlt.data.tokenizer import load_tokenizer
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = "<think>2 + 3 = 5</think><answer>5</answer>"
+    assert hf_tok(text)["input_ids"] == load_tokenizer().encode(text)

@@ -35,9 +35,9 @@ def _rank_table() -> dict:
 
 def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
               max_shard_bytes: int = 4 * 1024 ** 3) -> Path | None:
-    """Collective. Writes `out_dir` (config.json, sharded safetensors + index, tokenizer side
-    files of `model.hf_path` when set) atomically via `<out_dir>.tmp`. Returns the path on
-    rank 0, None elsewhere."""
+    """Collective. Writes `out_dir` (config.json, sharded safetensors + index, the tokenizer
+    files of `model.hf_path`, else ovlt's own Qwen2.5 tokenizer) atomically via
+    `<out_dir>.tmp`. Returns the path on rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
     from ovlt.models.qwen2_5_vl import state_dict_adapter as sda
@@ -90,8 +90,12 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
     cfg = to_hf_config(model_cfg)
     cfg.dtype = str(dtype).replace("torch.", "")
     cfg.save_pretrained(tmp)
+    copied = []
     if model_cfg.hf_path and Path(model_cfg.hf_path).is_dir():
-        copy_side_files(model_cfg.hf_path, tmp)
+        copied = copy_side_files(model_cfg.hf_path, tmp)  # tokenizer/processor of the base
+    if "tokenizer.json" not in copied and "vocab.json" not in copied:
+        from ovlt.data.tokenizer import save_hf_tokenizer
+        save_hf_tokenizer(tmp)  # ovlt's offline Qwen2.5 tokenizer: the directory is complete
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

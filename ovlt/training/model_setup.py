@@ -7,7 +7,6 @@ gradient or Adam memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 

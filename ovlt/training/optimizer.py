@@ -63,4 +63,7 @@ def ensure_optimizer_state(opt) -> None:
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
                 if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
+                    # where torch itself would put it: on the param's device for fused kernels
+                    on_dev = group.get("fused") or group.get("capturable")
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32,
+                                              device=p.device if on_dev else "cpu")

@@ -5,9 +5,14 @@ resumable checkpoints, per-step metrics, and an HF export at the end.
 Outputs under `sft.train.save_dir`: `metrics.jsonl`, `logs/`, `step_*/` checkpoints + `latest`,
 `final_hf/` (a transformers-loadable directory), `profile/` with `--profile`.
 Re-running the same command resumes from `latest` (and only re-exports if training is done).
+Batching: each step takes `train.global_batch_size` samples (a seeded shuffle per epoch), split
+over DP ranks and packed into micro-batches of at most `data.pack_tokens` tokens (default
+`data.max_length`) by the data pipeline; `train.micro_batch_size` is not used by SFT (packing
+decides the micro-batch count), the loss is the per-token mean over the whole global batch.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -61,7 +66,6 @@ def _trim_metrics(path: Path, start_step: int) -> None:
     """On resume, drop records of steps the restored checkpoint had not reached."""
     if path.exists():
         keep = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]  # 1-based
-        import json
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

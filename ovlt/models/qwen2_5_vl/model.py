@@ -56,6 +56,11 @@ class Qwen2_5_VLModel(MegatronModule):
             return self.language_model.shared_embedding_or_output_weight()
         return self.language_model.output_layer.weight
 
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """mcore's hook for tied embeddings: `finalize_model_grads` finds this module (it has
+        `pre_process`) and all-reduces this weight's grad over the embedding group (PP > 1)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     @property
     def vocab_size(self) -> int:
         return self.language_model.true_vocab_size
