@@ -59,6 +59,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 128000
+    # Embedding/LM-head rows are padded to a multiple of this x TP. 1 = pad only to a TP
+    # multiple: Qwen vocabs (151936, 152064) split evenly for every TP <= 128, and no padded
+    # rows means the fused log-prob kernels see exactly the real vocabulary.
+    make_vocab_size_divisible_by: int = 1
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652

@@ -153,6 +153,7 @@ def test_attention_output_projection_row_split(tiny_model_cfg, hf):
 
 def test_vocab_padding_embedding_and_output_layer(tiny_model_cfg):
     cfg = _gqa_cfg(tiny_model_cfg)  # vocab 1000, untied
+    cfg.make_vocab_size_divisible_by = 128  # Megatron-style padding (the default is 1)
     hf = _random_hf(cfg)
     tp = 2
     padded = sda.padded_vocab_size(cfg.vocab_size, tp)

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--pp", type=int, default=1)
     a.add_argument("--norm-names", choices=("local", "te"), default="local",
                    help="spelling of the pre-attention/pre-MLP norms (local spec or TE fused)")
-    a.add_argument("--vocab-divisible-by", type=int, default=128,
+    a.add_argument("--vocab-divisible-by", type=int, default=None,
                    help="vocab rows are padded to a multiple of this times --tp")
     a.add_argument("--force", action="store_true", help="replace a non-empty --out")
     b = sub.add_parser("mcore2hf", help="mcore TP/PP checkpoint -> HF safetensors directory")

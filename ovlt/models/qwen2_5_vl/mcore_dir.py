@@ -50,7 +50,7 @@ def unused_hf_tensors(reader, cfg) -> list[str]:
 
 
 def hf_to_mcore_dir(hf_dir, out_dir, tp: int, pp: int, *, norm_names: str = "local",
-                    vocab_divisible_by: int = 128) -> dict:
+                    vocab_divisible_by: int | None = None) -> dict:
     """Convert an HF directory into an mcore checkpoint directory; returns meta."""
     from ovlt.models.qwen2_5_vl.hf_config import from_hf_config
 
@@ -68,6 +68,9 @@ def hf_to_mcore_dir(hf_dir, out_dir, tp: int, pp: int, *, norm_names: str = "loc
     cfg.params_dtype = _DTYPE_NAME.get(reader.dtype("model.embed_tokens.weight"), cfg.params_dtype)
     if norm_names == "te":
         cfg.transformer_impl = "te"
+    if vocab_divisible_by is None:
+        vocab_divisible_by = cfg.make_vocab_size_divisible_by
+    cfg.make_vocab_size_divisible_by = vocab_divisible_by
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metas = {n: reader.meta(n) for n in reader}
@@ -120,7 +123,7 @@ class McoreCheckpoint:
         except ConfigError as e:
             raise ValueError(f"{cfg_p}: {e}") from None
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
-        self.vocab_divisible_by = int(self.meta.get("vocab_divisible_by", 128))
+        self.vocab_divisible_by = int(self.meta.get("vocab_divisible_by") or 1)
         want = sda.padded_vocab_size(self.cfg.vocab_size, self.tp, self.vocab_divisible_by)
         if self.meta.get("padded_vocab_size", want) != want:
             raise ValueError(f"{meta_p}: padded_vocab_size={self.meta['padded_vocab_size']} but "

@@ -38,7 +38,7 @@ def build_model(model_cfg, pre_process: Optional[bool] = None,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = language_config(model_cfg)
-    vocab = padded_vocab_size(model_cfg.vocab_size, tp)
+    vocab = padded_vocab_size(model_cfg.vocab_size, tp, model_cfg.make_vocab_size_divisible_by)
     llm = Qwen2LanguageModel(
         config=config, transformer_layer_spec=specs.language_layer_spec(model_cfg),
         vocab_size=vocab, true_vocab_size=model_cfg.vocab_size,
