@@ -552,6 +552,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if sum(m.mrope_section) * 2 != m.hidden_size // m.num_attention_heads:
         raise ConfigError(f"model.mrope_section={m.mrope_section}: sum*2 must equal head dim "
                           f"{m.hidden_size // m.num_attention_heads}")
+    mult = m.make_vocab_size_divisible_by * p.tensor_parallel
+    if m.make_vocab_size_divisible_by < 1 or m.vocab_size % mult:
+        # Padded LM-head rows would enter the fused log-prob/GRPO softmax as real tokens.
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be a multiple of "
+                          f"model.make_vocab_size_divisible_by x parallel.tensor_parallel = {mult}; "
+                          "use model.make_vocab_size_divisible_by=1")
     if m.vision.hidden_size % m.vision.num_heads:
         raise ConfigError("model.vision.num_heads must divide model.vision.hidden_size")
     if p.sequence_parallel and p.tensor_parallel == 1:

@@ -74,6 +74,8 @@ BAD_CASES = [
     (None, ["grpo.kl_type=k9"], None, "grpo.kl_type"),
     (None, ["grpo.train.export_hf=maybe"], None, "expected true/false"),
     ("defaults: [model/nope.yaml]\n", [], None, "defaults entry 'model/nope.yaml' not found"),
+    (None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128",
+            "parallel.tensor_parallel=2"], None, "model.make_vocab_size_divisible_by"),
 ]
 
 
