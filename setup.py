@@ -25,6 +25,7 @@ setup(
         "sympy",
         "einops",
         "matplotlib",
+        "psutil",  # megatron-core dist-checkpointing writer
     ],
     extras_require={
         "gpu": [

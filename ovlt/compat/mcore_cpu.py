@@ -14,6 +14,14 @@ megatron-core 0.16.1 assumes CUDA in a few places that our CPU path reaches:
    shared weight with `.cuda()` before its embedding-group all-reduce. Only during that call,
    `Tensor.cuda` returns the tensor itself (the all-reduce then runs on gloo, on CPU).
 
+4. mcore's *training* path (DDP buffers, DistributedOptimizer, grad clipping, schedules,
+   dist-checkpointing) hard-codes CUDA: `torch.tensor(..., device='cuda')` (found_inf, overflow
+   buffers, token counters), `param.type() == 'torch.cuda.FloatTensor'` checks, `tensor.cuda()`
+   in the optimizer-state gather, `torch.cuda.synchronize()` in the checkpoint writer. The
+   trainer runs those calls inside `cuda_free_mode()`: a scoped `TorchFunctionMode` mapping
+   CUDA devices to the CPU and answering `Tensor.type()` with the CUDA spelling mcore compares
+   against (a no-op when CUDA is available).
+
 Parameters must be created with `TransformerConfig(use_cpu_initialization=True)` on CPU
 (`provider.build_model` does it), which keeps mcore's layer constructors off CUDA.
 Nothing else in ovlt patches megatron-core. `apply()` is idempotent and a no-op with a GPU.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ovlt.logging import get_logger
 
@@ -125,3 +134,38 @@ def apply() -> bool:
 
 def is_applied() -> bool:
     return _APPLIED
+
+
+# --------------------------------------------------------------------- 4. training path
+def _cpu(dev):
+    return "cpu" if dev is not None and str(dev).startswith("cuda") else dev
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _cpu(kwargs["device"])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)  # e.g. torch.FloatTensor -> torch.cuda.FloatTensor
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_cpu(a) if isinstance(a, (str, torch.device)) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_free_mode():
+    """Context in which mcore's CUDA-only training code runs on the CPU (no-op on GPU)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved_sync = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None  # nothing to wait for on the CPU
+    try:
+        with _CudaToCpuMode():
+            yield
+    finally:
+        torch.cuda.synchronize = saved_sync

@@ -12,7 +12,6 @@
     flops         train_step_flops (vision + merger + LLM), peak_flops -> MFU
     metrics       MetricsLogger (log line, metrics.jsonl, TensorBoard / W&B, tqdm), memory_gb
     profiler      StepProfiler (torch profiler trace of chosen steps)
-    cpu_compat    cuda_free_mode: mcore's CUDA-only optimizer/schedule code on CPU
     sft_data      SFT dataset + resumable per-step packed micro-batches
     sft           run_sft: the SFT loop (launchers/sft.py)
 """

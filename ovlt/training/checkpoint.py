@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ovlt.logging import get_logger
-from ovlt.training.cpu_compat import cuda_free_mode
+from ovlt.compat.mcore_cpu import cuda_free_mode
 from ovlt.training.optimizer import ensure_optimizer_state
 from ovlt.utils.io import atomic_write_json, atomic_write_text
 

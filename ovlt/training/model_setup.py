@@ -107,7 +107,7 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
 
-    from ovlt.training.cpu_compat import cuda_free_mode
+    from ovlt.compat.mcore_cpu import cuda_free_mode
 
     from megatron.core.enums import ModelType
 

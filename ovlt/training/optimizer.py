@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ovlt.logging import get_logger
-from ovlt.training.cpu_compat import cuda_free_mode
+from ovlt.compat.mcore_cpu import cuda_free_mode
 
 log = get_logger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ovlt.training.cpu_compat import cuda_free_mode
+from ovlt.compat.mcore_cpu import cuda_free_mode
 
 
 @dataclass

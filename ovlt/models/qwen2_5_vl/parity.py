@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         destroy_distributed()
         results = [res]
     else:
-        from ovlt.models.qwen2_5_vl._spawn import run_workers
+        from ovlt.utils.spawn import run_workers
         results = run_workers(_worker, world, a.hf, a.tp, a.pp, a.images)
     got = [r for r in results if r is not None]
     if not got:
