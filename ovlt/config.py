@@ -139,6 +139,8 @@ class TrainConfig:
     # time-limited / preemptible jobs; re-running the same command resumes. 0 = never.
     exit_interval: int = 0
     keep_last: int = 2
+    # Save a checkpoint at the last step (off only for throughput runs: nothing to resume).
+    save_final: bool = True
     export_hf: bool = True
     log_interval: int = 1
     profile_steps: list[int] = field(default_factory=list)

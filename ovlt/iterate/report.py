@@ -132,6 +132,12 @@ def render(man: Manifest) -> str:
                  "GRPO reward over the first / last steps of the round. Held-out: greedy "
                  "accuracy on the held-out synthetic split (per difficulty), format = share of "
                  "answers in the required `<think>`/`<answer>` layout.")
+    base = next((m for m in (_stage(man, f"r{r}.eval").get("metrics", {}) for r in rounds_of(man))
+                 if m.get("constant_baseline") is not None), None)
+    if base:
+        lines.append(f"Chance level: the best constant answer ({base['constant_answer']!r}, chosen "
+                     f"with hindsight on the held-out split) scores "
+                     f"{_fmt(base['constant_baseline'], True)}.")
     bench = {}
     for r in rounds_of(man):
         for name, acc in (_stage(man, f"r{r}.eval").get("metrics", {}).get("benchmarks") or {}).items():

@@ -70,6 +70,13 @@ def main(argv=None) -> int:
     for p in sorted(sdir.glob("heldout-part-*.jsonl")):
         allrows += read_jsonl(p)
     summary = summarize(allrows)
+    # Chance level for "learned something": the best single constant answer, picked with
+    # hindsight on the held-out split itself (an upper bound on any answer-prior strategy).
+    if allrows:
+        from collections import Counter
+        ans, cnt = Counter(r["answer"] for r in allrows).most_common(1)[0]
+        summary["constant_answer"] = ans
+        summary["constant_baseline"] = cnt / len(allrows)
 
     # Benchmarks through the eval harness (rank 0; the harness batches on its own).
     for b in cfg.eval.benchmarks:

@@ -160,7 +160,7 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
             return {"steps": step + 1, "start_step": start_step, "final_loss": last["loss"],
                     "save_dir": str(save_dir), "final_hf": None, "exited_early": True}
     logger.close()
-    if saved_at != total_steps:
+    if t.save_final and saved_at != total_steps:
         save_checkpoint(save_dir, total_steps, bundle.chunks, optimizer, state(total_steps, pos),
                         keep_last=t.keep_last)
     hf_dir = None
