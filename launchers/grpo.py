@@ -24,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from ovlt.config import ConfigError, load_config
+    from ovlt.config import ConfigError, load_config, require_unpadded_vocab
     from ovlt.logging import setup_logging
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
         cfg = load_config(args.config, args.overrides, world_size=world)
+        require_unpadded_vocab(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -554,12 +554,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if sum(m.mrope_section) * 2 != m.hidden_size // m.num_attention_heads:
         raise ConfigError(f"model.mrope_section={m.mrope_section}: sum*2 must equal head dim "
                           f"{m.hidden_size // m.num_attention_heads}")
-    mult = m.make_vocab_size_divisible_by * p.tensor_parallel
-    if m.make_vocab_size_divisible_by < 1 or m.vocab_size % mult:
-        # Padded LM-head rows would enter the fused log-prob/GRPO softmax as real tokens.
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be a multiple of "
-                          f"model.make_vocab_size_divisible_by x parallel.tensor_parallel = {mult}; "
-                          "use model.make_vocab_size_divisible_by=1")
+    if m.make_vocab_size_divisible_by < 1:
+        raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
     if m.vision.hidden_size % m.vision.num_heads:
         raise ConfigError("model.vision.num_heads must divide model.vision.hidden_size")
     if p.sequence_parallel and p.tensor_parallel == 1:
@@ -597,3 +593,14 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                 raise ConfigError(
                     f"{sec}.train.global_batch_size={t.global_batch_size} must be a multiple of "
                     f"{sec}.train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+
+
+def require_unpadded_vocab(cfg: JobConfig) -> None:
+    """GRPO's fused log-prob/loss kernels read the LM head directly: padded vocab rows would
+    enter their softmax as real tokens, so the head must hold exactly the real vocabulary."""
+    m, tp = cfg.model, cfg.parallel.tensor_parallel
+    mult = m.make_vocab_size_divisible_by * tp
+    if m.vocab_size % mult:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be a multiple of "
+                          f"model.make_vocab_size_divisible_by x parallel.tensor_parallel = {mult} "
+                          "for GRPO's fused kernels; use model.make_vocab_size_divisible_by=1")

@@ -74,8 +74,6 @@ BAD_CASES = [
     (None, ["grpo.kl_type=k9"], None, "grpo.kl_type"),
     (None, ["grpo.train.export_hf=maybe"], None, "expected true/false"),
     ("defaults: [model/nope.yaml]\n", [], None, "defaults entry 'model/nope.yaml' not found"),
-    (None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128",
-            "parallel.tensor_parallel=2"], None, "model.make_vocab_size_divisible_by"),
 ]
 
 
@@ -97,3 +95,13 @@ def test_circular_defaults(tmp_path):
     write(tmp_path, "defaults: [a.yaml]\n", "b.yaml")
     with pytest.raises(ConfigError, match="circular"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_grpo_refuses_padded_vocab_rows():
+    from ovlt.config import require_unpadded_vocab
+    ok = load_config(CONFIG_ROOT / "model" / "tiny.yaml", ["parallel.tensor_parallel=2"])
+    require_unpadded_vocab(ok)  # 151936 splits over TP=2 with no padding
+    bad = load_config(CONFIG_ROOT / "model" / "tiny.yaml",
+                      ["parallel.tensor_parallel=2", "model.make_vocab_size_divisible_by=128"])
+    with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by"):
+        require_unpadded_vocab(bad)
