@@ -56,7 +56,10 @@ def _params(bundle):
 
 
 def _killed_child(sft_file, save_dir, queue):
+    # Same thread count as the resume worker (run_distributed uses 1): CPU matmul reduction
+    # order, hence the bits, depends on it. torch is already imported here, so set it directly.
     os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     from ovlt.training.checkpoint import save_checkpoint
     bundle, opt, batches = _setup(sft_file)
     _step(bundle, opt, batches[0])

@@ -200,9 +200,12 @@ def test_failed_stage_reports_log_and_resumes(tmp_path):
     assert stage_status(man, "r1.sft") == "failed"
     iterate(cfg, "--resume", env=env_with(OVLT_FAKE_CALLS=log))
     rows = [json.loads(x) for x in log.read_text().splitlines()]
-    # nproc_sft=2: torchrun started two ranks of the SFT stage, world size 2, each attempt.
-    sft = [(r["rank"], r["world"]) for r in rows if r["sid"] == "r1.sft"]
-    assert sorted(sft) == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    # nproc_sft=2: torchrun started two ranks of the SFT stage with world size 2. (In the failing
+    # attempt torchrun stops the other rank once one fails, maybe before it logged.)
+    sft = [(r["token"].rsplit(":", 1)[1], r["rank"], r["world"]) for r in rows
+           if r["sid"] == "r1.sft"]
+    assert sorted(x for x in sft if x[0] == "2") == [("2", 0, 2), ("2", 1, 2)]
+    assert 1 <= len([x for x in sft if x[0] == "1"]) <= 2
     assert [r["sid"] for r in rows if r["rank"] == 0].count("r1.data") == 1
     assert stage_status(man, "r1.eval") == "done"
 
