@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from ovlt.logging import setup_logging
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
-        cfg = load_config(args.config, args.overrides, world_size=world)
+        cfg = load_config(args.config, args.overrides, world_size=world, trainers=("grpo",))
         require_unpadded_vocab(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

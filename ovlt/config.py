@@ -513,14 +513,16 @@ def _set_path(d: dict, parts: list[str], value: Any) -> None:
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
-                world_size: Optional[int] = None) -> JobConfig:
-    """Load, override, type-check and validate. `world_size` enables parallel checks."""
+                world_size: Optional[int] = None,
+                trainers: tuple[str, ...] = ("sft", "grpo")) -> JobConfig:
+    """Load, override, type-check and validate. `world_size` enables parallel checks of the
+    batch sizes of `trainers` (a launcher names only its own: stages may differ in size)."""
     data: dict = _read_yaml(Path(path)) if path else {}
     for ov in overrides or []:
         parts, value = parse_override(ov)
         _set_path(data, parts, value)
     cfg = _build(JobConfig, data)
-    validate(cfg, world_size)
+    validate(cfg, world_size, trainers)
     return cfg
 
 
@@ -533,7 +535,8 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
+def validate(cfg: JobConfig, world_size: Optional[int] = None,
+             trainers: tuple[str, ...] = ("sft", "grpo")) -> None:
     """Cross-field checks; each names the keys involved and the allowed values."""
     p, m = cfg.parallel, cfg.model
     for k in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
@@ -587,7 +590,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel"
                               f" x pipeline_parallel x context_parallel = {mp}")
         dp = world_size // mp
-        for sec in ("sft", "grpo"):
+        for sec in trainers:
             t = getattr(cfg, sec).train
             if t.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(

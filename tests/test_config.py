@@ -105,3 +105,10 @@ def test_grpo_refuses_padded_vocab_rows():
                       ["parallel.tensor_parallel=2", "model.make_vocab_size_divisible_by=128"])
     with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by"):
         require_unpadded_vocab(bad)
+
+
+def test_launcher_checks_only_its_own_batch_size():
+    ov = ["sft.train.global_batch_size=6", "grpo.train.global_batch_size=8"]
+    load_config(None, ov, world_size=4, trainers=("grpo",))  # SFT's 6 is not GRPO's concern
+    with pytest.raises(ConfigError, match="sft.train.global_batch_size=6"):
+        load_config(None, ov, world_size=4, trainers=("sft",))
