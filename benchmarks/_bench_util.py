@@ -13,6 +13,20 @@ if ROOT not in sys.path:
 GiB = float(1 << 30)
 
 
+def cuda_time(fn, iters=50, warmup=5):
+    """Mean ms per call of `fn` over `iters` calls, timed with CUDA events after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / iters
+
+
 def measure(fn, params, warmup=2, iters=5):
     """fn() runs fwd+bwd. Returns ms per call (median of CUDA-event timings) and extra peak
     memory: the peak during one call above what was allocated before it, minus the bytes of

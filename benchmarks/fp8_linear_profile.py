@@ -10,19 +10,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ovlt.models.qwen2_5_vl import fp8 as F8  # noqa: E402
+from _bench_util import cuda_time  # noqa: E402
 
 
-def bench(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
+def bench(fn):
+    return cuda_time(fn, iters=20, warmup=3)
 
 
 def main():

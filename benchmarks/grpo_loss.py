@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from _bench_util import measure, write_results  # noqa: E402
+from _bench_util import cuda_time as time_fn, measure, write_results  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import _triton_ops as ops  # noqa: E402
@@ -22,19 +22,6 @@ CFG = dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_type="k3
 def torch_loss(logp, old, ref, adv, mask):
     lt = token_terms(logp, old, adv, ref, CFG)[0]
     return (agg_weights(mask, "token_mean") * lt).sum()
-
-
-def time_fn(fn, iters=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
 
 
 def main(argv=None):

@@ -8,8 +8,6 @@ metrics.jsonl, rollouts.jsonl, logs/, checkpoints (resumed automatically), final
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,31 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from ovlt.config import ConfigError, load_config, require_unpadded_vocab
-    from ovlt.logging import setup_logging
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    try:
-        cfg = load_config(args.config, args.overrides, world_size=world, trainers=("grpo",))
-        require_unpadded_vocab(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    save_dir = Path(cfg.grpo.train.save_dir)
-    setup_logging(str(save_dir / "logs"))
+    from launchers._job import run_job
+    from ovlt.config import require_unpadded_vocab
 
-    from ovlt.config import save_config
-    from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.training.grpo import run_grpo
-    info = init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
-    try:
-        if info.rank == 0:
-            save_config(cfg, save_dir / "config.yaml")
-        summary = run_grpo(cfg)
-    finally:
-        destroy_distributed()
-    if info.rank == 0:
-        print(json.dumps(summary))
-    return 0
+    def run(cfg):
+        from ovlt.training.grpo import run_grpo
+        return run_grpo(cfg)
+    return run_job("grpo", args.config, args.overrides, run, check=require_unpadded_vocab)
 
 
 if __name__ == "__main__":

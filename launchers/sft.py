@@ -7,8 +7,6 @@ final_hf/. `--profile 3,4` records a torch profiler trace of those optimizer ste
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,30 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from ovlt.config import ConfigError, load_config
-    from ovlt.logging import setup_logging
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    try:
-        cfg = load_config(args.config, args.overrides, world_size=world, trainers=("sft",))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    save_dir = Path(cfg.sft.train.save_dir)
-    setup_logging(str(save_dir / "logs"))
+    from launchers._job import run_job
 
-    from ovlt.config import save_config
-    from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.training.sft import run_sft
-    info = init_distributed(cfg.parallel, seed=cfg.sft.train.seed)
-    try:
-        if info.rank == 0:
-            save_config(cfg, save_dir / "config.yaml")
-        summary = run_sft(cfg, profile_steps=args.profile)
-    finally:
-        destroy_distributed()
-    if info.rank == 0:
-        print(json.dumps(summary))
-    return 0
+    def run(cfg):
+        from ovlt.training.sft import run_sft
+        return run_sft(cfg, profile_steps=args.profile)
+    return run_job("sft", args.config, args.overrides, run)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ def _load_images(images, min_pixels, max_pixels):
     return (torch.cat(pvs) if pvs else None), grids
 
 
+def _report_for(records: Sequence, report: Optional[SkipReport]) -> SkipReport:
+    """The caller's report, or a new one where records read elsewhere count as valid until
+    rejected here."""
+    if report is None:
+        report = SkipReport()
+        report.valid = len(records)
+    return report
+
+
 class SFTDataset(Dataset):
     """Item i -> `Sample` (tokenised conversation + decoded images), or a skip tuple
     (id, file, index, reason) when decoding fails in the worker."""
@@ -55,10 +64,7 @@ class SFTDataset(Dataset):
                  report: Optional[SkipReport] = None):
         self.tok = load_tokenizer()
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
-        if report is None:  # records were read elsewhere: count them as valid until rejected
-            report = SkipReport()
-            report.valid = len(records)
-        self.report = report
+        self.report = _report_for(records, report)
         self.records: list[SFTRecord] = []
         self.lengths: list[int] = []
         for r in records:
@@ -199,10 +205,7 @@ class RLPromptDataset(Dataset):
         self.tok = load_tokenizer()
         self.suffix, self.system = prompt_suffix, system
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        if report is None:  # records were read elsewhere: count them as valid until rejected
-            report = SkipReport()
-            report.valid = len(records)
-        self.report = report
+        self.report = _report_for(records, report)
         self.records: list[RLRecord] = []
         self.lengths: list[int] = []
         for r in records:
