@@ -90,3 +90,29 @@ def test_cast_transpose_kernel_bitwise():
             ref = (src.float() * (fmax / src.float().abs().max())).clamp(-fmax, fmax).to(dt)
             assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
             assert torch.equal(qt.view(torch.uint8), ref.t().contiguous().view(torch.uint8))
+
+
+def test_fp8_linear_falls_back_where_dims_are_not_multiples_of_16():
+    """Qwen2.5-VL's vision MLP (3420 wide) can't go through torch._scaled_mm: such a layer
+    must compute exactly what the plain linear does; a 16-aligned one must not."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from ovlt.config import ParallelConfig
+    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.models.qwen2_5_vl.fp8 import fp8_linear_classes
+    init_distributed(ParallelConfig())
+    try:
+        tcfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                                 use_cpu_initialization=True)
+        fp8_col, _ = fp8_linear_classes("scaled_mm_tensor")
+        x = torch.randn(5, 1, 64, generator=torch.Generator().manual_seed(1))
+        for out, fp8_used in ((24, False), (32, True)):
+            kw = dict(config=tcfg, init_method=torch.nn.init.normal_, bias=True,
+                      gather_output=False)
+            plain, f8 = ColumnParallelLinear(64, out, **kw), fp8_col(64, out, **kw)
+            f8.load_state_dict(plain.state_dict())
+            y_plain, y_f8 = plain(x)[0], f8(x)[0]
+            assert torch.equal(y_plain, y_f8) == (not fp8_used), out
+            assert ((y_plain - y_f8).norm() / y_plain.norm()).item() < 0.08  # FP8-close
+    finally:
+        destroy_distributed()

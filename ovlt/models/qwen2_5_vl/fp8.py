@@ -170,7 +170,18 @@ class _Fp8Mixin:
     fp8_grad_format = "e5m2"
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
-                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **_):
+                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **rest):
+        if weight.shape[0] % 16 or weight.shape[1] % 16:
+            # torch._scaled_mm needs K and N multiples of 16 (e.g. Qwen2.5-VL's vision MLP,
+            # 3420 wide, is not): such a layer keeps the parameter dtype instead of failing.
+            from ovlt.logging import get_logger, log_once
+            log_once(get_logger(__name__), f"fp8_fallback_{tuple(weight.shape)}",
+                     "FP8: %s weight %s has a dim not a multiple of 16; it runs in %s",
+                     type(self).__name__, tuple(weight.shape), weight.dtype)
+            return super()._forward_impl(
+                input, weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
+                allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                tp_group=tp_group, **rest)
         if sequence_parallel:
             raise NotImplementedError("ovlt FP8 linears do not support sequence parallelism")
         return fp8_linear(input, weight, bias, self.fp8_rowwise,
