@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 from ovlt.logging import get_logger
 
@@ -58,13 +57,4 @@ def build_engine(model_dir: str, engine: str = "auto", cfg=None):
     model = build_model(cfg.model)
     load_hf_weights(model, model_dir)
     model.eval()
-    return make_engine(cfg, model=model, tokenizer=tokenizer,
-                       image_embedder=vision_embedder(model))
-
-
-def vision_embedder(model) -> Optional[object]:
-    """(pixel_values, grid_thw) -> image-token embeddings, from the model's vision tower."""
-    vision = getattr(model, "vision_model", None)
-    if vision is None:
-        return None
-    return lambda pixel_values, grid_thw: vision(pixel_values, grid_thw)
+    return make_engine(cfg, model=model, tokenizer=tokenizer)  # images: model.vision_model

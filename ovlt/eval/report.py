@@ -59,7 +59,7 @@ def bar_chart(ours: Mapping[str, float], out_png: str | os.PathLike, model_name:
     for k, (name, accs) in enumerate(models):
         xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(benches))]
         ys = [accs.get(b, float("nan")) for b in benches]
-        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar(xs, ys, width, label=name)
         for x, y in zip(xs, ys):
             if y == y:  # not NaN
                 ax.text(x, y + 0.5, f"{y:.1f}", ha="center", va="bottom", fontsize=7)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Optional, Sequence
 
-from ovlt.logging import get_logger, log_once
+from ovlt.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -43,12 +43,7 @@ def open_engine(cfg, model_dir: str):
     model = build_model(c.model)
     load_hf_weights(model, model_dir)
     model.eval()
-    engine = rollout.make_engine(c, model=model, tokenizer=tok)
-    if getattr(engine, "image_embedder", "n/a") is None and getattr(model, "vision_model", None):
-        # The model's vision tower + merger: (pixel_values, grid_thw) -> image-token embeddings.
-        log_once(log, "iterate_embedder", "iterate: image embeddings from model.vision_model")
-        engine.image_embedder = lambda pv, grid: model.vision_model(pv, grid)
-    return engine
+    return rollout.make_engine(c, model=model, tokenizer=tok)  # images: model.vision_model
 
 
 def load_images(srcs: Sequence) -> list:

@@ -12,7 +12,6 @@ model returning final hidden states and the LM head applied by the fused kernels
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 

@@ -45,7 +45,6 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
     from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    my_tp, my_pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     rank = dist.get_rank()
     table = _rank_table()
     local = sda.to_local_norm_names({k: v for k, v in model.state_dict().items()
