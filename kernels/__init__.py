@@ -5,5 +5,6 @@ from ._lmhead import config
 from .advantages import grpo_advantages
 from .grpo_loss import fused_grpo_loss
 from .logprob import fused_logprob
+from .nll_loss import fused_nll_loss
 
-__all__ = ["fused_logprob", "fused_grpo_loss", "grpo_advantages", "config"]
+__all__ = ["fused_logprob", "fused_grpo_loss", "fused_nll_loss", "grpo_advantages", "config"]

@@ -151,3 +151,21 @@ def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=No
     if need_dh and shard.group is not None:
         dist.all_reduce(dh, group=shard.group)
     return lse, logp, ent, dh, dw
+
+
+def scale_stored_grads(ctx, g_loss):
+    """Backward of a scalar loss whose gradients the forward already computed for upstream
+    gradient 1 (`ctx.saved_tensors` = (dh, dw), `ctx.weight_dtype`): scale them by `g_loss`."""
+    if ctx.done:  # the stored gradients are scaled in place below
+        raise RuntimeError("a fused LM-head loss: backward can run only once per forward")
+    ctx.done = True
+    dh, dw = ctx.saved_tensors
+    if dh is not None:
+        dh = dh * g_loss.to(dh.dtype)
+    if dw is not None:  # one pass: scale and cast (dw may be a V x H fp32 buffer)
+        if dw.dtype == ctx.weight_dtype:
+            dw = dw.mul_(g_loss.to(dw.dtype))
+        else:
+            dw = torch.mul(dw, g_loss, out=torch.empty(dw.shape, dtype=ctx.weight_dtype,
+                                                       device=dw.device))
+    return dh, dw

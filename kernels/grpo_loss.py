@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lmhead import check_inputs, run_chunks, shard_of
+from ._lmhead import check_inputs, run_chunks, scale_stored_grads, shard_of
 
 _EPS = 1e-8  # verl's masked_mean epsilon
 _KL_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2",
@@ -107,19 +107,7 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
-        if ctx.done:  # the stored gradients are scaled in place below
-            raise RuntimeError("fused_grpo_loss: backward can run only once per forward")
-        ctx.done = True
-        dh, dw = ctx.saved_tensors
-        # the stored gradients are for upstream gradient 1: scale (skipped when it is 1)
-        if dh is not None:
-            dh = dh * g_loss.to(dh.dtype)
-        if dw is not None:  # one pass: scale and cast (dw may be a V x H fp32 buffer)
-            if dw.dtype == ctx.weight_dtype:
-                dw = dw.mul_(g_loss.to(dw.dtype))
-            else:
-                dw = torch.mul(dw, g_loss, out=torch.empty(dw.shape, dtype=ctx.weight_dtype,
-                                                           device=dw.device))
+        dh, dw = scale_stored_grads(ctx, g_loss)
         return dh, dw, None, None, None, None, None, None, None, None, None
 
 

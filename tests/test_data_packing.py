@@ -219,6 +219,30 @@ def test_packed_batch_through_ovlt_model(tiny_hf_dir, synth_samples):
     assert per_sample.mean().item() == pytest.approx(ref.mean().item(), abs=1e-4)
 
 
+def test_sft_fused_loss_equals_model_cross_entropy(tiny_hf_dir, synth_samples):
+    """The trainer's SFT loss (LM head in `kernels.fused_nll_loss` on the loss rows only) ==
+    the model's own logits + cross-entropy path, in value and in gradients."""
+    from ovlt.distributed import destroy_distributed
+    from ovlt.models.qwen2_5_vl import parity
+    from ovlt.training.sft import sft_forward
+    model, _ = parity.build_from_hf(tiny_hf_dir, 1, 1)
+    try:
+        pb = collate(synth_samples)
+        params = [model.output_weight(), model.language_model.decoder.layers[0].mlp.linear_fc1.weight]
+        fused = sft_forward(model, pb)
+        g_fused = torch.autograd.grad(fused, params)
+        tok = model(pb.input_ids, pb.position_ids, pb.pixel_values, pb.image_grid_thw,
+                    packed_seq_params=pb.cu_seqlens, labels=pb.labels.clamp_min(0))
+        ref = (tok.float() * pb.loss_mask).sum()
+        g_ref = torch.autograd.grad(ref, params)
+    finally:
+        destroy_distributed()
+    assert 0 < pb.loss_mask.sum() < pb.loss_mask.numel()  # some rows are skipped
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_make_sample_checks_and_batch_to():
     with pytest.raises(ValueError, match="3 ids but 2 mask values"):
         make_sample([1, 2, 3], [0, 1])

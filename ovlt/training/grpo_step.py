@@ -16,12 +16,8 @@ import contextlib
 import torch
 
 from ovlt.training.grpo_batch import RLMicroBatch
+from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, unwrap
 from ovlt.training.step import StepResult, train_step
-
-
-def _tp_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
 def _device(model):
@@ -36,28 +32,26 @@ def rl_forward(model, mb: RLMicroBatch):
                  return_hidden=True)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
                  temperature: float, device) -> dict:
     """Fill `mb.<field>` ([1, T] fp32 on CPU) with log p(target); returns the mean entropy."""
     from kernels import fused_logprob
 
-    model = _unwrap(chunks[0])
+    model = unwrap(chunks[0])
 
     def loss_fn(mb, hidden):
-        h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
-        tg = mb.targets.to(h.device).view(-1)
-        lp, ent = fused_logprob(h, model.output_weight(), tg, temperature=temperature,
-                                return_entropy=True, tp_group=_tp_group())
-        setattr(mb, field, lp.detach().float().view(1, -1).cpu())
+        h = flat_hidden(hidden)
         m = mb.loss_mask.to(h.device).view(-1)
+        rows = loss_rows(m)
+        lp_rows, ent = fused_logprob(h.index_select(0, rows), model.output_weight(),
+                                     mb.targets.to(h.device).view(-1)[rows],
+                                     temperature=temperature, return_entropy=True,
+                                     tp_group=tp_group())
+        lp = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        lp[rows] = lp_rows.detach().float()
+        setattr(mb, field, lp.view(1, -1).cpu())  # 0 off the loss tokens
         n = m.sum()
-        return (lp.detach() * 0).sum(), n, {"entropy": (ent.detach() * m).sum()}
+        return (lp_rows.detach() * 0).sum(), n, {"entropy": (ent.detach() * m[rows]).sum()}
 
     with torch.no_grad():
         res = train_step(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
@@ -70,22 +64,26 @@ def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, tem
     """One optimizer step of the GRPO loss over `micro_batches` (this rank's share)."""
     from kernels import fused_grpo_loss
 
-    model = _unwrap(chunks[0])
+    model = unwrap(chunks[0])
     use_ref = gcfg.kl_coef != 0
 
     def loss_fn(mb, hidden):
-        h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+        h = flat_hidden(hidden)
         dev = h.device
-        mask = mb.loss_mask.to(dev)
-        ref = mb.ref_logprobs.to(dev) if mb.ref_logprobs is not None else None
+        mask = mb.loss_mask.to(dev).view(-1)
+        rows = loss_rows(mask)  # token_mean over the loss tokens == over these rows
+
+        def pick(x):
+            return x.to(dev).view(-1)[rows]
+
         loss, m = fused_grpo_loss(
-            h, model.output_weight(), mb.targets.to(dev).view(-1),
-            mb.old_logprobs.to(dev).view(-1), ref.view(-1) if ref is not None else None,
-            mb.advantages.to(dev).view(-1), mask.view(-1),
+            h.index_select(0, rows), model.output_weight(), pick(mb.targets),
+            pick(mb.old_logprobs), pick(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
+            pick(mb.advantages), mask[rows],
             clip_low=gcfg.clip_low, clip_high=gcfg.clip_high,
             dual_clip=gcfg.dual_clip if gcfg.dual_clip else None,
             kl_coef=gcfg.kl_coef if use_ref else 0.0, kl_type=gcfg.kl_type,
-            temperature=temperature, loss_agg="token_mean", tp_group=_tp_group())
+            temperature=temperature, loss_agg="token_mean", tp_group=tp_group())
         n = mask.sum()
         stats = {k: v * n for k, v in m.items()}
         return loss * n, n, stats
@@ -119,7 +117,7 @@ class Reference:
 
     def __init__(self, mode: str, policy: torch.nn.Module, build_fn=None):
         self.mode = mode
-        policy = _unwrap(policy)
+        policy = unwrap(policy)
         if mode == "memory":
             if build_fn is None:
                 raise ValueError("ref_mode=memory needs a model builder")
@@ -144,7 +142,7 @@ class Reference:
         if self.mode == "memory":
             yield [self.model]
             return
-        policy = _unwrap(policy_chunks[0])
+        policy = unwrap(policy_chunks[0])
         params = dict(policy.named_parameters())
         stash = {}
         with torch.no_grad():

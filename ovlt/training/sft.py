@@ -27,6 +27,7 @@ from ovlt.training.lr_schedule import LRSchedule
 from ovlt.training.metrics import MetricsLogger, memory_gb
 from ovlt.training.model_setup import build_vl_model, configure_fp8, wrap_model
 from ovlt.training.optimizer import build_optimizer
+from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, unwrap
 from ovlt.training.profiler import StepProfiler
 from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
 from ovlt.training.step import train_step
@@ -37,17 +38,37 @@ log = get_logger(__name__)
 
 # ----------------------------------------------------------------------- forward / loss
 def sft_forward(model, batch):
-    """Per-token cross-entropy [1, T] on the last PP stage, hidden states elsewhere."""
+    """The micro-batch's summed token loss (fp32 scalar) on the last PP stage, hidden states
+    elsewhere. With an unpadded vocab the LM head runs in `kernels.fused_nll_loss` on the loss
+    tokens only (no [T, V] logits, ~half the head's GEMMs); a padded head (TP vocab padding)
+    takes the model's own logits + cross-entropy path."""
+    net = unwrap(model)
     dev = next(model.parameters()).device
     b = batch.to(dev)
-    return model(input_ids=b.input_ids, position_ids=b.position_ids,
-                 pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
-                 packed_seq_params=b.cu_seqlens, labels=b.labels)
+    kw = dict(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
+              image_grid_thw=b.image_grid_thw, packed_seq_params=b.cu_seqlens)
+    mask = b.loss_mask.reshape(-1).float()
+    if not net.post_process:
+        return model(**kw)
+    if net.output_weight().shape[0] * _tp_size() != net.vocab_size:
+        return (model(**kw, labels=b.labels).float().reshape(-1) * mask).sum()
+    from kernels import fused_nll_loss
+
+    h = flat_hidden(model(**kw, return_hidden=True))
+    rows = loss_rows(mask)
+    loss, _ = fused_nll_loss(h.index_select(0, rows), net.output_weight(),
+                             b.labels.reshape(-1)[rows], mask[rows], tp_group=tp_group())
+    return loss
 
 
-def sft_loss(batch, per_token_loss):
-    mask = batch.loss_mask.to(per_token_loss.device, torch.float32)
-    return (per_token_loss.float() * mask).sum(), mask.sum(), {}
+def _tp_size() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def sft_loss(batch, loss_sum):
+    """(loss sum, loss-token count, stats) for `train_step` from `sft_forward`'s output."""
+    return loss_sum, batch.loss_mask.float().sum().to(loss_sum.device), {}
 
 
 def batch_flops(model_cfg, micro_batches, freeze) -> tuple[float, int]:

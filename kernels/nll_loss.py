@@ -1,0 +1,48 @@
+"""fused_nll_loss: the SFT loss sum_t w_t * -log p(target_t), fused with the LM head.
+
+Like `fused_grpo_loss`, the per-token derivative (-w_t) is known at forward time, so each
+logits chunk is turned into its gradient right after its statistics: three GEMMs per chunk,
+no [T, V] logits, no recompute; backward only scales the stored gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._lmhead import check_inputs, run_chunks, scale_stored_grads, shard_of
+
+
+class _FusedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, w, tp_group, need_dh, need_dw):
+        shard = shard_of(weight, tp_group)
+        grad = need_dh or need_dw
+        _, logp, _, dh, dw = run_chunks(hidden, weight, targets, 1.0, shard,
+                                        grad_fn=(lambda sl, *_: (-w[sl], None)) if grad else None,
+                                        need_dh=need_dh, need_dw=need_dw)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype, ctx.done = weight.dtype, False
+        ctx.mark_non_differentiable(logp)
+        return -(w * logp).sum(), logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp):
+        dh, dw = scale_stored_grads(ctx, g_loss)
+        return dh, dw, None, None, None, None, None
+
+
+def fused_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   token_weights: torch.Tensor | None = None, tp_group=None):
+    """(sum_t token_weights[t] * -log softmax(hidden @ weight.T)[t, targets[t]], logp [T]).
+
+    hidden [T, H], weight [V(_local), H] (see `fused_logprob` for `tp_group`), targets [T]
+    global ids (outside [0, V) -> logp 0, no gradient), token_weights [T] (default 1).
+    The loss is a differentiable fp32 scalar; logp is detached.
+    """
+    check_inputs(hidden, weight, targets)
+    w = (torch.ones(hidden.shape[0], device=hidden.device) if token_weights is None
+         else token_weights.detach().reshape(-1).float())
+    if w.numel() != hidden.shape[0]:
+        raise ValueError(f"token_weights has {w.numel()} entries for {hidden.shape[0]} tokens")
+    grad_on = torch.is_grad_enabled()
+    return _FusedNLL.apply(hidden, weight, targets, w, tp_group,
+                           grad_on and hidden.requires_grad, grad_on and weight.requires_grad)

@@ -1,0 +1,30 @@
+"""The LM head of the trainers' losses, applied by the fused kernels (`kernels/`) to the rows
+that carry a loss only: prompt, image and padding tokens never reach the [tokens x vocab]
+GEMMs. In SFT about half of a packed batch is prompt/image; in GRPO the prompt is."""
+from __future__ import annotations
+
+import torch
+
+
+def unwrap(model):
+    """The ovlt model inside mcore's DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def tp_group():
+    """The tensor-parallel group for the kernels' vocab-parallel path (None at TP=1)."""
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 \
+        else None
+
+
+def flat_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [S, B, H] -> [B*S, H], in the order of `labels.view(-1)`."""
+    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+
+
+def loss_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the tokens with a non-zero loss weight (one host sync)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
