@@ -65,3 +65,13 @@ def test_pack_layout_targets_and_budget():
     assert one.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0, 0]]  # b is not trained
     assert one.advantages[0, :5].tolist() == [0.5] * 5
     assert one.position_ids.shape == (3, 1, 9) and one.position_ids[0, 0, 5].item() == 0
+
+
+def test_responses_cut_before_vision_placeholders():
+    from ovlt.config import ModelConfig
+    from ovlt.training.grpo import cut_at_vision_tokens
+    m = ModelConfig()
+    ids, lps = [5, 6, m.image_token_id, 7], [-0.1, -0.2, -0.3, -0.4]
+    assert cut_at_vision_tokens(ids, lps, m) == ([5, 6], [-0.1, -0.2])
+    assert cut_at_vision_tokens([m.vision_start_token_id], [-1.0], m) == ([], [])
+    assert cut_at_vision_tokens([1, 2], [-1.0, -2.0], m) == ([1, 2], [-1.0, -2.0])

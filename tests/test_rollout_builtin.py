@@ -191,6 +191,23 @@ def test_top_k_top_p_bounds():
     assert math.isclose(sample(logits[:1], 0.0)[0].item(), 0)
 
 
+def test_banned_tokens_never_drawn_logprob_unchanged():
+    """Vision placeholders are banned from responses (a sampled <|image_pad|> would break the
+    trainer's forward): never drawn, even as the argmax; the log-prob stays the policy's."""
+    from ovlt.rollout.sampling import sample
+    p = torch.tensor([0.5, 0.3, 0.2])
+    logits = p.log().expand(5000, -1).contiguous()
+    banned = torch.tensor([0])
+    g = torch.Generator().manual_seed(0)
+    tok, lp = sample(logits, 1.0, generator=g, banned=banned)
+    assert (tok != 0).all()
+    freq = torch.bincount(tok, minlength=3)[1:].float() / tok.numel()
+    assert (freq - torch.tensor([0.6, 0.4])).abs().max().item() < 0.03
+    assert torch.allclose(lp, p.log()[tok], atol=1e-6)
+    tok, lp = sample(logits[:2], 0.0, banned=banned)  # greedy takes the best allowed token
+    assert tok.tolist() == [1, 1] and torch.allclose(lp, p.log()[1].expand(2), atol=1e-6)
+
+
 def test_engine_on_ovlt_mcore_model(tiny_hf_dir):
     """The engine driving the real ovlt mcore model (its vision tower, its parameters in
     place) gives HF `generate`'s greedy tokens, with and without an image."""

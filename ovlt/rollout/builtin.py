@@ -71,6 +71,10 @@ class BuiltinEngine(RolloutEngine):
         self.image_embedder = image_embedder or _default_image_embedder(model)
         self.rope_fn = rope_fn or _default_rope_fn(model_cfg)
         self.pad_id = pad_token_id
+        # Vision placeholders exist only in prompts: a sampled <|image_pad|> would not match
+        # any image features when the trainer re-reads the response.
+        self.banned_ids = sorted({model_cfg.image_token_id, model_cfg.video_token_id,
+                                  model_cfg.vision_start_token_id, model_cfg.vision_end_token_id})
         self.pad_multiple = 32
         self._state: Optional[_DecodeState] = None
 
@@ -198,11 +202,13 @@ class BuiltinEngine(RolloutEngine):
         logps = torch.zeros(B, T, dtype=torch.float32, device=dev)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         eos = torch.tensor(self.eos, dtype=torch.long, device=dev)
+        banned = torch.tensor([i for i in self.banned_ids if i < logits.shape[-1]],
+                              dtype=torch.long, device=dev)
         stop_at = [None] * B           # (n_tokens, text) of rows ended by a stop string
         checked = 0
         n_steps = T
         for t in range(T):
-            tok, lp = sample(logits, sp.temperature, sp.top_k, sp.top_p, gen)
+            tok, lp = sample(logits, sp.temperature, sp.top_k, sp.top_p, gen, banned)
             tok = tok.masked_fill(finished, self.pad_id)
             tokens[:, t] = tok
             logps[:, t] = lp

@@ -32,14 +32,18 @@ def filter_logits(scaled: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> 
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32 -> (tokens [B] int64, logprobs [B] fp32)."""
+           generator: Optional[torch.Generator] = None,
+           banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] fp32 -> (tokens [B] int64, logprobs [B] fp32). `banned` token ids are
+    never drawn (a filter like top-k: the log-prob stays that of the full distribution)."""
+    allowed = logits if banned is None or banned.numel() == 0 else \
+        logits.index_fill(-1, banned, float("-inf"))
     if temperature <= 0:
-        tok = logits.argmax(-1)
+        tok = allowed.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
     scaled = logits / temperature
     logp = scaled.log_softmax(-1)
-    kept = filter_logits(scaled, top_k, top_p)
+    kept = filter_logits(allowed / temperature, top_k, top_p)
     probs = kept.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
     tok = (probs / race).argmax(-1)

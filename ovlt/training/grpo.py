@@ -99,6 +99,18 @@ def trim_jsonl(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def cut_at_vision_tokens(ids: list, lps: list, model_cfg) -> tuple[list, list]:
+    """A response must not hold vision placeholders (the model would look for image features
+    that do not exist): cut it before the first one. The built-in engine never samples them;
+    an external engine (vLLM, a teacher endpoint) might."""
+    m = model_cfg
+    bad = {m.image_token_id, m.video_token_id, m.vision_start_token_id, m.vision_end_token_id}
+    for i, t in enumerate(ids):
+        if t in bad:
+            return list(ids[:i]), list(lps[:i])
+    return ids, lps
+
+
 class GRPOTrainer:
     def __init__(self, cfg):
         from megatron.core import parallel_state as ps
@@ -124,6 +136,7 @@ class GRPOTrainer:
         self.stream = PromptStream(cfg, g.prompts_per_step)
         self.total_steps = t.max_steps or self.stream.total_steps
         pool_kw = {"fn": g.reward_fn} if g.reward_fn else {}
+        self._vision_cuts = 0  # responses cut at a vision placeholder, this step
         self.pool = RewardPool(num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
                                **pool_kw)
         self.ref = None
@@ -201,13 +214,14 @@ class GRPOTrainer:
         tm["rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        rollouts = []
+        rollouts, self._vision_cuts = [], 0
         for gi, (rec, req, cs) in enumerate(zip(recs, reqs, comps)):
             for c in cs:
-                rollouts.append(Rollout(prompt_ids=req.prompt_ids, response_ids=c.token_ids or [self.tok.eos_id],
+                ids, lps = self._cut_vision_tokens(c.token_ids, c.logprobs)
+                rollouts.append(Rollout(prompt_ids=req.prompt_ids, response_ids=ids or [self.tok.eos_id],
                                         group=gi, pixel_values=req.pixel_values,
                                         image_grid_thw=req.image_grid_thw,
-                                        engine_logprobs=c.logprobs, finish_reason=c.finish_reason,
+                                        engine_logprobs=lps, finish_reason=c.finish_reason,
                                         source=rec.source, answer=rec.answer, text=c.text))
         rewards, acc = score(self.pool, rollouts, cfg.rewards)
         for r, rw in zip(rollouts, rewards):
@@ -258,6 +272,11 @@ class GRPOTrainer:
         rec["prompt_position"] = pos.as_dict()
         return rec, pos, rollouts
 
+    def _cut_vision_tokens(self, ids: list, lps: list) -> tuple[list, list]:
+        ids2, lps2 = cut_at_vision_tokens(ids, lps, self.cfg.model)
+        self._vision_cuts += len(ids2) < len(ids)
+        return ids2, lps2
+
     def engine_rope(self):
         from ovlt.rollout.builtin import _default_rope_fn
         return _default_rope_fn(self.cfg.model)
@@ -292,12 +311,13 @@ class GRPOTrainer:
         dist.all_gather_object(every, mine, group=self._dp_group())
         sources = sorted({s for lst in every for s in lst})
         keys = ["n", "reward", "reward_sq", "acc", "len", "clipped", "dropped", "tokens",
-                "kept"] + [f"{s}:{k}" for s in sources for k in ("n", "reward", "reward_sq", "acc")]
+                "kept", "vision_cut"] + [f"{s}:{k}" for s in sources for k in ("n", "reward", "reward_sq", "acc")]
         vals = {k: 0.0 for k in keys}
         vals.update(n=len(rollouts), reward=sum(r.reward for r in rollouts),
                     reward_sq=sum(r.reward ** 2 for r in rollouts), acc=sum(acc), len=sum(lens),
                     clipped=adv_stats["clipped"], dropped=adv_stats["groups_dropped"],
-                    tokens=sum(r.length for r in rollouts), kept=sum(r.train for r in rollouts))
+                    tokens=sum(r.length for r in rollouts), kept=sum(r.train for r in rollouts),
+                    vision_cut=self._vision_cuts)
         for r, a in zip(rollouts, acc):
             vals[f"{r.source}:n"] += 1
             vals[f"{r.source}:reward"] += r.reward
@@ -314,7 +334,8 @@ class GRPOTrainer:
                "accuracy": v["acc"] / n, "response_length_mean": v["len"] / n,
                "response_length_max": int(mx.item()), "clipped_frac": v["clipped"] / n,
                "groups_dropped": int(v["dropped"]), "samples": int(v["n"]),
-               "samples_trained": int(v["kept"]), "lr": lr}
+               "samples_trained": int(v["kept"]), "lr": lr,
+               "responses_cut_at_vision_token": int(v["vision_cut"])}
         for s in sources:
             ns = max(v[f"{s}:n"], 1.0)
             ms = v[f"{s}:reward"] / ns
