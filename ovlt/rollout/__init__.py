@@ -11,11 +11,22 @@ __all__ = ["make_engine", "RolloutEngine", "GenerationRequest", "SamplingParams"
 
 
 def vllm_available() -> bool:
+    """vLLM's offline API imports and a GPU is there (vLLM imports lazily: `import vllm` alone
+    succeeds even when `vllm.LLM`'s dependencies are missing)."""
     try:
-        import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA stack underneath
+        import torch
+        if not torch.cuda.is_available():
+            return False
+        from vllm import LLM, SamplingParams  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA stack underneath
+        log_once(log, "vllm-import", "vLLM unavailable: %s: %s" % (type(e).__name__, e))
         return False
     return True
+
+
+# One vLLM engine per process (vLLM's parallel state is process-global): a trainer that
+# rebuilds its model (curriculum stage boundary) gets the same engine back.
+_VLLM_ENGINES: dict = {}
 
 
 def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> RolloutEngine:
@@ -25,7 +36,31 @@ def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> Rollout
     if want in ("auto", "vllm") and vllm_available():
         from ovlt.rollout.vllm_engine import VLLMEngine
         log_once(log, "rollout-engine", "rollout engine: vLLM")
-        return VLLMEngine(cfg, tokenizer=tokenizer, **kw)
+        # With the trainer's model the weights come from update_weights (dummy load);
+        # without one (eval, generation from an HF directory) vLLM reads them itself.
+        kw.setdefault("load_format", "dummy" if model is not None else "auto")
+        key = (str(kw.get("hf_dir") or cfg.model.hf_path), kw["load_format"],
+               int(cfg.rollout.tensor_parallel))
+        eng = _VLLM_ENGINES.get("engine")
+        if eng is not None:
+            # vLLM cannot host a second engine, and shutting one down destroys the default
+            # torch.distributed group (vllm/distributed/parallel_state.py
+            # destroy_distributed_environment): reuse it, with new weights when asked.
+            if eng.key == key:
+                log.info("rollout engine: reusing this process's vLLM engine for %s", key[0])
+                return eng
+            if key[1] == "auto" and eng.same_shape(key[0]):
+                log.info("rollout engine: reusing this process's vLLM engine with the weights "
+                         "of %s", key[0])
+                eng.load_hf_dir(key[0])
+                eng.key = key
+                return eng
+            raise RuntimeError(f"this process already runs a vLLM engine for {eng.key}; vLLM "
+                               f"cannot host a second one ({key}): run it in another process")
+        eng = VLLMEngine(cfg, tokenizer=tokenizer, **kw)
+        eng.key = key
+        _VLLM_ENGINES["engine"] = eng
+        return eng
     if want == "vllm":
         raise RuntimeError("rollout.engine=vllm but vllm does not import (pip install "
                            "'ovlt[gpu]'); use rollout.engine=auto or builtin")

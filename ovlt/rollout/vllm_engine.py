@@ -1,36 +1,59 @@
 """vLLM rollout engine (vLLM 0.26, V1 engine), colocated with the trainer.
 
-- Built with `load_format="dummy"`: vLLM reads only config/tokenizer/processor files from
-  `model.hf_path`; the weights always come from the trainer through `update_weights` (the
-  reshard stream of HF names + full tensors, `ovlt.rollout.reshard.iter_hf_weights`), loaded by
-  `OvltWorkerExtension.ovlt_load_weights` via the vLLM model's own `load_weights`.
-- Colocated: `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (tensors
-  pass by reference); with `rollout.tensor_parallel > 1` under torchrun every trainer rank is one
-  vLLM TP rank (`distributed_executor_backend="external_launcher"`).
-- Memory: `enable_sleep_mode=True`; `sleep()` = level 2 (drop weights and KV cache: the next
-  update overwrites the weights anyway), `wake()` re-allocates the weights, the KV cache is
-  re-allocated just before the next `generate`. The prefix cache is reset after every update.
-- Multimodal prompts as vLLM expects for Qwen2.5-VL: token ids with ONE `<|image_pad|>` per
-  image (vLLM's processor expands it to the image's tokens) and the PIL images (already
-  smart-resized, so vLLM computes the same grid as ovlt's processor).
-- Log-probs: `raw_logprobs` (log-softmax of the unscaled logits) equals the contract at
-  temperature 1 (the recipe's); at other temperatures vLLM's `processed_logprobs` (after
-  temperature *and* top-k/top-p renormalisation) is the closest it offers, and the trainer
-  recomputes the old log-probs itself in any case.
+Checked against the vLLM 0.26.0 source (file references below are inside the `vllm` package):
+- Weights: with the trainer's model (`make_engine(model=...)`, GRPO) the engine is built with
+  `load_format="dummy"`: vLLM reads only config/tokenizer/processor files from
+  `model.hf_path`, and the weights come from the trainer through `update_weights` (the reshard
+  stream of HF names + full tensors, `ovlt.rollout.reshard.iter_hf_weights`), loaded by
+  `OvltWorkerExtension.ovlt_load_weights` via the vLLM model's own `load_weights`. Without a
+  trainer (eval, the iterate loop's generation) vLLM loads the HF directory's weights itself.
+- In-process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` (forced) keeps the engine core in this process
+  (`InprocClient` + `UniProcExecutor`), so `collective_rpc` hands the tensor generator to the
+  worker by reference. Under torchrun (world size > 1) every trainer rank runs one vLLM engine
+  with `distributed_executor_backend="external_launcher"`: consecutive groups of
+  `rollout.tensor_parallel` ranks form one vLLM TP group (`distributed/parallel_state.py`
+  `initialize_model_parallel`: ExternalDP x DP x PP x TP), and all ranks of a group must call
+  `generate` with the same prompts — the trainer gives every rank of a data-parallel replica
+  the same prompts, so `rollout.tensor_parallel` must divide the trainer's TP x CP.
+- Memory: `enable_sleep_mode=True` (cumem allocator). `sleep()` = level 2 (weights and KV cache
+  discarded; the next update overwrites the weights anyway); `wake()` re-allocates the weights
+  only (`wake_up(tags=["weights"])`, buffers such as RoPE caches are restored by the worker);
+  the KV cache is re-allocated just before the next `generate`. The scheduler stays paused
+  until every tag is awake (`v1/engine/core.py:wake_up`), so `generate` always wakes the KV
+  cache first. After every weight update the prefix cache and the encoder (vision embedding)
+  cache are reset: both hold values computed with the old weights.
+- Prompts: token ids with ONE `<|image_pad|>` per image plus the PIL images. vLLM's Qwen2-VL
+  processor replaces each single pad by the image's `grid_t*grid_h*grid_w/4` pads
+  (`model_executor/models/qwen2_vl.py:_get_prompt_updates`, applied to token prompts by
+  `multimodal/processing/processor.py:_apply_prompt_updates`, one match per image); an already
+  expanded run would be expanded again. The images are ovlt's smart-resized ones, so vLLM's
+  processor computes the same grid (its resize is then a no-op).
+- Log-probs (`logprobs=0`: the sampled token's log-prob only, a list of {token: Logprob} per
+  step): `logprobs_mode="raw_logprobs"` (log-softmax of the unscaled logits) is the contract at
+  temperature 1 (the recipe's) and for greedy; at other temperatures `processed_logprobs`
+  (after temperature *and* top-k/top-p masking, renormalised) is the closest vLLM offers — equal
+  to the contract when top-p = 1 and top-k is off. The trainer recomputes the old log-probs
+  itself in any case. vLLM's logits are bf16 before the fp32 log-softmax (as the built-in
+  engine's), so expect ~1e-1 absolute differences to an fp32-logit recomputation.
+- Stopping: EOS = `eos_token_ids` (default `<|im_end|>` and `<|endoftext|>`, as the built-in
+  engine) passed as `stop_token_ids` (kept in `token_ids`, like EOS); `eos_token_ids=[]`
+  disables EOS entirely (`ignore_eos`, for benchmarks). Stop strings are kept in the text.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
-from ovlt.logging import get_logger
+from ovlt.logging import get_logger, log_once
 from ovlt.rollout.base import Completion, GenerationRequest, RolloutEngine, SamplingParams
 
 log = get_logger(__name__)
 
 VLLM_VERSION = "0.26.0"
+IM_END_ID, ENDOFTEXT_ID = 151645, 151643
 
 
 def collapse_image_pads(ids: list[int], image_token_id: int) -> list[int]:
@@ -43,9 +66,80 @@ def collapse_image_pads(ids: list[int], image_token_id: int) -> list[int]:
     return out
 
 
+def logprobs_mode_for(temperature: float) -> str:
+    """vLLM `logprobs_mode` whose log-probs are log softmax(logits / T) (see module doc)."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+
+
+def _dist_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of an initialised torch.distributed, else of the env."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        local = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", local))
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def optional_package_fallbacks() -> dict:
+    """vLLM settings for optional packages that are not installed (set before the engine
+    starts; vLLM freezes its env cache at engine start). Returns what was set.
+    - flashinfer: vLLM's samplers call `flashinfer_sampler_supported()` at construction
+      (v1/worker/gpu/sample/sampler.py:52, v1/sample/ops/topk_topp_sampler.py:91), which imports
+      the FlashInfer attention backend (a top-level `import flashinfer`) unless
+      VLLM_USE_FLASHINFER_SAMPLER=0: without flashinfer-python the engine would not start.
+    - blake3: image inputs are hashed with blake3 by default (multimodal/hasher.py:38).
+    """
+    import importlib.util
+    done = {}
+    for pkg, var, val in (("flashinfer", "VLLM_USE_FLASHINFER_SAMPLER", "0"),
+                          ("blake3", "VLLM_MM_HASHER_ALGORITHM", "sha256")):
+        if importlib.util.find_spec(pkg) is None and var not in os.environ:
+            os.environ[var] = val
+            done[var] = val
+    if done:
+        log_once(log, "vllm-fallbacks", f"vLLM: optional packages missing, set {done}")
+    return done
+
+
+def llm_kwargs(cfg, hf_dir: str, load_format: str = "dummy") -> dict:
+    """The `vllm.LLM(...)` keyword arguments for this job config (every name exists in vLLM
+    0.26's `LLM.__init__` / `EngineArgs`)."""
+    rc, m = cfg.rollout, cfg.model
+    if m.params_dtype == "fp16":
+        dtype = "float16"
+    else:  # the rollout runs in bf16 whatever the trainer's master dtype
+        dtype = "bfloat16"
+    return dict(
+        model=str(hf_dir), load_format=load_format, dtype=dtype, seed=int(cfg.grpo.train.seed),
+        tensor_parallel_size=int(rc.tensor_parallel),
+        gpu_memory_utilization=float(rc.gpu_memory_utilization), enable_sleep_mode=True,
+        max_model_len=int(rc.max_prompt_length + rc.max_new_tokens),
+        enforce_eager=not rc.cuda_graphs, enable_prefix_caching=True,
+        limit_mm_per_prompt={"image": 8, "video": 0},
+        # `size` (not the deprecated min_pixels/max_pixels call kwargs) works with
+        # transformers 4.5x and 5.x; vLLM's Qwen2-VL info reads it too (qwen2_vl.py
+        # `_get_vision_info`), which bounds the profiling run's dummy image.
+        mm_processor_kwargs={"size": {"shortest_edge": int(cfg.data.min_pixels),
+                                      "longest_edge": int(cfg.data.max_pixels)}},
+        worker_extension_cls="ovlt.rollout.vllm_worker.OvltWorkerExtension",
+        logprobs_mode=logprobs_mode_for(rc.temperature))
+
+
 class VLLMEngine(RolloutEngine):
-    def __init__(self, cfg, tokenizer=None, hf_dir: str | None = None):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    """`load_format`: "dummy" (weights from `update_weights`) or "auto" (vLLM reads `hf_dir`).
+    `eos_token_ids`: None = `<|im_end|>`, `<|endoftext|>`; [] = never stop on EOS.
+    `extra_llm_kwargs`: merged last into the `vllm.LLM` arguments (benchmarks)."""
+
+    def __init__(self, cfg, tokenizer=None, hf_dir: str | None = None, load_format: str = "dummy",
+                 eos_token_ids: Optional[list[int]] = None,
+                 extra_llm_kwargs: Optional[dict[str, Any]] = None):
+        prev = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if prev not in (None, "0"):
+            log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine "
+                        "must run in this process (weights pass by reference)", prev)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        optional_package_fallbacks()
         import vllm
         if not vllm.__version__.startswith(VLLM_VERSION.rsplit(".", 1)[0]):
             log.warning("vLLM %s installed; ovlt is written against %s", vllm.__version__, VLLM_VERSION)
@@ -53,68 +147,164 @@ class VLLMEngine(RolloutEngine):
         hf_dir = hf_dir or m.hf_path
         if not hf_dir:
             raise ValueError("the vLLM engine needs model.hf_path (an HF directory with config.json, "
-                             "tokenizer and preprocessor_config.json; weights are not read)")
+                             "tokenizer and preprocessor_config.json; with the trainer's weights "
+                             "its weight files are not read)")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.image_token_id = m.image_token_id
-        kw = dict(model=str(hf_dir), load_format="dummy", dtype="bfloat16", seed=cfg.grpo.train.seed,
-                  tensor_parallel_size=rc.tensor_parallel,
-                  gpu_memory_utilization=rc.gpu_memory_utilization, enable_sleep_mode=True,
-                  max_model_len=rc.max_prompt_length + rc.max_new_tokens,
-                  enforce_eager=not rc.cuda_graphs, enable_prefix_caching=True,
-                  limit_mm_per_prompt={"image": 8},
-                  mm_processor_kwargs={"min_pixels": cfg.data.min_pixels,
-                                       "max_pixels": cfg.data.max_pixels},
-                  worker_extension_cls="ovlt.rollout.vllm_worker.OvltWorkerExtension",
-                  logprobs_mode="raw_logprobs" if rc.temperature in (0.0, 1.0) else "processed_logprobs")
-        if rc.tensor_parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        self.eos = [IM_END_ID, ENDOFTEXT_ID] if eos_token_ids is None else list(eos_token_ids)
+        self.load_format = load_format
+        self.hf_dir = str(hf_dir)
+        if rc.temperature not in (0.0, 1.0) and (rc.top_p < 1.0 or rc.top_k > 0):
+            log.warning("rollout.temperature=%s with top-p/top-k: vLLM's log-probs are renormalised "
+                        "over the kept tokens (the trainer recomputes them anyway)", rc.temperature)
+        kw = llm_kwargs(cfg, self.hf_dir, load_format)
+        rank, world, local_rank = _dist_world()
+        if world > 1:
+            tp = int(rc.tensor_parallel)
+            par = getattr(cfg, "parallel", None)
+            block = (par.tensor_parallel * par.context_parallel) if par is not None else tp
+            if world % tp or block % tp:
+                raise ValueError(f"rollout.tensor_parallel={tp} must divide the world size {world} "
+                                 f"and the trainer's tensor x context parallel size {block} (the "
+                                 "ranks of one vLLM TP group must get the same prompts)")
+            # One engine per trainer rank (vLLM's torchrun mode); it reads RANK / LOCAL_RANK.
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))
+            os.environ.setdefault("WORLD_SIZE", str(world))
             kw["distributed_executor_backend"] = "external_launcher"
+        kw.update(extra_llm_kwargs or {})
+        self.llm_kwargs = kw
+        log.info("vLLM engine: %s", {k: v for k, v in kw.items() if k != "model"})
         self.llm = vllm.LLM(**kw)
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and type(core).__name__ != "InprocClient":
+            raise RuntimeError(f"vLLM engine core runs as {type(core).__name__}, not in-process: "
+                               "set VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is first imported")
         self._kv_asleep = False
         self._weights_asleep = False
+        self.last_update: dict = {}
 
-    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[list[Completion]]:
+    # ------------------------------------------------------------------ generation
+    def _prompt(self, r: GenerationRequest) -> dict:
+        p: dict = {"prompt_token_ids": collapse_image_pads(list(r.prompt_ids), self.image_token_id)}
+        if r.pixel_values is not None or r.images:
+            if not r.images:
+                raise ValueError(f"request {r.request_id}: vLLM needs the PIL images "
+                                 "(GenerationRequest.images), not only pixel_values")
+            n_pads = sum(1 for t in p["prompt_token_ids"] if t == self.image_token_id)
+            if n_pads != len(r.images):
+                raise ValueError(f"request {r.request_id}: {n_pads} <|image_pad|> runs in the "
+                                 f"prompt but {len(r.images)} images")
+            p["multi_modal_data"] = {"image": list(r.images)}
+        elif self.image_token_id in p["prompt_token_ids"]:
+            raise ValueError(f"request {r.request_id}: <|image_pad|> in the prompt but no images")
+        return p
+
+    def sampling_params(self, params: SamplingParams, **overrides):
+        """The `vllm.SamplingParams` for `params` (keyword `overrides` win)."""
         import vllm
+        kw = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                  top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
+                  stop=list(params.stop) or None, include_stop_str_in_output=True,
+                  seed=params.seed, logprobs=0 if params.logprobs else None,
+                  skip_special_tokens=True)
+        if self.eos:
+            kw["stop_token_ids"] = list(self.eos)
+        else:
+            kw["ignore_eos"] = True
+        kw.update(overrides)
+        return vllm.SamplingParams(**kw)
+
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams,
+                 **sampling_overrides) -> list[list[Completion]]:
         if self._weights_asleep:
             raise RuntimeError("VLLMEngine.generate after sleep(): call wake() and update_weights() first")
         if self._kv_asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._kv_asleep = False
-        prompts = []
-        for r in requests:
-            p = {"prompt_token_ids": collapse_image_pads(list(r.prompt_ids), self.image_token_id)}
-            if r.pixel_values is not None or r.images:
-                if not r.images:
-                    raise ValueError(f"request {r.request_id}: vLLM needs the PIL images "
-                                     "(GenerationRequest.images), not only pixel_values")
-                p["multi_modal_data"] = {"image": list(r.images)}
-            prompts.append(p)
-        sp = vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=params.seed,
-            logprobs=0 if params.logprobs else None, skip_special_tokens=True)
+        if params.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if not requests:
+            return []
+        prompts = [self._prompt(r) for r in requests]
+        # vLLM refuses n > 1 with greedy decoding (sampling_params.py _verify_greedy_sampling);
+        # the n greedy completions are identical, so decode once and copy.
+        copies = params.n if params.temperature <= 0 and params.n > 1 else 1
+        sp = self.sampling_params(params, **({"n": 1} if copies > 1 else {}), **sampling_overrides)
         outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        if len(outs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(requests)} prompts")
         result = []
         for r, o in zip(requests, outs):
             comps = []
-            for c in o.outputs:
+            for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs)] if c.logprobs else []
+                lps: list[float] = []
+                if c.logprobs:
+                    for t, d in zip(ids, c.logprobs):
+                        lp = d.get(t) if d is not None else None
+                        lps.append(float(lp.logprob) if lp is not None else float("nan"))
                 comps.append(Completion(request_id=r.request_id, token_ids=ids, logprobs=lps,
                                         text=c.text, finish_reason="length"
                                         if c.finish_reason == "length" else "stop"))
+            if copies > 1:
+                comps = [dataclasses.replace(comps[0], token_ids=list(comps[0].token_ids),
+                                             logprobs=list(comps[0].logprobs))
+                         for _ in range(copies)]
             result.append(comps)
         return result
 
+    # ------------------------------------------------------------------ weights / memory
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.load_format != "dummy":
+            log_once(log, "vllm-update-real", "vLLM engine built with its own weights now takes "
+                     "them from update_weights")
         if self._weights_asleep:
             self.wake()
-        n = self.llm.collective_rpc("ovlt_load_weights", args=(named_tensors,))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        log.debug("vLLM: loaded %s tensors", n)
+        res = self.llm.collective_rpc("ovlt_load_weights", args=(named_tensors,))
+        if not self.llm.reset_prefix_cache():  # cached KV was computed with the old weights
+            log.warning("vLLM: prefix cache not reset (requests running?)")
+        reset_enc = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
+        if reset_enc is not None:  # cached vision embeddings, likewise
+            reset_enc()
+        stats = res[0] if res else {}
+        self.last_update = stats
+        missing = stats.get("missing") if isinstance(stats, dict) else None
+        if missing:
+            log.warning("vLLM: %d parameters got no tensor in update_weights (first: %s)",
+                        len(missing), missing[:5])
+        log.debug("vLLM: loaded %s", {k: v for k, v in (stats or {}).items() if k != "missing"})
+
+    def same_shape(self, hf_dir: str) -> bool:
+        """Whether `hf_dir` holds a model of this engine's architecture and shape."""
+        from ovlt.models.qwen2_5_vl.hf_config import from_hf_config
+        try:
+            a, b = from_hf_config(self.hf_dir), from_hf_config(hf_dir)
+        except (OSError, ValueError):
+            return False
+        a.name = b.name = ""
+        return a == b
+
+    def load_hf_dir(self, hf_dir: str) -> None:
+        """Replace the weights by those of another HF directory of the same shape (the
+        checkpoint's own names; vLLM's mapper takes both transformers spellings)."""
+        from pathlib import Path
+
+        from ovlt.models.qwen2_5_vl.checkpoint_io import iter_safetensors
+        files = sorted(Path(hf_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights")
+        self.update_weights((kv for f in files for kv in iter_safetensors(f)))
+        self.hf_dir = str(hf_dir)
 
     def sleep(self) -> None:
+        if self._weights_asleep and self._kv_asleep:
+            return
+        if self._kv_asleep:  # weights awake, KV asleep: vLLM's executor counts as sleeping and
+            # would ignore a new sleep() (v1/executor/abstract.py), so wake the rest first
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_asleep = False
         self.llm.sleep(level=2)
         self._kv_asleep = self._weights_asleep = True
 
