@@ -74,3 +74,45 @@ def test_header_checks_without_decoding():
     d[29:33] = struct.pack(">I", zlib.crc32(bytes(d[12:29])) & 0xFFFFFFFF)
     with pytest.raises(il.ImageError, match="zero-pixel image"):
         il.image_size(bytes(d))
+
+
+def test_normalize_patchify_torch_is_bit_identical():
+    """The DALI path's torch port of normalize_patchify gives the numpy version's bits."""
+    from ovlt.data.image_processing import normalize_patchify
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    ref, grid = normalize_patchify(rgb)
+    pv, g = il.normalize_patchify_torch(torch.from_numpy(rgb))
+    assert g == grid == (1, 4, 6) and pv.dtype == torch.float32
+    assert torch.equal(pv, torch.from_numpy(ref))
+
+
+def test_resize_passes_reproduce_pillow():
+    """Two 1-D BICUBIC passes in the order `resize_passes` gives are byte-identical to the
+    installed Pillow's one-call resize (which rounds to uint8 between its passes), on shapes
+    that grow, shrink, or shrink one side much more than the other."""
+    rng = np.random.default_rng(2)
+    shapes = [(40, 90, 60, 50), (90, 70, 84, 56), (640, 480, 588, 420), (37, 154, 34, 133),
+              (30, 60, 25, 50), (20, 30, 56, 84), (200, 50, 100, 80), (13, 300, 28, 112)]
+    shapes += [tuple(int(x) for x in rng.integers(5, 160, 4)) for _ in range(12)]
+    for w, h, tw, th in shapes:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        iw, ih = il.resize_passes(w, h, tw, th)
+        assert (iw, ih) in ((tw, h), (w, th))
+        two = im.resize((iw, ih), Image.BICUBIC).resize((tw, th), Image.BICUBIC)
+        assert np.array_equal(np.asarray(two), np.asarray(im.resize((tw, th), Image.BICUBIC))), \
+            (w, h, tw, th)
+
+
+def test_jpeg_end_marker_check():
+    """Truncated JPEGs are kept away from nvJPEG (it decodes them without an error)."""
+    import io
+
+    from PIL import Image
+
+    from ovlt.data.image_loader import jpeg_has_end
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+    data = buf.getvalue()
+    assert jpeg_has_end(data) and jpeg_has_end(data + b"\x00\x00\n")
+    assert not jpeg_has_end(data[: len(data) // 2]) and not jpeg_has_end(b"")
