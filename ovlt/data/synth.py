@@ -280,20 +280,27 @@ def _png(img: Image.Image) -> bytes:
 
 def generate(out_dir, n: int, seed: int, prompt_suffix: str | None = None) -> dict:
     """Write images/, sft.jsonl and rl.parquet under `out_dir`; returns counts."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    counts = write_problems(out_dir, (make_problem(seed, i) for i in range(n)), prompt_suffix)
+    return {"n": n, "seed": seed, "out_dir": str(Path(out_dir)), "by_task_level": counts}
+
+
+def write_problems(out_dir, problems, prompt_suffix: str | None = None) -> dict[str, int]:
+    """Write problems (dicts like `make_problem`'s: id, task, difficulty, image, question,
+    answer, solution) as images/, sft.jsonl and rl.parquet under `out_dir` (the formats the
+    SFT and GRPO readers take); returns counts per task/difficulty."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ovlt.config import RolloutConfig
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
     suffix = RolloutConfig().prompt_suffix if prompt_suffix is None else prompt_suffix
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     sft_lines, rl_rows = [], {k: [] for k in
                               ("id", "problem", "answer", "images", "source", "difficulty")}
     counts: dict[str, int] = {}
-    for i in range(n):
-        p = make_problem(seed, i)
+    for p in problems:
         rel = f"images/{p['id']}.png"
         data = _png(p["image"])
         atomic_write_bytes(out / rel, data)
@@ -309,6 +316,8 @@ def generate(out_dir, n: int, seed: int, prompt_suffix: str | None = None) -> di
             rl_rows[k].append(v)
         key = f"{p['task']}/{p['difficulty']}"
         counts[key] = counts.get(key, 0) + 1
+    if not sft_lines:
+        raise ValueError("no problems to write")
     atomic_write_text(out / "sft.jsonl", "\n".join(sft_lines) + "\n")
     img_type = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     tbl = pa.table({k: pa.array(v, type=img_type if k == "images" else pa.string())
@@ -316,4 +325,4 @@ def generate(out_dir, n: int, seed: int, prompt_suffix: str | None = None) -> di
     buf = pa.BufferOutputStream()
     pq.write_table(tbl, buf)
     atomic_write_bytes(out / "rl.parquet", buf.getvalue().to_pybytes())
-    return {"n": n, "seed": seed, "out_dir": str(out), "by_task_level": dict(sorted(counts.items()))}
+    return dict(sorted(counts.items()))
