@@ -81,3 +81,15 @@ def write_results(out_dir, name, payload):
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def wall_time(fn):
+    """(seconds, fn()) of one call, the GPU synchronised before and after (one-shot phases
+    like a whole generate call, where CUDA events inside would miss host work)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _bench_util import wall_time  # noqa: E402
 
 
 def build_hf(cfg, device):
@@ -57,19 +57,6 @@ def mcore_module(named: dict) -> torch.nn.Module:
     return root
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def sync_time(fn):
-    _sync()
-    t = time.perf_counter()
-    out = fn()
-    _sync()
-    return time.perf_counter() - t, out
-
-
 def bench_generate(args, res):
     from ovlt.config import CONFIG_ROOT, load_config
     from ovlt.models.qwen2_5_vl.state_dict_adapter import hf_to_mcore
@@ -93,8 +80,8 @@ def bench_generate(args, res):
     sp = SamplingParams(temperature=1.0, top_p=0.99, max_new_tokens=args.new, seed=0)
     for graphs in (True, False):
         eng = BuiltinEngine(module, cfg, eos_token_ids=[], max_batch_size=args.batch, cuda_graphs=graphs)
-        t_first, _ = sync_time(lambda: eng.generate(reqs, sp))  # includes graph capture
-        dt, outs = sync_time(lambda: eng.generate(reqs, sp))
+        t_first, _ = wall_time(lambda: eng.generate(reqs, sp))  # includes graph capture
+        dt, outs = wall_time(lambda: eng.generate(reqs, sp))
         n = sum(len(c.token_ids) for o in outs for c in o)
         key = "builtin_cuda_graphs" if graphs else "builtin_eager"
         res[key] = {"seconds": dt, "first_call_seconds": t_first, "new_tokens": n, "tokens_per_s": n / dt,
@@ -102,7 +89,7 @@ def bench_generate(args, res):
         print(key, res[key], flush=True)
         if graphs:  # sampling's share: the same run with greedy decoding (no top-p sort)
             greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new)
-            dt, _ = sync_time(lambda: eng.generate(reqs, greedy))
+            dt, _ = wall_time(lambda: eng.generate(reqs, greedy))
             res["builtin_cuda_graphs_greedy"] = {"seconds": dt, "tokens_per_s": n / dt,
                                                  "ms_per_step": 1000 * dt / args.new}
             print("greedy", res["builtin_cuda_graphs_greedy"], flush=True)
@@ -125,7 +112,7 @@ def bench_generate(args, res):
             hf.generate(ids[:8], **{**kw, "max_new_tokens": 8, "min_new_tokens": 8,
                                      "attention_mask": torch.ones_like(ids[:8])})
             hf.model.rope_deltas = None
-            dt, out = sync_time(lambda: hf.generate(ids, **kw))
+            dt, out = wall_time(lambda: hf.generate(ids, **kw))
         n = (out.shape[1] - args.prompt) * args.batch
         res["hf_generate"] = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt,
                               "ms_per_step": 1000 * dt / args.new}
@@ -149,7 +136,7 @@ def bench_update(args, res):
     eng = BuiltinEngine(module, cfg)
     src = {n: t.clone() for n, t in sd.items()}   # "the trainer's" shards
     for _ in range(2):
-        dt, _ = sync_time(lambda: eng.update_weights(mcore_to_hf({(0, 0): src}, cfg, 1, 1)))
+        dt, _ = wall_time(lambda: eng.update_weights(mcore_to_hf({(0, 0): src}, cfg, 1, 1)))
     ok = all(torch.equal(sd[n], src[n]) for n in sd)
     res["weight_update_7b"] = {"params": n_params, "bytes": 2 * n_params, "seconds": dt,
                                "GB_per_s": 2 * n_params / dt / 1e9, "roundtrip_exact": ok,

@@ -80,17 +80,7 @@ def mem() -> dict:
             "torch_allocated_gib": round(torch.cuda.memory_allocated() / GiB, 3)}
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t, out
+from _bench_util import wall_time as timed  # noqa: E402
 
 
 class Run:
