@@ -12,7 +12,8 @@ from ovlt.config import CONFIG_ROOT, load_config
 
 
 def hash_reward(response: str, ground_truth: str, **_) -> float:
-    """A reward the tiny random model half-solves: 1 for half of all strings (stable hash)."""
+    """A cheap reward for the mechanics tests: 1 for half of all strings (stable hash). The
+    reward-rise evidence on a real task is tests/test_grpo_reward_rise.py."""
     return float(zlib.crc32(response.encode()) % 2 == 0)
 
 
@@ -164,29 +165,6 @@ def test_kl_and_loss_match_plain_torch(dist1, tiny_hf_dir, rl_file, tmp_path):
         assert torch.allclose(gp.float(), gf.float(), atol=2e-5, rtol=1e-3)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     tr.pool.close()
-
-
-def test_grpo_raises_mean_reward(dist1, tiny_hf_dir, tmp_path):
-    """A few GRPO steps raise the mean of a reward the model half-solves (fixed seed).
-    One sampled token per answer among the top 2 (top_k=2): ~half the prompts have one
-    rewarded and one unrewarded choice, which GRPO learns to pick."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    f = tmp_path / "rl.parquet"
-    pq.write_table(pa.table({"problem": [f"Q{i}" for i in range(8)], "answer": ["x"] * 8}), f)
-    cfg = _cfg(tmp_path, tiny_hf_dir, f, "grpo.kl_coef=0.0", "rollout.max_new_tokens=1",
-               "rollout.top_k=2", "rollout.prompt_suffix=''", "grpo.prompts_per_step=8",
-               "grpo.samples_per_prompt=6", "grpo.train.global_batch_size=48",
-               "grpo.optimizer.lr=0.01", "grpo.train.seed=5")
-    from ovlt.training.grpo_data import PromptPosition
-    tr = _trainer(cfg)
-    pos, means = PromptPosition(), []
-    for step in range(4):
-        rec, pos, _ = tr.step(step, pos)
-        means.append(rec["reward_mean"])
-    tr.pool.close()
-    assert 0.05 < means[0] < 0.7, means           # partly solved at the start
-    assert min(means[-2:]) > means[0] + 0.25, means
 
 
 def test_curriculum_freezes_vision_in_first_stage_only(dist1, tiny_hf_dir, rl_file, tmp_path):
