@@ -218,11 +218,13 @@ class GRPOTrainer:
         for gi, (rec, req, cs) in enumerate(zip(recs, reqs, comps)):
             for c in cs:
                 ids, lps = self._cut_vision_tokens(c.token_ids, c.logprobs)
+                text = c.text if len(ids) == len(c.token_ids) else \
+                    self.tok.decode(ids, skip_special_tokens=True)  # graded as trained
                 rollouts.append(Rollout(prompt_ids=req.prompt_ids, response_ids=ids or [self.tok.eos_id],
                                         group=gi, pixel_values=req.pixel_values,
                                         image_grid_thw=req.image_grid_thw,
                                         engine_logprobs=lps, finish_reason=c.finish_reason,
-                                        source=rec.source, answer=rec.answer, text=c.text))
+                                        source=rec.source, answer=rec.answer, text=text))
         rewards, acc = score(self.pool, rollouts, cfg.rewards)
         for r, rw in zip(rollouts, rewards):
             r.reward = rw
