@@ -36,14 +36,15 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: flo
            banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] fp32 -> (tokens [B] int64, logprobs [B] fp32). `banned` token ids are
     never drawn (a filter like top-k: the log-prob stays that of the full distribution)."""
-    allowed = logits if banned is None or banned.numel() == 0 else \
-        logits.index_fill(-1, banned, float("-inf"))
+    ban = banned is not None and banned.numel() > 0
     if temperature <= 0:
-        tok = allowed.argmax(-1)
+        tok = (logits.index_fill(-1, banned, float("-inf")) if ban else logits).argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
     scaled = logits / temperature
     logp = scaled.log_softmax(-1)
-    kept = filter_logits(allowed / temperature, top_k, top_p)
+    if ban:  # after logp: the ban filters the draw, not the policy log-prob
+        scaled.index_fill_(-1, banned, float("-inf"))
+    kept = filter_logits(scaled, top_k, top_p)
     probs = kept.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
     tok = (probs / race).argmax(-1)

@@ -13,6 +13,11 @@ def unwrap(model):
     return model
 
 
+def tp_size() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_world_size()
+
+
 def tp_group():
     """The tensor-parallel group for the kernels' vocab-parallel path (None at TP=1)."""
     from megatron.core import parallel_state as ps

@@ -27,7 +27,7 @@ from ovlt.training.lr_schedule import LRSchedule
 from ovlt.training.metrics import MetricsLogger, memory_gb
 from ovlt.training.model_setup import build_vl_model, configure_fp8, wrap_model
 from ovlt.training.optimizer import build_optimizer
-from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, unwrap
+from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, tp_size, unwrap
 from ovlt.training.profiler import StepProfiler
 from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
 from ovlt.training.step import train_step
@@ -50,7 +50,7 @@ def sft_forward(model, batch):
     mask = b.loss_mask.reshape(-1).float()
     if not net.post_process:
         return model(**kw)
-    if net.output_weight().shape[0] * _tp_size() != net.vocab_size:
+    if net.output_weight().shape[0] * tp_size() != net.vocab_size:
         return (model(**kw, labels=b.labels).float().reshape(-1) * mask).sum()
     from kernels import fused_nll_loss
 
@@ -59,11 +59,6 @@ def sft_forward(model, batch):
     loss, _ = fused_nll_loss(h.index_select(0, rows), net.output_weight(),
                              b.labels.reshape(-1)[rows], mask[rows], tp_group=tp_group())
     return loss
-
-
-def _tp_size() -> int:
-    from megatron.core import parallel_state as ps
-    return ps.get_tensor_model_parallel_world_size()
 
 
 def sft_loss(batch, loss_sum):
