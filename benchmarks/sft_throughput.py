@@ -1,24 +1,32 @@
 """SFT step throughput on 7B-shaped Qwen2.5-VL layers: HF transformers vs ovlt bf16 vs ovlt FP8.
 
-    python benchmarks/sft_throughput.py --out benchmarks/results/sft_throughput_h100.json  # H100
+    python benchmarks/sft_throughput.py --out benchmarks/results/sft_throughput_h200.json  # GPU
     python benchmarks/sft_throughput.py --tiny --out /tmp/x.json                           # CPU smoke
+    ... --profile-dir DIR   also profiles 2 steps per variant (kernel table, idle gaps;
+                            OVLT_BENCH_TRACE=1 adds a Chrome trace)
 
-Every variant trains the same model shape (Qwen2.5-VL-7B widths and the real 152,064 vocab, cut
-to `--llm-layers` LLM layers and `--vision-layers` vision layers) on the same batch: `--samples`
+Every variant trains the same model shape (Qwen2.5-VL-7B widths and the real 152,064 vocab,
+cut to `--llm-layers` LLM layers and `--vision-layers` vision layers) on the same batch: `--samples`
 samples of `--seq` tokens, each with one `--image`-px image (256 image tokens at 448 px) and the
 answer half of the text trained on; vision tower + merger frozen, LLM trained (the recipe).
 One timed unit = one full optimizer step (forward, backward, grad clip, Adam update).
-  hf        transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16 params,
-            fused torch AdamW, [samples, seq] padded batch (no padding needed here).
-  ovlt_bf16 the SFT trainer's own step (`ovlt.training.step.train_step`): mcore DDP +
-            DistributedOptimizer (fp32 master weights), one packed THD micro-batch.
-  ovlt_fp8  the same with model.fp8=scaled_mm_tensor (ovlt `torch._scaled_mm` linears,
-            compiled casts) in the LLM; the frozen vision tower stays bf16 (its MLP width 6840
-            is not a multiple of 16, which _scaled_mm requires). Transformer Engine cannot be
-            carried to the device.
-`update_s` = grad clip + optimizer update (timed inside the step), `fwd_bwd_s` = the rest.
+  hf                 transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16
+                     params, fused torch AdamW, [samples, seq] padded batch already on the GPU.
+  ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step`): mcore DDP +
+                     DistributedOptimizer (fp32 master weights), one packed THD micro-batch, pinned
+                     as the trainer's DataLoader(pin_memory=True) delivers it, CUDA fast paths on.
+  ovlt_bf16_nofast   the same with OVLT_FASTPATHS=0: mcore's own fallbacks without apex/TE, no
+                     fused optimizer step (what the trainer did before those paths existed).
+  ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
+  ovlt_fp8           ovlt_bf16 with model.fp8=scaled_mm_tensor (ovlt `torch._scaled_mm` linears,
+                     compiled casts) in the LLM; the frozen vision tower stays bf16 (its MLP width
+                     3420 is not a multiple of 16, which _scaled_mm requires). Transformer Engine
+                     cannot be carried to the device.
+`update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
-attention, frozen vision forward-only); MFU against the H100's 989 TFLOP/s dense bf16 peak.
+attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
+bf16 peak (989 TFLOP/s for H100/H200). `losses` lists every step's loss: the ovlt variants
+start from the same init.
 """
 from __future__ import annotations
 
@@ -68,33 +76,111 @@ def make_samples(args, m):
     return out
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class OptTimer:
-    """Wraps a callable (the optimizer update) to record its synchronised wall time."""
+    """Wraps a callable (the optimizer update) to record its GPU time with CUDA events (no
+    syncs inside the step: they would expose host work that otherwise overlaps), or its wall
+    time on the CPU."""
 
     def __init__(self, fn, dev):
-        self.fn, self.dev, self.times = fn, dev, []
+        self.fn, self.dev, self.times, self._pending = fn, dev, [], []
 
     def __call__(self, *a, **k):
-        _sync(self.dev)
-        t0 = time.perf_counter()
+        if self.dev.type != "cuda":
+            t0 = time.perf_counter()
+            out = self.fn(*a, **k)
+            self.times.append(time.perf_counter() - t0)
+            return out
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
         out = self.fn(*a, **k)
-        _sync(self.dev)
-        self.times.append(time.perf_counter() - t0)
+        e.record()
+        self._pending.append((s, e))
         return out
 
-    def median(self, last: int) -> float:
-        t = sorted(self.times[-last:])
+    def median(self, first: int, count: int) -> float:
+        """Median over calls first .. first + count - 1 (the timed steps)."""
+        if self._pending:
+            torch.cuda.synchronize()
+            self.times += [s.elapsed_time(e) / 1e3 for s, e in self._pending]
+            self._pending = []
+        t = sorted(self.times[first:first + count])
         return t[len(t) // 2] if t else float("nan")
 
 
-def timed(step, warmup, iters, dev):
-    for _ in range(warmup):
-        step()
+def profile_steps(step, path, n=2):
+    """Run `n` steps under the torch profiler; write the top CUDA kernels by self time and the
+    GPU-busy fraction (union of kernel intervals over the wall time) to `path` (.txt + .json)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ivals, by_name = [], {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a, b = e.time_range.start, e.time_range.end
+            ivals.append((a, b))
+            by_name[e.name] = by_name.get(e.name, 0.0) + (b - a)
+    ivals.sort()
+    busy, cur_a, cur_b = 0.0, None, None
+    for a, b in ivals:
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                busy += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    if cur_b is not None:
+        busy += cur_b - cur_a
+    span = (ivals[-1][1] - ivals[0][0]) if ivals else 0.0
+    # the largest GPU-idle gaps, labelled by the innermost host ops running at their middle
+    merged = []
+    for a, b in ivals:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps = sorted(((b2[0] - b1[1], b1[1], b2[0]) for b1, b2 in zip(merged, merged[1:])),
+                  reverse=True)[:15]
+    cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    gap_info = []
+    for length, a, b in gaps:
+        mid = (a + b) / 2
+        cover = sorted((e.time_range.end - e.time_range.start, e.name) for e in cpu
+                       if e.time_range.start <= mid <= e.time_range.end)
+        gap_info.append({"ms": length / 1e3, "host_ops": [n for _, n in cover[:4]]})
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:60]
+    summary = {"steps": n, "wall_ms_per_step": wall * 1e3 / n,
+               "gpu_busy_ms_per_step": busy / 1e3 / n, "kernel_span_ms_per_step": span / 1e3 / n,
+               "kernels_ms_per_step": {k: v / 1e3 / n for k, v in top},
+               "largest_idle_gaps": gap_info}
+    with open(path + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    if os.environ.get("OVLT_BENCH_TRACE"):
+        import gzip
+        prof.export_chrome_trace(path + ".trace.json")
+        with open(path + ".trace.json", "rb") as fi, gzip.open(path + ".trace.json.gz", "wb") as fo:
+            fo.write(fi.read())
+        os.remove(path + ".trace.json")
+    with open(path + ".txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70,
+                                          max_name_column_width=90))
+    print(f"profile {os.path.basename(path)}: wall {summary['wall_ms_per_step']:.1f} ms/step, "
+          f"GPU busy {summary['gpu_busy_ms_per_step']:.1f} ms/step", flush=True)
+    for k, v in top[:25]:
+        print(f"   {v / 1e3 / n:8.2f} ms  {k[:110]}")
+    for gi in gap_info[:8]:
+        print(f"   idle {gi['ms']:6.2f} ms during {' < '.join(gi['host_ops'])[:140]}")
+
+
+LOSSES: dict = {}
+
+
+def timed(step, warmup, iters, dev, profile_path=None, name=None):
+    losses = [float(step()) for _ in range(warmup)]
     times = []
     for _ in range(iters):
         if dev.type == "cuda":
@@ -104,7 +190,11 @@ def timed(step, warmup, iters, dev):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    LOSSES[name] = losses  # per-step losses: the variants start from the same init
     times.sort()
+    if profile_path and dev.type == "cuda":
+        profile_steps(step, profile_path)
     return times[len(times) // 2], times[0], float(loss)
 
 
@@ -144,12 +234,25 @@ def run_hf(args, m, samples, dev):
         update_t()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
-    res = timed(step, args.warmup, args.iters, dev)
+    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, "hf"), "hf")
     del model, opt
-    return res + (update_t.median(args.iters),)
+    return res + (update_t.median(args.warmup, args.iters),)
 
 
-def run_ovlt(args, m, samples, dev):
+def _prof_path(args, name):
+    return os.path.join(args.profile_dir, name) if args.profile_dir else None
+
+
+def _head_bf16(bundle):
+    """A/B: the LM-head weight gradient accumulated in bf16 per logits chunk (448 MiB chunks)
+    and added into main_grad by DDP's hook, as before the main_grad accumulation."""
+    from ovlt.training.lm_head import unwrap
+    net = unwrap(bundle.chunks[0])
+    net.output_weight().ovlt_grad_into_main_grad = False
+    net.ovlt_lm_head_chunk_bytes = None
+
+
+def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
     from ovlt.training.model_setup import configure_fp8, wrap_model
@@ -159,6 +262,9 @@ def run_ovlt(args, m, samples, dev):
     from ovlt.models.qwen2_5_vl.provider import build_model
 
     torch.manual_seed(0)
+    if dev.type == "cuda":  # mcore's TP RNG tracker too: every ovlt variant gets the same init
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(0)
     if m.fp8 != "none":
         # The model's _scaled_mm linears need every GEMM dim divisible by 16; the vision MLP's
         # [gate; up] width 2 x 3420 = 6840 is not, so the (frozen) vision tower stays bf16 and
@@ -172,17 +278,37 @@ def run_ovlt(args, m, samples, dev):
     configure_fp8(model, m)
     tcfg = TrainConfig(freeze=["vision", "merger"], recompute=args.recompute)
     bundle = wrap_model(model, tcfg)
+    if tweak is not None:
+        tweak(bundle)
     prec = "bf16" if dev.type == "cuda" else "fp32"
     opt = build_optimizer(bundle.chunks, OptimizerConfig(lr=1e-6, weight_decay=0.0), prec)
     mbs = [collate(samples)]  # one packed THD micro-batch of samples x seq tokens
+    if dev.type == "cuda":
+        mbs = [mb.pin_memory() for mb in mbs]  # as the trainer's DataLoader(pin_memory) gives
     update_t = OptTimer(opt.step, dev)
     opt.step = update_t  # grad clip + sharded Adam + param copy-back, timed
 
     def step():
         return train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev).loss
-    res = timed(step, args.warmup, args.iters, dev)
+    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
     del bundle, opt, model
-    return res + (update_t.median(args.iters),)
+    return res + (update_t.median(args.warmup, args.iters),)
+
+
+def _without_fastpaths(fn):
+    """Run `fn` with OVLT_FASTPATHS=0 (mcore's own apex fallbacks, unfused activations)."""
+    from ovlt.compat import cuda_fastpaths
+    old = os.environ.get("OVLT_FASTPATHS")
+    os.environ["OVLT_FASTPATHS"] = "0"
+    cuda_fastpaths.uninstall()
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("OVLT_FASTPATHS")
+        else:
+            os.environ["OVLT_FASTPATHS"] = old
+        cuda_fastpaths.uninstall()
 
 
 def main(argv=None):
@@ -197,6 +323,8 @@ def main(argv=None):
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--variants", default="hf,ovlt_bf16,ovlt_fp8")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--profile-dir", default=None,
+                    help="also profile 2 steps per variant: <dir>/<variant>.{txt,json}")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -219,8 +347,15 @@ def main(argv=None):
            "flops_breakdown": {"vision": flops.vision, "merger": flops.merger, "llm": flops.llm},
            "peak_flops": peak, "variants": {}}
     runners = {"hf": lambda: run_hf(args, m, samples, dev),
-               "ovlt_bf16": lambda: run_ovlt(args, m, samples, dev),
-               "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples, dev)}
+               "ovlt_bf16": lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16"),
+               "ovlt_bf16_nofast": lambda: _without_fastpaths(
+                   lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_nofast")),
+               "ovlt_bf16_headbf16": lambda: run_ovlt(args, m, samples, dev,
+                                                      "ovlt_bf16_headbf16", _head_bf16),
+               "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples,
+                                            dev, "ovlt_fp8")}
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")
     for v in args.variants.split(","):
         if v == "ovlt_fp8" and dev.type != "cuda":
@@ -241,6 +376,7 @@ def main(argv=None):
             import traceback
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {e}"[:500]}
+        r["losses"] = LOSSES.get(v)
         res["variants"][v] = r
         print(v, json.dumps(r), flush=True)
         gc.collect()

@@ -63,8 +63,8 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         raise ValueError(f"targets must be int32/int64, got {targets.dtype}")
 
 
-def chunk_rows(T: int, v_local: int, elem: int) -> int:
-    c = max(1, config.chunk_bytes // max(1, v_local * elem))
+def chunk_rows(T: int, v_local: int, elem: int, chunk_bytes: int | None = None) -> int:
+    c = max(1, (chunk_bytes or config.chunk_bytes) // max(1, v_local * elem))
     if c >= 256:
         c -= c % 256  # GEMM-friendly M
     return max(1, min(T, c))
@@ -104,11 +104,14 @@ def _accumulate_dw(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bo
 
 
 def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=None, saved=None,
-               need_dh=False, need_dw=False):
+               need_dh=False, need_dw=False, dw_into=None, chunk_bytes=None):
     """The chunk loop. Without `saved`, computes (lse, logp, ent) [T] fp32. With `grad_fn`
     (`grad_fn(sl, lse_c, logp_c, ent_c) -> (g_lp_c, g_ent_c or None)`), also returns
-    dh [T,H] (all-reduced over the TP group) and dW [V_local,H] (fp32 or weight dtype).
-    `saved=(lse, ent)` skips the statistics (backward of a forward that kept them)."""
+    dh [T,H] (all-reduced over the TP group) and dW [V_local,H] (fp32 or weight dtype), or,
+    with `dw_into` (an fp32 [V_local,H] running sum such as mcore's main_grad), adds dW into it
+    chunk by chunk (no dW buffer, no later pass to add it).
+    `saved=(lse, ent)` skips the statistics (backward of a forward that kept them).
+    `chunk_bytes` overrides `config.chunk_bytes` for this call."""
     T, H = hidden.shape
     dev = hidden.device
     inv_temp = 1.0 / float(temperature)
@@ -123,7 +126,7 @@ def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=No
     if need_dw:
         dw_dtype = torch.float32 if config.dw_fp32 else weight.dtype
         dw = torch.empty(weight.shape, dtype=dw_dtype, device=dev)
-    C = chunk_rows(T, shard.v_local, hidden.element_size())
+    C = chunk_rows(T, shard.v_local, hidden.element_size(), chunk_bytes)
     buf = torch.empty(C, shard.v_local, dtype=hidden.dtype, device=dev)
     for start in range(0, T, C):
         sl = slice(start, min(T, start + C))
@@ -146,6 +149,8 @@ def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=No
             torch.mm(lg, weight, out=dh[sl])
         if need_dw:
             _accumulate_dw(dw, lg.t(), h_c, first=(start == 0))
+        if dw_into is not None:
+            _accumulate_dw(dw_into, lg.t(), h_c, first=False)
     if need_dw and T == 0:
         dw.zero_()
     if need_dh and shard.group is not None:

@@ -98,7 +98,7 @@ def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start
 
 
 def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, vocab_start, inv_temp,
-                 HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_ENT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     # d/dlogits of  g_lp * log p(target) + g_ent * entropy, for one row, written over X when
     # DX is X (the chunk is overwritten with its own gradient while it is hot).
     row = tl.program_id(0)
@@ -121,7 +121,15 @@ def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, voca
             # dH/dz_v = -p_v (log p_v + H) = -p_v (z_v - lse + H)
             d = d - ge * p * (z + shift)
         d = d * inv_temp
-        tl.store(dx_row + idx, d.to(DX.dtype.element_ty), mask=msk)
+        if OUT_BF16:
+            # round to nearest even on the bits (what torch does): Triton's plain cast to bf16
+            # truncated toward zero on an H200, a bias on every logit gradient
+            bits = d.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            tl.store(dx_row + idx, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                     mask=msk)
+        else:
+            tl.store(dx_row + idx, d.to(DX.dtype.element_ty), mask=msk)
 
 
 _row_stats = _Kernel(_row_stats_fn)
@@ -172,7 +180,7 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv
         _row_grad.on(logits)[(C,)](logits, logits.stride(0), logits, logits.stride(0), targets,
                                    lse, g_lp, ent if has_ent else lse, g_ent if has_ent else g_lp,
                                    V, vocab_start, float(inv_temp), HAS_ENT=has_ent,
-                                   BLOCK=block, **kw)
+                                   OUT_BF16=logits.dtype == torch.bfloat16, BLOCK=block, **kw)
         return logits
     z = logits.float() * inv_temp
     p = torch.exp(z - lse[:, None])

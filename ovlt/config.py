@@ -143,6 +143,11 @@ class TrainConfig:
     save_final: bool = True
     export_hf: bool = True
     log_interval: int = 1
+    # Budget (MiB) of the one live logits chunk in the fused LM-head loss of SFT. With the
+    # weight gradient accumulated into the fp32 main_grad, each chunk is one more fp32 pass
+    # over the V x H gradient: 2 GiB covers ~7K loss tokens at V=152K (bf16) in one chunk.
+    # 0 = the kernels' default (448 MiB).
+    lm_head_chunk_mib: int = 2048
     profile_steps: list[int] = field(default_factory=list)
     tensorboard: bool = False
     wandb: bool = False
@@ -567,6 +572,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         t = getattr(cfg, sec).train
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             raise ConfigError(f"{sec}.train: batch sizes must be >= 1")
+        if t.lm_head_chunk_mib < 0:
+            raise ConfigError(f"{sec}.train.lm_head_chunk_mib={t.lm_head_chunk_mib}: must be >= 0 "
+                              "(0 = the kernels' default chunk)")
         for fz in t.freeze:
             if fz not in ("vision", "merger", "llm"):
                 raise ConfigError(f"{sec}.train.freeze: {fz!r} not allowed; allowed values: "

@@ -73,6 +73,7 @@ BAD_CASES = [
     (None, ["novalue"], None, "expected key.sub=value"),
     (None, ["grpo.kl_type=k9"], None, "grpo.kl_type"),
     (None, ["grpo.train.export_hf=maybe"], None, "expected true/false"),
+    (None, ["sft.train.lm_head_chunk_mib=-1"], None, "sft.train.lm_head_chunk_mib=-1: must be >= 0"),
     ("defaults: [model/nope.yaml]\n", [], None, "defaults entry 'model/nope.yaml' not found"),
 ]
 

@@ -44,3 +44,30 @@ def test_no_rows_gives_zero_loss_and_zero_grads():
     loss, _ = kernels.fused_nll_loss(h, w, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert float(loss) == 0.0 and w.grad.abs().max() == 0
+
+
+def test_dw_into_main_grad_accumulates():
+    """dw_into: the weight gradient lands in the fp32 running sum (mcore's main_grad) during the
+    forward, across the chunks; backward flags it and still returns the input gradient."""
+    g = torch.Generator().manual_seed(1)
+    T, H, V = 13, 16, 300
+    h = torch.randn(T, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 2).requires_grad_()
+    t = torch.randint(0, V, (T,), generator=g)
+    start = torch.randn(V, H, generator=g)
+    main_grad = start.clone()
+    w.grad_added_to_main_grad = False
+    loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad)
+    dh, dw_placeholder = torch.autograd.grad(loss, [h, w])
+    assert w.grad_added_to_main_grad and dw_placeholder.shape == w.shape
+    hr, wr = h.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.T, t, reduction="sum")
+    rdh, rdw = torch.autograd.grad(ref, [hr, wr])
+    torch.testing.assert_close(main_grad, start + rdw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dh, rdh, atol=1e-5, rtol=1e-5)
+    # an upstream gradient other than 1 would make the early dW wrong: refused
+    loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(loss * 2.0, [h, w])
+    with pytest.raises(ValueError, match="dw_into"):
+        kernels.fused_nll_loss(h, w, t, dw_into=main_grad[:10])

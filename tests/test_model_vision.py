@@ -82,3 +82,26 @@ def test_images_are_independent(dist1, tiny_hf_dir):
         together = vis(px, g)
         alone = torch.cat([vis(p, gi[None]) for p, gi in zip(px.split(n.tolist()), g)])
     assert (together - alone).abs().max().item() < 1e-5
+
+
+def test_forward_only_path_equals_mcore_layers(dist1, tiny_hf_dir):
+    """The no-autograd fast path (`_lean_blocks`) computes what mcore's TransformerLayers do:
+    same tower, same inputs, with grad (mcore path) and without (fast path)."""
+    vis, _ = _both(tiny_hf_dir, None)
+    g = torch.tensor(GRIDS)
+    px = torch.randn(int(g.prod(-1).sum()), 1176, generator=torch.Generator().manual_seed(3))
+    calls = []
+    orig = vis._lean_blocks
+    vis._lean_blocks = lambda *a: calls.append(1) or orig(*a)
+    mcore = vis(px, g)  # params require grad: the mcore layers run
+    assert not calls and mcore.requires_grad
+    with torch.no_grad():
+        lean = vis(px, g)
+    assert calls and vis._lean_layers_ok
+    assert (lean - mcore.detach()).abs().max().item() < 1e-6
+    for p in vis.decoder.parameters():
+        p.requires_grad_(False)
+    vis(px, g)  # a trainable patch embed still needs the blocks' backward: mcore path
+    assert len(calls) == 1
+    vis.patch_embed.requires_grad_(False)  # frozen tower (train.freeze=[vision]): fast path
+    assert torch.equal(vis(px, g).detach(), lean) and len(calls) == 2

@@ -35,6 +35,13 @@ class PackedBatch:
     def num_samples(self) -> int:
         return int(self.cu_seqlens.numel() - 1)
 
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies (DataLoader(pin_memory=True) calls this): the H2D copy of `to`
+        then runs asynchronously instead of blocking the host."""
+        def pin(t):
+            return t.pin_memory() if isinstance(t, torch.Tensor) else t
+        return PackedBatch(**{k: pin(v) for k, v in self.__dict__.items()})
+
     def to(self, device) -> "PackedBatch":
         def mv(t):
             return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t

@@ -175,7 +175,8 @@ class SFTLoader:
         loader = DataLoader(_MicroBatches(self.ds, flat, self.pad), batch_size=None,
                             shuffle=False, num_workers=self.workers, collate_fn=_identity,
                             persistent_workers=False,
-                            prefetch_factor=4 if self.workers > 0 else None)
+                            prefetch_factor=4 if self.workers > 0 else None,
+                            pin_memory=torch.cuda.is_available())
         it = iter(loader)
         for step in mine:
             yield [next(it) for _ in step]

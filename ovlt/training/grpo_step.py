@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from ovlt.training.grpo_batch import RLMicroBatch
-from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, unwrap
+from ovlt.training.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
 from ovlt.training.step import StepResult, train_step
 
 
@@ -28,8 +28,7 @@ def rl_forward(model, mb: RLMicroBatch):
     """Final hidden states [S, 1, H] (last PP stage) of a packed micro-batch."""
     b = mb.to(_device(model))
     return model(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
-                 image_grid_thw=b.image_grid_thw, packed_seq_params=b.cu_seqlens,
-                 return_hidden=True)
+                 return_hidden=True, **host_side_inputs(unwrap(model), mb))
 
 
 def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,

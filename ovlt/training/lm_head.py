@@ -33,3 +33,12 @@ def flat_hidden(hidden: torch.Tensor) -> torch.Tensor:
 def loss_rows(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices of the tokens with a non-zero loss weight (one host sync)."""
     return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def host_side_inputs(net, batch) -> dict:
+    """Model inputs the host already knows, from the (CPU) micro-batch: segment boundaries,
+    image grids and the `<|image_pad|>` count. Read there, they cost the model no device sync."""
+    n_img = int((batch.input_ids == net.image_token_id).sum()) \
+        if getattr(net, "pre_process", False) else None
+    return dict(packed_seq_params=batch.cu_seqlens, image_grid_thw=batch.image_grid_thw,
+                num_image_tokens=n_img)

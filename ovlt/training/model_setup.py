@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ovlt.logging import get_logger
 
@@ -104,8 +105,7 @@ def mcore_config(model: torch.nn.Module):
 def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: bool = True,
                per_token_loss: bool = True) -> ModelBundle:
     """Freeze, set recompute and the loss-scaling contract, then wrap in mcore DDP."""
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from ovlt.compat.mcore_cpu import cuda_free_mode
 
@@ -119,13 +119,16 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
         # method of the top module; the LLM has it.
         model.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
     counts = freeze_modules(model, list(train_cfg.freeze))
+    # read by sft_forward: the logits-chunk budget of the fused LM-head loss
+    model.ovlt_lm_head_chunk_bytes = int(getattr(train_cfg, "lm_head_chunk_mib", 0)) << 20 or None
     apply_recompute(model, train_cfg.recompute)
     cfg = mcore_config(model)
     for c in _transformer_configs(model):
-        # Loss = sum over tokens; mcore sums token counts over micro-batches and DP ranks and
-        # divides the gradients once (finalize_model_grads): an exact per-token mean.
+        # Loss = sum over tokens; mcore sums token counts over micro-batches and DP ranks, and
+        # the optimizer step divides the gradients once (see finalize_grads): an exact
+        # per-token mean.
         c.calculate_per_token_loss = per_token_loss
-        c.finalize_model_grads_func = finalize_model_grads
+        c.finalize_model_grads_func = finalize_grads
         # Packed micro-batches differ in length: PP exchanges shapes before activations.
         c.variable_seq_lengths = True
     ddp_cfg = DistributedDataParallelConfig(
@@ -136,10 +139,82 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
         ddp = DistributedDataParallel(cfg, ddp_cfg, model)
     for c in _transformer_configs(model):
         c.no_sync_func = ddp.no_sync
+    fast = enable_cuda_fastpaths(model)
     log.info("model: %.2fM trainable / %.2fM frozen parameters on this rank (freeze=%s, "
-             "recompute=%s)", counts["trainable"] / 1e6, counts["frozen"] / 1e6,
-             list(train_cfg.freeze), train_cfg.recompute)
+             "recompute=%s, CUDA fast paths: %s)", counts["trainable"] / 1e6,
+             counts["frozen"] / 1e6, list(train_cfg.freeze), train_cfg.recompute, fast or "off")
     return ModelBundle(chunks=[ddp], config=cfg, param_counts=counts)
+
+
+def finalize_grads(model: list, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """mcore's `finalize_model_grads` (DP reduce, tied-embedding and non-TP grad all-reduces)
+    minus its last pass, grads *= 1/num_tokens: the total token count (summed over PP and DP
+    like mcore does) is left on each chunk as `ovlt_pending_grad_scale` for the optimizer
+    step, which folds it into the Adam update (fused path) or applies it (see
+    `ovlt.training.optimizer.OvltStep`). Same numbers, one pass over the fp32 grads fewer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, pg_collection=pg_collection,
+                         force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        return
+    if pg_collection is not None:
+        pp_group, dp_cp_group = pg_collection.pp, pg_collection.dp_cp
+    else:
+        pp_group = ps.get_pipeline_model_parallel_group()
+        dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
+    # as mcore: 1/N, and no scaling when no token carries a loss
+    scale = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), 1.0)
+    for chunk in model:
+        chunk.ovlt_pending_grad_scale = scale
+
+
+def enable_cuda_fastpaths(model: torch.nn.Module) -> dict:
+    """Training-only CUDA fusions, switched on after the DDP wrap (every trainable weight has
+    its fp32 `main_grad` then): mcore's torch.compile'd SwiGLU (`bias_activation_fusion`, which
+    also keeps only the fc1 output for backward) and bias-dropout-add, the fused RoPE, and
+    weight-gradient GEMMs, the embedding backward and the SFT LM-head dW accumulating into
+    main_grad (`ovlt.compat.cuda_fastpaths`, `language.OvltVocabParallelEmbedding`,
+    `kernels.fused_nll_loss(dw_into=)`). Nothing changes on CPU or with OVLT_FASTPATHS=0;
+    returns what was switched on."""
+    from ovlt.compat import cuda_fastpaths
+    if not cuda_fastpaths.fastpaths_enabled():
+        return {}
+    from ovlt.models.qwen2_5_vl.vision import VisionModel
+    rope = cuda_fastpaths.install()["rope_fusion"]
+    # A frozen tower runs forward only: the compiled fusions would save no memory there and
+    # their per-call guard checks cost more host time than its small kernels take on the GPU.
+    frozen = {id(m.config) for m in model.modules() if isinstance(m, VisionModel)
+              and not any(p.requires_grad for p in m.parameters())}
+    for c in _transformer_configs(model):
+        trains = id(c) not in frozen
+        c.bias_activation_fusion = trains and c.gated_linear_unit and c.activation_func is F.silu
+        c.bias_dropout_fusion = trains
+        # sbhd with per-token angles (ovlt's core attention); TE's thd attention keeps mcore's
+        c.apply_rope_fusion = rope and not c.rotary_interleaved and c.context_parallel_size == 1
+    from ovlt.models.qwen2_5_vl.language import OvltVocabParallelEmbedding, Qwen2LanguageModel
+    n_emb = 0
+    for lm in model.modules():
+        # tied LM head: the weight gets a second, ordinary gradient that must not be dropped
+        if isinstance(lm, Qwen2LanguageModel) and lm.pre_process and \
+                not lm.share_embeddings_and_output_weights:
+            emb = lm.embedding.word_embeddings
+            if isinstance(emb, OvltVocabParallelEmbedding) and hasattr(emb.weight, "main_grad"):
+                emb.grad_into_main_grad = True
+                n_emb += 1
+        if isinstance(lm, Qwen2LanguageModel) and lm.post_process and \
+                not lm.share_embeddings_and_output_weights:
+            w = lm.output_layer.weight
+            # read by sft_forward: the fused LM-head loss adds dW into main_grad directly
+            if w.requires_grad and hasattr(w, "main_grad"):
+                w.ovlt_grad_into_main_grad = True
+                n_emb += 1
+    return {"fused_swiglu_bda": True, "fused_rope": rope, "embedding_head_grad_fusion": n_emb,
+            "wgrad_fusion_layers": cuda_fastpaths.enable_wgrad_fusion(model)}
 
 
 def build_vl_model(job_cfg, precision: str):

@@ -27,10 +27,12 @@ from ovlt.training.lr_schedule import LRSchedule
 from ovlt.training.metrics import MetricsLogger, memory_gb
 from ovlt.training.model_setup import build_vl_model, configure_fp8, wrap_model
 from ovlt.training.optimizer import build_optimizer
-from ovlt.training.lm_head import flat_hidden, loss_rows, tp_group, tp_size, unwrap
+from ovlt.training.lm_head import (flat_hidden, host_side_inputs, loss_rows, tp_group,
+                                    tp_size, unwrap)
 from ovlt.training.profiler import StepProfiler
 from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
 from ovlt.training.step import train_step
+from ovlt.utils.device import to_device_async
 from ovlt.utils.io import atomic_write_text, read_jsonl
 
 log = get_logger(__name__)
@@ -46,7 +48,7 @@ def sft_forward(model, batch):
     dev = next(model.parameters()).device
     b = batch.to(dev)
     kw = dict(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
-              image_grid_thw=b.image_grid_thw, packed_seq_params=b.cu_seqlens)
+              **host_side_inputs(net, batch))
     mask = b.loss_mask.reshape(-1).float()
     if not net.post_process:
         return model(**kw)
@@ -55,15 +57,19 @@ def sft_forward(model, batch):
     from kernels import fused_nll_loss
 
     h = flat_hidden(model(**kw, return_hidden=True))
-    rows = loss_rows(mask)
-    loss, _ = fused_nll_loss(h.index_select(0, rows), net.output_weight(),
-                             b.labels.reshape(-1)[rows], mask[rows], tp_group=tp_group())
+    rows = to_device_async(loss_rows(batch.loss_mask), dev)  # found on the host: no sync
+    w = net.output_weight()
+    into = w.main_grad if getattr(w, "ovlt_grad_into_main_grad", False) else None
+    loss, _ = fused_nll_loss(h.index_select(0, rows), w, b.labels.reshape(-1)[rows], mask[rows],
+                             tp_group=tp_group(), dw_into=into,
+                             chunk_bytes=getattr(net, "ovlt_lm_head_chunk_bytes", None))
     return loss
 
 
 def sft_loss(batch, loss_sum):
-    """(loss sum, loss-token count, stats) for `train_step` from `sft_forward`'s output."""
-    return loss_sum, batch.loss_mask.float().sum().to(loss_sum.device), {}
+    """(loss sum, loss-token count, stats) for `train_step` from `sft_forward`'s output. The
+    count stays a host scalar: mcore adds it into its device counter without a copy."""
+    return loss_sum, batch.loss_mask.float().sum(), {}
 
 
 def batch_flops(model_cfg, micro_batches, freeze) -> tuple[float, int]:

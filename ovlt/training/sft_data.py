@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
 from ovlt.logging import get_logger
@@ -61,7 +62,8 @@ class SFTStream:
         flat = [mb for step in mine for mb in step]
         it = iter(DataLoader(_MicroBatches(ld.ds, flat, ld.pad), batch_size=None, shuffle=False,
                              num_workers=ld.workers, collate_fn=_identity,
-                             prefetch_factor=4 if ld.workers > 0 else None))
+                             prefetch_factor=4 if ld.workers > 0 else None,
+                             pin_memory=torch.cuda.is_available()))
         for step in mine:
             yield [next(it) for _ in step]
 

@@ -50,16 +50,29 @@ def _sdpa(q, k, v, causal, scale, dropout):
 
 
 def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
-    """[(length, n, token index [n*length])] for the non-empty segments of `cu_seqlens`,
-    grouped by length (one host sync; cache the result per batch, see `_groups`)."""
+    """[(length, n, token index [n*length] or None, first start)] for the non-empty segments of
+    `cu_seqlens`, grouped by length. The index is None when the group's segments lie back to
+    back (a packed row of equal-length samples, most vision windows): attention then reads
+    them as a view instead of gathering. One host sync when `cu_seqlens` is on the GPU (pass
+    the host copy where there is one; cache the result per batch, see `_groups`)."""
     bounds = cu_seqlens.tolist()
     by_len = defaultdict(list)  # segment length -> start offsets
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e > s:
             by_len[e - s].append(s)
-    return [(length, len(starts), (torch.tensor(starts, device=device)[:, None]
-                                   + torch.arange(length, device=device)[None]).reshape(-1))
-            for length, starts in by_len.items()]
+    out = []
+    for length, starts in by_len.items():
+        contiguous = all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
+        idx = None if contiguous else (torch.tensor(starts, device=device)[:, None]
+                                       + torch.arange(length, device=device)[None]).reshape(-1)
+        out.append((length, len(starts), idx, starts[0]))
+    return out
+
+
+def _gather(t, length, n, idx, start):
+    """The segments of a group as [n, heads, length, d] (a view when they are contiguous)."""
+    seg = t.narrow(0, start, n * length) if idx is None else t.index_select(0, idx)
+    return seg.view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
 
 
 def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: float = 0.0,
@@ -73,12 +86,17 @@ def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: f
                              softmax_scale=scale, causal=causal)
     if groups is None:
         groups = segment_groups(cu_seqlens, q.device)
+    if len(groups) == 1 and groups[0][2] is None and groups[0][0] * groups[0][1] == q.shape[0]:
+        length, n, _, _ = groups[0]  # one group covering every token: no scatter either
+        o = _sdpa(*(_gather(t, length, n, None, 0) for t in (q, k, v)), causal, scale, dropout)
+        return o.transpose(1, 2).reshape(q.shape)
     out = q.new_zeros(q.shape)
-    for length, n, idx in groups:
-        qq, kk, vv = (t.index_select(0, idx).view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
-                      for t in (q, k, v))
-        o = _sdpa(qq, kk, vv, causal, scale, dropout)
-        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(n * length, q.shape[1], q.shape[2]))
+    for length, n, idx, start in groups:
+        o = _sdpa(*(_gather(t, length, n, idx, start) for t in (q, k, v)), causal, scale, dropout)
+        o = o.transpose(1, 2).reshape(n * length, q.shape[1], q.shape[2])
+        if idx is None:
+            idx = torch.arange(start, start + n * length, device=q.device)
+        out = out.index_copy(0, idx, o)
     return out
 
 
@@ -120,7 +138,10 @@ class OvltCoreAttention(MegatronModule):
         key = "_ovlt_groups_window" if self.window else "_ovlt_groups_full"
         cached = getattr(packed_seq_params, key, None)
         if cached is None or cached[0] is not cu:
-            cached = (cu, segment_groups(cu, device))
+            # the boundaries' host copy, when the model attached one, avoids a device sync
+            host = getattr(packed_seq_params, "host_" + ("cu_window_seqlens" if self.window
+                                                          else "cu_seqlens_q"), None)
+            cached = (cu, segment_groups(host if host is not None else cu, device))
             setattr(packed_seq_params, key, cached)
         return cached[1]
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,12 +57,54 @@ def language_config(model_cfg) -> TransformerConfig:
     return cfg
 
 
+class _EmbeddingIntoMainGrad(torch.autograd.Function):
+    """F.embedding whose weight gradient is index-added straight into the fp32 `main_grad`
+    (only the rows of this batch's tokens), instead of a dense [V, H] bf16 gradient that mcore
+    DDP's hook then adds into main_grad (a zero fill of V x H, a scatter and a V x H add)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        w = ctx.weight
+        w.main_grad.index_add_(0, ids.reshape(-1),
+                               grad.reshape(-1, grad.shape[-1]).to(w.main_grad.dtype))
+        w.grad_added_to_main_grad = True
+        # a placeholder gradient (never read: grad_added_to_main_grad) so DDP's hook still fires
+        return None, torch.empty_like(w)
+
+
+class OvltVocabParallelEmbedding(VocabParallelEmbedding):
+    """mcore's VocabParallelEmbedding; with `grad_into_main_grad` (set by the trainer's CUDA
+    fast paths once DDP gave the weight its main_grad) and TP=1, the backward accumulates into
+    main_grad directly (`_EmbeddingIntoMainGrad`)."""
+
+    grad_into_main_grad = False
+
+    def forward(self, input_):
+        if not (self.grad_into_main_grad and self.tp_group.size() == 1 and self.training
+                and torch.is_grad_enabled() and self.weight.requires_grad
+                and hasattr(self.weight, "main_grad") and not self.reduce_scatter_embeddings
+                and not self.deterministic_mode):
+            return super().forward(input_)
+        return _EmbeddingIntoMainGrad.apply(input_, self.weight)
+
+
 class Qwen2LanguageModel(GPTModel):
     """`GPTModel` + `true_vocab_size` (the unpadded vocab) and the forward described above."""
 
     def __init__(self, *args, true_vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.true_vocab_size = true_vocab_size
+        if self.pre_process:
+            # mcore's LanguageModelEmbedding builds its VocabParallelEmbedding itself (no spec
+            # slot): give it the subclass above, same parameters and state dict.
+            self.embedding.word_embeddings.__class__ = OvltVocabParallelEmbedding
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [..., V/tp] of this TP rank; padded vocab rows -> dtype min."""

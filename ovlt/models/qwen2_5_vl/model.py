@@ -9,10 +9,13 @@ forward(input_ids [B,S], position_ids [3,B,S], pixel_values=None, image_grid_thw
     `labels` (-100 = no loss), or final hidden states [S,B,H] with `return_hidden=True`;
     non-last stages return their hidden states [S,B,H] for the pipeline schedule.
 Packed micro-batches: B=1, `cu_seqlens` [n+1] (or a PackedSeqParams with qkv_format "thd")
-keep attention inside each sample.
+keep attention inside each sample. Host-side inputs avoid device syncs: `cu_seqlens` and
+`image_grid_thw` may stay on the CPU, and `num_image_tokens` (the `<|image_pad|>` count, known
+to the data pipeline) replaces counting them on the GPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -21,13 +24,29 @@ from megatron.core.transformer.module import MegatronModule
 
 from ovlt.models.qwen2_5_vl.language import Qwen2LanguageModel
 from ovlt.models.qwen2_5_vl.vision import VisionModel
+from ovlt.utils.device import to_device_async
 
 
-def packed_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
-    cu = cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+@dataclass
+class LLMPackedSeqParams(PackedSeqParams):
+    """PackedSeqParams + the boundaries' host copy (ovlt's core attention groups segments from
+    it without a device sync)."""
+    host_cu_seqlens_q: Optional[torch.Tensor] = None
+
+
+def packed_params(cu_seqlens: torch.Tensor, device=None, qkv_format: str = "thd") -> PackedSeqParams:
+    """Packed-row attention params from `cu_seqlens` (host or device tensor). `qkv_format`:
+    "thd" for Transformer Engine's attention; "sbhd" for ovlt's core attention, where the row is
+    one [T, 1, ...] sequence to mcore (MRoPE positions are per token, so RoPE needs no
+    per-sample split: mcore's thd RoPE loops over samples with host syncs) and the segments
+    are kept apart by the core attention through cu_seqlens."""
+    host = cu_seqlens.to("cpu", torch.int32) if cu_seqlens.device.type != "cpu" else \
+        cu_seqlens.to(torch.int32)
+    cu = to_device_async(host, device if device is not None else cu_seqlens.device)
+    longest = int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0
+    return LLMPackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                              max_seqlen_q=longest, max_seqlen_kv=longest,
+                              host_cu_seqlens_q=host)
 
 
 class Qwen2_5_VLModel(MegatronModule):
@@ -42,6 +61,11 @@ class Qwen2_5_VLModel(MegatronModule):
         self.vision_model = vision_model  # None off the first pipeline stage
         self.share_embeddings_and_output_weights = \
             language_model.share_embeddings_and_output_weights
+        # ovlt's core attention takes packed rows as sbhd + cu_seqlens; TE's needs thd.
+        from ovlt.models.qwen2_5_vl.attention import OvltCoreAttention
+        ours = [isinstance(layer.self_attention.core_attention, OvltCoreAttention)
+                for layer in language_model.decoder.layers]
+        self.llm_qkv_format = "sbhd" if all(ours) else "thd"
 
     # ---------------------------------------------------------------- pipeline / kernels API
     def set_input_tensor(self, input_tensor) -> None:
@@ -88,12 +112,12 @@ class Qwen2_5_VLModel(MegatronModule):
         return self.vision_model is not None and any(
             p.requires_grad for p in self.vision_model.parameters())
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw):
+    def _embed(self, input_ids, pixel_values, image_grid_thw, num_image_tokens=None):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S,B,H]
         is_image = input_ids == self.image_token_id  # [B,S]
         if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
             feats = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
-            n_tok = int(is_image.sum())
+            n_tok = int(is_image.sum()) if num_image_tokens is None else int(num_image_tokens)
             if feats.shape[0] != n_tok:
                 raise ValueError(f"{n_tok} <|image_pad|> tokens in input_ids but the images "
                                  f"give {feats.shape[0]} features (grids "
@@ -102,7 +126,7 @@ class Qwen2_5_VLModel(MegatronModule):
             flat = emb.transpose(0, 1)
             flat = flat.masked_scatter(is_image.unsqueeze(-1), feats)
             return flat.transpose(0, 1).contiguous()
-        if bool(is_image.any()):
+        if (bool(is_image.any()) if num_image_tokens is None else num_image_tokens > 0):
             raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values/"
                              "image_grid_thw were given")
         if self.training and self._vision_trainable():
@@ -120,16 +144,18 @@ class Qwen2_5_VLModel(MegatronModule):
                 pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None,
                 packed_seq_params: Union[None, PackedSeqParams, torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, return_hidden: bool = False):
+                labels: Optional[torch.Tensor] = None, return_hidden: bool = False,
+                num_image_tokens: Optional[int] = None):
         if isinstance(packed_seq_params, torch.Tensor):
             if input_ids.shape[0] != 1:
                 raise ValueError(f"packed (cu_seqlens) input needs batch 1, got {input_ids.shape[0]}")
-            packed_seq_params = packed_params(packed_seq_params.to(input_ids.device))
+            packed_seq_params = packed_params(packed_seq_params, input_ids.device,
+                                              self.llm_qkv_format)
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError(f"position_ids must be [3, B, S] (MRoPE), got {tuple(position_ids.shape)}")
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, num_image_tokens)
         return self.language_model(input_ids, position_ids, decoder_input=decoder_input,
                                    labels=labels, packed_seq_params=packed_seq_params,
                                    return_hidden=return_hidden)

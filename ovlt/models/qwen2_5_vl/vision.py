@@ -20,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from ovlt.models.qwen2_5_vl.language import common_config_kwargs
+from ovlt.utils.device import to_device_async
 
 VISION_ROPE_THETA = 10000.0
 
@@ -30,6 +31,9 @@ class VisionPackedSeqParams(PackedSeqParams):
     boundaries (the other layers). Layout stays sbhd with batch 1."""
     cu_window_seqlens: torch.Tensor = None
     max_window_seqlen: int = None
+    # host copies: ovlt's core attention groups segments from them without a device sync
+    host_cu_seqlens_q: torch.Tensor = None
+    host_cu_window_seqlens: torch.Tensor = None
 
 
 def vision_config(model_cfg) -> TransformerConfig:
@@ -82,9 +86,13 @@ def window_layout(grid_thw: torch.Tensor, merge: int, window_units: int):
 
 
 def image_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
-    """Per-frame boundaries (HF attends within each temporal frame of an image/video)."""
-    per = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    return F.pad(per.cumsum(0), (1, 0)).to(torch.int32)
+    """Per-frame boundaries (HF attends within each temporal frame of an image/video).
+    Plain Python on the host: torch's CPU repeat_interleave took ~3 ms here on a GPU host."""
+    bounds = [0]
+    for t, h, w in grid_thw.tolist():
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    return torch.tensor(bounds, dtype=torch.int32)
 
 
 class PatchEmbed(torch.nn.Module):
@@ -140,8 +148,10 @@ class VisionModel(MegatronModule):
         pass
 
     def _rotary(self, grid_thw, device):
-        pos = rotary_position_ids(grid_thw, self.merge).to(device)
-        freqs = (pos[..., None].float() * self.inv_freq.to(device)).flatten(1)  # [N, hd/2]
+        pos = to_device_async(rotary_position_ids(grid_thw, self.merge), device)
+        if self.inv_freq.device != device:  # once: a pageable copy per call would sync
+            self.inv_freq = self.inv_freq.to(device)
+        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, hd/2]
         return torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -156,19 +166,79 @@ class VisionModel(MegatronModule):
         dev = pixel_values.device
         unit = self.merge * self.merge
         win_index, cu_win = window_layout(grid_thw, self.merge, self.window_units)
-        win_index = win_index.to(dev)
+        restore = torch.empty_like(win_index)  # the inverse permutation, on the host
+        restore[win_index] = torch.arange(win_index.numel())
+        win_index, restore = to_device_async(win_index, dev), to_device_async(restore, dev)
         x = self.patch_embed(pixel_values)
         x = x.view(n // unit, unit, -1)[win_index].reshape(n, 1, -1)  # [S, B=1, H]
         rot = self._rotary(grid_thw, dev)
         rot = rot.view(n // unit, unit, -1)[win_index].reshape(n, 1, 1, -1)
         cu_img = image_cu_seqlens(grid_thw)
+        cu_img_dev = to_device_async(cu_img, dev)
         params = VisionPackedSeqParams(
-            qkv_format="sbhd", cu_seqlens_q=cu_img.to(dev), cu_seqlens_kv=cu_img.to(dev),
+            qkv_format="sbhd", cu_seqlens_q=cu_img_dev, cu_seqlens_kv=cu_img_dev,
             max_seqlen_q=int((cu_img[1:] - cu_img[:-1]).max()),
             max_seqlen_kv=int((cu_img[1:] - cu_img[:-1]).max()),
-            cu_window_seqlens=cu_win.to(dev),
-            max_window_seqlen=int((cu_win[1:] - cu_win[:-1]).max()))
-        x = self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rot,
-                         packed_seq_params=params)
+            cu_window_seqlens=to_device_async(cu_win, dev),
+            max_window_seqlen=int((cu_win[1:] - cu_win[:-1]).max()),
+            host_cu_seqlens_q=cu_img, host_cu_window_seqlens=cu_win)
+        if self._lean_forward_ok(x):
+            with torch.no_grad():
+                x = self._lean_blocks(x, rot, params)
+        else:
+            x = self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rot,
+                             packed_seq_params=params)
         x = self.merger(x[:, 0])
-        return x[torch.argsort(win_index)]
+        return x[restore]
+
+    # ------------------------------------------------------------ forward-only fast path
+    def _lean_forward_ok(self, x) -> bool:
+        """The blocks need no autograd (frozen blocks and input, or no grad mode) and are plain
+        local-spec mcore layers at TP=1: then `_lean_blocks` runs them. It computes what
+        mcore's TransformerLayer does here (no dropout; biases added in the GEMM epilogue, where
+        mcore adds them in a separate bf16 op) with a fraction of the host work per layer: the
+        tower's kernels are small, so mcore's per-layer Python made it host-bound on a GPU
+        (~1 ms of idle GPU per layer on an H200)."""
+        if torch.is_grad_enabled() and (x.requires_grad or
+                                        any(p.requires_grad for p in self.decoder.parameters())):
+            return False
+        ok = getattr(self, "_lean_layers_ok", None)
+        if ok is None:
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+            from ovlt.models.qwen2_5_vl.attention import OvltCoreAttention
+            cfg = self.config
+            ok = (cfg.tensor_model_parallel_size == 1 and cfg.hidden_dropout == 0.0
+                  and cfg.gated_linear_unit and cfg.activation_func is F.silu
+                  and cfg.num_query_groups == cfg.num_attention_heads
+                  and not getattr(cfg, "rotary_interleaved", False))
+            for layer in self.decoder.layers:
+                att, mlp = layer.self_attention, layer.mlp
+                ok = ok and type(att.linear_qkv) is ColumnParallelLinear \
+                    and type(att.linear_proj) is RowParallelLinear \
+                    and type(mlp.linear_fc1) is ColumnParallelLinear \
+                    and type(mlp.linear_fc2) is RowParallelLinear \
+                    and isinstance(att.core_attention, OvltCoreAttention) \
+                    and isinstance(layer.input_layernorm, torch.nn.RMSNorm) \
+                    and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm)
+            self._lean_layers_ok = ok
+        return ok
+
+    def _lean_blocks(self, x, rot, params):
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+        cfg = self.config
+        heads, hd = cfg.num_attention_heads, cfg.kv_channels
+        for layer in self.decoder.layers:
+            att, mlp = layer.self_attention, layer.mlp
+            h = layer.input_layernorm(x)
+            qkv = F.linear(h, att.linear_qkv.weight, att.linear_qkv.bias)
+            qkv = qkv.view(*qkv.shape[:2], heads, 3 * hd)  # per head [q_h, k_h, v_h]
+            q, k, v = torch.split(qkv, [hd, hd, hd], dim=3)
+            q = apply_rotary_pos_emb(q.reshape(*q.shape[:2], -1, hd), rot, config=cfg)
+            k = apply_rotary_pos_emb(k, rot, config=cfg)
+            o = att.core_attention(q, k, v, None, packed_seq_params=params)
+            x = x + F.linear(o, att.linear_proj.weight, att.linear_proj.bias)
+            h = layer.pre_mlp_layernorm(x)
+            g, u = torch.chunk(F.linear(h, mlp.linear_fc1.weight, mlp.linear_fc1.bias), 2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+        return x

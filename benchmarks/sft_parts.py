@@ -1,0 +1,135 @@
+"""Parts of an SFT step at 7B widths, each timed alone against its alternatives (CUDA only).
+
+    python benchmarks/sft_parts.py --out benchmarks/results/sft_parts_h200.json
+
+  wgrad       dW of one fc1 GEMM (8192 tokens, 3584 -> 2 x 18944): bf16 GEMM + add into the fp32
+              main_grad (mcore without apex) vs one GEMM accumulating into fp32
+              (`ovlt.compat.cuda_fastpaths`)
+  rmsnorm     fwd+bwd of RMSNorm over [8192, 3584] bf16: torch.nn.RMSNorm vs torch.compile
+  attention   causal GQA attention fwd+bwd, 4 x 2048 tokens, 28 q / 4 kv heads: SDPA backends
+  adam        the optimizer update of 2.0 B fp32 master params: fused AdamW + bf16 copy, and
+              the grad-norm via foreach vs mcore's per-tensor fallback
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._bench_util import cuda_time, write_results  # noqa: E402
+
+
+def bench_wgrad(res):
+    from ovlt.compat.cuda_fastpaths import TorchWgradAccum
+    t, k, n = 8192, 3584, 2 * 18944
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
+    acc = torch.zeros(n, k, device="cuda")
+    ref = acc.clone()
+
+    def unfused():
+        ref.add_(g.t().matmul(x))
+
+    def fused():
+        TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, acc)
+    a, b = cuda_time(unfused, 20, 3), cuda_time(fused, 20, 3)
+    err = ((acc - ref).norm() / ref.norm()).item()
+    flops = 2 * t * k * n
+    res["wgrad"] = {"unfused_ms": a, "fused_ms": b, "rel_err": err,
+                    "fused_tflops": flops / b / 1e9}
+
+
+def bench_rmsnorm(res):
+    x = torch.randn(8192, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    norm = torch.nn.RMSNorm(3584, eps=1e-6, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+    comp = torch.compile(norm)
+
+    def run(f):
+        def go():
+            y = f(x)
+            y.backward(gy)
+        return go
+    res["rmsnorm"] = {"torch_ms": cuda_time(run(norm), 20, 3),
+                      "compiled_ms": cuda_time(run(comp), 20, 5)}
+
+
+def bench_attention(res):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(4, 28, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 4, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    out = {}
+
+    def run(backend, expand):
+        def go():
+            kk, vv = (k.repeat_interleave(7, 1), v.repeat_interleave(7, 1)) if expand else (k, v)
+            ctx = sdpa_kernel(backend) if backend is not None else torch.enable_grad()
+            with ctx:
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True,
+                                                   enable_gqa=not expand)
+            o.sum().backward()
+        return go
+    for name, be, ex in [("default_gqa", None, False), ("flash_gqa", SDPBackend.FLASH_ATTENTION, False),
+                         ("cudnn_gqa", SDPBackend.CUDNN_ATTENTION, False),
+                         ("default_expanded", None, True), ("flash_expanded", SDPBackend.FLASH_ATTENTION, True),
+                         ("cudnn_expanded", SDPBackend.CUDNN_ATTENTION, True),
+                         ("efficient_expanded", SDPBackend.EFFICIENT_ATTENTION, True)]:
+        try:
+            out[name + "_ms"] = cuda_time(run(be, ex), 10, 2)
+        except Exception as e:  # noqa: BLE001 - a backend may refuse these inputs
+            out[name + "_ms"] = f"{type(e).__name__}: {str(e)[:100]}"
+    res["attention"] = out
+
+
+def bench_adam(res, n_params=2.0e9):
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from ovlt.compat.cuda_fastpaths import multi_tensor_l2norm
+    # 4 layers of 7B shape + untied embedding and head: a few big tensors, like the real model
+    shapes = [(152064, 3584), (152064, 3584)] + [(4608, 3584), (3584, 3584), (37888, 3584),
+                                                 (3584, 18944)] * 4
+    params = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    model = [p.bfloat16() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    grads = [p.grad for p in params]
+
+    def step():
+        opt.step()
+        torch._foreach_copy_(model, params)
+    n = sum(p.numel() for p in params)
+    out = {"params": n, "adam_plus_copy_ms": cuda_time(step, 10, 2),
+           "norm_foreach_ms": cuda_time(lambda: multi_tensor_l2norm(0, None, [grads], False), 10, 2),
+           "norm_mcore_local_ms": cuda_time(
+               lambda: local_multi_tensor_l2_norm(0, None, [grads], False), 5, 1),
+           "scale_foreach_ms": cuda_time(lambda: torch._foreach_mul_(grads, 0.999), 10, 2)}
+    gb = n * (4 * 7 + 2) / 1e9  # adam r/w + bf16 write
+    out["adam_plus_copy_GBps"] = gb / out["adam_plus_copy_ms"] * 1e3
+    res["adam"] = out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="wgrad,rmsnorm,attention,adam")
+    args = ap.parse_args(argv)
+    res = {}
+    for part in args.parts.split(","):
+        try:
+            globals()[f"bench_{part}"](res)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            res[part] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(part, res[part], flush=True)
+        torch.cuda.empty_cache()
+    write_results(os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out), res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

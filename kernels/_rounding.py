@@ -1,0 +1,15 @@
+"""fp32 -> bf16 rounding inside Triton kernels."""
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - optional
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def to_bf16_rne(x):
+        """Round fp32 `x` to bf16, to nearest even (what torch's casts do). Done on the bits:
+        the H200 run showed Triton's plain `.to(tl.bfloat16)` truncating toward zero."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -1,0 +1,189 @@
+"""The apex / Transformer Engine seam: megatron-core's fused-kernel fast paths, given ovlt or
+torch implementations on CUDA machines that have neither apex nor TE.
+
+megatron-core 0.16.1 without apex/TE falls back to per-tensor Python loops and unfused ops
+that cost a large share of an SFT step on a GPU:
+  * `multi_tensor_l2norm` (grad-norm for clipping): one `torch.norm` per tensor and a host sync
+    per tensor (`torch.tensor(list of CUDA scalars)`);
+  * `multi_tensor_scale` (the clip itself): `dst.copy_(src * scale)`, a temporary per tensor;
+  * no `fused_weight_gradient_mlp_cuda`: `gradient_accumulation_fusion` is refused, so every
+    weight-gradient GEMM writes a bf16 grad that a DDP hook then adds into the fp32 main_grad
+    (an extra pass over 10 bytes per parameter, and a grad-sized allocation);
+  * no TE `fused_apply_rotary_pos_emb`: RoPE runs as ~8 elementwise passes and two
+    concatenations per q and per k of every layer.
+Here they become `torch._foreach_norm`, an in-place `torch._foreach_mul_`, a weight-gradient
+GEMM that accumulates into the fp32 main_grad directly (`torch.addmm(..., out_dtype=fp32)`,
+one cuBLAS call with beta=1; checked against mm + add once at install) and `kernels.fused_rope`
+(Triton, one pass forward and backward).
+
+`install()` is idempotent, a no-op without CUDA or with apex/TE present, and logs once which
+path is in use. `OVLT_FASTPATHS=0` keeps mcore's own fallbacks (A/B benchmarks, debugging).
+The training-time switches that use these (mcore config flags) are set in
+`ovlt.training.model_setup.enable_cuda_fastpaths`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ovlt.logging import get_logger, log_once
+
+log = get_logger(__name__)
+_STATE: dict = {}
+
+
+def fastpaths_enabled() -> bool:
+    """The CUDA fast paths (this seam, fused activations) unless OVLT_FASTPATHS=0."""
+    return torch.cuda.is_available() and os.environ.get("OVLT_FASTPATHS", "1") != "0"
+
+
+def _apex_or_te_present() -> bool:
+    try:
+        import amp_C  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from transformer_engine.pytorch.optimizers import multi_tensor_l2norm  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _te_rope_present() -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+# ------------------------------------------------------------------ multi-tensor kernels
+def multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for `amp_C.multi_tensor_l2norm`: (total L2 norm [1] fp32, None), no host sync."""
+    tensors = [t for t in tensor_lists[0] if t.numel()]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device="cuda"), None
+    norms = torch._foreach_norm(tensors, 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    return total.reshape(1), None
+
+
+def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for `amp_C.multi_tensor_scale`: dst = src * scale (in place when src is dst)."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if not src:
+        return
+    if all(s is d for s, d in zip(src, dst)):
+        if scale != 1.0:
+            torch._foreach_mul_(src, scale)
+        return
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+class TorchWgradAccum:
+    """Stands in for apex's `fused_weight_gradient_mlp_cuda` module:
+    `wgrad_gemm_accum_fp32(input [M,K], grad_output [M,N], main_grad [N,K])` does
+    main_grad += grad_output^T @ input in one GEMM with an fp32 accumulator/output."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32,
+                    out=main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def _wgrad_accum_works() -> bool:
+    """One small check that this torch/cuBLAS accumulates bf16 x bf16 into fp32 in place."""
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(64, 48, device="cuda", generator=g).bfloat16()
+        b = torch.randn(64, 32, device="cuda", generator=g).bfloat16()
+        acc = torch.randn(32, 48, device="cuda", generator=g)
+        ref = acc + b.float().t() @ a.float()
+        TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, acc)
+        err = (acc - ref).abs().max().item() / ref.abs().max().item()
+        return err < 1e-3
+    except Exception as e:  # noqa: BLE001 - any failure: keep mcore's unfused path
+        log.warning("wgrad accumulation into fp32 main_grad unavailable here (%s)", str(e)[:200])
+        return False
+
+
+def install() -> dict:
+    """Install the torch fast paths into megatron-core where apex/TE are missing. Returns
+    {"multi_tensor": bool, "wgrad_fusion": bool} (what is active)."""
+    if "result" in _STATE:
+        return _STATE["result"]
+    res = {"multi_tensor": False, "wgrad_fusion": False, "rope_fusion": False}
+    if not fastpaths_enabled():
+        reason = "no CUDA" if not torch.cuda.is_available() else "OVLT_FASTPATHS=0"
+        log_once(log, "apex_seam", f"apex seam: mcore's own fallbacks ({reason})")
+    elif _apex_or_te_present():
+        log_once(log, "apex_seam", "apex seam: apex/Transformer Engine kernels (installed)")
+        res = {"multi_tensor": True, "wgrad_fusion": True, "rope_fusion": _te_rope_present(),
+               "native": True}
+    else:
+        from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.optimizer import clip_grads, optimizer
+        from megatron.core.tensor_parallel import layers
+        _STATE["originals"] = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
+                               optimizer.multi_tensor_scale_impl,
+                               getattr(layers, "fused_weight_gradient_mlp_cuda", None),
+                               layers._grad_accum_fusion_available,
+                               rope_utils.fused_apply_rotary_pos_emb)
+        clip_grads.l2_norm_impl = multi_tensor_l2norm
+        clip_grads.multi_tensor_scale_impl = multi_tensor_scale
+        optimizer.multi_tensor_scale_impl = multi_tensor_scale
+        res["multi_tensor"] = True
+        if _wgrad_accum_works():
+            layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
+            layers._grad_accum_fusion_available = True
+            res["wgrad_fusion"] = True
+        if rope_utils.fused_apply_rotary_pos_emb is None:
+            from kernels.rope import fused_rope
+            rope_utils.fused_apply_rotary_pos_emb = fused_rope
+        res["rope_fusion"] = True
+        log_once(log, "apex_seam", "apex/TE seam: ovlt fallbacks (foreach grad norm/scale, "
+                 f"Triton RoPE; wgrad GEMM into fp32 main_grad: {res['wgrad_fusion']})")
+    _STATE["result"] = res
+    return res
+
+
+def uninstall() -> None:
+    """Put mcore's own fallbacks back (A/B benchmarks in one process)."""
+    orig = _STATE.pop("originals", None)
+    _STATE.pop("result", None)
+    if orig is None:
+        return
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.models.common.embeddings import rope_utils
+    (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
+     optimizer.multi_tensor_scale_impl, wgrad, layers._grad_accum_fusion_available,
+     rope_utils.fused_apply_rotary_pos_emb) = orig
+    if wgrad is None:
+        layers.__dict__.pop("fused_weight_gradient_mlp_cuda", None)
+    else:
+        layers.fused_weight_gradient_mlp_cuda = wgrad
+
+
+def enable_wgrad_fusion(model: torch.nn.Module) -> int:
+    """After the DDP wrap (which gives every trainable weight its fp32 `main_grad`): let mcore's
+    Column/RowParallelLinears accumulate their weight gradients straight into it. Returns the
+    number of layers switched. Layers whose weight has no main_grad stay as they are."""
+    if not install()["wgrad_fusion"]:
+        return 0
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+            w = getattr(mod, "weight", None)
+            if w is not None and w.requires_grad and hasattr(w, "main_grad") \
+                    and w.dtype in (torch.bfloat16, torch.float16):
+                mod.gradient_accumulation_fusion = True
+                n += 1
+    return n
