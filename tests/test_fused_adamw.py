@@ -114,8 +114,11 @@ def _fused_vs_mcore_worker(rank, world, sft_file, save_dir):
     for i, mbs in enumerate(batches):
         a, b = (train_step(setups[f][1].chunks, setups[f][2], mbs, sft_forward, sft_loss)
                 for f in (False, True))
-        assert abs(a.loss - b.loss) < 1e-4 * max(1.0, abs(a.loss)), (i, a.loss, b.loss)
-        assert abs(a.grad_norm - b.grad_norm) < 1e-4 * a.grad_norm, (i, a.grad_norm, b.grad_norm)
+        # the first step from one state agrees to fp32 rounding; later ones drift slowly
+        # (bf16 params that differ by rounding ties)
+        tol = 1e-5 if i == 0 else 1e-3
+        assert abs(a.loss - b.loss) < tol * max(1.0, abs(a.loss)), (i, a.loss, b.loss)
+        assert abs(a.grad_norm - b.grad_norm) < tol * a.grad_norm, (i, a.grad_norm, b.grad_norm)
         assert a.grad_norm > 0.05  # the clip engaged on every step
         if i == 0:
             # one step from the same state: the same update up to fp32 rounding (later steps
@@ -166,7 +169,10 @@ def _checkpoint_roundtrip(cfg, base, batches, fused_setup, save_dir):
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="CPU/gloo reference run (the tiny config pins gloo); on a GPU the fused "
                            "step runs in benchmarks/gpu_smoke_sft.sh and sft_throughput.py")
-def test_fused_step_matches_mcore_step(tmp_path):
+@pytest.mark.parametrize("world", [1, 2], ids=["dp1", "dp2"])
+def test_fused_step_matches_mcore_step(tmp_path, world):
+    """DP=2 also checks the fused kernel's outputs land in each rank's param-buffer shard and
+    the grad norm is reduced over the ranks (the DistributedOptimizer shards the update)."""
     sft_file = make_synth(tmp_path, n=16)
-    assert run_distributed(_fused_vs_mcore_worker, 1, sft_file, tmp_path / "ckpt",
-                           timeout=600) == [True]
+    assert run_distributed(_fused_vs_mcore_worker, world, sft_file, tmp_path / "ckpt",
+                           timeout=600) == [True] * world
