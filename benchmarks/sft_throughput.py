@@ -125,24 +125,15 @@ def profile_steps(step, path, n=2):
             ivals.append((a, b))
             by_name[e.name] = by_name.get(e.name, 0.0) + (b - a)
     ivals.sort()
-    busy, cur_a, cur_b = 0.0, None, None
-    for a, b in ivals:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                busy += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        busy += cur_b - cur_a
-    span = (ivals[-1][1] - ivals[0][0]) if ivals else 0.0
-    # the largest GPU-idle gaps, labelled by the innermost host ops running at their middle
-    merged = []
+    merged = []  # the union of the kernel intervals: GPU-busy time
     for a, b in ivals:
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
+    busy = sum(b - a for a, b in merged)
+    span = (ivals[-1][1] - ivals[0][0]) if ivals else 0.0
+    # the largest GPU-idle gaps, labelled by the innermost host ops running at their middle
     gaps = sorted(((b2[0] - b1[1], b1[1], b2[0]) for b1, b2 in zip(merged, merged[1:])),
                   reverse=True)[:15]
     cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
@@ -151,7 +142,7 @@ def profile_steps(step, path, n=2):
         mid = (a + b) / 2
         cover = sorted((e.time_range.end - e.time_range.start, e.name) for e in cpu
                        if e.time_range.start <= mid <= e.time_range.end)
-        gap_info.append({"ms": length / 1e3, "host_ops": [n for _, n in cover[:4]]})
+        gap_info.append({"ms": length / 1e3, "host_ops": [name for _, name in cover[:4]]})
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:60]
     summary = {"steps": n, "wall_ms_per_step": wall * 1e3 / n,
                "gpu_busy_ms_per_step": busy / 1e3 / n, "kernel_span_ms_per_step": span / 1e3 / n,
@@ -160,11 +151,7 @@ def profile_steps(step, path, n=2):
     with open(path + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     if os.environ.get("OVLT_BENCH_TRACE"):
-        import gzip
-        prof.export_chrome_trace(path + ".trace.json")
-        with open(path + ".trace.json", "rb") as fi, gzip.open(path + ".trace.json.gz", "wb") as fo:
-            fo.write(fi.read())
-        os.remove(path + ".trace.json")
+        prof.export_chrome_trace(path + ".trace.json.gz")  # torch gzips by the suffix
     with open(path + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70,
                                           max_name_column_width=90))

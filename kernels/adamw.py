@@ -15,7 +15,6 @@ Triton on CUDA (or under TRITON_INTERPRET=1); the same arithmetic in torch ops e
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -25,6 +24,8 @@ try:
     import triton.language as tl
 except Exception:  # noqa: BLE001 - optional
     triton = None
+
+from ._triton_ops import use_triton
 
 BLOCK = 4096
 
@@ -59,10 +60,6 @@ if triton is not None:
             tl.store(out_ptr + offs, q, mask=mask)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 @torch.no_grad()
 def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, grad_coeff: torch.Tensor, *, step: int, lr: float,
@@ -83,7 +80,7 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - beta2 ** step)
     if n == 0:
         return
-    if _use_triton(param):
+    if use_triton(param):
         grid = (triton.cdiv(n, BLOCK),)
         _adamw_kernel[grid](param, grad.contiguous(), exp_avg, exp_avg_sq,
                             out if out is not None else param, grad_coeff.reshape(1), n,

@@ -13,8 +13,6 @@ Triton on CUDA (or under TRITON_INTERPRET=1), the same formula in torch elsewher
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -22,6 +20,8 @@ try:
     import triton.language as tl
 except Exception:  # noqa: BLE001 - optional
     triton = None
+
+from ._triton_ops import use_triton
 
 if triton is not None:
     from ._rounding import to_bf16_rne
@@ -76,8 +76,7 @@ def _rope_torch(x, freqs, backward: bool):
 
 def _rope(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
     S, B, H, D = x.shape
-    if triton is None or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") \
-            or x.stride(-1) != 1:
+    if not use_triton(x) or x.stride(-1) != 1:
         return _rope_torch(x, freqs, backward)
     f = freqs.float()
     if f.stride(-1) != 1:

@@ -57,14 +57,20 @@ def _te_rope_present() -> bool:
 
 
 # ------------------------------------------------------------------ multi-tensor kernels
+def grad_sq_norm(tensors, device) -> torch.Tensor:
+    """Sum of the squares of every element of `tensors`, as a [1] fp32 tensor on `device`:
+    one foreach reduction, no host sync."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    norms = torch._foreach_norm(tensors, 2.0)
+    return torch.stack([n.float() for n in norms]).square().sum().reshape(1).to(device)
+
+
 def multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Drop-in for `amp_C.multi_tensor_l2norm`: (total L2 norm [1] fp32, None), no host sync."""
-    tensors = [t for t in tensor_lists[0] if t.numel()]
-    if not tensors:
-        return torch.zeros(1, dtype=torch.float32, device="cuda"), None
-    norms = torch._foreach_norm(tensors, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
-    return total.reshape(1), None
+    dev = tensor_lists[0][0].device if tensor_lists[0] else "cuda"
+    return grad_sq_norm(tensor_lists[0], dev).sqrt(), None
 
 
 def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):

@@ -113,7 +113,7 @@ class FusedAdamW(torch.optim.Optimizer):
         from kernels.adamw import fused_adamw_
         if closure is not None:
             raise ValueError("FusedAdamW.step takes no closure")
-        coeff = self.grad_coeff
+        coeff, ones = self.grad_coeff, {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             wd = group["weight_decay"] if self.decoupled else 0.0
@@ -124,7 +124,8 @@ class FusedAdamW(torch.optim.Optimizer):
                     continue
                 st = self._state_of(p)
                 st["step"] += 1
-                c = coeff if coeff is not None else torch.ones(1, device=p.device)
+                c = coeff if coeff is not None else \
+                    ones.setdefault(p.device, torch.ones(1, device=p.device))
                 fused_adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], c,
                              step=int(st["step"].item()), lr=group["lr"], beta1=beta1,
                              beta2=beta2, eps=group["eps"], weight_decay=wd,
@@ -196,14 +197,10 @@ class OvltStep:
         inner = inner_optimizers(opt)
         if opt.prepare_grads():  # sets the main grads (views of the fp32 grad buffer)
             return False, None, None
-        grads = [g for o in inner for g in o.get_main_grads_for_grad_norm() if g.numel()]
+        from ovlt.compat.cuda_fastpaths import grad_sq_norm
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        if grads:
-            sq = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
-        else:
-            sq = torch.zeros((), device=dev)
-        sq = sq.reshape(1).to(dev)
+        sq = grad_sq_norm([g for o in inner for g in o.get_main_grads_for_grad_norm()], dev)
         group = opt.get_grad_stats_parallel_group()
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(sq, group=group)

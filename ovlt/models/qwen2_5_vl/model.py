@@ -40,8 +40,7 @@ def packed_params(cu_seqlens: torch.Tensor, device=None, qkv_format: str = "thd"
     one [T, 1, ...] sequence to mcore (MRoPE positions are per token, so RoPE needs no
     per-sample split: mcore's thd RoPE loops over samples with host syncs) and the segments
     are kept apart by the core attention through cu_seqlens."""
-    host = cu_seqlens.to("cpu", torch.int32) if cu_seqlens.device.type != "cpu" else \
-        cu_seqlens.to(torch.int32)
+    host = cu_seqlens.to("cpu", torch.int32)
     cu = to_device_async(host, device if device is not None else cu_seqlens.device)
     longest = int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0
     return LLMPackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
