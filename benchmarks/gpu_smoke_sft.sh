@@ -2,7 +2,8 @@
 # The real SFT launcher on one GPU with the tiny config in bf16 (NCCL, fused optimizer step,
 # CUDA fast paths): train with a mid-run checkpoint, rerun to resume (nothing left to do), load
 # the exported HF directory in transformers. Prints one line per check; exits non-zero on a
-# failure.   bash benchmarks/gpu_smoke_sft.sh [OUT_DIR]   (CPU dry run: BACKEND=gloo PRECISION=fp32)
+# failure.   bash benchmarks/gpu_smoke_sft.sh [OUT_DIR]   (CPU dry run: BACKEND=gloo PRECISION=fp32;
+# more overrides: EXTRA="model.fp8=scaled_mm_delayed ...")
 set -euo pipefail
 out=${1:-/tmp/ovlt_gpu_smoke}
 rm -rf "$out" && mkdir -p "$out"
@@ -10,7 +11,7 @@ python3 -m ovlt data synth --out "$out/synth" --n 48 >/dev/null
 args=(--config configs/sft/tiny_cpu.yaml "data.sft_files=[$out/synth/sft.jsonl]"
       "sft.train.save_dir=$out/sft" "parallel.backend=${BACKEND:-nccl}"
       "model.params_dtype=${PRECISION:-bf16}" "sft.train.precision=${PRECISION:-bf16}"
-      sft.train.save_interval=2 sft.train.keep_last=2 data.num_workers=2)
+      sft.train.save_interval=2 sft.train.keep_last=2 data.num_workers=2 ${EXTRA:-})
 python3 launchers/sft.py "${args[@]}" > "$out/run1.log" 2>&1 || { tail -30 "$out/run1.log"; exit 1; }
 echo "run1: $(wc -l < "$out/sft/metrics.jsonl") steps logged; checkpoints: $(ls "$out/sft" | grep -c '^step_')"
 python3 launchers/sft.py "${args[@]}" > "$out/run2.log" 2>&1 || { tail -30 "$out/run2.log"; exit 1; }

@@ -19,9 +19,10 @@ One timed unit = one full optimizer step (forward, backward, grad clip, Adam upd
                      fused optimizer step (what the trainer did before those paths existed).
   ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
   ovlt_fp8           ovlt_bf16 with model.fp8=scaled_mm_tensor (ovlt `torch._scaled_mm` linears,
-                     compiled casts) in the LLM; the frozen vision tower stays bf16 (its MLP width
-                     3420 is not a multiple of 16, which _scaled_mm requires). Transformer Engine
-                     cannot be carried to the device.
+                     per-tensor current scaling) in the LLM; the frozen vision tower stays bf16
+                     (its MLP width 3420 is not a multiple of 16, which _scaled_mm requires).
+                     Transformer Engine cannot be carried to the device.
+  ovlt_fp8_delayed   the same with model.fp8=scaled_mm_delayed (scales from an amax history)
 `update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
@@ -340,12 +341,14 @@ def main(argv=None):
                "ovlt_bf16_headbf16": lambda: run_ovlt(args, m, samples, dev,
                                                       "ovlt_bf16_headbf16", _head_bf16),
                "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples,
-                                            dev, "ovlt_fp8")}
+                                            dev, "ovlt_fp8"),
+               "ovlt_fp8_delayed": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_delayed"),
+                                                    samples, dev, "ovlt_fp8_delayed")}
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")
     for v in args.variants.split(","):
-        if v == "ovlt_fp8" and dev.type != "cuda":
+        if v.startswith("ovlt_fp8") and dev.type != "cuda":
             res["variants"][v] = {"skipped": "FP8 needs a CUDA device"}
             continue
         if dev.type == "cuda":

@@ -72,9 +72,12 @@ class ModelConfig:
     transformer_impl: Literal["auto", "te", "local"] = "auto"
     attention_backend: Literal["auto", "flash", "te", "sdpa"] = "auto"
     # FP8: "none"; TE recipes; or ovlt's torch._scaled_mm layers (GPUs without TE).
-    fp8: Literal["none", "te_delayed", "te_current", "scaled_mm_tensor", "scaled_mm_rowwise"] = "none"
+    fp8: Literal["none", "te_delayed", "te_current", "scaled_mm_tensor", "scaled_mm_delayed",
+                 "scaled_mm_rowwise"] = "none"
     # Gradient format of the ovlt scaled_mm FP8 path (forward is always e4m3).
     fp8_grad_format: Literal["e5m2", "e4m3"] = "e5m2"
+    # scaled_mm_delayed: scales from the max amax of each tensor's last N casts (>= 3)
+    fp8_amax_history: int = 16
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
 
 
@@ -562,6 +565,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
     if sum(m.mrope_section) * 2 != m.hidden_size // m.num_attention_heads:
         raise ConfigError(f"model.mrope_section={m.mrope_section}: sum*2 must equal head dim "
                           f"{m.hidden_size // m.num_attention_heads}")
+    if m.fp8_amax_history < 3:
+        raise ConfigError(f"model.fp8_amax_history={m.fp8_amax_history}: must be >= 3 (each cast "
+                          "writes one slot and clears the next)")
     if m.make_vocab_size_divisible_by < 1:
         raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
     if m.vision.hidden_size % m.vision.num_heads:

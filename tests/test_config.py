@@ -74,6 +74,8 @@ BAD_CASES = [
     (None, ["grpo.kl_type=k9"], None, "grpo.kl_type"),
     (None, ["grpo.train.export_hf=maybe"], None, "expected true/false"),
     (None, ["sft.train.lm_head_chunk_mib=-1"], None, "sft.train.lm_head_chunk_mib=-1: must be >= 0"),
+    (None, ["model.fp8_amax_history=2"], None, "model.fp8_amax_history=2: must be >= 3"),
+    (None, ["model.fp8=scaled_mm_later"], None, "model.fp8"),
     ("defaults: [model/nope.yaml]\n", [], None, "defaults entry 'model/nope.yaml' not found"),
 ]
 

@@ -1,16 +1,22 @@
 """ovlt FP8 linear layers for GPUs without Transformer Engine: GEMMs through `torch._scaled_mm`.
 
-Recipe (current scaling, no amax history):
+Recipes ("scaled_mm_tensor" / "scaled_mm_rowwise": current scaling; "scaled_mm_delayed": per
+tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_history` casts):
   * forward  Y = X W^T:  X and W cast to float8_e4m3fn;
   * backward dX = G W and dW = G^T X:  G cast to float8_e5m2 (default, wider range for
-    gradients) or e4m3 (`model.fp8_grad_format`), W / X re-used or re-cast as the GEMM needs;
-  * scaling "tensor": one scale per tensor (amax of the whole tensor); "rowwise": one scale per
+    gradients) or e4m3 (`model.fp8_grad_format`), with the forward's FP8 W^T and X^T;
+  * scaling "tensor": one scale per tensor (amax of the whole tensor); "delayed": one scale per
+    tensor from the max of its last casts' amaxes (no amax pass before the cast: the cast kernel
+    records the amax as it goes); "rowwise": one scale per
     row of the left operand and per column of the right one (per token / per output channel in
     the forward), finer and more robust to outlier tokens;
   * master weights and weight grads stay in the parameter dtype (bf16): the FP8 copies are made
     on the fly each step, nothing FP8 is ever stored in the model or the optimizer.
-Memory: "tensor" saves X in FP8 for the backward (half of bf16); "rowwise" needs X scaled along
-the other axis for dW, so it saves X in its input dtype.
+Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
+weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
+saves X in its input dtype.
+Weight gradients: with mcore's `gradient_accumulation_fusion` (set by the CUDA fast paths once
+DDP has given the weight its fp32 `main_grad`), the per-tensor dW GEMM writes into main_grad.
 `torch._scaled_mm` wants both operands K-major and dims multiple of 16; the token dim is
 zero-padded to 16 here. Per-tensor casts that also need a transposed copy go through the fused
 Triton cast-transpose kernel of `fp8_cast.py` on CUDA. Layers: mcore Column/RowParallelLinear with `_forward_impl` replaced, so
@@ -18,13 +24,14 @@ TP (all-reduce of dX in column-parallel layers) keeps mcore semantics. No sequen
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from ovlt.models.qwen2_5_vl.fp8_cast import cast_transpose
+from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory, cast_transpose
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -105,69 +112,114 @@ def _out_dtype(x: torch.Tensor, rowwise: bool):
     return torch.bfloat16 if rowwise and x.is_cuda else x.dtype
 
 
+def _wgrad_into_main_grad(weight, gqt, sg, xqt, sx) -> torch.Tensor:
+    """dW = G^T X in FP8 straight into the fp32 `weight.main_grad` (mcore's fused wgrad
+    contract; the DDP hook then skips its add). mcore resets `grad_added_to_main_grad` when it
+    zeroes the grad buffer, so while it is False main_grad holds zeros and the GEMM overwrites it
+    (no bf16 dW, no read-modify-write pass); later micro-batches add a bf16 dW into it."""
+    mg = weight.main_grad
+    if not getattr(weight, "grad_added_to_main_grad", False):
+        torch._scaled_mm(gqt, xqt.t(), scale_a=sg, scale_b=sx,
+                         out_dtype=torch.float32, out=mg)
+    else:
+        mg.add_(_mm(gqt, sg, xqt.t(), sx, weight.dtype))
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight)  # placeholder so DDP's grad hook still fires
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group):
+    def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group,
+                wgrad_into_main_grad: bool, histories):
         shape = x.shape
         x2 = _pad16(x.reshape(-1, shape[-1]))
-        m = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
+        m = math.prod(shape[:-1])
         out_dtype = _out_dtype(x, rowwise)
+        ctx.weight = None
         if rowwise:
             xq, sx = quantize(x2, E4M3, dim=1)          # per token  [M,1]
             wq, sw = quantize(weight, E4M3, dim=1)      # per output channel [N,1]
             y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype)
             ctx.save_for_backward(x2, weight)
         else:
-            # X^T in FP8 is what dW needs (K-major operands only); W is re-cast in the backward
-            # rather than kept (saves 1 byte/param).
-            xq, xqt, sx = cast_transpose(x2, E4M3, want_q=True, want_qt=weight.requires_grad)
-            wq, _, sw = cast_transpose(weight, E4M3)
+            # X^T in FP8 is what dW needs and W^T what dX needs (K-major operands only): one
+            # pass over each writes both, and nothing is re-cast in the backward.
+            hx, hw, ctx.hg = histories or (None, None, None)
+            xq, xqt, sx = cast_transpose(x2, E4M3, want_q=True, want_qt=weight.requires_grad,
+                                         history=hx)
+            wq, wqt, sw = cast_transpose(weight, E4M3, want_q=True, want_qt=x.requires_grad,
+                                         history=hw)
             y = _mm(xq, sx, wq.t(), sw, out_dtype)
-            ctx.save_for_backward(xqt, sx, weight)
+            ctx.save_for_backward(xqt, sx, wqt, sw)
+            if wgrad_into_main_grad and hasattr(weight, "main_grad"):
+                ctx.weight = weight
         y = y[:m].to(x.dtype)
         if bias is not None:
             y = y + bias
         ctx.rowwise, ctx.grad_dtype, ctx.m, ctx.shape = rowwise, grad_dtype, m, shape
         ctx.allreduce_dgrad, ctx.tp_group, ctx.has_bias = allreduce_dgrad, tp_group, bias is not None
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
         g = _pad16(gy.reshape(-1, gy.shape[-1]))
         out_dtype = _out_dtype(gy, ctx.rowwise)
-        weight_needs_grad = ctx.needs_input_grad[1]
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = None
         if ctx.rowwise:
             x2, weight = ctx.saved_tensors
             # dX = G W: per token x per input channel; dW = G^T X: per output x input channel
-            dx = _rowwise_mm(g, ctx.grad_dtype, weight, out_dtype)
-            dw = None
-            if weight_needs_grad:
+            if need_dx:
+                dx = _rowwise_mm(g, ctx.grad_dtype, weight, out_dtype)
+            if need_dw:
                 dw = _rowwise_mm(g.t(), ctx.grad_dtype, x2, out_dtype).to(weight.dtype)
         else:
-            xqt, sx, weight = ctx.saved_tensors
-            _, wqt, sw = cast_transpose(weight, E4M3, want_q=False, want_qt=True)
-            gq, gqt, sg = cast_transpose(g, ctx.grad_dtype, want_q=True, want_qt=weight_needs_grad)
-            dx = _mm(gq, sg, wqt.t(), sw, out_dtype)             # W as an N-major operand
-            dw = None
-            if weight_needs_grad:
-                dw = _mm(gqt, sg, xqt.t(), sx, out_dtype).to(weight.dtype)
-        dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
-        if ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(dx, group=ctx.tp_group)
+            xqt, sx, wqt, sw = ctx.saved_tensors
+            gq, gqt, sg = cast_transpose(g, ctx.grad_dtype, want_q=need_dx, want_qt=need_dw,
+                                         history=ctx.hg)
+            if need_dx:
+                dx = _mm(gq, sg, wqt.t(), sw, out_dtype)         # W as an N-major operand
+            if need_dw and ctx.weight is not None:
+                dw = _wgrad_into_main_grad(ctx.weight, gqt, sg, xqt, sx)
+                ctx.weight = None
+            elif need_dw:
+                dw = _mm(gqt, sg, xqt.t(), sx, out_dtype).to(ctx.w_dtype)
+        if dx is not None:
+            dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
+            if ctx.allreduce_dgrad:
+                torch.distributed.all_reduce(dx, group=ctx.tp_group)
         db = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def fp8_linear(x, weight, bias=None, rowwise=False, grad_format="e5m2", allreduce_dgrad=False,
-               tp_group=None):
+               tp_group=None, wgrad_into_main_grad=False, histories=None):
+    """y = x W^T (+ b) with FP8 GEMMs. `wgrad_into_main_grad` (per-tensor scaling, a weight with
+    mcore's fp32 `main_grad`): dW goes into main_grad, see `_wgrad_into_main_grad`.
+    `histories`: (x, weight, grad) `AmaxHistory`s for delayed scaling (per-tensor only)."""
+    if histories is not None and rowwise:
+        raise ValueError("delayed (amax-history) scaling is per tensor, not row-wise")
     return _Fp8Linear.apply(x, weight, bias, rowwise, GRAD_FORMATS[grad_format],
-                            allreduce_dgrad, tp_group)
+                            allreduce_dgrad, tp_group, wgrad_into_main_grad, histories)
 
 
 class _Fp8Mixin:
     fp8_rowwise = False
+    fp8_delayed = False
     fp8_grad_format = "e5m2"
+    _fp8_histories = None
+
+    def _amax_histories(self, device):
+        """(x, weight, grad) amax histories of this layer (delayed scaling), made on first use.
+        Not checkpointed: a resumed run starts them afresh (its first cast of each tensor uses
+        current scaling)."""
+        if not self.fp8_delayed:
+            return None
+        if self._fp8_histories is None:
+            n = getattr(self.config, "ovlt_fp8_amax_history", 16)
+            self._fp8_histories = tuple(AmaxHistory(n, device) for _ in range(3))
+        return self._fp8_histories
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **rest):
@@ -186,16 +238,17 @@ class _Fp8Mixin:
             raise NotImplementedError("ovlt FP8 linears do not support sequence parallelism")
         return fp8_linear(input, weight, bias, self.fp8_rowwise,
                           getattr(self.config, "ovlt_fp8_grad_format", self.fp8_grad_format),
-                          allreduce_dgrad, tp_group)
+                          allreduce_dgrad, tp_group, gradient_accumulation_fusion,
+                          self._amax_histories(weight.device))
 
 
 def fp8_linear_classes(recipe: str):
-    """(ColumnParallelLinear, RowParallelLinear) subclasses for `scaled_mm_tensor|rowwise`."""
-    if recipe not in ("scaled_mm_tensor", "scaled_mm_rowwise"):
+    """(ColumnParallelLinear, RowParallelLinear) subclasses for
+    `scaled_mm_tensor|scaled_mm_delayed|scaled_mm_rowwise`."""
+    if recipe not in ("scaled_mm_tensor", "scaled_mm_delayed", "scaled_mm_rowwise"):
         raise ValueError(f"unknown ovlt FP8 recipe {recipe!r}")
-    rowwise = recipe == "scaled_mm_rowwise"
-    col = type(f"Fp8ColumnParallelLinear_{recipe}", (_Fp8Mixin, ColumnParallelLinear),
-               {"fp8_rowwise": rowwise})
-    row = type(f"Fp8RowParallelLinear_{recipe}", (_Fp8Mixin, RowParallelLinear),
-               {"fp8_rowwise": rowwise})
+    attrs = {"fp8_rowwise": recipe == "scaled_mm_rowwise",
+             "fp8_delayed": recipe == "scaled_mm_delayed"}
+    col = type(f"Fp8ColumnParallelLinear_{recipe}", (_Fp8Mixin, ColumnParallelLinear), attrs)
+    row = type(f"Fp8RowParallelLinear_{recipe}", (_Fp8Mixin, RowParallelLinear), attrs)
     return col, row

@@ -54,6 +54,7 @@ def language_config(model_cfg) -> TransformerConfig:
         **common_config_kwargs(model_cfg, pp))
     cfg.ovlt_attention_backend = model_cfg.attention_backend
     cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
+    cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history
     return cfg
 
 

@@ -6,7 +6,7 @@
   * "local": mcore `ColumnParallelLinear`/`RowParallelLinear` + torch RMSNorm + ovlt's
              `OvltCoreAttention` (flash-attn varlen when present, else torch SDPA);
   * "auto":  "te" when `transformer_engine` imports, else "local".
-`fp8` = "scaled_mm_tensor" | "scaled_mm_rowwise" swaps the local linears for ovlt's
+`fp8` = "scaled_mm_tensor" | "scaled_mm_delayed" | "scaled_mm_rowwise" swaps the local linears for ovlt's
 `torch._scaled_mm` FP8 linears (`fp8.py`), for GPUs without TE.
 The vision tower always uses ovlt's core attention (its per-layer window/full cu_seqlens are
 not something TE's attention takes per layer); its linears follow the same choice.

@@ -48,6 +48,7 @@ def vision_config(model_cfg) -> TransformerConfig:
     cfg.ovlt_full_attention_layers = tuple(v.fullatt_block_indexes)
     cfg.ovlt_attention_backend = model_cfg.attention_backend
     cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
+    cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history
     return cfg
 
 
