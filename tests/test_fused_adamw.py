@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.sft_testlib import TINY_SFT, base_overrides, make_synth
+from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
 
 
 @pytest.mark.parametrize("interpret", [True, False])
@@ -83,7 +83,6 @@ def _fused_vs_mcore_worker(rank, world, sft_file, save_dir):
 
     from ovlt.config import load_config
     from ovlt.distributed import init_distributed
-    from ovlt.training.model_setup import build_vl_model, wrap_model
     from ovlt.training.optimizer import FusedAdamW, build_optimizer, inner_optimizers
     from ovlt.training.sft import sft_forward, sft_loss
     from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
@@ -97,13 +96,10 @@ def _fused_vs_mcore_worker(rank, world, sft_file, save_dir):
     stream = SFTStream(build_sft_dataset(cfg.data), 4, 512, ps.get_data_parallel_rank(),
                        ps.get_data_parallel_world_size(), seed=0, num_workers=0)
     batches = [mbs for _, mbs in itertools.islice(stream.iterate(Position()), 3)]
-    base = {k: v.clone() for k, v in build_vl_model(cfg, "bf16").state_dict().items()
-            if torch.is_tensor(v)}
+    base = init_state(cfg)
     setups = {}
     for fused in (False, True):
-        model = build_vl_model(cfg, "bf16")
-        model.load_state_dict(base, strict=False)
-        bundle = wrap_model(model, cfg.sft.train)
+        model, bundle = model_from(cfg, base)
         opt = build_optimizer(bundle.chunks, cfg.sft.optimizer, "bf16", fused=fused)
         assert all(isinstance(o.optimizer, FusedAdamW) == fused for o in inner_optimizers(opt))
         setups[fused] = (model, bundle, opt)
@@ -138,16 +134,13 @@ def _checkpoint_roundtrip(cfg, base, batches, fused_setup, save_dir):
     """A fused-optimizer checkpoint (mcore dist-checkpointing of the FusedAdamW state) loads
     into a fresh fused optimizer, which then takes the same next step as the saved one."""
     from ovlt.training.checkpoint import load_checkpoint, save_checkpoint
-    from ovlt.training.model_setup import build_vl_model, wrap_model
     from ovlt.training.optimizer import build_optimizer, inner_optimizers
     from ovlt.training.sft import sft_forward, sft_loss
     from ovlt.training.step import train_step
 
     model, bundle, opt = fused_setup
     saved = save_checkpoint(save_dir, 3, bundle.chunks, opt, {"world_size": 1}, keep_last=1)
-    model2 = build_vl_model(cfg, "bf16")
-    model2.load_state_dict(base, strict=False)  # different weights until the load
-    bundle2 = wrap_model(model2, cfg.sft.train)
+    model2, bundle2 = model_from(cfg, base)  # then loads the checkpoint over these weights
     opt2 = build_optimizer(bundle2.chunks, cfg.sft.optimizer, "bf16", fused=True)
     load_checkpoint(saved, bundle2.chunks, opt2)
     for o1, o2 in zip(inner_optimizers(opt), inner_optimizers(opt2)):

@@ -165,12 +165,11 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
 
     from ovlt.config import load_config
     from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.training.model_setup import build_vl_model, wrap_model
     from ovlt.training.optimizer import build_optimizer
     from ovlt.training.sft import sft_forward, sft_loss
     from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
     from ovlt.training.step import train_step
-    from tests.sft_testlib import TINY_SFT, base_overrides, make_synth
+    from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
 
     cfg = load_config(TINY_SFT, base_overrides(make_synth(tmp_path, n=16), "/nonexistent",
                                                **{"model.fp8": "scaled_mm_tensor",
@@ -181,13 +180,10 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
                            ps.get_data_parallel_world_size(), seed=0, num_workers=0)
         got = [mbs for _, mbs in itertools.islice(stream.iterate(Position()), 4)]
         steps = [got[0] + got[1], got[2] + got[3]]  # >= 2 micro-batches per step
-        base = {k: v.clone() for k, v in build_vl_model(cfg, "bf16").state_dict().items()
-                if torch.is_tensor(v)}
+        base = init_state(cfg)
         runs = {}
         for fused in (False, True):
-            model = build_vl_model(cfg, "bf16")
-            model.load_state_dict(base, strict=False)
-            bundle = wrap_model(model, cfg.sft.train)
+            model, bundle = model_from(cfg, base)
             n = 0
             for mod in model.modules():
                 if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)) and \
