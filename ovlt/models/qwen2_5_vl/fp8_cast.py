@@ -5,10 +5,11 @@ transposed and dW = dY^T X needs dY and X transposed. Casting to FP8 and then tr
 1-byte tensor is slow in torch (a separate, poorly coalesced copy: ~1 ms for a 7B fc1 weight on
 an H100); this kernel reads each 64x64 tile of the bf16 tensor once and writes the scaled FP8
 tile and/or its transpose, like TE's cast-transpose.
-Scales are per tensor ("current scaling"): one torch reduction gives amax, and the kernel turns
-it into the scale itself (program 0 also writes the dequant scale), so a cast is two launches
-and no host-side scalar ops: the FP8 step was host-bound on those (~7 small launches per cast).
-CPU or no Triton: `cast_transpose` falls back to torch ops with the same result.
+Scales are per tensor. Current scaling: one torch reduction gives amax and the kernel turns it
+into the scale itself (program 0 also writes the dequant scale): two launches per cast, no
+tiny torch ops for the scale. Delayed scaling (`AmaxHistory`): the scale comes from earlier
+casts' amaxes and the kernel records this tensor's amax as it casts: one launch, no amax pass.
+CPU: Triton's interpreter with TRITON_INTERPRET=1, else torch ops with the same result.
 """
 from __future__ import annotations
 
