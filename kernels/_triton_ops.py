@@ -123,7 +123,8 @@ def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, voca
         d = d * inv_temp
         if OUT_BF16:
             # round to nearest even on the bits (what torch does): Triton's plain cast to bf16
-            # truncated toward zero on an H200, a bias on every logit gradient
+            # truncated toward zero on an H200, a bias on every logit gradient. Inline rather
+            # than `_rounding.to_bf16_rne`: the interpreter cannot call a jit function here.
             bits = d.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             tl.store(dx_row + idx, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),

@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-from torch.utils.data import DataLoader
 
 from ovlt.logging import get_logger
 
@@ -55,17 +53,7 @@ class SFTStream:
         return self.loader.steps_per_epoch()
 
     def _epoch_iter(self, epoch: int, first_step: int) -> Iterator[list]:
-        from ovlt.data.datasets import _identity, _MicroBatches, step_plans
-        ld = self.loader
-        plans = step_plans(ld.ds.lengths, ld.gbs, ld.dp, ld.budget, ld.seed, epoch)
-        mine = [plan[ld.rank] for plan in plans][first_step:]
-        flat = [mb for step in mine for mb in step]
-        it = iter(DataLoader(_MicroBatches(ld.ds, flat, ld.pad), batch_size=None, shuffle=False,
-                             num_workers=ld.workers, collate_fn=_identity,
-                             prefetch_factor=4 if ld.workers > 0 else None,
-                             pin_memory=torch.cuda.is_available()))
-        for step in mine:
-            yield [next(it) for _ in step]
+        return self.loader.iter_epoch(epoch, first_step)
 
     def iterate(self, start: Position) -> Iterator[tuple[Position, list]]:
         epoch, step = start.epoch, start.step_in_epoch

@@ -54,9 +54,9 @@ def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, 
     pid_c = tl.program_id(1)
     first = (pid_r == 0) & (pid_c == 0)
     # amax = max of src[0:n_src] but the slots (rows of LANES) skip0 / skip1 (current
-    # scaling: src = this tensor's amax, n_src 1). The same fp32 arithmetic as torch's `fmax / amax` (which is
-    # fmax * (1 / amax)) and `.reciprocal()`; div_rn: Triton's default fp32 division is
-    # approximate.
+    # scaling: src = this tensor's amax, n_src 1). The same fp32 arithmetic as torch's
+    # `fmax / amax` (which is fmax * (1 / amax)) and `.reciprocal()`; div_rn: Triton's
+    # default fp32 division is approximate.
     idx = tl.arange(0, NSRC)
     slot = idx // LANES
     h = tl.load(src_ptr + idx, mask=(idx < n_src) & (slot != skip0) & (slot != skip1),
