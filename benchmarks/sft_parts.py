@@ -4,7 +4,13 @@
 
   wgrad       dW of one fc1 GEMM (8192 tokens, 3584 -> 2 x 18944): bf16 GEMM + add into the fp32
               main_grad (mcore without apex) vs one GEMM accumulating into fp32
-              (`ovlt.compat.cuda_fastpaths`)
+              (`ovlt.compat.cuda_fastpaths`), and the same GEMM overwriting main_grad (a
+              weight's first gradient of the step)
+  swiglu      the LLM MLP's SwiGLU over [8192, 2 x 18944] bf16, fwd+bwd and bwd alone:
+              mcore's torch.compile'd version vs `kernels.fused_swiglu`
+  vision_fc2  the vision MLP's fc2 GEMM (4096 patches, 3420 -> 1280, bf16): as is (rows of
+              6840 bytes: cuBLAS's sm80 align-2 kernel), both operands as views of rows
+              padded to 3424, and K zero-padded to 3424 (what the forward-only tower runs)
   rmsnorm     fwd+bwd of RMSNorm over [8192, 3584] bf16: torch.nn.RMSNorm vs torch.compile
   attention   causal GQA attention fwd+bwd, 4 x 2048 tokens, 28 q / 4 kv heads: SDPA backends
   adam        the optimizer update of 2.0 B fp32 master params: fused AdamW + bf16 copy, and
@@ -37,9 +43,60 @@ def bench_wgrad(res):
         TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, acc)
     a, b = cuda_time(unfused, 20, 3), cuda_time(fused, 20, 3)
     err = ((acc - ref).norm() / ref.norm()).item()
+    fresh = torch.empty(n, k, device="cuda")
+    fresh.ovlt_weight = torch.nn.Parameter(torch.empty(0))
+    fresh.ovlt_weight.grad_added_to_main_grad = False  # stays False: every call overwrites
+    c = cuda_time(lambda: TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, fresh), 20, 3)
+    err_o = ((fresh - g.float().t() @ x.float()).norm() / fresh.norm()).item()
     flops = 2 * t * k * n
     res["wgrad"] = {"unfused_ms": a, "fused_ms": b, "rel_err": err,
-                    "fused_tflops": flops / b / 1e9}
+                    "fused_tflops": flops / b / 1e9, "overwrite_ms": c,
+                    "overwrite_tflops": flops / c / 1e9, "overwrite_rel_err": err_o}
+
+
+def bench_swiglu(res):
+    from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
+
+    from kernels.swiglu import fused_swiglu, swiglu_backward
+    y = torch.randn(8192, 2 * 18944, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    d = torch.randn(8192, 18944, device="cuda", dtype=torch.bfloat16)
+
+    def run(f):
+        def go():
+            f(y).backward(d)
+        return go
+    mcore = run(lambda t: SwiGLUFunction.apply(t, False, False))
+    ours = run(fused_swiglu)
+    out = {"mcore_fwd_bwd_ms": cuda_time(mcore, 20, 5), "ovlt_fwd_bwd_ms": cuda_time(ours, 20, 5)}
+    from megatron.core.fusions.fused_bias_swiglu import swiglu_back
+    yd = y.detach()
+    out["mcore_bwd_ms"] = cuda_time(lambda: swiglu_back(d, yd), 20, 5)
+    out["ovlt_bwd_ms"] = cuda_time(lambda: swiglu_backward(yd, d), 20, 5)
+    out["bwd_min_bytes_GB"] = 3 * y.numel() * 2 / 2 / 1e9 + y.numel() * 2 / 1e9
+    out["ovlt_bwd_TBps"] = out["bwd_min_bytes_GB"] / out["ovlt_bwd_ms"]
+    ref, mine = swiglu_back(d, yd), swiglu_backward(yd, d)
+    out["bwd_max_ulp_diff_frac"] = (ref != mine).float().mean().item()
+    res["swiglu"] = out
+
+
+def bench_vision_fc2(res):
+    import torch.nn.functional as F
+    m, k, n, kp = 4096, 3420, 1280, 3424
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    a_p = torch.zeros(m, kp, device="cuda", dtype=torch.bfloat16)
+    a_p[:, :k] = a
+    w_p = torch.zeros(n, kp, device="cuda", dtype=torch.bfloat16)
+    w_p[:, :k] = w
+    ref = F.linear(a, w, b)
+    out = {"as_is_ms": cuda_time(lambda: F.linear(a, w, b), 50, 5),
+           "strided_views_ms": cuda_time(lambda: F.linear(a_p[:, :k], w_p[:, :k], b), 50, 5),
+           "k_padded_ms": cuda_time(lambda: F.linear(a_p, w_p, b), 50, 5)}
+    out["k_padded_max_diff"] = (F.linear(a_p, w_p, b) - ref).abs().max().item()
+    out["tflops_as_is"] = 2 * m * k * n / out["as_is_ms"] / 1e9
+    out["tflops_k_padded"] = 2 * m * k * n / out["k_padded_ms"] / 1e9
+    res["vision_fc2"] = out
 
 
 def bench_rmsnorm(res):
@@ -117,7 +174,7 @@ def bench_adam(res, n_params=2.0e9):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="wgrad,rmsnorm,attention,adam")
+    ap.add_argument("--parts", default="wgrad,swiglu,vision_fc2,rmsnorm,attention,adam")
     args = ap.parse_args(argv)
     res = {}
     for part in args.parts.split(","):

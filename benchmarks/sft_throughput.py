@@ -15,6 +15,8 @@ One timed unit = one full optimizer step (forward, backward, grad clip, Adam upd
   ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step`): mcore DDP +
                      DistributedOptimizer (fp32 master weights), one packed THD micro-batch, pinned
                      as the trainer's DataLoader(pin_memory=True) delivers it, CUDA fast paths on.
+  ovlt_bf16_noprefetch  A/B of one piece: the frozen tower runs inside each step's forward
+                     instead of one step ahead (`train_step(prefetch=)`).
   ovlt_bf16_nofast   the same with OVLT_FASTPATHS=0: mcore's own fallbacks without apex/TE, no
                      fused optimizer step (what the trainer did before those paths existed).
   ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
@@ -240,7 +242,7 @@ def _head_bf16(bundle):
     net.ovlt_lm_head_chunk_bytes = None
 
 
-def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None):
+def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
     from ovlt.training.model_setup import configure_fp8, wrap_model
@@ -276,8 +278,9 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None):
     update_t = OptTimer(opt.step, dev)
     opt.step = update_t  # grad clip + sharded Adam + param copy-back, timed
 
-    def step():
-        return train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev).loss
+    def step():  # the next step trains on the same batch: its images are prefetched (frozen tower)
+        return train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev,
+                          prefetch=mbs[0] if prefetch else None).loss
     res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
     del bundle, opt, model
     return res + (update_t.median(args.warmup, args.iters),)
@@ -336,6 +339,8 @@ def main(argv=None):
            "peak_flops": peak, "variants": {}}
     runners = {"hf": lambda: run_hf(args, m, samples, dev),
                "ovlt_bf16": lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16"),
+               "ovlt_bf16_noprefetch": lambda: run_ovlt(args, m, samples, dev,
+                                                        "ovlt_bf16_noprefetch", prefetch=False),
                "ovlt_bf16_nofast": lambda: _without_fastpaths(
                    lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_nofast")),
                "ovlt_bf16_headbf16": lambda: run_ovlt(args, m, samples, dev,

@@ -105,3 +105,26 @@ def test_forward_only_path_equals_mcore_layers(dist1, tiny_hf_dir):
     assert len(calls) == 1
     vis.patch_embed.requires_grad_(False)  # frozen tower (train.freeze=[vision]): fast path
     assert torch.equal(vis(px, g).detach(), lean) and len(calls) == 2
+
+
+def test_forward_only_path_k_padded_fc2(dist1, tiny_hf_dir, monkeypatch):
+    """The GPU's K-padded fc2 (`ffn_padded`: the vision MLP width rounded up to 8 so cuBLAS
+    gets aligned rows), forced on the CPU with a width 5 wider: the same outputs, and the padded
+    weight copy follows in-place weight updates (a checkpoint load)."""
+    from ovlt.models.qwen2_5_vl import vision
+    vis, _ = _both(tiny_hf_dir, None)
+    vis.requires_grad_(False)
+    g = torch.tensor(GRIDS)
+    px = torch.randn(int(g.prod(-1).sum()), 1176, generator=torch.Generator().manual_seed(4))
+    plain = vis(px, g)
+    monkeypatch.setattr(vision, "ffn_padded", lambda ffn, x: ffn + 5)
+    padded = vis(px, g)
+    fc2 = vis.decoder.layers[0].mlp.linear_fc2
+    assert fc2._ovlt_k_padded[1].shape[1] == fc2.weight.shape[1] + 5
+    assert (padded - plain).abs().max().item() < 1e-6
+    with torch.no_grad():
+        fc2.weight.mul_(2.0)
+    changed = vis(px, g)
+    monkeypatch.setattr(vision, "ffn_padded", lambda ffn, x: ffn)
+    assert (changed - vis(px, g)).abs().max().item() < 1e-6
+    assert (changed - plain).abs().max().item() > 1e-4  # 200x the tolerance above

@@ -10,11 +10,14 @@ that cost a large share of an SFT step on a GPU:
     weight-gradient GEMM writes a bf16 grad that a DDP hook then adds into the fp32 main_grad
     (an extra pass over 10 bytes per parameter, and a grad-sized allocation);
   * no TE `fused_apply_rotary_pos_emb`: RoPE runs as ~8 elementwise passes and two
-    concatenations per q and per k of every layer.
+    concatenations per q and per k of every layer;
+  * the MLP's SwiGLU (`bias_swiglu_impl`) is a torch.compile'd function whose backward reads
+    its inputs once per output half (a `torch.cat`).
 Here they become `torch._foreach_norm`, an in-place `torch._foreach_mul_`, a weight-gradient
-GEMM that accumulates into the fp32 main_grad directly (`torch.addmm(..., out_dtype=fp32)`,
-one cuBLAS call with beta=1; checked against mm + add once at install) and `kernels.fused_rope`
-(Triton, one pass forward and backward).
+GEMM that writes the fp32 main_grad directly (`torch.mm(..., out_dtype=fp32)` on a weight's
+first gradient of the step, `torch.addmm` with beta=1 after; checked against mm + add once at
+install), `kernels.fused_rope` and `kernels.fused_swiglu` (Triton, one pass forward and one
+backward each).
 
 `install()` is idempotent, a no-op without CUDA or with apex/TE present, and logs once which
 path is in use. `OVLT_FASTPATHS=0` keeps mcore's own fallbacks (A/B benchmarks, debugging).
@@ -88,15 +91,36 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
+def bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=False):
+    """Drop-in for mcore's `bias_swiglu_impl` (the MLP's fused activation, [S, B, 2F] or
+    [T, 2F]): `kernels.fused_swiglu` when there is no bias, FP8 input store or offload (the
+    Qwen2 LLM's case), mcore's own function otherwise."""
+    if bias is not None or fp8_input_store or cpu_offload_input:
+        return _STATE["originals"][6](input, bias, fp8_input_store, cpu_offload_input)
+    from kernels.swiglu import fused_swiglu
+    return fused_swiglu(input)
+
+
 class TorchWgradAccum:
     """Stands in for apex's `fused_weight_gradient_mlp_cuda` module:
     `wgrad_gemm_accum_fp32(input [M,K], grad_output [M,N], main_grad [N,K])` does
-    main_grad += grad_output^T @ input in one GEMM with an fp32 accumulator/output."""
+    main_grad += grad_output^T @ input in one GEMM with an fp32 accumulator/output.
+    A main_grad that knows its weight (`ovlt_weight`, set by `enable_wgrad_fusion`) is
+    overwritten instead while the weight has no gradient yet this step (mcore's
+    `grad_added_to_main_grad`, reset when the step zeroes the buffer and set by mcore right
+    after this call): the GEMM then needs neither the zeroed buffer nor a read of it
+    (`ovlt.training.grad_buffers` skips zeroing such weights)."""
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32,
-                    out=main_grad)
+        w = getattr(main_grad, "ovlt_weight", None)
+        overwrite = w is not None and not getattr(w, "grad_added_to_main_grad", True)
+        # out_dtype only where the inputs are narrower (cuBLAS); fp32 inputs: plain GEMMs
+        kw = {} if total_input.dtype == main_grad.dtype else {"out_dtype": main_grad.dtype}
+        if overwrite:
+            torch.mm(grad_output.t(), total_input, out=main_grad, **kw)
+        else:
+            torch.addmm(main_grad, grad_output.t(), total_input, out=main_grad, **kw)
 
     @staticmethod
     def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
@@ -104,16 +128,23 @@ class TorchWgradAccum:
 
 
 def _wgrad_accum_works() -> bool:
-    """One small check that this torch/cuBLAS accumulates bf16 x bf16 into fp32 in place."""
+    """One small check that this torch/cuBLAS accumulates bf16 x bf16 into fp32 in place, and
+    overwrites (NaNs and all) on a weight's first gradient of the step."""
     try:
         g = torch.Generator(device="cuda").manual_seed(0)
         a = torch.randn(64, 48, device="cuda", generator=g).bfloat16()
         b = torch.randn(64, 32, device="cuda", generator=g).bfloat16()
         acc = torch.randn(32, 48, device="cuda", generator=g)
-        ref = acc + b.float().t() @ a.float()
+        prod = b.float().t() @ a.float()
+        ref = acc + prod
         TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, acc)
-        err = (acc - ref).abs().max().item() / ref.abs().max().item()
-        return err < 1e-3
+        fresh = torch.full((32, 48), float("nan"), device="cuda")
+        fresh.ovlt_weight = torch.nn.Parameter(torch.empty(0))
+        fresh.ovlt_weight.grad_added_to_main_grad = False
+        TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, fresh)
+        tol = 1e-3 * ref.abs().max().item()  # allclose is False on any NaN left behind
+        return torch.allclose(acc, ref, rtol=0, atol=tol) and \
+            torch.allclose(fresh, prod, rtol=0, atol=tol)
     except Exception as e:  # noqa: BLE001 - any failure: keep mcore's unfused path
         log.warning("wgrad accumulation into fp32 main_grad unavailable here (%s)", str(e)[:200])
         return False
@@ -136,11 +167,13 @@ def install() -> dict:
         from megatron.core.models.common.embeddings import rope_utils
         from megatron.core.optimizer import clip_grads, optimizer
         from megatron.core.tensor_parallel import layers
+        from megatron.core.transformer import mlp
         _STATE["originals"] = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
                                optimizer.multi_tensor_scale_impl,
                                getattr(layers, "fused_weight_gradient_mlp_cuda", None),
                                layers._grad_accum_fusion_available,
-                               rope_utils.fused_apply_rotary_pos_emb)
+                               rope_utils.fused_apply_rotary_pos_emb, mlp.bias_swiglu_impl)
+        mlp.bias_swiglu_impl = bias_swiglu_impl
         clip_grads.l2_norm_impl = multi_tensor_l2norm
         clip_grads.multi_tensor_scale_impl = multi_tensor_scale
         optimizer.multi_tensor_scale_impl = multi_tensor_scale
@@ -154,7 +187,8 @@ def install() -> dict:
             rope_utils.fused_apply_rotary_pos_emb = fused_rope
         res["rope_fusion"] = True
         log_once(log, "apex_seam", "apex/TE seam: ovlt fallbacks (foreach grad norm/scale, "
-                 f"Triton RoPE; wgrad GEMM into fp32 main_grad: {res['wgrad_fusion']})")
+                 "Triton RoPE and SwiGLU; wgrad GEMM into fp32 main_grad: "
+                 f"{res['wgrad_fusion']})")
     _STATE["result"] = res
     return res
 
@@ -168,9 +202,10 @@ def uninstall() -> None:
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import mlp
     (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
      optimizer.multi_tensor_scale_impl, wgrad, layers._grad_accum_fusion_available,
-     rope_utils.fused_apply_rotary_pos_emb) = orig
+     rope_utils.fused_apply_rotary_pos_emb, mlp.bias_swiglu_impl) = orig
     if wgrad is None:
         layers.__dict__.pop("fused_weight_gradient_mlp_cuda", None)
     else:
@@ -180,16 +215,31 @@ def uninstall() -> None:
 def enable_wgrad_fusion(model: torch.nn.Module) -> int:
     """After the DDP wrap (which gives every trainable weight its fp32 `main_grad`): let mcore's
     Column/RowParallelLinears accumulate their weight gradients straight into it. Returns the
-    number of layers switched. Layers whose weight has no main_grad stay as they are."""
+    number of layers switched. Layers whose weight has no main_grad stay as they are.
+    The transformer layers' weights, whose gradient is only ever that GEMM (the LM head's
+    also comes from the fused losses), overwrite main_grad on their first gradient of a step
+    and are marked `ovlt_overwrites_main_grad` (row-wise FP8 linears return a dW instead)."""
     if not install()["wgrad_fusion"]:
         return 0
+    return switch_wgrad_fusion(model, (torch.bfloat16, torch.float16))
+
+
+def switch_wgrad_fusion(model: torch.nn.Module, dtypes: tuple) -> int:
+    """`enable_wgrad_fusion`'s switch for weights of `dtypes`, without the install check (a
+    CPU test runs the fused path on fp32 weights with `TorchWgradAccum` patched into mcore)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    in_layers = {id(m) for layer in model.modules() if isinstance(layer, TransformerLayer)
+                 for m in layer.modules()}
     n = 0
     for mod in model.modules():
         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
             w = getattr(mod, "weight", None)
             if w is not None and w.requires_grad and hasattr(w, "main_grad") \
-                    and w.dtype in (torch.bfloat16, torch.float16):
+                    and w.dtype in dtypes:
                 mod.gradient_accumulation_fusion = True
+                if id(mod) in in_layers and not getattr(mod, "fp8_rowwise", False):
+                    w.main_grad.ovlt_weight = w
+                    w.ovlt_overwrites_main_grad = True
                 n += 1
     return n

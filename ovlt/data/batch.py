@@ -26,6 +26,9 @@ class PackedBatch:
     # (id, file, record index, reason) of samples dropped from this micro-batch because their
     # images failed to decode in the worker; the trainer adds them to its skip report.
     skipped: list = field(default_factory=list)
+    # [n_image_tokens, H] the frozen vision tower's output for `pixel_values`, already on the
+    # device (`ovlt.training.vision_prefetch`): the model then does not run the tower.
+    image_features: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -39,7 +42,8 @@ class PackedBatch:
         """Page-locked copies (DataLoader(pin_memory=True) calls this): the H2D copy of `to`
         then runs asynchronously instead of blocking the host."""
         def pin(t):
-            return t.pin_memory() if isinstance(t, torch.Tensor) else t
+            return t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" \
+                else t
         return PackedBatch(**{k: pin(v) for k, v in self.__dict__.items()})
 
     def to(self, device) -> "PackedBatch":

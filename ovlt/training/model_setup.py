@@ -148,13 +148,17 @@ def wrap_model(model: torch.nn.Module, train_cfg, use_distributed_optimizer: boo
 
 def finalize_grads(model: list, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """mcore's `finalize_model_grads` (DP reduce, tied-embedding and non-TP grad all-reduces)
-    minus its last pass, grads *= 1/num_tokens: the total token count (summed over PP and DP
-    like mcore does) is left on each chunk as `ovlt_pending_grad_scale` for the optimizer
-    step, which folds it into the Adam update (fused path) or applies it (see
-    `ovlt.training.optimizer.OvltStep`). Same numbers, one pass over the fp32 grads fewer."""
+    minus its last pass, grads *= 1/num_tokens, after zeroing the main_grad of any weight that
+    `grad_buffers.zero_grad_buffers` left unzeroed and that got no gradient. The total token
+    count (summed over PP and DP like mcore does) is left on each chunk as
+    `ovlt_pending_grad_scale` for the optimizer step, which folds it into the Adam update
+    (fused path) or applies it (see `ovlt.training.optimizer.OvltStep`). Same numbers, one
+    pass over the fp32 grads fewer."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
+    from ovlt.training.grad_buffers import zero_unwritten
+    zero_unwritten(model)  # before any reduction reads the buffers
     finalize_model_grads(model, None, pg_collection=pg_collection,
                          force_all_reduce=force_all_reduce)
     if num_tokens is None:

@@ -48,7 +48,7 @@ def sft_forward(model, batch):
     dev = next(model.parameters()).device
     b = batch.to(dev)
     kw = dict(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
-              **host_side_inputs(net, batch))
+              image_features=b.image_features, **host_side_inputs(net, batch))
     mask = b.loss_mask.reshape(-1).float()
     if not net.post_process:
         return model(**kw)
@@ -148,11 +148,14 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     last = {"loss": None}
     saved_at = start_step if latest is not None else -1
     it = stream.iterate(pos) if start_step < total_steps else iter(())
+    upcoming = next(it, None)  # one step ahead: its first micro-batch's images are prefetched
     for step in range(start_step, total_steps):
-        pos, mbs = next(it)
+        pos, mbs = upcoming
+        upcoming = next(it) if step + 1 < total_steps else None
         lr = sched.apply(optimizer, step)
         prof.step_begin(step + 1)  # 1-based, like the log lines
-        res = train_step(bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device)
+        res = train_step(bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
+                         prefetch=upcoming[1][0] if upcoming and upcoming[1] else None)
         prof.step_end(step + 1)
         fl, toks = batch_flops(cfg.model, mbs, t.freeze)
         vec = torch.tensor([fl, float(toks)], dtype=torch.float64, device=device)

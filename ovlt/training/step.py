@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ovlt.compat.mcore_cpu import cuda_free_mode
+from ovlt.training.grad_buffers import zero_grad_buffers
+from ovlt.training.vision_prefetch import prefetch_image_features
 
 
 @dataclass
@@ -70,17 +72,19 @@ def reduce_stats(stores: list[dict], device) -> dict[str, float]:
 
 
 def train_step(chunks: list, optimizer, micro_batches: list, forward_fn: Callable,
-               loss_fn: Callable, device=None, forward_only: bool = False) -> StepResult:
+               loss_fn: Callable, device=None, forward_only: bool = False,
+               prefetch=None) -> StepResult:
     """Forward/backward over `micro_batches` (this rank's share of the global batch) and one
-    optimizer step (skipped when `forward_only`)."""
+    optimizer step (skipped when `forward_only`). `prefetch`: the next step's first
+    micro-batch, whose frozen-tower image features are computed between this step's backward
+    and its update (see `ovlt.training.vision_prefetch`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     with cuda_free_mode():
         if not forward_only:
-            for c in chunks:
-                c.zero_grad_buffer()
+            zero_grad_buffers(chunks)
             optimizer.zero_grad()
         seq_len = max(int(b.input_ids.shape[-1]) for b in micro_batches)
         stores = get_forward_backward_func()(
@@ -90,6 +94,8 @@ def train_step(chunks: list, optimizer, micro_batches: list, forward_fn: Callabl
             forward_only=forward_only)
         grad_norm, skipped = float("nan"), False
         if not forward_only:
+            if prefetch is not None:
+                prefetch_image_features(chunks, prefetch)
             ok, gn, _ = optimizer.step()
             skipped = not ok
             grad_norm = float(gn) if gn is not None else float("nan")

@@ -11,7 +11,8 @@ forward(input_ids [B,S], position_ids [3,B,S], pixel_values=None, image_grid_thw
 Packed micro-batches: B=1, `cu_seqlens` [n+1] (or a PackedSeqParams with qkv_format "thd")
 keep attention inside each sample. Host-side inputs avoid device syncs: `cu_seqlens` and
 `image_grid_thw` may stay on the CPU, and `num_image_tokens` (the `<|image_pad|>` count, known
-to the data pipeline) replaces counting them on the GPU.
+to the data pipeline) replaces counting them on the GPU. `image_features` (the tower's output
+for these images, computed a step ahead while the tower is frozen) replace running the tower.
 """
 from __future__ import annotations
 
@@ -111,11 +112,17 @@ class Qwen2_5_VLModel(MegatronModule):
         return self.vision_model is not None and any(
             p.requires_grad for p in self.vision_model.parameters())
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw, num_image_tokens=None):
+    def _embed(self, input_ids, pixel_values, image_grid_thw, num_image_tokens=None,
+               image_features=None):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S,B,H]
         is_image = input_ids == self.image_token_id  # [B,S]
-        if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
+        if image_features is not None and image_grid_thw is not None and len(image_grid_thw):
+            feats = image_features.to(emb.dtype)
+        elif pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
             feats = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
+        else:
+            feats = None
+        if feats is not None:
             n_tok = int(is_image.sum()) if num_image_tokens is None else int(num_image_tokens)
             if feats.shape[0] != n_tok:
                 raise ValueError(f"{n_tok} <|image_pad|> tokens in input_ids but the images "
@@ -144,7 +151,8 @@ class Qwen2_5_VLModel(MegatronModule):
                 image_grid_thw: Optional[torch.Tensor] = None,
                 packed_seq_params: Union[None, PackedSeqParams, torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, return_hidden: bool = False,
-                num_image_tokens: Optional[int] = None):
+                num_image_tokens: Optional[int] = None,
+                image_features: Optional[torch.Tensor] = None):
         if isinstance(packed_seq_params, torch.Tensor):
             if input_ids.shape[0] != 1:
                 raise ValueError(f"packed (cu_seqlens) input needs batch 1, got {input_ids.shape[0]}")
@@ -154,7 +162,8 @@ class Qwen2_5_VLModel(MegatronModule):
             raise ValueError(f"position_ids must be [3, B, S] (MRoPE), got {tuple(position_ids.shape)}")
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, num_image_tokens)
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, num_image_tokens,
+                                        image_features)
         return self.language_model(input_ids, position_ids, decoder_input=decoder_input,
                                    labels=labels, packed_seq_params=packed_seq_params,
                                    return_hidden=return_hidden)

@@ -229,6 +229,10 @@ class VisionModel(MegatronModule):
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
         cfg = self.config
         heads, hd = cfg.num_attention_heads, cfg.kv_channels
+        n, ffn = x.shape[0], cfg.ffn_hidden_size
+        padded = ffn_padded(ffn, x)
+        # fc2's input, zero beyond ffn: each layer's SwiGLU overwrites the first ffn columns
+        act = x.new_zeros(n, padded) if padded != ffn else None
         for layer in self.decoder.layers:
             att, mlp = layer.self_attention, layer.mlp
             h = layer.input_layernorm(x)
@@ -240,6 +244,45 @@ class VisionModel(MegatronModule):
             o = att.core_attention(q, k, v, None, packed_seq_params=params)
             x = x + F.linear(o, att.linear_proj.weight, att.linear_proj.bias)
             h = layer.pre_mlp_layernorm(x)
-            g, u = torch.chunk(F.linear(h, mlp.linear_fc1.weight, mlp.linear_fc1.bias), 2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+            y = F.linear(h, mlp.linear_fc1.weight, mlp.linear_fc1.bias)  # [gate; up]
+            if act is None:
+                a, w2 = _swiglu(y), mlp.linear_fc2.weight
+            else:
+                _swiglu(y, out=act[:, :ffn])
+                a, w2 = act.view(n, 1, padded), _k_padded_weight(mlp.linear_fc2, padded)
+            x = x + F.linear(a, w2, mlp.linear_fc2.bias)
         return x
+
+
+def _swiglu(y: torch.Tensor, out=None) -> torch.Tensor:
+    """silu(gate) * up of the fused fc1 output [N, 1, 2F] (into `out` [N, F] when given):
+    `kernels.swiglu` (one pass) on CUDA, torch ops elsewhere."""
+    if y.is_cuda:
+        from kernels.swiglu import swiglu_forward
+        return swiglu_forward(y, out=out)
+    g, u = torch.chunk(y, 2, dim=-1)
+    if out is None:
+        return F.silu(g) * u
+    return torch.mul(F.silu(g).reshape(out.shape), u.reshape(out.shape), out=out)
+
+
+def ffn_padded(ffn: int, x: torch.Tensor) -> int:
+    """The fc2 GEMM's K for the forward-only tower on `x`'s device: on CUDA, rounded up to 8
+    elements (16 bytes) so the rows of both operands are aligned for cuBLAS's Hopper kernels
+    (Qwen2.5-VL's 3420 gets an sm80 fallback kernel, ~4x slower); unchanged elsewhere."""
+    return -(-ffn // 8) * 8 if x.is_cuda else ffn
+
+
+def _k_padded_weight(linear, k: int) -> torch.Tensor:
+    """`linear.weight` [out, ffn] zero-padded to [out, k], cached on the module until the
+    weight changes (a checkpoint load writes it in place: its version moves). One extra copy of
+    the tower's fc2 weights (~280 MB at 7B) while the forward-only path is used."""
+    w = linear.weight
+    key = (w.data_ptr(), w._version, k)
+    cached = getattr(linear, "_ovlt_k_padded", None)
+    if cached is None or cached[0] != key:
+        padded = w.new_zeros(w.shape[0], k)
+        padded[:, :w.shape[1]] = w.detach()
+        cached = (key, padded)
+        linear._ovlt_k_padded = cached
+    return cached[1]
