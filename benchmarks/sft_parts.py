@@ -43,9 +43,11 @@ def bench_wgrad(res):
         TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, acc)
     a, b = cuda_time(unfused, 20, 3), cuda_time(fused, 20, 3)
     err = ((acc - ref).norm() / ref.norm()).item()
+    import weakref
     fresh = torch.empty(n, k, device="cuda")
-    fresh.ovlt_weight = torch.nn.Parameter(torch.empty(0))
-    fresh.ovlt_weight.grad_added_to_main_grad = False  # stays False: every call overwrites
+    weight = torch.nn.Parameter(torch.empty(0))
+    weight.grad_added_to_main_grad = False  # stays False: every call overwrites
+    fresh.ovlt_weight = weakref.ref(weight)
     c = cuda_time(lambda: TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, fresh), 20, 3)
     err_o = ((fresh - g.float().t() @ x.float()).norm() / fresh.norm()).item()
     flops = 2 * t * k * n

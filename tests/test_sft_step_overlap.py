@@ -91,6 +91,12 @@ def _grad_buffer_worker(rank, world, sft_file):
     p.grad_added_to_main_grad = False
     grad_buffers.zero_unwritten([ddp])
     assert torch.equal(p.main_grad, torch.zeros_like(p.main_grad))
+
+    # main_grad knows its weight only weakly: a strong reference made a weight <-> main_grad
+    # cycle through tensor attributes that the GC cannot see through (DDP's grad accumulators
+    # hold the weight in C++), and a dropped model stayed in GPU memory
+    import weakref
+    assert all(isinstance(q.main_grad.ovlt_weight, weakref.ref) for q in marked)
     return True
 
 

@@ -27,6 +27,7 @@ The training-time switches that use these (mcore config flags) are set in
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -105,7 +106,9 @@ class TorchWgradAccum:
     """Stands in for apex's `fused_weight_gradient_mlp_cuda` module:
     `wgrad_gemm_accum_fp32(input [M,K], grad_output [M,N], main_grad [N,K])` does
     main_grad += grad_output^T @ input in one GEMM with an fp32 accumulator/output.
-    A main_grad that knows its weight (`ovlt_weight`, set by `enable_wgrad_fusion`) is
+    A main_grad that knows its weight (`ovlt_weight`, a weak reference set by
+    `enable_wgrad_fusion`: a strong one would tie the weight and its main_grad in a cycle
+    through tensor attributes that keeps a whole model alive after it is dropped) is
     overwritten instead while the weight has no gradient yet this step (mcore's
     `grad_added_to_main_grad`, reset when the step zeroes the buffer and set by mcore right
     after this call): the GEMM then needs neither the zeroed buffer nor a read of it
@@ -113,7 +116,8 @@ class TorchWgradAccum:
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        w = getattr(main_grad, "ovlt_weight", None)
+        ref = getattr(main_grad, "ovlt_weight", None)
+        w = ref() if ref is not None else None
         overwrite = w is not None and not getattr(w, "grad_added_to_main_grad", True)
         # out_dtype only where the inputs are narrower (cuBLAS); fp32 inputs: plain GEMMs
         kw = {} if total_input.dtype == main_grad.dtype else {"out_dtype": main_grad.dtype}
@@ -139,8 +143,9 @@ def _wgrad_accum_works() -> bool:
         ref = acc + prod
         TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, acc)
         fresh = torch.full((32, 48), float("nan"), device="cuda")
-        fresh.ovlt_weight = torch.nn.Parameter(torch.empty(0))
-        fresh.ovlt_weight.grad_added_to_main_grad = False
+        weight = torch.nn.Parameter(torch.empty(0))
+        weight.grad_added_to_main_grad = False
+        fresh.ovlt_weight = weakref.ref(weight)
         TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, fresh)
         tol = 1e-3 * ref.abs().max().item()  # allclose is False on any NaN left behind
         return torch.allclose(acc, ref, rtol=0, atol=tol) and \
@@ -239,7 +244,7 @@ def switch_wgrad_fusion(model: torch.nn.Module, dtypes: tuple) -> int:
                     and w.dtype in dtypes:
                 mod.gradient_accumulation_fusion = True
                 if id(mod) in in_layers and not getattr(mod, "fp8_rowwise", False):
-                    w.main_grad.ovlt_weight = w
+                    w.main_grad.ovlt_weight = weakref.ref(w)
                     w.ovlt_overwrites_main_grad = True
                 n += 1
     return n
