@@ -132,7 +132,6 @@ class _FusedSwiGLU(torch.autograd.Function):
 
 
 def fused_swiglu(y: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u for y = [g, u] [..., 2F], differentiable (keeps only y for backward)."""
-    if y.shape[-1] % 2:
-        raise ValueError(f"fused_swiglu: last dim must be even ([gate; up]), got {tuple(y.shape)}")
+    """silu(g) * u for y = [g, u] [..., 2F], differentiable (keeps only y for backward;
+    `swiglu_forward` checks the shape)."""
     return _FusedSwiGLU.apply(y)

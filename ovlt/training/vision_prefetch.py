@@ -29,7 +29,7 @@ def prefetch_image_features(chunks: list, batch) -> bool:
     if tower is None or not getattr(net, "pre_process", False) or grids is None \
             or len(grids) == 0 or getattr(batch, "pixel_values", None) is None:
         return False
-    if any(p.requires_grad for p in tower.parameters()):
+    if net._vision_trainable():
         return False  # a trained tower's features depend on this step's update
     dev = next(tower.parameters()).device
     with torch.no_grad():
