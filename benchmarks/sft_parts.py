@@ -14,11 +14,19 @@
   rmsnorm     fwd+bwd of RMSNorm over [8192, 3584] bf16: torch.nn.RMSNorm vs torch.compile
   attention   causal GQA attention fwd+bwd, 4 x 2048 tokens, 28 q / 4 kv heads: SDPA backends
   adam        the optimizer update of 2.0 B fp32 master params: fused AdamW + bf16 copy, and
-              the grad-norm via foreach vs mcore's per-tensor fallback
+              the grad-norm via foreach vs mcore's per-tensor fallback vs one reduction over
+              the flat buffer the grads live in
+  rope        RoPE of one 7B layer's q (28 heads, contiguous) and k (4 heads, a strided view of
+              the fused qkv output) at 8192 tokens, forward + backward: the Triton kernel's
+              token-tile / warp choices, and mcore's unfused version
+  fp8         the FP8 forward GEMMs of one 7B layer at 8192 tokens with and without fast
+              accumulation, and the FP8 cast-transpose kernel's tile / warp choices on the
+              step's tensor shapes (delayed scaling: one launch per cast)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -168,9 +176,89 @@ def bench_adam(res, n_params=2.0e9):
            "norm_mcore_local_ms": cuda_time(
                lambda: local_multi_tensor_l2_norm(0, None, [grads], False), 5, 1),
            "scale_foreach_ms": cuda_time(lambda: torch._foreach_mul_(grads, 0.999), 10, 2)}
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    del params, grads, model, opt
+    torch.cuda.empty_cache()
+    out["norm_flat_ms"] = cuda_time(lambda: torch.linalg.vector_norm(flat), 10, 2)
+    out["norm_flat_GBps"] = n * 4 / 1e9 / out["norm_flat_ms"] * 1e3
+    out["norm_foreach_GBps"] = n * 4 / 1e9 / out["norm_foreach_ms"] * 1e3
     gb = n * (4 * 7 + 2) / 1e9  # adam r/w + bf16 write
     out["adam_plus_copy_GBps"] = gb / out["adam_plus_copy_ms"] * 1e3
     res["adam"] = out
+
+
+def bench_rope(res):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from kernels import rope
+    t, hd = 8192, 128
+    mixed = torch.randn(t, 1, 4, 9 * hd, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(t, 1, 28, hd, device="cuda", dtype=torch.bfloat16)
+    k = mixed[..., 7 * hd:8 * hd]
+    f = torch.randn(t, 1, 1, hd, device="cuda") * 3
+    moved = 4 * (q.numel() + k.numel()) * 2  # q and k read + written, fwd and bwd
+    out = {"mcore_unfused_ms": cuda_time(lambda: [_apply_rotary_pos_emb_bshd(x, f)
+                                                  for x in (q, k, q, k)], 10, 2)}
+    old = dict(rope.TILE)
+    ref = [rope._rope(x, f, bw) for x in (q, k) for bw in (False, True)]
+    try:
+        for tokens, heads, nw in itertools.product((1, 2, 4, 8), (8, 32), (2, 4, 8)):
+            rope.TILE.update(tokens=tokens, heads=heads, num_warps=nw)
+            got = [rope._rope(x, f, bw) for x in (q, k) for bw in (False, True)]
+            ms = cuda_time(lambda: [rope._rope(x, f, bw) for x in (q, k)
+                                    for bw in (False, True)], 20, 3)
+            out[f"t{tokens}_h{heads}_w{nw}"] = {"ms": ms, "GBps": moved / ms / 1e6,
+                                                "equal": all(torch.equal(a, b)
+                                                             for a, b in zip(got, ref))}
+    finally:
+        rope.TILE.clear()
+        rope.TILE.update(old)
+    res["rope"] = out
+
+
+def bench_fp8(res):
+    from ovlt.models.qwen2_5_vl import fp8_cast
+    from ovlt.models.qwen2_5_vl.fp8 import E4M3, E5M2
+    t, h, ffn, qkv = 8192, 3584, 18944, 4608
+    out = {"fprop": {}, "cast": {}}
+    for name, n, k in (("qkv", qkv, h), ("proj", h, h), ("fc1", 2 * ffn, h), ("fc2", h, ffn)):
+        x = torch.randn(t, k, device="cuda").to(E4M3)
+        w = torch.randn(n, k, device="cuda").to(E4M3)
+        one = torch.ones((), device="cuda")
+        r = {}
+        for fast in (False, True):
+            ms = cuda_time(lambda: torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one,
+                                                    out_dtype=torch.bfloat16,
+                                                    use_fast_accum=fast), 20, 3)
+            r["fast_ms" if fast else "promoted_ms"] = ms
+            r["fast_tflops" if fast else "promoted_tflops"] = 2 * t * n * k / ms / 1e9
+        out["fprop"][name] = r
+    tiles = [(64, 64, 4), (64, 64, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 128, 8),
+             (128, 128, 8), (32, 128, 4)]
+    shapes = {"x_3584": (t, h), "fc1_grad": (t, 2 * ffn), "fc2_in": (t, ffn),
+              "fc1_weight": (2 * ffn, h)}
+    old = dict(fp8_cast.TILE)
+    try:
+        for name, shape in shapes.items():
+            src = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            hist = fp8_cast.AmaxHistory(16, "cuda")
+            fp8_cast.cast_transpose(src, E5M2, True, True, history=hist)
+            ref = fp8_cast.cast_transpose(src, E5M2, True, True, history=hist)
+            r = {}
+            for br, bc, nw in tiles:
+                fp8_cast.TILE.update(rows=br, cols=bc, num_warps=nw)
+                got = fp8_cast.cast_transpose(src, E5M2, True, True, history=hist)
+                same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                           for a, b in zip(got[:2], ref[:2]))
+                ms = cuda_time(lambda: fp8_cast.cast_transpose(src, E5M2, True, True,
+                                                               history=hist), 20, 3)
+                r[f"{br}x{bc}_w{nw}"] = {"ms": ms, "GBps": src.numel() * 4 / ms / 1e6,
+                                         "equal": same}
+            out["cast"][name] = r
+    finally:
+        fp8_cast.TILE.clear()
+        fp8_cast.TILE.update(old)
+    res["fp8"] = out
 
 
 def main(argv=None):

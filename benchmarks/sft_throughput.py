@@ -247,7 +247,7 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     from ovlt.data.packing import collate
     from ovlt.training.model_setup import configure_fp8, wrap_model
     from ovlt.training.optimizer import build_optimizer
-    from ovlt.training.sft import sft_forward, sft_loss
+    from ovlt.training.sft import mark_head_overwrites, sft_forward, sft_loss
     from ovlt.training.step import train_step
     from ovlt.models.qwen2_5_vl.provider import build_model
 
@@ -270,6 +270,7 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     bundle = wrap_model(model, tcfg)
     if tweak is not None:
         tweak(bundle)
+    mark_head_overwrites(bundle.chunks)  # as run_sft
     prec = "bf16" if dev.type == "cuda" else "fp32"
     opt = build_optimizer(bundle.chunks, OptimizerConfig(lr=1e-6, weight_decay=0.0), prec)
     mbs = [collate(samples)]  # one packed THD micro-batch of samples x seq tokens

@@ -104,12 +104,13 @@ def _accumulate_dw(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bo
 
 
 def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=None, saved=None,
-               need_dh=False, need_dw=False, dw_into=None, chunk_bytes=None):
+               need_dh=False, need_dw=False, dw_into=None, dw_into_fresh=False, chunk_bytes=None):
     """The chunk loop. Without `saved`, computes (lse, logp, ent) [T] fp32. With `grad_fn`
     (`grad_fn(sl, lse_c, logp_c, ent_c) -> (g_lp_c, g_ent_c or None)`), also returns
     dh [T,H] (all-reduced over the TP group) and dW [V_local,H] (fp32 or weight dtype), or,
     with `dw_into` (an fp32 [V_local,H] running sum such as mcore's main_grad), adds dW into it
-    chunk by chunk (no dW buffer, no later pass to add it).
+    chunk by chunk (no dW buffer, no later pass to add it); `dw_into_fresh`: its contents are
+    stale, so the first chunk overwrites it (no tokens: it is zeroed).
     `saved=(lse, ent)` skips the statistics (backward of a forward that kept them).
     `chunk_bytes` overrides `config.chunk_bytes` for this call."""
     T, H = hidden.shape
@@ -150,9 +151,11 @@ def run_chunks(hidden, weight, targets, temperature, shard: Shard, *, grad_fn=No
         if need_dw:
             _accumulate_dw(dw, lg.t(), h_c, first=(start == 0))
         if dw_into is not None:
-            _accumulate_dw(dw_into, lg.t(), h_c, first=False)
+            _accumulate_dw(dw_into, lg.t(), h_c, first=dw_into_fresh and start == 0)
     if need_dw and T == 0:
         dw.zero_()
+    if dw_into is not None and dw_into_fresh and (T == 0 or grad_fn is None):
+        dw_into.zero_()
     if need_dh and shard.group is not None:
         dist.all_reduce(dh, group=shard.group)
     return lse, logp, ent, dh, dw

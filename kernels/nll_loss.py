@@ -14,14 +14,17 @@ from ._lmhead import check_inputs, run_chunks, scale_stored_grads, shard_of
 class _FusedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, w, tp_group, need_dh, need_dw, dw_into,
-                chunk_bytes):
+                dw_into_fresh, chunk_bytes):
         shard = shard_of(weight, tp_group)
         into = dw_into if need_dw else None
         grad = need_dh or need_dw
         _, logp, _, dh, dw = run_chunks(hidden, weight, targets, 1.0, shard,
                                         grad_fn=(lambda sl, *_: (-w[sl], None)) if grad else None,
                                         need_dh=need_dh, need_dw=need_dw and into is None,
-                                        dw_into=into, chunk_bytes=chunk_bytes)
+                                        dw_into=into, dw_into_fresh=dw_into_fresh,
+                                        chunk_bytes=chunk_bytes)
+        if into is not None:  # from here on main_grad holds this step's gradient
+            weight.grad_added_to_main_grad = True
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype, ctx.done = weight.dtype, False
         ctx.weight = weight if into is not None else None
@@ -37,20 +40,23 @@ class _FusedNLL(torch.autograd.Function):
             torch._assert_async(g_loss == 1)
             ctx.weight.grad_added_to_main_grad = True
             dw = torch.empty_like(ctx.weight)  # placeholder so DDP's grad hook still fires
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def fused_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    token_weights: torch.Tensor | None = None, tp_group=None,
-                   dw_into: torch.Tensor | None = None, chunk_bytes: int | None = None):
+                   dw_into: torch.Tensor | None = None, dw_into_fresh: bool = False,
+                   chunk_bytes: int | None = None):
     """(sum_t token_weights[t] * -log softmax(hidden @ weight.T)[t, targets[t]], logp [T]).
 
     hidden [T, H], weight [V(_local), H] (see `fused_logprob` for `tp_group`), targets [T]
     global ids (outside [0, V) -> logp 0, no gradient), token_weights [T] (default 1).
     The loss is a differentiable fp32 scalar; logp is detached.
     `dw_into` (mcore's fp32 `weight.main_grad`): the weight gradient is added into it during
-    the forward and `weight.grad_added_to_main_grad` is set in the backward, which must then
-    receive an upstream gradient of exactly 1 (asserted on the device).
+    the forward, which sets `weight.grad_added_to_main_grad` (so a later forward of the same
+    step knows main_grad holds this step's gradient); the backward must then receive an
+    upstream gradient of exactly 1 (asserted on the device). `dw_into_fresh`: dw_into holds
+    stale values (a buffer the step did not zero): the gradient overwrites them.
     `chunk_bytes`: logits-chunk budget for this call (default `kernels.config.chunk_bytes`).
     """
     check_inputs(hidden, weight, targets)
@@ -64,4 +70,4 @@ def fused_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                          f"{tuple(dw_into.shape)}")
     return _FusedNLL.apply(hidden, weight, targets, w, tp_group,
                            grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-                           dw_into, chunk_bytes)
+                           dw_into, bool(dw_into_fresh), chunk_bytes)

@@ -5,7 +5,7 @@ backward, for megatron-core's `fused_apply_rotary_pos_emb` slot (sbhd layout).
 with cos/sin of `freqs` [S, B or 1, 1, D] (fp32 angles; MRoPE's per-token t/h/w angles arrive
 already interleaved by section, so this is plain RoPE to the kernel). mcore's unfused version
 runs ~8 elementwise passes plus two concatenations per call (q and k of every layer); here
-one read and one write of x, angles read once per token. For bf16 x, cos/sin are rounded to
+one read and one write of x, angles read and turned into cos/sin once per token. For bf16 x, cos/sin are rounded to
 bf16 first as mcore and HF do for the LLM; the products are summed in fp32 and rounded once
 (to nearest even).
 Backward: dx1 = dy1 cos1 + dy2 sin2, dx2 = dy2 cos2 - dy1 sin1.
@@ -23,38 +23,49 @@ except Exception:  # noqa: BLE001 - optional
 
 from ._triton_ops import use_triton
 
+# token rows and heads per program (cos/sin computed once per row and program) and its warps;
+# `benchmarks/sft_parts.py --parts rope` sweeps them
+TILE = {"tokens": 4, "heads": 32, "num_warps": 4}
+
 if triton is not None:
     from ._rounding import to_bf16_rne
 
     @triton.jit
-    def _rope_kernel(x_ptr, f_ptr, y_ptr, B, H, sx_s, sx_b, sx_h, sy_s, sy_b, sy_h, sf_s, sf_b,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BACKWARD: tl.constexpr, ROUND_TRIG: tl.constexpr, OUT_BF16: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        s = row // B
-        b = row % B
+    def _rope_kernel(x_ptr, f_ptr, y_ptr, T, B, H, sx_s, sx_b, sx_h, sy_s, sy_b, sy_h, sf_s,
+                     sf_b, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, ROUND_TRIG: tl.constexpr,
+                     OUT_BF16: tl.constexpr):
+        # a [BLOCK_T token rows (s * B + b), BLOCK_H heads, half D] tile; cos/sin of a row's
+        # angles are computed once and broadcast over its heads
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        s = rows // B
+        b = rows % B
         ds = tl.arange(0, BLOCK_D)
-        dm = ds < HALF
-        f1 = tl.load(f_ptr + s * sf_s + b * sf_b + ds, mask=dm, other=0.0).to(tl.float32)
-        f2 = tl.load(f_ptr + s * sf_s + b * sf_b + HALF + ds, mask=dm, other=0.0).to(tl.float32)
+        fm = (rows < T)[:, None] & (ds < HALF)[None, :]
+        fo = f_ptr + (s * sf_s + b * sf_b)[:, None] + ds[None, :]
+        f1 = tl.load(fo, mask=fm, other=0.0).to(tl.float32)
+        f2 = tl.load(fo + HALF, mask=fm, other=0.0).to(tl.float32)
         c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
         if ROUND_TRIG:  # to x's dtype, as mcore does (bf16 here)
             c1, s1 = to_bf16_rne(c1).to(tl.float32), to_bf16_rne(s1).to(tl.float32)
             c2, s2 = to_bf16_rne(c2).to(tl.float32), to_bf16_rne(s2).to(tl.float32)
-        m = (hs[:, None] < H) & dm[None, :]
-        xo = x_ptr + s * sx_s + b * sx_b + hs[:, None] * sx_h + ds[None, :]
+        c1, s1, c2, s2 = c1[:, None, :], s1[:, None, :], c2[:, None, :], s2[:, None, :]
+        m = fm[:, None, :] & (hs < H)[None, :, None]
+        xo = x_ptr + (s * sx_s + b * sx_b)[:, None, None] + hs[None, :, None] * sx_h \
+            + ds[None, None, :]
         x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xo + HALF, mask=m, other=0.0).to(tl.float32)
         if BACKWARD:
-            y1 = x1 * c1[None, :] + x2 * s2[None, :]
-            y2 = x2 * c2[None, :] - x1 * s1[None, :]
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
         else:
-            y1 = x1 * c1[None, :] - x2 * s1[None, :]
-            y2 = x2 * c2[None, :] + x1 * s2[None, :]
-        yo = y_ptr + s * sy_s + b * sy_b + hs[:, None] * sy_h + ds[None, :]
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
         if OUT_BF16:
             y1, y2 = to_bf16_rne(y1), to_bf16_rne(y2)
+        yo = y_ptr + (s * sy_s + b * sy_b)[:, None, None] + hs[None, :, None] * sy_h \
+            + ds[None, None, :]
         tl.store(yo, y1.to(y_ptr.dtype.element_ty), mask=m)
         tl.store(yo + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -83,14 +94,15 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
         f = f.contiguous()
     y = torch.empty((S, B, H, D), dtype=x.dtype, device=x.device)
     half = D // 2
-    block_h = min(32, triton.next_power_of_2(H))
-    grid = (S * B, triton.cdiv(H, block_h))
+    block_h = min(TILE["heads"], triton.next_power_of_2(H))
+    grid = (triton.cdiv(S * B, TILE["tokens"]), triton.cdiv(H, block_h))
     sf_b = f.stride(1) if f.shape[1] > 1 else 0
-    _rope_kernel[grid](x, f, y, B, H, x.stride(0), x.stride(1), x.stride(2),
+    _rope_kernel[grid](x, f, y, S * B, B, H, x.stride(0), x.stride(1), x.stride(2),
                        y.stride(0), y.stride(1), y.stride(2), f.stride(0), sf_b,
-                       HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
+                       HALF=half, BLOCK_T=TILE["tokens"], BLOCK_H=block_h,
+                       BLOCK_D=triton.next_power_of_2(half),
                        BACKWARD=backward, ROUND_TRIG=x.dtype == torch.bfloat16,
-                       OUT_BF16=x.dtype == torch.bfloat16, num_warps=4)
+                       OUT_BF16=x.dtype == torch.bfloat16, num_warps=TILE["num_warps"])
     return y
 
 

@@ -71,3 +71,47 @@ def test_dw_into_main_grad_accumulates():
         torch.autograd.grad(loss * 2.0, [h, w])
     with pytest.raises(ValueError, match="dw_into"):
         kernels.fused_nll_loss(h, w, t, dw_into=main_grad[:10])
+
+
+def test_dw_into_fresh_overwrites_stale_values_then_accumulates(monkeypatch):
+    """dw_into_fresh: the first chunk replaces whatever main_grad held (NaN here, a slice the
+    step did not zero), the later chunks add; a call without tokens leaves zeros."""
+    from kernels import _lmhead
+    g = torch.Generator().manual_seed(2)
+    T, H, V = 13, 16, 300
+    h = torch.randn(T, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 2).requires_grad_()
+    t = torch.randint(0, V, (T,), generator=g)
+    hr, wr = h.detach().requires_grad_(), w.detach().requires_grad_()
+    rdw, = torch.autograd.grad(F.cross_entropy(hr @ wr.T, t, reduction="sum"), [wr])
+    monkeypatch.setattr(_lmhead.config, "chunk_bytes", 5 * V * 4)  # 5-token chunks: 3 of them
+    main_grad = torch.full((V, H), float("nan"))
+    w.grad_added_to_main_grad = False
+    loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad, dw_into_fresh=True)
+    assert w.grad_added_to_main_grad  # set by the forward: a second forward must accumulate
+    loss.backward()
+    torch.testing.assert_close(main_grad, rdw, atol=1e-5, rtol=1e-5)
+    loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad)
+    loss.backward()
+    torch.testing.assert_close(main_grad, 2 * rdw, atol=1e-5, rtol=1e-5)
+    main_grad.fill_(float("nan"))
+    loss, _ = kernels.fused_nll_loss(h[:0], w, t[:0], dw_into=main_grad, dw_into_fresh=True)
+    assert torch.equal(main_grad, torch.zeros_like(main_grad))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS bf16 x bf16 -> fp32 path")
+def test_dw_into_fresh_ignores_nan_on_cuda():
+    """The overwrite on the GPU (bf16 operands, fp32 main_grad, beta = 0) never reads the stale
+    values: NaN in main_grad does not leak into the gradient."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, H, V = 300, 64, 1000
+    h = torch.randn(T, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(V, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (T,), device="cuda", generator=g)
+    main_grad = torch.full((V, H), float("nan"), device="cuda")
+    loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad, dw_into_fresh=True)
+    loss.backward()
+    hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    rdw, = torch.autograd.grad(F.cross_entropy(hr @ wr.T, t, reduction="sum"), [wr])
+    assert torch.isfinite(main_grad).all()
+    assert ((main_grad - rdw).norm() / rdw.norm()).item() < 2e-2

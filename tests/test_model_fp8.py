@@ -284,3 +284,55 @@ def test_delayed_fp8_linear_matches_emulation():
     from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory as AH
     with pytest.raises(ValueError, match=">= 3"):
         AH(2, "cpu")
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensor", "rowwise"])
+def test_fast_accumulation_only_in_the_forward_gemm(monkeypatch, rowwise):
+    """`fprop_fast_accum` reaches the forward GEMM only: the dgrad and wgrad GEMMs keep fp32
+    promotion of their partial sums (TE's recipes do the same)."""
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(*a, **kw):
+        calls.append(kw.get("use_fast_accum", False))
+        return real(*a, **kw)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 64, generator=g).requires_grad_()
+    w = torch.randn(48, 64, generator=g).requires_grad_()
+    for fast in (True, False):
+        calls.clear()
+        y = fp8_linear(x, w, rowwise=rowwise, fprop_fast_accum=fast)
+        assert calls == [fast]
+        y.backward(torch.randn(32, 48, generator=g))
+        assert calls == [fast, False, False]
+
+
+def test_fast_accumulation_follows_the_model_config(monkeypatch):
+    """model.fp8_fprop_fast_accum reaches the layers (default off) through the mcore config."""
+    from ovlt.config import ModelConfig
+    from ovlt.models.qwen2_5_vl import fp8 as F8
+    seen = []
+    monkeypatch.setattr(F8, "fp8_linear", lambda *a: seen.append(a[-1]) or a[0])
+    assert ModelConfig().fp8_fprop_fast_accum is False
+    col, _ = F8.fp8_linear_classes("scaled_mm_tensor")
+    layer = col.__new__(col)
+    for flag in (True, False):
+        layer.config = type("C", (), {"ovlt_fp8_fprop_fast_accum": flag})()
+        layer._forward_impl(torch.zeros(4, 16), torch.zeros(16, 16))
+    assert seen == [True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt fast accumulation: CUDA")
+def test_fast_accumulation_on_cuda_stays_within_fp8_error():
+    """On the GPU the fast-accumulation forward differs from the promoted one by far less than
+    the FP8 rounding of its inputs (K = 3584, a 7B layer's width)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 3584, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(1024, 3584, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    exact = x.float() @ w.float().t()
+    fast = fp8_linear(x, w, fprop_fast_accum=True).float()
+    slow = fp8_linear(x, w, fprop_fast_accum=False).float()
+    quant = ((slow - exact).norm() / exact.norm()).item()
+    assert 1e-3 < quant < 0.08  # the FP8 inputs' own error
+    assert ((fast - slow).norm() / exact.norm()).item() < 0.25 * quant

@@ -1,7 +1,8 @@
 """Two pieces of the SFT step that skip work, against the step without them (tiny fp32 model,
 CPU, real mcore DDP + DistributedOptimizer, 2 packed micro-batches per step):
 - gradient buffers: the transformer layers' weights overwrite their main_grad on their first
-  gradient of a step (the wgrad GEMM, `TorchWgradAccum` patched into mcore as on a GPU), so
+  gradient of a step (the wgrad GEMM, `TorchWgradAccum` patched into mcore as on a GPU), and so
+  does the SFT loss for the LM head (`mark_head_overwrites`, dW written in the forward), so
   `grad_buffers.zero_grad_buffers` leaves their slices unzeroed — poisoned with NaN here;
 - the frozen vision tower run one step ahead (`train_step(prefetch=...)`)."""
 import itertools
@@ -21,7 +22,9 @@ def _setup(sft_file):
 
     cfg = load_config(TINY_SFT, base_overrides(sft_file, "/nonexistent",
                                                **{"sft.optimizer.lr": 1e-3,
-                                                  "data.pack_tokens": 256}))
+                                                  "data.pack_tokens": 256,
+                                                  # an untied LM head, as 7B's
+                                                  "model.tie_word_embeddings": False}))
     init_distributed(cfg.parallel, seed=3)
     stream = SFTStream(build_sft_dataset(cfg.data), 4, 256, ps.get_data_parallel_rank(),
                        ps.get_data_parallel_world_size(), seed=0, num_workers=0)
@@ -37,7 +40,7 @@ def _grad_buffer_worker(rank, world, sft_file):
     from ovlt.compat.cuda_fastpaths import TorchWgradAccum, switch_wgrad_fusion
     from ovlt.training import grad_buffers
     from ovlt.training.optimizer import build_optimizer
-    from ovlt.training.sft import sft_forward, sft_loss
+    from ovlt.training.sft import mark_head_overwrites, sft_forward, sft_loss
     from ovlt.training.step import train_step
 
     cfg, batches = _setup(sft_file)
@@ -53,10 +56,16 @@ def _grad_buffer_worker(rank, world, sft_file):
             layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
             layers._grad_accum_fusion_available = True
             n = switch_wgrad_fusion(model, (torch.float32,))
+            # the LM head's dW into main_grad from the SFT loss, as the CUDA fast paths set it
+            head = model.language_model.output_layer.weight
+            head.ovlt_grad_into_main_grad = True
+            _ = grad_buffers._zero_views(ddp)  # a cache built before the mark is dropped
+            assert mark_head_overwrites(bundle.chunks) == 1
             marked = [p for p in ddp.params_with_grad if getattr(p, "ovlt_overwrites_main_grad",
                                                                  False)]
-            # the 4 linears of every LLM layer (an untied LM head is switched, not marked)
-            assert n >= len(marked) == 4 * cfg.model.num_layers
+            # the 4 linears of every LLM layer (switch_wgrad_fusion) and the head (SFT's mark)
+            assert n >= len(marked) - 1 == 4 * cfg.model.num_layers
+            assert any(p is head for p in marked)
             # garbage in every slice the step does not zero: the overwrite must replace it
             for p in marked:
                 p.main_grad.fill_(float("nan"))
@@ -96,7 +105,7 @@ def _grad_buffer_worker(rank, world, sft_file):
     # cycle through tensor attributes that the GC cannot see through (DDP's grad accumulators
     # hold the weight in C++), and a dropped model stayed in GPU memory
     import weakref
-    assert all(isinstance(q.main_grad.ovlt_weight, weakref.ref) for q in marked)
+    assert all(isinstance(q.main_grad.ovlt_weight, weakref.ref) for q in marked if q is not head)
     return True
 
 
@@ -192,3 +201,4 @@ def test_prefetch_only_for_a_frozen_tower_and_images():
         assert torch.equal(with_image.image_features, ref) and ref.shape[0] == 4
     finally:
         destroy_distributed()
+

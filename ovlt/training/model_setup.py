@@ -169,8 +169,11 @@ def finalize_grads(model: list, num_tokens=None, pg_collection=None, force_all_r
         pp_group = ps.get_pipeline_model_parallel_group()
         dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
     from megatron.core.pipeline_parallel.utils import get_pp_last_rank
-    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
-    torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
+    # a collective over a 1-rank group changes nothing but costs a host round trip (NCCL)
+    if torch.distributed.get_world_size(pp_group) > 1:
+        torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    if torch.distributed.get_world_size(dp_cp_group) > 1:
+        torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
     # as mcore: 1/N, and no scaling when no token carries a loss
     scale = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), 1.0)
     for chunk in model:

@@ -60,10 +60,34 @@ def sft_forward(model, batch):
     rows = to_device_async(loss_rows(batch.loss_mask), dev)  # found on the host: no sync
     w = net.output_weight()
     into = w.main_grad if getattr(w, "ovlt_grad_into_main_grad", False) else None
+    # a head marked by `mark_head_overwrites` was not zeroed: its step's first write replaces
+    fresh = into is not None and getattr(w, "ovlt_overwrites_main_grad", False) \
+        and not getattr(w, "grad_added_to_main_grad", False)
     loss, _ = fused_nll_loss(h.index_select(0, rows), w, b.labels.reshape(-1)[rows], mask[rows],
-                             tp_group=tp_group(), dw_into=into,
+                             tp_group=tp_group(), dw_into=into, dw_into_fresh=fresh,
                              chunk_bytes=getattr(net, "ovlt_lm_head_chunk_bytes", None))
     return loss
+
+
+def mark_head_overwrites(chunks) -> int:
+    """Let the SFT loss overwrite the LM head's main_grad on its first write of a step, so
+    `grad_buffers.zero_grad_buffers` skips its slice (V x H fp32: 2.2 GB at 7B). Only for a
+    head whose gradient is nothing but `sft_forward`'s fused loss writing into main_grad
+    (`ovlt_grad_into_main_grad`, unpadded vocab); GRPO's head gradient arrives through DDP's
+    hook, which adds, so only the SFT trainer marks. Returns the number of heads marked."""
+    n = 0
+    for ddp in chunks:
+        net = unwrap(ddp)
+        if not getattr(net, "post_process", False):
+            continue
+        w = net.output_weight()
+        if getattr(w, "ovlt_grad_into_main_grad", False) and \
+                w.shape[0] * tp_size() == net.vocab_size:
+            w.ovlt_overwrites_main_grad = True
+            for cache in ("_ovlt_overwriting", "_ovlt_zero_views"):
+                ddp.__dict__.pop(cache, None)
+            n += 1
+    return n
 
 
 def sft_loss(batch, loss_sum):
@@ -114,6 +138,7 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     model = build_vl_model(cfg, t.precision)
     configure_fp8(model, cfg.model)
     bundle = wrap_model(model, t, o.use_distributed_optimizer)
+    mark_head_overwrites(bundle.chunks)
     optimizer = build_optimizer(bundle.chunks, o, t.precision)
     sched = LRSchedule(o, total_steps)
 

@@ -67,7 +67,8 @@ def reduce_stats(stores: list[dict], device) -> dict[str, float]:
                 vec[i] += s[k].to(device=device, dtype=torch.float64)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(vec, group=ps.get_data_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:  # a 1-rank NCCL call only costs host time
+        dist.all_reduce(vec, group=ps.get_data_parallel_group())
     return dict(zip(keys, vec.tolist()))
 
 

@@ -2,7 +2,9 @@
 
 Recipes ("scaled_mm_tensor" / "scaled_mm_rowwise": current scaling; "scaled_mm_delayed": per
 tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_history` casts):
-  * forward  Y = X W^T:  X and W cast to float8_e4m3fn;
+  * forward  Y = X W^T:  X and W cast to float8_e4m3fn; with `model.fp8_fprop_fast_accum` (as
+    TE's recipes; off by default, no faster here) this GEMM uses the tensor cores' fast FP8
+    accumulation, while the backward GEMMs always promote their partial sums to fp32;
   * backward dX = G W and dW = G^T X:  G cast to float8_e5m2 (default, wider range for
     gradients) or e4m3 (`model.fp8_grad_format`), with the forward's FP8 W^T and X^T;
   * scaling "tensor": one scale per tensor (amax of the whole tensor); "delayed": one scale per
@@ -73,10 +75,12 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _mm(a, sa, b, sb, out_dtype):
-    """(sa*a) @ (sb*b); a [M,K] row-major, b [K,N] (made column-major here)."""
+def _mm(a, sa, b, sb, out_dtype, fast_accum=False):
+    """(sa*a) @ (sb*b); a [M,K] row-major, b [K,N] (made column-major here). `fast_accum`:
+    cuBLASLt's FP8 fast accumulation (no periodic promotion of the partial sums to fp32)."""
     b = b if b.stride(0) == 1 else _col_major(b)
-    return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 _ROWWISE_FALLBACK: set = set()
@@ -130,7 +134,7 @@ def _wgrad_into_main_grad(weight, gqt, sg, xqt, sx) -> torch.Tensor:
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group,
-                wgrad_into_main_grad: bool, histories):
+                wgrad_into_main_grad: bool, histories, fast_accum: bool):
         shape = x.shape
         x2 = _pad16(x.reshape(-1, shape[-1]))
         m = math.prod(shape[:-1])
@@ -139,7 +143,7 @@ class _Fp8Linear(torch.autograd.Function):
         if rowwise:
             xq, sx = quantize(x2, E4M3, dim=1)          # per token  [M,1]
             wq, sw = quantize(weight, E4M3, dim=1)      # per output channel [N,1]
-            y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype)
+            y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype, fast_accum)
             ctx.save_for_backward(x2, weight)
         else:
             # X^T in FP8 is what dW needs and W^T what dX needs (K-major operands only): one
@@ -149,7 +153,7 @@ class _Fp8Linear(torch.autograd.Function):
                                          history=hx)
             wq, wqt, sw = cast_transpose(weight, E4M3, want_q=True, want_qt=x.requires_grad,
                                          history=hw)
-            y = _mm(xq, sx, wq.t(), sw, out_dtype)
+            y = _mm(xq, sx, wq.t(), sw, out_dtype, fast_accum)
             ctx.save_for_backward(xqt, sx, wqt, sw)
             if wgrad_into_main_grad and hasattr(weight, "main_grad"):
                 ctx.weight = weight
@@ -190,18 +194,20 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.allreduce_dgrad:
                 torch.distributed.all_reduce(dx, group=ctx.tp_group)
         db = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def fp8_linear(x, weight, bias=None, rowwise=False, grad_format="e5m2", allreduce_dgrad=False,
-               tp_group=None, wgrad_into_main_grad=False, histories=None):
+               tp_group=None, wgrad_into_main_grad=False, histories=None, fprop_fast_accum=False):
     """y = x W^T (+ b) with FP8 GEMMs. `wgrad_into_main_grad` (per-tensor scaling, a weight with
     mcore's fp32 `main_grad`): dW goes into main_grad, see `_wgrad_into_main_grad`.
-    `histories`: (x, weight, grad) `AmaxHistory`s for delayed scaling (per-tensor only)."""
+    `histories`: (x, weight, grad) `AmaxHistory`s for delayed scaling (per-tensor only).
+    `fprop_fast_accum`: the forward GEMM with FP8 fast accumulation (dX and dW never)."""
     if histories is not None and rowwise:
         raise ValueError("delayed (amax-history) scaling is per tensor, not row-wise")
     return _Fp8Linear.apply(x, weight, bias, rowwise, GRAD_FORMATS[grad_format],
-                            allreduce_dgrad, tp_group, wgrad_into_main_grad, histories)
+                            allreduce_dgrad, tp_group, wgrad_into_main_grad, histories,
+                            bool(fprop_fast_accum))
 
 
 class _Fp8Mixin:
@@ -239,7 +245,8 @@ class _Fp8Mixin:
         return fp8_linear(input, weight, bias, self.fp8_rowwise,
                           getattr(self.config, "ovlt_fp8_grad_format", self.fp8_grad_format),
                           allreduce_dgrad, tp_group, gradient_accumulation_fusion,
-                          self._amax_histories(weight.device))
+                          self._amax_histories(weight.device),
+                          getattr(self.config, "ovlt_fp8_fprop_fast_accum", False))
 
 
 def fp8_linear_classes(recipe: str):

@@ -55,6 +55,7 @@ def language_config(model_cfg) -> TransformerConfig:
     cfg.ovlt_attention_backend = model_cfg.attention_backend
     cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
     cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history
+    cfg.ovlt_fp8_fprop_fast_accum = model_cfg.fp8_fprop_fast_accum
     return cfg
 
 
