@@ -5,9 +5,9 @@ backward, for megatron-core's `fused_apply_rotary_pos_emb` slot (sbhd layout).
 with cos/sin of `freqs` [S, B or 1, 1, D] (fp32 angles; MRoPE's per-token t/h/w angles arrive
 already interleaved by section, so this is plain RoPE to the kernel). mcore's unfused version
 runs ~8 elementwise passes plus two concatenations per call (q and k of every layer); here
-one read and one write of x, angles read and turned into cos/sin once per token. For bf16 x, cos/sin are rounded to
-bf16 first as mcore and HF do for the LLM; the products are summed in fp32 and rounded once
-(to nearest even).
+one read and one write of x, angles read and turned into cos/sin once per token. For bf16 x,
+cos/sin are rounded to bf16 first as mcore and HF do for the LLM; the products are summed in
+fp32 and rounded once (to nearest even).
 Backward: dx1 = dy1 cos1 + dy2 sin2, dx2 = dy2 cos2 - dy1 sin1.
 Triton on CUDA (or under TRITON_INTERPRET=1), the same formula in torch elsewhere.
 """

@@ -44,6 +44,13 @@ def _zero_views(ddp) -> list[torch.Tensor]:
     return views
 
 
+def forget_marks(ddp) -> None:
+    """Drop the cached layout of `ddp`: call after marking more weights
+    `ovlt_overwrites_main_grad`."""
+    for cache in ("_ovlt_overwriting", "_ovlt_zero_views"):
+        ddp.__dict__.pop(cache, None)
+
+
 def zero_grad_buffers(chunks: list) -> None:
     """mcore's `DistributedDataParallel.zero_grad_buffer` for every chunk, except that the
     overwriting parameters' slices are left as they are."""

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ovlt.logging import get_logger
 from ovlt.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from ovlt.training.flops import peak_flops, train_step_flops
+from ovlt.training.grad_buffers import forget_marks
 from ovlt.training.lr_schedule import LRSchedule
 from ovlt.training.metrics import MetricsLogger, memory_gb
 from ovlt.training.model_setup import build_vl_model, configure_fp8, wrap_model
@@ -84,8 +85,7 @@ def mark_head_overwrites(chunks) -> int:
         if getattr(w, "ovlt_grad_into_main_grad", False) and \
                 w.shape[0] * tp_size() == net.vocab_size:
             w.ovlt_overwrites_main_grad = True
-            for cache in ("_ovlt_overwriting", "_ovlt_zero_views"):
-                ddp.__dict__.pop(cache, None)
+            forget_marks(ddp)
             n += 1
     return n
 
