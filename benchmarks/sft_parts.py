@@ -19,6 +19,8 @@
   rope        RoPE of one 7B layer's q (28 heads, contiguous) and k (4 heads, a strided view of
               the fused qkv output) at 8192 tokens, forward + backward: the Triton kernel's
               token-tile / warp choices, and mcore's unfused version
+  fp8_swiglu  the FP8 MLP's SwiGLU at 8192 tokens: SwiGLU + FP8 cast-transpose kernels vs the
+              fused kernel of `fp8_swiglu.py` (forward and backward), over its tile choices
   fp8         the FP8 forward GEMMs of one 7B layer at 8192 tokens with and without fast
               accumulation, and the FP8 cast-transpose kernel's tile / warp choices on the
               step's tensor shapes (delayed scaling: one launch per cast)
@@ -259,6 +261,50 @@ def bench_fp8(res):
         fp8_cast.TILE.clear()
         fp8_cast.TILE.update(old)
     res["fp8"] = out
+
+
+def bench_fp8_swiglu(res):
+    """The delayed-scaling FP8 MLP's SwiGLU at 7B widths, 8192 tokens: SwiGLU kernel + FP8
+    cast-transpose kernel vs one fused kernel (forward: fc2's input; backward: fc1's output
+    gradient), over the fused kernels' tile choices; `equal`: bitwise against the two kernels."""
+    from kernels.swiglu import swiglu_backward, swiglu_forward
+    from ovlt.models.qwen2_5_vl import fp8_swiglu
+    from ovlt.models.qwen2_5_vl.fp8 import E4M3, E5M2
+    from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory, cast_transpose
+    t, ffn = 8192, 18944
+    h = torch.randn(t, 2 * ffn, device="cuda", dtype=torch.bfloat16)
+    d = torch.randn(t, ffn, device="cuda", dtype=torch.bfloat16)
+    hf, hb = AmaxHistory(16, "cuda"), AmaxHistory(16, "cuda")  # every slot: the same amax
+
+    def two_fwd():
+        return cast_transpose(swiglu_forward(h), E4M3, True, True, history=hf)
+
+    def two_bwd():
+        return cast_transpose(swiglu_backward(h, d), E5M2, True, True, history=hb)
+
+    def one_fwd():
+        return fp8_swiglu.swiglu_cast_transpose(h, E4M3, True, True, history=hf)
+
+    def one_bwd():
+        return fp8_swiglu.swiglu_grad_cast_transpose(h, d, E5M2, True, True, history=hb)
+    out = {"two_kernels": {"fwd_ms": cuda_time(two_fwd, 20, 3), "bwd_ms": cuda_time(two_bwd, 20, 3)},
+           "fused": {}}
+    ref_f, ref_b = two_fwd(), two_bwd()
+    old = dict(fp8_swiglu.TILE)
+    try:
+        for br, bc, nw in [(64, 64, 4), (64, 128, 4), (32, 128, 4), (64, 64, 8), (128, 64, 8),
+                           (32, 64, 4)]:
+            fp8_swiglu.TILE.update(rows=br, cols=bc, num_warps=nw)
+            got_f, got_b = one_fwd(), one_bwd()
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                       for a, b in zip(got_f[:2] + got_b[:2], ref_f[:2] + ref_b[:2]))
+            out["fused"][f"{br}x{bc}_w{nw}"] = {"fwd_ms": cuda_time(one_fwd, 20, 3),
+                                                "bwd_ms": cuda_time(one_bwd, 20, 3),
+                                                "equal": same}
+    finally:
+        fp8_swiglu.TILE.clear()
+        fp8_swiglu.TILE.update(old)
+    res["fp8_swiglu"] = out
 
 
 def main(argv=None):

@@ -24,7 +24,9 @@ One timed unit = one full optimizer step (forward, backward, grad clip, Adam upd
                      per-tensor current scaling) in the LLM; the frozen vision tower stays bf16
                      (its MLP width 3420 is not a multiple of 16, which _scaled_mm requires).
                      Transformer Engine cannot be carried to the device.
-  ovlt_fp8_delayed   the same with model.fp8=scaled_mm_delayed (scales from an amax history)
+  ovlt_fp8_delayed   the same with model.fp8=scaled_mm_delayed (scales from an amax history;
+                     the LLM's MLP fuses its SwiGLU with the FP8 casts, `fp8_mlp.py`)
+  ovlt_fp8_delayed_unfusedmlp  A/B of that piece: SwiGLU and FP8 casts as separate kernels
 `update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
@@ -242,6 +244,15 @@ def _head_bf16(bundle):
     net.ovlt_lm_head_chunk_bytes = None
 
 
+def _unfused_fp8_mlp(bundle):
+    """A/B: the FP8 MLP as mcore runs it, SwiGLU and the FP8 casts as separate kernels."""
+    from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
+    for chunk in bundle.chunks:
+        for mod in chunk.modules():
+            if isinstance(mod, Fp8SwiGLUMLP):
+                mod._fused_ok = lambda per_token_scale: False
+
+
 def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
@@ -349,7 +360,10 @@ def main(argv=None):
                "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples,
                                             dev, "ovlt_fp8"),
                "ovlt_fp8_delayed": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_delayed"),
-                                                    samples, dev, "ovlt_fp8_delayed")}
+                                                    samples, dev, "ovlt_fp8_delayed"),
+               "ovlt_fp8_delayed_unfusedmlp": lambda: run_ovlt(
+                   args, model_cfg(args, "scaled_mm_delayed"), samples, dev,
+                   "ovlt_fp8_delayed_unfusedmlp", _unfused_fp8_mlp)}
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")

@@ -7,6 +7,7 @@ interpreter, or a machine without triton, use the equivalent torch code below, o
 a time, so nothing [T, V] is ever built on either path.
 """
 import os
+import types
 
 import torch
 
@@ -31,28 +32,44 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 class _Kernel:
-    """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device."""
+    """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device.
+    `helpers` ({name: plain function}): device functions the kernel calls by that name, bound
+    per mode: `triton.jit`-wrapped for the compiler, as plain Python for the interpreter (which
+    cannot call a jit function when TRITON_INTERPRET was set after triton was imported)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, helpers=None):
         self.fn = fn
+        self.helpers = dict(helpers or {})
         self._compiled = None
         self._interpreted = None
+
+    def _bound(self, wrap):
+        if not self.helpers:
+            return self.fn
+        env = dict(self.fn.__globals__)
+        env.update({name: wrap(h) for name, h in self.helpers.items()})
+        f = types.FunctionType(self.fn.__code__, env, self.fn.__name__, self.fn.__defaults__,
+                               self.fn.__closure__)
+        f.__qualname__, f.__module__ = self.fn.__qualname__, self.fn.__module__
+        return f
 
     def on(self, t: torch.Tensor):
         if t.is_cuda:
             if self._compiled is None:
-                self._compiled = triton.jit(self.fn)
+                self._compiled = triton.jit(self._bound(triton.jit))
             return self._compiled
         if self._interpreted is None:
             from triton.runtime.interpreter import InterpretedFunction
-            self._interpreted = InterpretedFunction(self.fn)
+            self._interpreted = InterpretedFunction(self._bound(lambda h: h))
         return self._interpreted
 
 
 # ---------------------------------------------------------------- row statistics
-# Reductions go through tl.reduce with our own combine functions rather than tl.max/tl.sum:
+# Reductions go through tl.reduce with explicit combine functions rather than tl.max/tl.sum:
 # those are jit functions bound at triton import time, which the interpreter cannot call
-# when TRITON_INTERPRET was set only after triton was imported.
+# when TRITON_INTERPRET was set only after triton was imported. Triton's own elementwise
+# max/sum combines are the ones its interpreter reduces with numpy (any other combine goes
+# element by element in Python: ~10^4x slower); ours stand in where a version lacks them.
 def _max_combine(a, b):
     return tl.maximum(a, b)
 
@@ -62,8 +79,9 @@ def _add_combine(a, b):
 
 
 if HAVE_TRITON:
-    _MAX = triton.jit(_max_combine)
-    _ADD = triton.jit(_add_combine)
+    import triton.language.standard as _std
+    _MAX = getattr(_std, "_elementwise_max", None) or triton.jit(_max_combine)
+    _ADD = getattr(_std, "_sum_combine", None) or triton.jit(_add_combine)
 
 
 def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start, inv_temp,

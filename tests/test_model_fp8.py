@@ -155,9 +155,10 @@ def test_fp8_wgrad_into_main_grad_matches_emulation():
                     reason="CPU/gloo reference run (the tiny config pins gloo); on a GPU the fused "
                            "wgrad runs in benchmarks/sft_throughput.py")
 def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
-    """The tiny bf16 FP8 model under mcore DDP + DistributedOptimizer, two micro-batches per
-    step: with the FP8 linears' dW written into main_grad (the CUDA fast-path setting) the
-    steps match the DDP-hook path (no lost or double-counted micro-batch)."""
+    """The tiny bf16 FP8 model (delayed scaling: attention through the FP8 linears, the MLP
+    through the fused FP8 SwiGLU MLP) under mcore DDP + DistributedOptimizer, two micro-batches
+    per step: with dW written into main_grad (the CUDA fast-path setting) the steps match the
+    DDP-hook path (no lost or double-counted micro-batch)."""
     import itertools
 
     from megatron.core import parallel_state as ps
@@ -165,6 +166,7 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
 
     from ovlt.config import load_config
     from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
     from ovlt.training.optimizer import build_optimizer
     from ovlt.training.sft import sft_forward, sft_loss
     from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
@@ -172,7 +174,7 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
     from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
 
     cfg = load_config(TINY_SFT, base_overrides(make_synth(tmp_path, n=16), "/nonexistent",
-                                               **{"model.fp8": "scaled_mm_tensor",
+                                               **{"model.fp8": "scaled_mm_delayed",
                                                   "sft.optimizer.lr": 1e-3}))
     init_distributed(cfg.parallel, seed=7)
     try:
@@ -191,6 +193,9 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
                     mod.gradient_accumulation_fusion = fused
                     n += 1
             assert n >= 8
+            fused_mlps = [m for m in model.modules()
+                          if isinstance(m, Fp8SwiGLUMLP) and m._fused_ok(None)]
+            assert len(fused_mlps) >= 2  # the LLM's MLPs (the vision tower's have biases)
             opt = build_optimizer(bundle.chunks, cfg.sft.optimizer, "bf16")
             runs[fused] = [train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss)
                            for mbs in steps]

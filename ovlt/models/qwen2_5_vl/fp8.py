@@ -131,6 +131,14 @@ def _wgrad_into_main_grad(weight, gqt, sg, xqt, sx) -> torch.Tensor:
     return torch.empty_like(weight)  # placeholder so DDP's grad hook still fires
 
 
+def wgrad(weight, gqt, sg, xqt, sx, out_dtype, w_dtype) -> torch.Tensor:
+    """dW = G^T X from the FP8 transposes: into `weight.main_grad` when a weight is given (the
+    fused wgrad contract), else returned in `w_dtype`."""
+    if weight is not None:
+        return _wgrad_into_main_grad(weight, gqt, sg, xqt, sx)
+    return _mm(gqt, sg, xqt.t(), sx, out_dtype).to(w_dtype)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group,
@@ -184,11 +192,9 @@ class _Fp8Linear(torch.autograd.Function):
                                          history=ctx.hg)
             if need_dx:
                 dx = _mm(gq, sg, wqt.t(), sw, out_dtype)         # W as an N-major operand
-            if need_dw and ctx.weight is not None:
-                dw = _wgrad_into_main_grad(ctx.weight, gqt, sg, xqt, sx)
+            if need_dw:
+                dw = wgrad(ctx.weight, gqt, sg, xqt, sx, out_dtype, ctx.w_dtype)
                 ctx.weight = None
-            elif need_dw:
-                dw = _mm(gqt, sg, xqt.t(), sx, out_dtype).to(ctx.w_dtype)
         if dx is not None:
             dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
             if ctx.allreduce_dgrad:

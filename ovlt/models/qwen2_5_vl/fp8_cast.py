@@ -48,17 +48,14 @@ class AmaxHistory:
         return self.calls % L, (self.calls + 1) % L
 
 
-def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, stride_c,
-               n_src, skip0, skip1, cur, nxt, FMAX: tl.constexpr, WRITE_Q: tl.constexpr,
-               WRITE_QT: tl.constexpr, RECORD: tl.constexpr, NSRC: tl.constexpr,
-               LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    first = (pid_r == 0) & (pid_c == 0)
+# Device helpers shared by every FP8 cast kernel (here and `fp8_swiglu.py`), bound per mode by
+# `_Kernel(helpers=FP8_HELPERS)`.
+def _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX: tl.constexpr,
+               NSRC: tl.constexpr, LANES: tl.constexpr):
     # amax = max of src[0:n_src] but the slots (rows of LANES) skip0 / skip1 (current
     # scaling: src = this tensor's amax, n_src 1). The same fp32 arithmetic as torch's
     # `fmax / amax` (which is fmax * (1 / amax)) and `.reciprocal()`; div_rn: Triton's
-    # default fp32 division is approximate.
+    # default fp32 division is approximate. Program 0 writes the dequant scale.
     idx = tl.arange(0, NSRC)
     slot = idx // LANES
     h = tl.load(src_ptr + idx, mask=(idx < n_src) & (slot != skip0) & (slot != skip1),
@@ -66,26 +63,71 @@ def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, 
     amax = tl.maximum(tl.reduce(h, 0, _MAX), 1e-12)
     s = tl.math.div_rn(tl.full((), 1.0, tl.float32), amax) * FMAX
     tl.store(dq_ptr, tl.math.div_rn(tl.full((), 1.0, tl.float32), s), mask=first)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return s
+
+
+def _fp8_store(q_ptr, qt_ptr, x, s, rows, cols, n_rows, n_cols, mask, FMAX: tl.constexpr,
+               WRITE_Q: tl.constexpr, WRITE_QT: tl.constexpr):
+    # x [rows, cols] (fp32) scaled, saturated and cast; q is [n_rows, n_cols] row-major and qt
+    # its transpose. Returns max|x| of the tile.
+    y = tl.minimum(tl.maximum(x * s, -FMAX), FMAX).to(q_ptr.dtype.element_ty)
+    if WRITE_Q:
+        tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], y, mask=mask)
+    if WRITE_QT:
+        tl.store(qt_ptr + cols[None, :] * n_rows + rows[:, None], y, mask=mask)
+    return tl.reduce(tl.reduce(tl.abs(x), 1, _MAX), 0, _MAX)
+
+
+def _fp8_record(hist_ptr, amax, cur, nxt, first, LANES: tl.constexpr):
+    # this cast's amax into its history slot (lane by program id), the next slot zeroed
+    lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % LANES
+    tl.atomic_max(hist_ptr + cur * LANES + lane, amax)
+    lanes = tl.arange(0, LANES)
+    tl.store(hist_ptr + nxt * LANES + lanes, tl.full((LANES,), 0.0, tl.float32),
+             mask=lanes < LANES * first.to(tl.int32))  # program 0 only
+
+
+FP8_HELPERS = {"_fp8_scale": _fp8_scale, "_fp8_store": _fp8_store, "_fp8_record": _fp8_record}
+
+
+def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, stride_c,
+               n_src, skip0, skip1, cur, nxt, FMAX: tl.constexpr, WRITE_Q: tl.constexpr,
+               WRITE_QT: tl.constexpr, RECORD: tl.constexpr, NSRC: tl.constexpr,
+               LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    s = _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX, NSRC, LANES)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32)
-    y = tl.minimum(tl.maximum(x * s, -FMAX), FMAX).to(q_ptr.dtype.element_ty)
-    if WRITE_Q:
-        tl.store(q_ptr + rows[:, None] * C + cols[None, :], y, mask=mask)
-    if WRITE_QT:
-        tl.store(qt_ptr + cols[None, :] * R + rows[:, None], y, mask=mask)
-    if RECORD:  # this cast's amax into its history slot, the next slot zeroed
-        lane = (pid_r * tl.num_programs(1) + pid_c) % LANES
-        tl.atomic_max(hist_ptr + cur * LANES + lane,
-                      tl.reduce(tl.reduce(tl.abs(x), 1, _MAX), 0, _MAX))
-        lanes = tl.arange(0, LANES)
-        tl.store(hist_ptr + nxt * LANES + lanes, tl.full((LANES,), 0.0, tl.float32),
-                 mask=lanes < LANES * first.to(tl.int32))  # program 0 only
+    amax = _fp8_store(q_ptr, qt_ptr, x, s, rows, cols, R, C, mask, FMAX, WRITE_Q, WRITE_QT)
+    if RECORD:
+        _fp8_record(hist_ptr, amax, cur, nxt, first, LANES)
 
 
-_cast_t_kernel = _Kernel(_cast_t_fn)
+_cast_t_kernel = _Kernel(_cast_t_fn, FP8_HELPERS)
+
+
+def scale_source(t: torch.Tensor, history: "AmaxHistory | None"):
+    """Where a cast of `t` takes its amax from, as kernel arguments (src, n_src, skip0, skip1,
+    cur, nxt): its history's slots but this cast's and the next one's, or (no history, or its
+    first cast) t's own amax in one torch reduction. Counts the cast in the history."""
+    cur, nxt = history.slots() if history is not None else (-1, -1)
+    if history is not None and history.calls > 0:
+        src, n_src, skip0, skip1 = history.hist, history.hist.numel(), cur, nxt
+    else:  # exact in t's dtype: a max of its values
+        src, n_src, skip0, skip1 = torch.linalg.vector_norm(t, float("inf")), 1, -1, -1
+    if history is not None:
+        history.calls += 1
+    return src, n_src, skip0, skip1, cur, nxt
+
+
+def launch_args(history, n_src):
+    """Keyword arguments every FP8 cast kernel launch shares."""
+    return {"RECORD": history is not None,
+            "LANES": 1 if history is None else history.LANES,
+            "NSRC": max(2, 1 << (n_src - 1).bit_length())}
 
 
 def cast_transpose(t: torch.Tensor, dtype, want_q: bool = True, want_qt: bool = False,
@@ -99,13 +141,7 @@ def cast_transpose(t: torch.Tensor, dtype, want_q: bool = True, want_qt: bool = 
         raise ValueError(f"cast_transpose takes 2-D tensors, got {tuple(t.shape)}")
     t = t.detach()
     fmax = torch.finfo(dtype).max
-    cur, nxt = history.slots() if history is not None else (-1, -1)
-    if history is not None and history.calls > 0:
-        src, n_src, skip0, skip1 = history.hist, history.hist.numel(), cur, nxt
-    else:  # exact in t's dtype: a max of its values
-        src, n_src, skip0, skip1 = torch.linalg.vector_norm(t, float("inf")), 1, -1, -1
-    if history is not None:
-        history.calls += 1
+    src, n_src, skip0, skip1, cur, nxt = scale_source(t, history)
     if not use_triton(t):
         if n_src == 1:
             amax = src.float()
@@ -130,7 +166,6 @@ def cast_transpose(t: torch.Tensor, dtype, want_q: bool = True, want_qt: bool = 
     _cast_t_kernel.on(t)[grid](
         t, q if want_q else qt, qt if want_qt else q, src, dq, hist, R, C, t.stride(0),
         t.stride(1), n_src, skip0, skip1, cur, nxt, FMAX=fmax, WRITE_Q=want_q, WRITE_QT=want_qt,
-        RECORD=history is not None, LANES=1 if history is None else history.LANES,
-        NSRC=max(2, 1 << (n_src - 1).bit_length()), BLOCK_R=br, BLOCK_C=bc,
+        BLOCK_R=br, BLOCK_C=bc, **launch_args(history, n_src),
         **({"num_warps": TILE["num_warps"]} if t.is_cuda else {}))
     return q, qt, dq

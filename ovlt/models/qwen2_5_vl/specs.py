@@ -7,7 +7,8 @@
              `OvltCoreAttention` (flash-attn varlen when present, else torch SDPA);
   * "auto":  "te" when `transformer_engine` imports, else "local".
 `fp8` = "scaled_mm_tensor" | "scaled_mm_delayed" | "scaled_mm_rowwise" swaps the local linears for ovlt's
-`torch._scaled_mm` FP8 linears (`fp8.py`), for GPUs without TE.
+`torch._scaled_mm` FP8 linears (`fp8.py`), for GPUs without TE, and the MLP for one that fuses
+its SwiGLU with the FP8 casts under delayed scaling (`fp8_mlp.py`).
 The vision tower always uses ovlt's core attention (its per-layer window/full cu_seqlens are
 not something TE's attention takes per layer); its linears follow the same choice.
 The choice is logged once per process.
@@ -58,14 +59,16 @@ def resolve_impl(model_cfg) -> str:
 
 
 def _linears(impl: str, fp8_recipe: str):
+    """(column-parallel linear, row-parallel linear, MLP) classes."""
     if impl == "fp8":
         from ovlt.models.qwen2_5_vl.fp8 import fp8_linear_classes
-        return fp8_linear_classes(fp8_recipe)
-    return ColumnParallelLinear, RowParallelLinear
+        from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
+        return (*fp8_linear_classes(fp8_recipe), Fp8SwiGLUMLP)
+    return ColumnParallelLinear, RowParallelLinear, MLP
 
 
 def _local_layer(impl: str, fp8_recipe: str, mask: AttnMaskType) -> ModuleSpec:
-    col, row = _linears(impl, fp8_recipe)
+    col, row, mlp = _linears(impl, fp8_recipe)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -77,7 +80,7 @@ def _local_layer(impl: str, fp8_recipe: str, mask: AttnMaskType) -> ModuleSpec:
                     q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
+            mlp=ModuleSpec(module=mlp, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add))
 
 
