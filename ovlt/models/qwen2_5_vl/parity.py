@@ -92,7 +92,7 @@ def pipeline_forward(model, hidden_shape, dtype, **inputs):
     from megatron.core import parallel_state as ps
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1 and not ps.is_pipeline_first_stage():
-        x = torch.empty(hidden_shape, dtype=dtype)
+        x = torch.empty(hidden_shape, dtype=dtype, device=inputs["input_ids"].device)
         torch.distributed.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(x)
     out = model(**inputs)
@@ -105,11 +105,11 @@ def pipeline_forward(model, hidden_shape, dtype, **inputs):
 def mcore_logits(model, batch: dict, model_cfg):
     """Full-vocab logits [B,S,V] on the last PP stage (None on other stages)."""
     B, S = batch["input_ids"].shape
+    param = next(model.parameters())
+    on = {k: None if batch[k] is None else batch[k].to(param.device)  # a model on the GPU
+          for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw")}
     with torch.no_grad():
-        out = pipeline_forward(model, (S, B, model_cfg.hidden_size), next(model.parameters()).dtype,
-                               input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               pixel_values=batch["pixel_values"],
-                               image_grid_thw=batch["image_grid_thw"])
+        out = pipeline_forward(model, (S, B, model_cfg.hidden_size), param.dtype, **on)
     return None if out is None else gather_tp_logits(out.float(), model_cfg.vocab_size)
 
 
