@@ -6,14 +6,14 @@ except Exception:  # noqa: BLE001 - optional
     triton = None
 
 
-def bf16_rne(x):
+def to_bf16_rne(x):
     """Round fp32 `x` to bf16, to nearest even (what torch's casts do). Done on the bits:
     the H200 run showed Triton's plain `.to(tl.bfloat16)` truncating toward zero.
-    (Plain function: `_Kernel(helpers=)` binds it for the interpreter as well.)"""
+    (`_triton_ops._Kernel(helpers=)` runs it in the interpreter as well.)"""
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 if triton is not None:
-    to_bf16_rne = triton.jit(bf16_rne)
+    to_bf16_rne = triton.jit(to_bf16_rne)

@@ -33,21 +33,22 @@ def use_triton(t: torch.Tensor) -> bool:
 
 class _Kernel:
     """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device.
-    `helpers` ({name: plain function}): device functions the kernel calls by that name, bound
-    per mode: `triton.jit`-wrapped for the compiler, as plain Python for the interpreter (which
-    cannot call a jit function when TRITON_INTERPRET was set after triton was imported)."""
+    `helpers`: names of device functions the kernel calls, `triton.jit` functions in its
+    module (`device_fn`): the compiler calls them as they are; for the interpreter (which
+    cannot call a jit function when TRITON_INTERPRET was set after triton was imported) the
+    kernel runs with those names bound to the plain Python functions inside."""
 
-    def __init__(self, fn, helpers=None):
+    def __init__(self, fn, helpers=()):
         self.fn = fn
-        self.helpers = dict(helpers or {})
+        self.helpers = tuple(helpers)
         self._compiled = None
         self._interpreted = None
 
-    def _bound(self, wrap):
+    def _plain(self):
         if not self.helpers:
             return self.fn
         env = dict(self.fn.__globals__)
-        env.update({name: wrap(h) for name, h in self.helpers.items()})
+        env.update({name: getattr(env[name], "fn", env[name]) for name in self.helpers})
         f = types.FunctionType(self.fn.__code__, env, self.fn.__name__, self.fn.__defaults__,
                                self.fn.__closure__)
         f.__qualname__, f.__module__ = self.fn.__qualname__, self.fn.__module__
@@ -56,12 +57,18 @@ class _Kernel:
     def on(self, t: torch.Tensor):
         if t.is_cuda:
             if self._compiled is None:
-                self._compiled = triton.jit(self._bound(triton.jit))
+                self._compiled = triton.jit(self.fn)
             return self._compiled
         if self._interpreted is None:
             from triton.runtime.interpreter import InterpretedFunction
-            self._interpreted = InterpretedFunction(self._bound(lambda h: h))
+            self._interpreted = InterpretedFunction(self._plain())
         return self._interpreted
+
+
+def device_fn(fn):
+    """A device function for kernels run through `_Kernel(helpers=)`: jit-wrapped when triton
+    is there (its `.fn` is `fn`), else `fn` itself."""
+    return triton.jit(fn) if HAVE_TRITON else fn
 
 
 # ---------------------------------------------------------------- row statistics

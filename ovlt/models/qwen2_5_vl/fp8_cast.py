@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton_ops import _MAX, _Kernel, tl, use_triton
+from kernels._triton_ops import _MAX, _Kernel, device_fn, tl, use_triton
 
 # Tile of one program (rows x cols) and its warps. `benchmarks/sft_parts.py --parts fp8` on an
 # H200: 64 x 128 with 4 warps is 5-8 % faster than 64 x 64 on the step's big casts (3.4-3.6 TB/s).
@@ -48,8 +48,8 @@ class AmaxHistory:
         return self.calls % L, (self.calls + 1) % L
 
 
-# Device helpers shared by every FP8 cast kernel (here and `fp8_swiglu.py`), bound per mode by
-# `_Kernel(helpers=FP8_HELPERS)`.
+# Device helpers shared by every FP8 cast kernel (here and `fp8_swiglu.py`; `_Kernel(helpers=)`).
+@device_fn
 def _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX: tl.constexpr,
                NSRC: tl.constexpr, LANES: tl.constexpr):
     # amax = max of src[0:n_src] but the slots (rows of LANES) skip0 / skip1 (current
@@ -66,6 +66,7 @@ def _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX: tl.constexpr,
     return s
 
 
+@device_fn
 def _fp8_store(q_ptr, qt_ptr, x, s, rows, cols, n_rows, n_cols, mask, FMAX: tl.constexpr,
                WRITE_Q: tl.constexpr, WRITE_QT: tl.constexpr):
     # x [rows, cols] (fp32) scaled, saturated and cast; q is [n_rows, n_cols] row-major and qt
@@ -78,6 +79,7 @@ def _fp8_store(q_ptr, qt_ptr, x, s, rows, cols, n_rows, n_cols, mask, FMAX: tl.c
     return tl.reduce(tl.reduce(tl.abs(x), 1, _MAX), 0, _MAX)
 
 
+@device_fn
 def _fp8_record(hist_ptr, amax, cur, nxt, first, LANES: tl.constexpr):
     # this cast's amax into its history slot (lane by program id), the next slot zeroed
     lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % LANES
@@ -87,7 +89,7 @@ def _fp8_record(hist_ptr, amax, cur, nxt, first, LANES: tl.constexpr):
              mask=lanes < LANES * first.to(tl.int32))  # program 0 only
 
 
-FP8_HELPERS = {"_fp8_scale": _fp8_scale, "_fp8_store": _fp8_store, "_fp8_record": _fp8_record}
+FP8_HELPERS = ("_fp8_scale", "_fp8_store", "_fp8_record")
 
 
 def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, stride_c,

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from kernels._rounding import bf16_rne
-from kernels._triton_ops import _Kernel, tl, use_triton
+from kernels._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from kernels._triton_ops import _Kernel, device_fn, tl, use_triton
 from kernels.swiglu import swiglu_backward, swiglu_forward
-from ovlt.models.qwen2_5_vl.fp8_cast import (FP8_HELPERS, AmaxHistory, cast_transpose,
-                                             launch_args, scale_source)
+from ovlt.models.qwen2_5_vl.fp8_cast import (  # noqa: F401 - _fp8_*: device functions
+    FP8_HELPERS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose, launch_args,
+    scale_source)
 
 TILE = {"rows": 64, "cols": 64, "num_warps": 4}
 
 
+@device_fn
 def _gate_up(h_ptr, stride_h, R, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # this program's [BLOCK_R, BLOCK_C] tile of the gate and up halves of h, in fp32
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -74,7 +76,7 @@ def _bwd_fn(h_ptr, d_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride
         _fp8_record(hist_ptr, tl.maximum(a_g, a_u), cur, nxt, first, LANES)
 
 
-_HELPERS = {**FP8_HELPERS, "to_bf16_rne": bf16_rne, "_gate_up": _gate_up}
+_HELPERS = (*FP8_HELPERS, "to_bf16_rne", "_gate_up")
 _fwd_kernel = _Kernel(_fwd_fn, _HELPERS)
 _bwd_kernel = _Kernel(_bwd_fn, _HELPERS)
 
