@@ -76,7 +76,9 @@ def test_fused_swiglu_casts_equal_the_two_kernel_path(monkeypatch, mode, dtype):
             want = want.clamp(-top, top)  # delayed scaling saturates what outgrew the history
             err = ((deq - want).norm() / want.norm()).item()
             assert 1e-4 < err < tol, (step, err)
-    assert composed == ["f", "b"]  # every later cast ran fused
+    # every later cast ran fused (fp32 on CUDA: the two-kernel path, see fp8_swiglu._fused)
+    assert composed == (["f", "b"] * 4 if dev == "cuda" and dtype == torch.float32
+                        else ["f", "b"])
 
 
 def _fast_swiglu(monkeypatch=None):
