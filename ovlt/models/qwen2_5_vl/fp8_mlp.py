@@ -5,7 +5,8 @@ output gradient directly (`fp8_swiglu.py`) instead of a bf16 tensor that a cast 
 Everything else is the two FP8 linears' own path (`fp8.py`): the same casts with the same amax
 histories, in the same order, the same GEMMs, dW into main_grad under mcore's fused wgrad, and
 TP as mcore's MLP (fc1 column-parallel: dX all-reduced; fc2 row-parallel: Y all-reduced). The
-results equal the unfused module's bit for bit (tests/test_model_fp8.py). Any MLP this does not
+results equal the unfused module's (with the CUDA fast paths' SwiGLU) bit for bit
+(tests/test_model_fp8_mlp.py). Any MLP this does not
 cover (bias, other activations, per-token scales, sequence parallel, current or row-wise
 scaling, dims not multiples of 16) runs mcore's forward with the FP8 linears, unchanged.
 """
