@@ -287,20 +287,27 @@ def bench_fp8_swiglu(res):
 
     def one_bwd():
         return fp8_swiglu.swiglu_grad_cast_transpose(h, d, E5M2, True, True, history=hb)
-    out = {"two_kernels": {"fwd_ms": cuda_time(two_fwd, 20, 3), "bwd_ms": cuda_time(two_bwd, 20, 3)},
-           "fused": {}}
+    # the fused kernels' traffic: h (+ d) read in bf16, q and q^T written in FP8
+    fwd_gb = (h.numel() * 2 + h.numel()) / 1e9
+    bwd_gb = (h.numel() * 2 + d.numel() * 2 + 2 * h.numel()) / 1e9
+
+    def timing(f, b):  # warm-up over a whole history cycle (16 casts) first
+
+        tf, tb = cuda_time(f, 32, 17), cuda_time(b, 32, 17)
+        return {"fwd_ms": tf, "bwd_ms": tb, "fwd_TBps": fwd_gb / tf, "bwd_TBps": bwd_gb / tb}
+    clone_ms = cuda_time(lambda: h.clone(), 32, 5)
+    out = {"two_kernels": timing(two_fwd, two_bwd), "fused": {}, "h_clone_ms": clone_ms,
+           "h_clone_TBps": 2 * h.numel() * 2 / 1e9 / clone_ms}
     ref_f, ref_b = two_fwd(), two_bwd()
     old = dict(fp8_swiglu.TILE)
     try:
-        for br, bc, nw in [(64, 64, 4), (64, 128, 4), (32, 128, 4), (64, 64, 8), (128, 64, 8),
-                           (32, 64, 4)]:
+        for br, bc, nw in [(64, 64, 8), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8),
+                           (128, 128, 8), (32, 128, 4), (32, 64, 4), (128, 64, 4)]:
             fp8_swiglu.TILE.update(rows=br, cols=bc, num_warps=nw)
             got_f, got_b = one_fwd(), one_bwd()
             same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                        for a, b in zip(got_f[:2] + got_b[:2], ref_f[:2] + ref_b[:2]))
-            out["fused"][f"{br}x{bc}_w{nw}"] = {"fwd_ms": cuda_time(one_fwd, 20, 3),
-                                                "bwd_ms": cuda_time(one_bwd, 20, 3),
-                                                "equal": same}
+            out["fused"][f"{br}x{bc}_w{nw}"] = dict(timing(one_fwd, one_bwd), equal=same)
     finally:
         fp8_swiglu.TILE.clear()
         fp8_swiglu.TILE.update(old)

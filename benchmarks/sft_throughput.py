@@ -27,6 +27,9 @@ One timed unit = one full optimizer step (forward, backward, grad clip, Adam upd
   ovlt_fp8_delayed   the same with model.fp8=scaled_mm_delayed (scales from an amax history;
                      the LLM's MLP fuses its SwiGLU with the FP8 casts, `fp8_mlp.py`)
   ovlt_fp8_delayed_unfusedmlp  A/B of that piece: SwiGLU and FP8 casts as separate kernels
+  ovlt_fp8_delayed_sepbias     A/B: the QKV bias added after the FP8 GEMM, not in its epilogue
+  ovlt_fp8_delayed_nocache     A/B: each FP8 weight cast in its layer's forward, not once up
+                               front per step (`model.fp8_weight_cache=false`)
 `update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
@@ -36,6 +39,7 @@ start from the same init.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -123,36 +127,45 @@ def profile_steps(step, path, n=2):
             step()
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    ivals, by_name = [], {}
+    kern, by_name = [], {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             a, b = e.time_range.start, e.time_range.end
-            ivals.append((a, b))
+            kern.append((a, b, e.name))
             by_name[e.name] = by_name.get(e.name, 0.0) + (b - a)
-    ivals.sort()
-    merged = []  # the union of the kernel intervals: GPU-busy time
-    for a, b in ivals:
+    kern.sort()
+    merged = []  # the union of the kernel intervals (GPU-busy time): [start, end, first, last]
+    for a, b, name in kern:
         if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
+            if b >= merged[-1][1]:
+                merged[-1][1], merged[-1][3] = b, name
         else:
-            merged.append([a, b])
-    busy = sum(b - a for a, b in merged)
-    span = (ivals[-1][1] - ivals[0][0]) if ivals else 0.0
-    # the largest GPU-idle gaps, labelled by the innermost host ops running at their middle
-    gaps = sorted(((b2[0] - b1[1], b1[1], b2[0]) for b1, b2 in zip(merged, merged[1:])),
-                  reverse=True)[:15]
+            merged.append([a, b, name, name])
+    busy = sum(m[1] - m[0] for m in merged)
+    span = (kern[-1][1] - kern[0][0]) if kern else 0.0
+    # GPU-idle gaps: the largest, labelled by the kernels around them, where they fall in the
+    # profiled span and the innermost host ops running at their middle; and all by size
+    all_gaps = [(m2[0] - m1[1], m1[1], m2[0], m1[3], m2[2]) for m1, m2 in zip(merged, merged[1:])]
+    gaps = sorted(all_gaps, reverse=True)[:40]
     cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     gap_info = []
-    for length, a, b in gaps:
+    for length, a, b, before, after in gaps:
         mid = (a + b) / 2
         cover = sorted((e.time_range.end - e.time_range.start, e.name) for e in cpu
                        if e.time_range.start <= mid <= e.time_range.end)
-        gap_info.append({"ms": length / 1e3, "host_ops": [name for _, name in cover[:4]]})
+        gap_info.append({"ms": length / 1e3, "at_ms": (a - kern[0][0]) / 1e3,
+                         "after_kernel": before[:90], "before_kernel": after[:90],
+                         "host_ops": [name for _, name in cover[:4]]})
+    bins = {}
+    for lo, hi in ((0, 10), (10, 50), (50, 200), (200, 1e12)):
+        sel = [g[0] for g in all_gaps if lo <= g[0] < hi]
+        bins[f"{lo}-{hi if hi < 1e12 else 'inf'}us"] = {"count": len(sel) / n,
+                                                         "ms": sum(sel) / 1e3 / n}
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:60]
     summary = {"steps": n, "wall_ms_per_step": wall * 1e3 / n,
                "gpu_busy_ms_per_step": busy / 1e3 / n, "kernel_span_ms_per_step": span / 1e3 / n,
                "kernels_ms_per_step": {k: v / 1e3 / n for k, v in top},
-               "largest_idle_gaps": gap_info}
+               "idle_gaps_by_size_per_step": bins, "largest_idle_gaps": gap_info}
     with open(path + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     if os.environ.get("OVLT_BENCH_TRACE"):
@@ -164,8 +177,10 @@ def profile_steps(step, path, n=2):
           f"GPU busy {summary['gpu_busy_ms_per_step']:.1f} ms/step", flush=True)
     for k, v in top[:25]:
         print(f"   {v / 1e3 / n:8.2f} ms  {k[:110]}")
-    for gi in gap_info[:8]:
-        print(f"   idle {gi['ms']:6.2f} ms during {' < '.join(gi['host_ops'])[:140]}")
+    print(f"   idle gaps per step by size: {bins}")
+    for gi in gap_info[:12]:
+        print(f"   idle {gi['ms']:6.2f} ms at {gi['at_ms']:7.2f}: {gi['after_kernel'][:40]} -> "
+              f"{gi['before_kernel'][:40]} during {' < '.join(gi['host_ops'])[:80]}")
 
 
 LOSSES: dict = {}
@@ -253,6 +268,17 @@ def _unfused_fp8_mlp(bundle):
                 mod._fused_ok = lambda per_token_scale: False
 
 
+def _separate_fp8_bias(fn):
+    """A/B: the FP8 linears' bias added after the GEMM (a separate pass) instead of in its
+    epilogue."""
+    from ovlt.models.qwen2_5_vl import fp8
+    old, fp8._EPILOGUE_BIAS = fp8._EPILOGUE_BIAS, ()
+    try:
+        return fn()
+    finally:
+        fp8._EPILOGUE_BIAS = old
+
+
 def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
@@ -270,8 +296,6 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
         # The model's _scaled_mm linears need every GEMM dim divisible by 16; the vision MLP's
         # [gate; up] width 2 x 3420 = 6840 is not, so the (frozen) vision tower stays bf16 and
         # FP8 covers the LLM, where the training FLOPs are.
-        import dataclasses
-
         from ovlt.models.qwen2_5_vl import provider, specs
         orig = specs.vision_layer_spec
         provider.specs.vision_layer_spec = lambda cfg: orig(dataclasses.replace(cfg, fp8="none"))
@@ -363,7 +387,14 @@ def main(argv=None):
                                                     samples, dev, "ovlt_fp8_delayed"),
                "ovlt_fp8_delayed_unfusedmlp": lambda: run_ovlt(
                    args, model_cfg(args, "scaled_mm_delayed"), samples, dev,
-                   "ovlt_fp8_delayed_unfusedmlp", _unfused_fp8_mlp)}
+                   "ovlt_fp8_delayed_unfusedmlp", _unfused_fp8_mlp),
+               "ovlt_fp8_delayed_nocache": lambda: run_ovlt(
+                   args, dataclasses.replace(model_cfg(args, "scaled_mm_delayed"),
+                                             fp8_weight_cache=False),
+                   samples, dev, "ovlt_fp8_delayed_nocache"),
+               "ovlt_fp8_delayed_sepbias": lambda: _separate_fp8_bias(lambda: run_ovlt(
+                   args, model_cfg(args, "scaled_mm_delayed"), samples, dev,
+                   "ovlt_fp8_delayed_sepbias"))}
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")

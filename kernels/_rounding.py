@@ -15,5 +15,6 @@ def to_bf16_rne(x):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-if triton is not None:
-    to_bf16_rne = triton.jit(to_bf16_rne)
+if triton is not None:  # compiled whatever TRITON_INTERPRET says (see _triton_ops.compiled_fn)
+    from triton.runtime.jit import JITFunction
+    to_bf16_rne = JITFunction(to_bf16_rne)

@@ -1,6 +1,6 @@
 """Triton row kernels over a [C, V] logits chunk, and the segmented reduction for advantages.
 
-Every kernel is a plain function compiled with `triton.jit` for CUDA tensors, or run by
+Every kernel is a plain function compiled (a Triton JITFunction) for CUDA tensors, or run by
 Triton's interpreter for CPU tensors when TRITON_INTERPRET=1 (the choice is made per call,
 so it doesn't matter which module imported triton first). CPU tensors without the
 interpreter, or a machine without triton, use the equivalent torch code below, one chunk at
@@ -10,6 +10,8 @@ import os
 import types
 
 import torch
+
+from ._rounding import to_bf16_rne  # noqa: F401 - a device function of _row_grad_fn
 
 try:
     import triton
@@ -33,14 +35,17 @@ def use_triton(t: torch.Tensor) -> bool:
 
 class _Kernel:
     """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device.
-    `helpers`: names of device functions the kernel calls, `triton.jit` functions in its
+    `helpers`: names of device functions the kernel calls, compiled functions in its
     module (`device_fn`): the compiler calls them as they are; for the interpreter (which
     cannot call a jit function when TRITON_INTERPRET was set after triton was imported) the
-    kernel runs with those names bound to the plain Python functions inside."""
+    kernel runs with those names bound to the plain Python functions inside.
+    `do_not_specialize`: integer arguments that change from call to call (e.g. a ring
+    buffer's slot): Triton otherwise compiles a variant for values 1 and multiples of 16."""
 
-    def __init__(self, fn, helpers=()):
+    def __init__(self, fn, helpers=(), do_not_specialize=()):
         self.fn = fn
         self.helpers = tuple(helpers)
+        self.do_not_specialize = list(do_not_specialize)
         self._compiled = None
         self._interpreted = None
 
@@ -57,7 +62,7 @@ class _Kernel:
     def on(self, t: torch.Tensor):
         if t.is_cuda:
             if self._compiled is None:
-                self._compiled = triton.jit(self.fn)
+                self._compiled = compiled_fn(self.fn, do_not_specialize=self.do_not_specialize)
             return self._compiled
         if self._interpreted is None:
             from triton.runtime.interpreter import InterpretedFunction
@@ -65,10 +70,18 @@ class _Kernel:
         return self._interpreted
 
 
+def compiled_fn(fn, **kw):
+    """`fn` as a compiled Triton function (a JITFunction) whatever TRITON_INTERPRET says now:
+    `triton.jit` returns an interpreter wrapper while it is set, and a compiled kernel that
+    calls one (a helper made while a test had the interpreter on) fails."""
+    from triton.runtime.jit import JITFunction
+    return JITFunction(fn, **kw)
+
+
 def device_fn(fn):
-    """A device function for kernels run through `_Kernel(helpers=)`: jit-wrapped when triton
-    is there (its `.fn` is `fn`), else `fn` itself."""
-    return triton.jit(fn) if HAVE_TRITON else fn
+    """A device function for kernels run through `_Kernel(helpers=)`: a compiled Triton
+    function when triton is there (its `.fn` is `fn`), else `fn` itself."""
+    return compiled_fn(fn) if HAVE_TRITON else fn
 
 
 # ---------------------------------------------------------------- row statistics
@@ -87,8 +100,8 @@ def _add_combine(a, b):
 
 if HAVE_TRITON:
     import triton.language.standard as _std
-    _MAX = getattr(_std, "_elementwise_max", None) or triton.jit(_max_combine)
-    _ADD = getattr(_std, "_sum_combine", None) or triton.jit(_add_combine)
+    _MAX = getattr(_std, "_elementwise_max", None) or compiled_fn(_max_combine)
+    _ADD = getattr(_std, "_sum_combine", None) or compiled_fn(_add_combine)
 
 
 def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start, inv_temp,
@@ -147,19 +160,15 @@ def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, voca
             d = d - ge * p * (z + shift)
         d = d * inv_temp
         if OUT_BF16:
-            # round to nearest even on the bits (what torch does): Triton's plain cast to bf16
-            # truncated toward zero on an H200, a bias on every logit gradient. Inline rather
-            # than `_rounding.to_bf16_rne`: the interpreter cannot call a jit function here.
-            bits = d.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(dx_row + idx, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
-                     mask=msk)
+            # to nearest even (what torch does): Triton's plain cast to bf16 truncated toward
+            # zero on an H200, a bias on every logit gradient
+            tl.store(dx_row + idx, to_bf16_rne(d), mask=msk)
         else:
             tl.store(dx_row + idx, d.to(DX.dtype.element_ty), mask=msk)
 
 
 _row_stats = _Kernel(_row_stats_fn)
-_row_grad = _Kernel(_row_grad_fn)
+_row_grad = _Kernel(_row_grad_fn, helpers=("to_bf16_rne",))
 
 
 def _launch_cfg(V: int, t: torch.Tensor):

@@ -19,45 +19,40 @@ from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - optional
-    triton = None
-
-from ._triton_ops import use_triton
+from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from ._triton_ops import _Kernel, tl, use_triton
 
 BLOCK = 4096
 
-if triton is not None:
-    from ._rounding import to_bf16_rne
 
-    @triton.jit
-    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, coeff_ptr, n,
-                      decay, beta1, beta2, step_size, inv_sqrt_bc2, eps,
-                      HAS_OUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        c = tl.load(coeff_ptr)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * c
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        p = p * decay
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        denom = tl.sqrt(v) * inv_sqrt_bc2 + eps
-        p = p - step_size * (m / denom)
-        tl.store(p_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        if HAS_OUT:
-            if OUT_BF16:  # as torch's copy_ (which this replaces) rounds
-                q = to_bf16_rne(p)
-            else:
-                q = p.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + offs, q, mask=mask)
+def _adamw_kernel_fn(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, coeff_ptr, n,
+                     decay, beta1, beta2, step_size, inv_sqrt_bc2, eps,
+                     HAS_OUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = tl.load(coeff_ptr)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * c
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p = p * decay
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * (m / denom)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if HAS_OUT:
+        if OUT_BF16:  # as torch's copy_ (which this replaces) rounds
+            q = to_bf16_rne(p)
+        else:
+            q = p.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, q, mask=mask)
+
+
+_adamw_kernel = _Kernel(_adamw_kernel_fn, helpers=("to_bf16_rne",))
 
 
 @torch.no_grad()
@@ -81,13 +76,12 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     if n == 0:
         return
     if use_triton(param):
-        grid = (triton.cdiv(n, BLOCK),)
-        _adamw_kernel[grid](param, grad.contiguous(), exp_avg, exp_avg_sq,
-                            out if out is not None else param, grad_coeff.reshape(1), n,
-                            decay, beta1, beta2, step_size, inv_sqrt_bc2, eps,
-                            HAS_OUT=out is not None,
-                            OUT_BF16=out is not None and out.dtype == torch.bfloat16,
-                            BLOCK=BLOCK, num_warps=8)
+        grid = (-(-n // BLOCK),)
+        _adamw_kernel.on(param)[grid](
+            param, grad.contiguous(), exp_avg, exp_avg_sq, out if out is not None else param,
+            grad_coeff.reshape(1), n, decay, beta1, beta2, step_size, inv_sqrt_bc2, eps,
+            HAS_OUT=out is not None, OUT_BF16=out is not None and out.dtype == torch.bfloat16,
+            BLOCK=BLOCK, num_warps=8)
         return
     g = grad.float() * grad_coeff.float()
     param.mul_(decay)

@@ -15,59 +15,54 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - optional
-    triton = None
-
-from ._triton_ops import use_triton
+from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from ._triton_ops import _Kernel, tl, triton, use_triton
 
 # token rows and heads per program (cos/sin computed once per row and program) and its warps;
 # `benchmarks/sft_parts.py --parts rope` sweeps them
 TILE = {"tokens": 4, "heads": 32, "num_warps": 4}
 
-if triton is not None:
-    from ._rounding import to_bf16_rne
 
-    @triton.jit
-    def _rope_kernel(x_ptr, f_ptr, y_ptr, T, B, H, sx_s, sx_b, sx_h, sy_s, sy_b, sy_h, sf_s,
-                     sf_b, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, ROUND_TRIG: tl.constexpr,
-                     OUT_BF16: tl.constexpr):
-        # a [BLOCK_T token rows (s * B + b), BLOCK_H heads, half D] tile; cos/sin of a row's
-        # angles are computed once and broadcast over its heads
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        s = rows // B
-        b = rows % B
-        ds = tl.arange(0, BLOCK_D)
-        fm = (rows < T)[:, None] & (ds < HALF)[None, :]
-        fo = f_ptr + (s * sf_s + b * sf_b)[:, None] + ds[None, :]
-        f1 = tl.load(fo, mask=fm, other=0.0).to(tl.float32)
-        f2 = tl.load(fo + HALF, mask=fm, other=0.0).to(tl.float32)
-        c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
-        if ROUND_TRIG:  # to x's dtype, as mcore does (bf16 here)
-            c1, s1 = to_bf16_rne(c1).to(tl.float32), to_bf16_rne(s1).to(tl.float32)
-            c2, s2 = to_bf16_rne(c2).to(tl.float32), to_bf16_rne(s2).to(tl.float32)
-        c1, s1, c2, s2 = c1[:, None, :], s1[:, None, :], c2[:, None, :], s2[:, None, :]
-        m = fm[:, None, :] & (hs < H)[None, :, None]
-        xo = x_ptr + (s * sx_s + b * sx_b)[:, None, None] + hs[None, :, None] * sx_h \
-            + ds[None, None, :]
-        x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(xo + HALF, mask=m, other=0.0).to(tl.float32)
-        if BACKWARD:
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
-        else:
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
-        if OUT_BF16:
-            y1, y2 = to_bf16_rne(y1), to_bf16_rne(y2)
-        yo = y_ptr + (s * sy_s + b * sy_b)[:, None, None] + hs[None, :, None] * sy_h \
-            + ds[None, None, :]
-        tl.store(yo, y1.to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(yo + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
+def _rope_kernel_fn(x_ptr, f_ptr, y_ptr, T, B, H, sx_s, sx_b, sx_h, sy_s, sy_b, sy_h, sf_s,
+                    sf_b, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, ROUND_TRIG: tl.constexpr,
+                    OUT_BF16: tl.constexpr):
+    # a [BLOCK_T token rows (s * B + b), BLOCK_H heads, half D] tile; cos/sin of a row's
+    # angles are computed once and broadcast over its heads
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    s = rows // B
+    b = rows % B
+    ds = tl.arange(0, BLOCK_D)
+    fm = (rows < T)[:, None] & (ds < HALF)[None, :]
+    fo = f_ptr + (s * sf_s + b * sf_b)[:, None] + ds[None, :]
+    f1 = tl.load(fo, mask=fm, other=0.0).to(tl.float32)
+    f2 = tl.load(fo + HALF, mask=fm, other=0.0).to(tl.float32)
+    c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
+    if ROUND_TRIG:  # to x's dtype, as mcore does (bf16 here)
+        c1, s1 = to_bf16_rne(c1).to(tl.float32), to_bf16_rne(s1).to(tl.float32)
+        c2, s2 = to_bf16_rne(c2).to(tl.float32), to_bf16_rne(s2).to(tl.float32)
+    c1, s1, c2, s2 = c1[:, None, :], s1[:, None, :], c2[:, None, :], s2[:, None, :]
+    m = fm[:, None, :] & (hs < H)[None, :, None]
+    xo = x_ptr + (s * sx_s + b * sx_b)[:, None, None] + hs[None, :, None] * sx_h \
+        + ds[None, None, :]
+    x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xo + HALF, mask=m, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    if OUT_BF16:
+        y1, y2 = to_bf16_rne(y1), to_bf16_rne(y2)
+    yo = y_ptr + (s * sy_s + b * sy_b)[:, None, None] + hs[None, :, None] * sy_h \
+        + ds[None, None, :]
+    tl.store(yo, y1.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(yo + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
+
+
+_rope_kernel = _Kernel(_rope_kernel_fn, helpers=("to_bf16_rne",))
 
 
 def _rope_torch(x, freqs, backward: bool):
@@ -97,12 +92,12 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
     block_h = min(TILE["heads"], triton.next_power_of_2(H))
     grid = (triton.cdiv(S * B, TILE["tokens"]), triton.cdiv(H, block_h))
     sf_b = f.stride(1) if f.shape[1] > 1 else 0
-    _rope_kernel[grid](x, f, y, S * B, B, H, x.stride(0), x.stride(1), x.stride(2),
-                       y.stride(0), y.stride(1), y.stride(2), f.stride(0), sf_b,
-                       HALF=half, BLOCK_T=TILE["tokens"], BLOCK_H=block_h,
-                       BLOCK_D=triton.next_power_of_2(half),
-                       BACKWARD=backward, ROUND_TRIG=x.dtype == torch.bfloat16,
-                       OUT_BF16=x.dtype == torch.bfloat16, num_warps=TILE["num_warps"])
+    _rope_kernel.on(x)[grid](
+        x, f, y, S * B, B, H, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+        y.stride(2), f.stride(0), sf_b, HALF=half, BLOCK_T=TILE["tokens"], BLOCK_H=block_h,
+        BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
+        ROUND_TRIG=x.dtype == torch.bfloat16, OUT_BF16=x.dtype == torch.bfloat16,
+        num_warps=TILE["num_warps"])
     return y
 
 

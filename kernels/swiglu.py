@@ -19,47 +19,43 @@ from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - optional
-    triton = None
-
-from ._triton_ops import use_triton
+from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from ._triton_ops import _Kernel, tl, use_triton
 
 BLOCK = 1024
 
-if triton is not None:
-    from ._rounding import to_bf16_rne
 
-    @triton.jit
-    def _swiglu_fwd_kernel(y_ptr, o_ptr, F, sy, so, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < F
-        g = tl.load(y_ptr + row * sy + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(y_ptr + row * sy + F + cols, mask=m, other=0.0).to(tl.float32)
-        o = g / (1.0 + tl.exp(-g)) * u
-        if OUT_BF16:
-            o = to_bf16_rne(o)
-        tl.store(o_ptr + row * so + cols, o.to(o_ptr.dtype.element_ty), mask=m)
+def _swiglu_fwd_kernel_fn(y_ptr, o_ptr, F, sy, so, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    g = tl.load(y_ptr + row * sy + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * sy + F + cols, mask=m, other=0.0).to(tl.float32)
+    o = g / (1.0 + tl.exp(-g)) * u
+    if OUT_BF16:
+        o = to_bf16_rne(o)
+    tl.store(o_ptr + row * so + cols, o.to(o_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def _swiglu_bwd_kernel(y_ptr, d_ptr, dy_ptr, F, sy, sd, sdy, BLOCK: tl.constexpr,
-                           OUT_BF16: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < F
-        g = tl.load(y_ptr + row * sy + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(y_ptr + row * sy + F + cols, mask=m, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + row * sd + cols, mask=m, other=0.0).to(tl.float32)
-        s = 1.0 / (1.0 + tl.exp(-g))
-        dg = d * s * (1 + g * (1 - s)) * u
-        du = d * g * s
-        if OUT_BF16:
-            dg, du = to_bf16_rne(dg), to_bf16_rne(du)
-        tl.store(dy_ptr + row * sdy + cols, dg.to(dy_ptr.dtype.element_ty), mask=m)
-        tl.store(dy_ptr + row * sdy + F + cols, du.to(dy_ptr.dtype.element_ty), mask=m)
+
+def _swiglu_bwd_kernel_fn(y_ptr, d_ptr, dy_ptr, F, sy, sd, sdy, BLOCK: tl.constexpr,
+                          OUT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    g = tl.load(y_ptr + row * sy + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * sy + F + cols, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * sd + cols, mask=m, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    dg = d * s * (1 + g * (1 - s)) * u
+    du = d * g * s
+    if OUT_BF16:
+        dg, du = to_bf16_rne(dg), to_bf16_rne(du)
+    tl.store(dy_ptr + row * sdy + cols, dg.to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dy_ptr + row * sdy + F + cols, du.to(dy_ptr.dtype.element_ty), mask=m)
+
+
+_swiglu_fwd_kernel = _Kernel(_swiglu_fwd_kernel_fn, helpers=("to_bf16_rne",))
+_swiglu_bwd_kernel = _Kernel(_swiglu_bwd_kernel_fn, helpers=("to_bf16_rne",))
 
 
 def _torch_fwd(y: torch.Tensor) -> torch.Tensor:
@@ -95,9 +91,9 @@ def swiglu_forward(y: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
     if y2.shape[0] == 0:
         return out.view(*lead, f) if out.is_contiguous() else out
     if use_triton(y2):
-        grid = (y2.shape[0], triton.cdiv(f, BLOCK))
-        _swiglu_fwd_kernel[grid](y2, out, f, y2.stride(0), out.stride(0), BLOCK=BLOCK,
-                                 OUT_BF16=y.dtype == torch.bfloat16, num_warps=4)
+        grid = (y2.shape[0], -(-f // BLOCK))
+        _swiglu_fwd_kernel.on(y2)[grid](y2, out, f, y2.stride(0), out.stride(0), BLOCK=BLOCK,
+                                        OUT_BF16=y.dtype == torch.bfloat16, num_warps=4)
     else:
         out.copy_(_torch_fwd(y2))
     return out.view(*lead, f) if out.is_contiguous() else out
@@ -113,9 +109,10 @@ def swiglu_backward(y: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         return _torch_bwd(y2, d2).view(y.shape)
     dy = torch.empty((y2.shape[0], 2 * f), dtype=y.dtype, device=y.device)
     if y2.shape[0]:
-        grid = (y2.shape[0], triton.cdiv(f, BLOCK))
-        _swiglu_bwd_kernel[grid](y2, d2, dy, f, y2.stride(0), d2.stride(0), dy.stride(0),
-                                 BLOCK=BLOCK, OUT_BF16=y.dtype == torch.bfloat16, num_warps=4)
+        grid = (y2.shape[0], -(-f // BLOCK))
+        _swiglu_bwd_kernel.on(y2)[grid](y2, d2, dy, f, y2.stride(0), d2.stride(0),
+                                        dy.stride(0), BLOCK=BLOCK,
+                                        OUT_BF16=y.dtype == torch.bfloat16, num_warps=4)
     return dy.view(y.shape)
 
 

@@ -82,6 +82,9 @@ class ModelConfig:
     # (dgrad / wgrad always promote partial sums to fp32). Off: on an H200 cuBLAS then picks a
     # slower kernel for the 7B fc1 (1.75 vs 1.62 ms) and no layer GEMM gains more than 8 %.
     fp8_fprop_fast_accum: bool = False
+    # scaled_mm per-tensor FP8: cast each trained weight once per optimizer step, up front, and
+    # reuse it in every micro-batch (holds 2 bytes per such weight for the step)
+    fp8_weight_cache: bool = True
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
 
 

@@ -252,3 +252,10 @@ def test_make_sample_checks_and_batch_to():
     pb.skipped = [("id", "f", 3, "why")]
     moved = pb.to("cpu")
     assert moved.skipped == pb.skipped and torch.equal(moved.input_ids, pb.input_ids)
+    # with the tower's output already on the batch (vision prefetch), pixel values stay put
+    pb.image_features = torch.zeros(4, 8)
+    moved = pb.to("meta")
+    assert moved.input_ids.device.type == "meta" and moved.image_features.device.type == "meta"
+    assert moved.pixel_values is pb.pixel_values
+    pb.image_features = None
+    assert pb.to("meta").pixel_values.device.type == "meta"

@@ -50,6 +50,24 @@ def _check(T, H, V, dtype, temperature, tol_fwd, tol_grad, entropy=True, t_overr
         assert err < tol_grad, f"relative gradient error {err:.2e} >= {tol_grad}"
 
 
+def test_compiled_kernels_and_helpers_ignore_the_interpreter_flag(monkeypatch):
+    """Kernels and device helpers made while TRITON_INTERPRET=1 is set (a test's interpreter
+    mode when a module is first imported) must still be compiled functions for CUDA tensors:
+    `triton.jit` would hand back interpreter wrappers, which a compiled kernel cannot call."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def helper(x):
+        return x
+
+    assert type(ops.device_fn(helper)) is JITFunction
+    k = ops._Kernel(helper, do_not_specialize=("x",))
+    assert type(ops.compiled_fn(k.fn, do_not_specialize=k.do_not_specialize)) is JITFunction
+    from kernels._rounding import to_bf16_rne
+    assert type(to_bf16_rne) is JITFunction
+
+
 def test_row_kernels_are_triton_and_match_torch():
     assert ops.use_triton(torch.zeros(1))  # CPU tensor -> interpreter, not the torch fallback
     g = torch.Generator().manual_seed(3)

@@ -50,6 +50,30 @@ def test_fp8_linear_matches_emulation(rowwise, grad):
     assert 1e-3 < rel < 0.08
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_fp8_linear_bf16_bias_rounds_once(dev):
+    """bf16 per-tensor FP8 linear with a bias (the LLM's QKV): the bias is added in fp32 with
+    the GEMM's result and rounded to bf16 once (cuBLASLt's epilogue), and db is the token sum."""
+    g = torch.Generator().manual_seed(5)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).bfloat16().to(dev).requires_grad_()
+    x, w, b = make(37, 64), make(48, 64), make(48, scale=4.0)
+    gy = torch.randn(37, 48, generator=g).bfloat16().to(dev)
+    y = fp8_linear(x, w, b)
+    y.backward(gy)
+    ref = _dq(x.detach().float(), E4M3) @ _dq(w.detach().float(), E4M3).t() + b.detach().float()
+    ulp = torch.finfo(torch.bfloat16).eps * ref.abs()
+    # the GEMM sums in its own order and, on Hopper tensor cores, with ~14-bit FP8 partial
+    # sums between fp32 promotions: slack of 1e-4 of the output scale (a bf16 ulp is 8e-3)
+    err = (y.detach().float() - ref).abs() - 1e-4 * ref.abs().max()
+    assert y.dtype == torch.bfloat16 and (err <= ulp).all(), (err / ulp).max()
+    half = (err <= ulp / 2).float().mean()
+    assert half > 0.99, half  # one rounding: within half an ulp (a second one: up to one)
+    assert torch.allclose(b.grad.float(), gy.float().sum(0), rtol=1e-2, atol=1e-2)
+
+
 def test_fp8_spec_builds_and_tracks_fp32(tiny_hf_dir):
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from ovlt.config import ParallelConfig
@@ -317,8 +341,13 @@ def test_fast_accumulation_follows_the_model_config(monkeypatch):
     """model.fp8_fprop_fast_accum reaches the layers (default off) through the mcore config."""
     from ovlt.config import ModelConfig
     from ovlt.models.qwen2_5_vl import fp8 as F8
-    seen = []
-    monkeypatch.setattr(F8, "fp8_linear", lambda *a: seen.append(a[-1]) or a[0])
+    import inspect
+    seen, sig = [], inspect.signature(F8.fp8_linear)
+
+    def spy(*a, **kw):
+        seen.append(sig.bind(*a, **kw).arguments["fprop_fast_accum"])
+        return a[0]
+    monkeypatch.setattr(F8, "fp8_linear", spy)
     assert ModelConfig().fp8_fprop_fast_accum is False
     col, _ = F8.fp8_linear_classes("scaled_mm_tensor")
     layer = col.__new__(col)
@@ -341,3 +370,65 @@ def test_fast_accumulation_on_cuda_stays_within_fp8_error():
     quant = ((slow - exact).norm() / exact.norm()).item()
     assert 1e-3 < quant < 0.08  # the FP8 inputs' own error
     assert ((fast - slow).norm() / exact.norm()).item() < 0.25 * quant
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU/gloo reference run (the tiny config pins gloo)")
+def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
+    """`fp8_weight_cache` (the trainer's step): each trained FP8 weight is cast once per
+    optimizer step, however many micro-batches; with one micro-batch per step that is the same
+    cast as without the cache, so training is bit for bit the same; with two, the weight
+    histories record one cast per step instead of two and the losses stay FP8-close. Nothing
+    FP8 is held after the step."""
+    import itertools
+
+    from megatron.core import parallel_state as ps
+
+    from ovlt.config import load_config
+    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.models.qwen2_5_vl.fp8 import _Fp8Mixin
+    from ovlt.training.optimizer import build_optimizer
+    from ovlt.training.sft import sft_forward, sft_loss
+    from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
+    from ovlt.training.step import train_step
+    from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
+
+    cfg = load_config(TINY_SFT, base_overrides(make_synth(tmp_path, n=16), "/nonexistent",
+                                               **{"model.fp8": "scaled_mm_delayed",
+                                                  "sft.optimizer.lr": 1e-3}))
+    init_distributed(cfg.parallel, seed=7)
+    try:
+        stream = SFTStream(build_sft_dataset(cfg.data), 4, 512, ps.get_data_parallel_rank(),
+                           ps.get_data_parallel_world_size(), seed=0, num_workers=0)
+        got = [mbs for _, mbs in itertools.islice(stream.iterate(Position()), 4)]
+        base = init_state(cfg)
+
+        def run(cache: bool, steps):
+            cfg.model.fp8_weight_cache = cache
+            model, bundle = model_from(cfg, base)
+            linears = [m for m in model.modules()
+                       if isinstance(m, _Fp8Mixin) and m.weight.requires_grad]
+            assert len(linears) >= 8 and all(m._fp8_cacheable() == cache for m in linears)
+            opt = build_optimizer(bundle.chunks, cfg.sft.optimizer, "bf16")
+            res = [train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss) for mbs in steps]
+            assert all(m._fp8_step_cast is None for m in linears)  # released after the step
+            weight_casts = {m._fp8_histories[1].calls for m in linears}
+            params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            return res, weight_casts, params
+
+        one_mb = [got[0][:1], got[1][:1], got[2][:1]]
+        (a, ca, pa), (b, cb, pb) = run(False, one_mb), run(True, one_mb)
+        assert ca == cb == {3}
+        assert [r.loss for r in a] == [r.loss for r in b]
+        assert [r.grad_norm for r in a] == [r.grad_norm for r in b]
+        assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+        two_mb = [got[0][:1] + got[1][:1], got[2][:1] + got[3][:1]]
+        assert all(len(s) == 2 for s in two_mb)
+        (a, ca, _), (b, cb, _) = run(False, two_mb), run(True, two_mb)
+        assert ca == {4} and cb == {2}  # one weight cast per micro-batch vs per step
+        for x, y in zip(a, b):
+            assert abs(x.loss - y.loss) < 2e-3 * abs(x.loss), (x.loss, y.loss)
+    finally:
+        destroy_distributed()

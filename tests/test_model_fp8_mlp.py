@@ -37,6 +37,37 @@ def _ref64(h, d):
     return out.detach(), h64.grad
 
 
+def test_int64_offsets_where_an_operand_reaches_2_31():
+    from ovlt.models.qwen2_5_vl.fp8_cast import needs_int64
+    assert not needs_int64(8192, 37888)  # a 7B fc1 output at 8192 tokens: 3.1e8 elements
+    assert needs_int64(65536, 37888)  # at 64K tokens: 2.5e9, past int32
+    assert not needs_int64(2 ** 15, 2 ** 16 - 4) and needs_int64(2 ** 15, 2 ** 16)
+    assert needs_int64(2, 8, 2 ** 30)  # a row stride that reaches 2^31
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int64_offsets_give_the_same_bits(monkeypatch, mode):
+    """The kernels' int64-offset variant (taken only for operands of 2^31+ elements, too big
+    to test here) writes what the int32 one does."""
+    dev = _set_mode(monkeypatch, mode)
+    from ovlt.models.qwen2_5_vl import fp8_cast, fp8_swiglu
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(70, 2 * 90, generator=g).bfloat16().to(dev)
+    d = torch.randn(70, 90, generator=g).bfloat16().to(dev)
+    outs = []
+    for force in (False, True):
+        monkeypatch.setattr(fp8_cast, "needs_int64", lambda *a, f=force: f)
+        monkeypatch.setattr(fp8_swiglu, "needs_int64", lambda *a, f=force: f)
+        hist = [fp8_cast.AmaxHistory(4, dev) for _ in range(3)]
+        got = []
+        for _ in range(2):  # the second casts run fused (the history has a scale)
+            got += [fp8_cast.cast_transpose(h, E4M3, True, True, hist[0]),
+                    fp8_swiglu.swiglu_cast_transpose(h, E4M3, True, True, hist[1]),
+                    fp8_swiglu.swiglu_grad_cast_transpose(h, d, E5M2, True, True, hist[2])]
+        outs.append(got)
+    assert all(_same(a, b) for a, b in zip(*outs))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_swiglu_casts_equal_the_two_kernel_path(monkeypatch, mode, dtype):

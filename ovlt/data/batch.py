@@ -47,6 +47,12 @@ class PackedBatch:
         return PackedBatch(**{k: pin(v) for k, v in self.__dict__.items()})
 
     def to(self, device) -> "PackedBatch":
-        def mv(t):
-            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
-        return PackedBatch(**{k: mv(v) for k, v in self.__dict__.items()})
+        """A copy on `device`. `pixel_values` stay where they are when the batch already
+        carries its `image_features`: the model does not read them then (at 4 x 448^2 images
+        that skips a ~20 MB host-to-device copy per micro-batch)."""
+        def mv(k, t):
+            if not isinstance(t, torch.Tensor) or \
+                    (k == "pixel_values" and self.image_features is not None):
+                return t
+            return t.to(device, non_blocking=True)
+        return PackedBatch(**{k: mv(k, v) for k, v in self.__dict__.items()})

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ovlt.compat.mcore_cpu import cuda_free_mode
+from ovlt.models.qwen2_5_vl.fp8 import fp8_weight_cache
 from ovlt.training.grad_buffers import zero_grad_buffers
 from ovlt.training.vision_prefetch import prefetch_image_features
 
@@ -88,11 +89,12 @@ def train_step(chunks: list, optimizer, micro_batches: list, forward_fn: Callabl
             zero_grad_buffers(chunks)
             optimizer.zero_grad()
         seq_len = max(int(b.input_ids.shape[-1]) for b in micro_batches)
-        stores = get_forward_backward_func()(
-            forward_step_func=partial(_fwd_step, forward_fn, loss_fn),
-            data_iterator=iter(micro_batches), model=chunks,
-            num_microbatches=len(micro_batches), seq_length=seq_len, micro_batch_size=1,
-            forward_only=forward_only)
+        with fp8_weight_cache(chunks, enabled=not forward_only):  # weights fixed until the update
+            stores = get_forward_backward_func()(
+                forward_step_func=partial(_fwd_step, forward_fn, loss_fn),
+                data_iterator=iter(micro_batches), model=chunks,
+                num_microbatches=len(micro_batches), seq_length=seq_len, micro_batch_size=1,
+                forward_only=forward_only)
         grad_norm, skipped = float("nan"), False
         if not forward_only:
             if prefetch is not None:

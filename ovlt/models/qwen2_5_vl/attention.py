@@ -71,7 +71,12 @@ def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
 
 def _gather(t, length, n, idx, start):
     """The segments of a group as [n, heads, length, d] (a view when they are contiguous)."""
-    seg = t.narrow(0, start, n * length) if idx is None else t.index_select(0, idx)
+    if idx is not None:
+        seg = t.index_select(0, idx)
+    elif start == 0 and n * length == t.shape[0]:
+        seg = t  # not a full-length narrow: its backward would zero-fill and copy the gradient
+    else:
+        seg = t.narrow(0, start, n * length)
     return seg.view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
 
 

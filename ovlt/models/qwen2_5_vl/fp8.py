@@ -13,7 +13,13 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
     row of the left operand and per column of the right one (per token / per output channel in
     the forward), finer and more robust to outlier tokens;
   * master weights and weight grads stay in the parameter dtype (bf16): the FP8 copies are made
-    on the fly each step, nothing FP8 is ever stored in the model or the optimizer.
+    on the fly, nothing FP8 is ever stored in the model or the optimizer. Within one optimizer
+    step (`fp8_weight_cache`, used by the trainer's step) each trained weight is cast once, up
+    front, and every micro-batch's forward, recompute and backward reuse that cast (as TE's
+    `is_first_microbatch`): fewer casts with gradient accumulation, and the casts run while the
+    GPU would otherwise wait for the host to launch the first layer. It holds each weight's
+    FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
+    `model.fp8_weight_cache=false` turns it off.
 Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
 weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
 saves X in its input dtype.
@@ -26,6 +32,7 @@ TP (all-reduce of dX in column-parallel layers) keeps mcore semantics. No sequen
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -75,12 +82,13 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _mm(a, sa, b, sb, out_dtype, fast_accum=False):
-    """(sa*a) @ (sb*b); a [M,K] row-major, b [K,N] (made column-major here). `fast_accum`:
+def _mm(a, sa, b, sb, out_dtype, fast_accum=False, bias=None):
+    """(sa*a) @ (sb*b) (+ bias [N], added in the GEMM's epilogue before the one rounding to
+    out_dtype); a [M,K] row-major, b [K,N] (made column-major here). `fast_accum`:
     cuBLASLt's FP8 fast accumulation (no periodic promotion of the partial sums to fp32)."""
     b = b if b.stride(0) == 1 else _col_major(b)
-    return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, out_dtype=out_dtype,
-                            use_fast_accum=fast_accum)
+    return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, bias=bias,
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 _ROWWISE_FALLBACK: set = set()
@@ -111,6 +119,9 @@ def _pad16(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+_EPILOGUE_BIAS = (torch.bfloat16, torch.float16)  # bias dtypes cuBLASLt's FP8 epilogue takes
+
+
 def _out_dtype(x: torch.Tensor, rowwise: bool):
     # cuBLASLt row-wise scaling produces bf16 only; per-tensor keeps the input dtype.
     return torch.bfloat16 if rowwise and x.is_cuda else x.dtype
@@ -139,15 +150,24 @@ def wgrad(weight, gqt, sg, xqt, sx, out_dtype, w_dtype) -> torch.Tensor:
     return _mm(gqt, sg, xqt.t(), sx, out_dtype).to(w_dtype)
 
 
+def weight_cast(weight, history, need_qt: bool, cached=None):
+    """(wq, wqt or None, dequant scale) of `weight` for the forward: `cached` (this step's cast,
+    see `fp8_weight_cache`) when there is one, else a fresh cast recorded in `history`."""
+    if cached is not None:
+        return cached
+    return cast_transpose(weight, E4M3, want_q=True, want_qt=need_qt, history=history)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rowwise: bool, grad_dtype, allreduce_dgrad: bool, tp_group,
-                wgrad_into_main_grad: bool, histories, fast_accum: bool):
+                wgrad_into_main_grad: bool, histories, fast_accum: bool, cached_weight):
         shape = x.shape
         x2 = _pad16(x.reshape(-1, shape[-1]))
         m = math.prod(shape[:-1])
         out_dtype = _out_dtype(x, rowwise)
         ctx.weight = None
+        epilogue_bias = None
         if rowwise:
             xq, sx = quantize(x2, E4M3, dim=1)          # per token  [M,1]
             wq, sw = quantize(weight, E4M3, dim=1)      # per output channel [N,1]
@@ -159,17 +179,21 @@ class _Fp8Linear(torch.autograd.Function):
             hx, hw, ctx.hg = histories or (None, None, None)
             xq, xqt, sx = cast_transpose(x2, E4M3, want_q=True, want_qt=weight.requires_grad,
                                          history=hx)
-            wq, wqt, sw = cast_transpose(weight, E4M3, want_q=True, want_qt=x.requires_grad,
-                                         history=hw)
-            y = _mm(xq, sx, wq.t(), sw, out_dtype, fast_accum)
+            wq, wqt, sw = weight_cast(weight, hw, x.requires_grad, cached_weight)
+            # a bf16/fp16 bias goes into the GEMM's epilogue (a separate broadcast add re-read
+            # and re-wrote the whole output: ~0.1 ms for a 7B layer's QKV at 8192 tokens)
+            if bias is not None and bias.dtype == out_dtype and out_dtype in _EPILOGUE_BIAS:
+                bias, epilogue_bias = None, bias
+            y = _mm(xq, sx, wq.t(), sw, out_dtype, fast_accum, epilogue_bias)
             ctx.save_for_backward(xqt, sx, wqt, sw)
             if wgrad_into_main_grad and hasattr(weight, "main_grad"):
                 ctx.weight = weight
+        has_bias = bias is not None or epilogue_bias is not None
         y = y[:m].to(x.dtype)
         if bias is not None:
             y = y + bias
         ctx.rowwise, ctx.grad_dtype, ctx.m, ctx.shape = rowwise, grad_dtype, m, shape
-        ctx.allreduce_dgrad, ctx.tp_group, ctx.has_bias = allreduce_dgrad, tp_group, bias is not None
+        ctx.allreduce_dgrad, ctx.tp_group, ctx.has_bias = allreduce_dgrad, tp_group, has_bias
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
@@ -200,20 +224,24 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.allreduce_dgrad:
                 torch.distributed.all_reduce(dx, group=ctx.tp_group)
         db = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def fp8_linear(x, weight, bias=None, rowwise=False, grad_format="e5m2", allreduce_dgrad=False,
-               tp_group=None, wgrad_into_main_grad=False, histories=None, fprop_fast_accum=False):
+               tp_group=None, wgrad_into_main_grad=False, histories=None, fprop_fast_accum=False,
+               cached_weight=None):
     """y = x W^T (+ b) with FP8 GEMMs. `wgrad_into_main_grad` (per-tensor scaling, a weight with
     mcore's fp32 `main_grad`): dW goes into main_grad, see `_wgrad_into_main_grad`.
     `histories`: (x, weight, grad) `AmaxHistory`s for delayed scaling (per-tensor only).
-    `fprop_fast_accum`: the forward GEMM with FP8 fast accumulation (dX and dW never)."""
+    `fprop_fast_accum`: the forward GEMM with FP8 fast accumulation (dX and dW never).
+    `cached_weight`: (wq, wqt, scale), W already cast (per-tensor only; see `weight_cast`)."""
     if histories is not None and rowwise:
         raise ValueError("delayed (amax-history) scaling is per tensor, not row-wise")
+    if cached_weight is not None and rowwise:
+        raise ValueError("a cached FP8 weight is per tensor, not row-wise")
     return _Fp8Linear.apply(x, weight, bias, rowwise, GRAD_FORMATS[grad_format],
                             allreduce_dgrad, tp_group, wgrad_into_main_grad, histories,
-                            bool(fprop_fast_accum))
+                            bool(fprop_fast_accum), cached_weight)
 
 
 class _Fp8Mixin:
@@ -221,6 +249,18 @@ class _Fp8Mixin:
     fp8_delayed = False
     fp8_grad_format = "e5m2"
     _fp8_histories = None
+    _fp8_step_cast = None  # (weight, (wq, wqt, scale)) while `fp8_weight_cache` holds it
+
+    def cached_weight_cast(self, weight):
+        """This step's cast of `weight` (see `fp8_weight_cache`), or None."""
+        held = self._fp8_step_cast
+        return held[1] if held is not None and held[0] is weight else None
+
+    def _fp8_cacheable(self) -> bool:
+        w = self.weight
+        return (not self.fp8_rowwise and w.requires_grad and w.dim() == 2
+                and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
+                and getattr(self.config, "ovlt_fp8_weight_cache", True))
 
     def _amax_histories(self, device):
         """(x, weight, grad) amax histories of this layer (delayed scaling), made on first use.
@@ -252,7 +292,38 @@ class _Fp8Mixin:
                           getattr(self.config, "ovlt_fp8_grad_format", self.fp8_grad_format),
                           allreduce_dgrad, tp_group, gradient_accumulation_fusion,
                           self._amax_histories(weight.device),
-                          getattr(self.config, "ovlt_fp8_fprop_fast_accum", False))
+                          getattr(self.config, "ovlt_fp8_fprop_fast_accum", False),
+                          self.cached_weight_cast(weight))
+
+
+def _cacheable_linears(chunk) -> list:
+    got = chunk.__dict__.get("_ovlt_fp8_cacheable")
+    if got is None:
+        got = [m for m in chunk.modules() if isinstance(m, _Fp8Mixin) and m._fp8_cacheable()]
+        chunk.__dict__["_ovlt_fp8_cacheable"] = got
+    return got
+
+
+@contextlib.contextmanager
+def fp8_weight_cache(chunks: list, enabled: bool = True):
+    """Within the block (one optimizer step's forward and backward passes), the per-tensor FP8
+    linears of `chunks` use one cast of each trained weight, made here up front (amax recorded
+    once per step under delayed scaling). Weights must not change inside the block. Off where
+    mcore's DDP gathers parameters during the forward (`overlap_param_gather`: the weights are
+    not final yet when the block starts). Yields the number of weights cast."""
+    mods = []
+    if enabled and not any(getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False)
+                           for c in chunks):
+        mods = [m for c in chunks for m in _cacheable_linears(c)]
+    try:
+        for m in mods:
+            w = m.weight
+            hist = m._amax_histories(w.device)
+            m._fp8_step_cast = (w, weight_cast(w, hist[1] if hist else None, True))
+        yield len(mods)
+    finally:
+        for m in mods:
+            m._fp8_step_cast = None
 
 
 def fp8_linear_classes(recipe: str):

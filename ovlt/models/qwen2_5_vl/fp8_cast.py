@@ -90,16 +90,21 @@ def _fp8_record(hist_ptr, amax, cur, nxt, first, LANES: tl.constexpr):
 
 
 FP8_HELPERS = ("_fp8_scale", "_fp8_store", "_fp8_record")
+# the history slots move every call: one compiled variant for all of them
+FP8_SLOT_ARGS = ("skip0", "skip1", "cur", "nxt")
 
 
 def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, stride_c,
                n_src, skip0, skip1, cur, nxt, FMAX: tl.constexpr, WRITE_Q: tl.constexpr,
                WRITE_QT: tl.constexpr, RECORD: tl.constexpr, NSRC: tl.constexpr,
-               LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+               LANES: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     s = _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX, NSRC, LANES)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32)
@@ -108,7 +113,7 @@ def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, 
         _fp8_record(hist_ptr, amax, cur, nxt, first, LANES)
 
 
-_cast_t_kernel = _Kernel(_cast_t_fn, FP8_HELPERS)
+_cast_t_kernel = _Kernel(_cast_t_fn, FP8_HELPERS, FP8_SLOT_ARGS)
 
 
 def scale_source(t: torch.Tensor, history: "AmaxHistory | None"):
@@ -123,6 +128,12 @@ def scale_source(t: torch.Tensor, history: "AmaxHistory | None"):
     if history is not None:
         history.calls += 1
     return src, n_src, skip0, skip1, cur, nxt
+
+
+def needs_int64(n_rows, n_cols, *row_strides) -> bool:
+    """Whether a kernel over [n_rows, n_cols] tiles with these row strides (elements) forms an
+    offset of 2^31 or more: int32 offset arithmetic would wrap there."""
+    return n_rows * max((n_cols, *row_strides)) + n_cols >= 2 ** 31
 
 
 def launch_args(history, n_src):
@@ -168,6 +179,7 @@ def cast_transpose(t: torch.Tensor, dtype, want_q: bool = True, want_qt: bool = 
     _cast_t_kernel.on(t)[grid](
         t, q if want_q else qt, qt if want_qt else q, src, dq, hist, R, C, t.stride(0),
         t.stride(1), n_src, skip0, skip1, cur, nxt, FMAX=fmax, WRITE_Q=want_q, WRITE_QT=want_qt,
+        IDX64=needs_int64(R, C, t.stride(0)) or C * t.stride(1) >= 2 ** 31,  # or a strided view
         BLOCK_R=br, BLOCK_C=bc, **launch_args(history, n_src),
         **({"num_warps": TILE["num_warps"]} if t.is_cuda else {}))
     return q, qt, dq

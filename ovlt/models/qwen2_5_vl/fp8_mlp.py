@@ -9,6 +9,7 @@ results equal the unfused module's (with the CUDA fast paths' SwiGLU) bit for bi
 (tests/test_model_fp8_mlp.py). Any MLP this does not
 cover (bias, other activations, per-token scales, sequence parallel, current or row-wise
 scaling, dims not multiples of 16) runs mcore's forward with the FP8 linears, unchanged.
+Weights: the step's cached casts when `fp8.fp8_weight_cache` holds them, as the linears.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP
 
-from ovlt.models.qwen2_5_vl.fp8 import E4M3, GRAD_FORMATS, _mm, _pad16, wgrad
+from ovlt.models.qwen2_5_vl.fp8 import E4M3, GRAD_FORMATS, _mm, _pad16, weight_cast, wgrad
 from ovlt.models.qwen2_5_vl.fp8_cast import cast_transpose
 from ovlt.models.qwen2_5_vl.fp8_swiglu import swiglu_cast_transpose, swiglu_grad_cast_transpose
 
@@ -27,16 +28,16 @@ from ovlt.models.qwen2_5_vl.fp8_swiglu import swiglu_cast_transpose, swiglu_grad
 class _Fp8SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, hist1, hist2, grad_dtype, main_grad_weights, allreduce_dgrad,
-                tp_group, fast_accum):
+                tp_group, fast_accum, cached1, cached2):
         (hx1, hw1, _), (hx2, hw2, _) = hist1, hist2
         shape = x.shape
         x2 = _pad16(x.reshape(-1, shape[-1]))
         need_dh = x.requires_grad or w1.requires_grad  # the backward goes through the SwiGLU
         xq, xqt, sx = cast_transpose(x2, E4M3, True, w1.requires_grad, hx1)
-        w1q, w1qt, sw1 = cast_transpose(w1, E4M3, True, x.requires_grad, hw1)
+        w1q, w1qt, sw1 = weight_cast(w1, hw1, x.requires_grad, cached1)
         h = _mm(xq, sx, w1q.t(), sw1, x.dtype, fast_accum)
         aq, aqt, sa = swiglu_cast_transpose(h, E4M3, True, w2.requires_grad, hx2)
-        w2q, w2qt, sw2 = cast_transpose(w2, E4M3, True, need_dh, hw2)
+        w2q, w2qt, sw2 = weight_cast(w2, hw2, need_dh, cached2)
         y = _mm(aq, sa, w2q.t(), sw2, x.dtype, fast_accum)
         ctx.save_for_backward(xqt, sx, w1qt, sw1, h if need_dh else None, aqt, sa, w2qt, sw2)
         ctx.hg = (hist1[2], hist2[2])
@@ -68,7 +69,7 @@ class _Fp8SwiGLUMLP(torch.autograd.Function):
                 dx = _mm(dhq, sdh, w1qt.t(), sw1, gy.dtype)[:ctx.m].view(*ctx.shape)
                 if ctx.allreduce_dgrad:
                     torch.distributed.all_reduce(dx, group=ctx.tp_group)
-        return dx, dw1, dw2, None, None, None, None, None, None, None
+        return dx, dw1, dw2, None, None, None, None, None, None, None, None, None
 
 
 class Fp8SwiGLUMLP(MLP):
@@ -99,5 +100,6 @@ class Fp8SwiGLUMLP(MLP):
             hidden_states, fc1.weight, fc2.weight, fc1._amax_histories(dev),
             fc2._amax_histories(dev), GRAD_FORMATS[getattr(cfg, "ovlt_fp8_grad_format", "e5m2")],
             main_grad, fc1.tp_group.size() > 1, fc1.tp_group,
-            bool(getattr(cfg, "ovlt_fp8_fprop_fast_accum", False)))
+            bool(getattr(cfg, "ovlt_fp8_fprop_fast_accum", False)),
+            fc1.cached_weight_cast(fc1.weight), fc2.cached_weight_cast(fc2.weight))
         return reduce_from_tensor_model_parallel_region(y, group=fc2.tp_group), None

@@ -21,8 +21,8 @@ from kernels._rounding import to_bf16_rne  # noqa: F401 - a device function of t
 from kernels._triton_ops import _Kernel, device_fn, tl, use_triton
 from kernels.swiglu import swiglu_backward, swiglu_forward
 from ovlt.models.qwen2_5_vl.fp8_cast import (  # noqa: F401 - _fp8_*: device functions
-    FP8_HELPERS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose, launch_args,
-    scale_source)
+    FP8_HELPERS, FP8_SLOT_ARGS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose,
+    launch_args, needs_int64, scale_source)
 
 # Tile of one program and its warps: `benchmarks/sft_parts.py --parts fp8_swiglu` on an H200
 # ranked 32 x 64 / 4 warps and 64 x 64 / 8 warps far ahead of 64 x 64 / 4 (its absolute times
@@ -32,10 +32,14 @@ TILE = {"rows": 64, "cols": 64, "num_warps": 8}
 
 
 @device_fn
-def _gate_up(h_ptr, stride_h, R, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # this program's [BLOCK_R, BLOCK_C] tile of the gate and up halves of h, in fp32
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+def _gate_up(h_ptr, stride_h, R, F, IDX64: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    # this program's [BLOCK_R, BLOCK_C] tile of the gate and up halves of h, in fp32; int64
+    # offsets only where an operand has 2^31 elements or more (they cost registers and ALU)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
     mask = (rows[:, None] < R) & (cols[None, :] < F)
     p = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(p, mask=mask, other=0.0).to(tl.float32)
@@ -46,10 +50,11 @@ def _gate_up(h_ptr, stride_h, R, F, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 def _fwd_fn(h_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride_h, n_src, skip0,
             skip1, cur, nxt, FMAX: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_QT: tl.constexpr,
             ROUND_BF16: tl.constexpr, RECORD: tl.constexpr, NSRC: tl.constexpr,
-            LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+            LANES: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_C: tl.constexpr):
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     s = _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX, NSRC, LANES)
-    rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, BLOCK_R, BLOCK_C)
+    rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, IDX64, BLOCK_R, BLOCK_C)
     o = g / (1.0 + tl.exp(-g)) * u  # kernels/swiglu.py's forward, term for term
     if ROUND_BF16:
         o = to_bf16_rne(o).to(tl.float32)
@@ -61,11 +66,11 @@ def _fwd_fn(h_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride_h, n_s
 def _bwd_fn(h_ptr, d_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride_h, stride_d,
             n_src, skip0, skip1, cur, nxt, FMAX: tl.constexpr, WRITE_Q: tl.constexpr,
             WRITE_QT: tl.constexpr, ROUND_BF16: tl.constexpr, RECORD: tl.constexpr,
-            NSRC: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr,
-            BLOCK_C: tl.constexpr):
+            NSRC: tl.constexpr, LANES: tl.constexpr, IDX64: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     s = _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX, NSRC, LANES)
-    rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, BLOCK_R, BLOCK_C)
+    rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, IDX64, BLOCK_R, BLOCK_C)
     d = tl.load(d_ptr + rows[:, None] * stride_d + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     sg = 1.0 / (1.0 + tl.exp(-g))  # kernels/swiglu.py's backward, term for term
@@ -81,8 +86,8 @@ def _bwd_fn(h_ptr, d_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride
 
 
 _HELPERS = (*FP8_HELPERS, "to_bf16_rne", "_gate_up")
-_fwd_kernel = _Kernel(_fwd_fn, _HELPERS)
-_bwd_kernel = _Kernel(_bwd_fn, _HELPERS)
+_fwd_kernel = _Kernel(_fwd_fn, _HELPERS, FP8_SLOT_ARGS)
+_bwd_kernel = _Kernel(_bwd_fn, _HELPERS, FP8_SLOT_ARGS)
 
 
 def _check(h: torch.Tensor) -> torch.Tensor:
@@ -108,10 +113,11 @@ def _launch(kernel, h, d, n_cols, dtype, want_q, want_qt, history):
     br, bc = TILE["rows"], TILE["cols"]
     grid = ((R + br - 1) // br, (F + bc - 1) // bc)
     inputs, strides = ((h,), (h.stride(0),)) if d is None else ((h, d), (h.stride(0), d.stride(0)))
+    idx64 = needs_int64(R, n_cols, *strides)
     kernel.on(h)[grid](
         *inputs, q if want_q else qt, qt if want_qt else q, src, dq, history.hist, R, F,
         *strides, n_src, skip0, skip1, cur, nxt, FMAX=torch.finfo(dtype).max, WRITE_Q=want_q,
-        WRITE_QT=want_qt, ROUND_BF16=h.dtype == torch.bfloat16, BLOCK_R=br, BLOCK_C=bc,
+        WRITE_QT=want_qt, ROUND_BF16=h.dtype == torch.bfloat16, IDX64=idx64, BLOCK_R=br, BLOCK_C=bc,
         **launch_args(history, n_src), **({"num_warps": TILE["num_warps"]} if h.is_cuda else {}))
     return q, qt, dq
 

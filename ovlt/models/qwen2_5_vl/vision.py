@@ -50,6 +50,7 @@ def vision_config(model_cfg) -> TransformerConfig:
     cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
     cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history
     cfg.ovlt_fp8_fprop_fast_accum = model_cfg.fp8_fprop_fast_accum
+    cfg.ovlt_fp8_weight_cache = model_cfg.fp8_weight_cache
     return cfg
 
 
