@@ -1,5 +1,7 @@
 """ovlt's torch._scaled_mm FP8 linears vs an exact fp32 emulation of the same quantization
 (CPU), and the FP8 spec end to end on the tiny model."""
+import contextlib
+
 import pytest
 import torch
 
@@ -174,28 +176,18 @@ def test_fp8_wgrad_into_main_grad_matches_emulation():
                                                               atol=1e-2 * first.abs().max())
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="CPU/gloo reference run (the tiny config pins gloo); on a GPU the fused "
-                           "wgrad runs in benchmarks/sft_throughput.py")
-def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
-    """The tiny bf16 FP8 model (delayed scaling: attention through the FP8 linears, the MLP
-    through the fused FP8 SwiGLU MLP) under mcore DDP + DistributedOptimizer, two micro-batches
-    per step: with dW written into main_grad (the CUDA fast-path setting) the steps match the
-    DDP-hook path (no lost or double-counted micro-batch)."""
+@contextlib.contextmanager
+def _tiny_fp8_sft(tmp_path):
+    """The tiny SFT job with delayed-scaling FP8 (gloo): (config, the micro-batches of its first
+    4 steps, one random init to build same-init models from)."""
     import itertools
 
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from ovlt.config import load_config
     from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
-    from ovlt.training.optimizer import build_optimizer
-    from ovlt.training.sft import sft_forward, sft_loss
     from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
-    from ovlt.training.step import train_step
-    from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
+    from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth
 
     cfg = load_config(TINY_SFT, base_overrides(make_synth(tmp_path, n=16), "/nonexistent",
                                                **{"model.fp8": "scaled_mm_delayed",
@@ -205,8 +197,30 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
         stream = SFTStream(build_sft_dataset(cfg.data), 4, 512, ps.get_data_parallel_rank(),
                            ps.get_data_parallel_world_size(), seed=0, num_workers=0)
         got = [mbs for _, mbs in itertools.islice(stream.iterate(Position()), 4)]
+        yield cfg, got, init_state(cfg)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU/gloo reference run (the tiny config pins gloo); on a GPU the fused "
+                           "wgrad runs in benchmarks/sft_throughput.py")
+def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
+    """The tiny bf16 FP8 model (delayed scaling: attention through the FP8 linears, the MLP
+    through the fused FP8 SwiGLU MLP) under mcore DDP + DistributedOptimizer, two micro-batches
+    per step: with dW written into main_grad (the CUDA fast-path setting) the steps match the
+    DDP-hook path (no lost or double-counted micro-batch)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
+    from ovlt.training.optimizer import build_optimizer
+    from ovlt.training.sft import sft_forward, sft_loss
+    from ovlt.training.step import train_step
+    from tests.sft_testlib import model_from
+
+    with _tiny_fp8_sft(tmp_path) as (cfg, got, base):
         steps = [got[0] + got[1], got[2] + got[3]]  # >= 2 micro-batches per step
-        base = init_state(cfg)
         runs = {}
         for fused in (False, True):
             model, bundle = model_from(cfg, base)
@@ -228,8 +242,6 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
             # dW rounded to bf16 (hook path) vs fp32 (fused): the norms agree to bf16 rounding,
             # a dropped or doubled micro-batch would be far off
             assert abs(a.grad_norm - b.grad_norm) < 5e-3 * a.grad_norm, (a.grad_norm, b.grad_norm)
-    finally:
-        destroy_distributed()
 
 
 def _hist_casts(mode, monkeypatch, tensors, length):
@@ -381,29 +393,13 @@ def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
     cast as without the cache, so training is bit for bit the same; with two, the weight
     histories record one cast per step instead of two and the losses stay FP8-close. Nothing
     FP8 is held after the step."""
-    import itertools
-
-    from megatron.core import parallel_state as ps
-
-    from ovlt.config import load_config
-    from ovlt.distributed import destroy_distributed, init_distributed
     from ovlt.models.qwen2_5_vl.fp8 import _Fp8Mixin
     from ovlt.training.optimizer import build_optimizer
     from ovlt.training.sft import sft_forward, sft_loss
-    from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
     from ovlt.training.step import train_step
-    from tests.sft_testlib import TINY_SFT, base_overrides, init_state, make_synth, model_from
+    from tests.sft_testlib import model_from
 
-    cfg = load_config(TINY_SFT, base_overrides(make_synth(tmp_path, n=16), "/nonexistent",
-                                               **{"model.fp8": "scaled_mm_delayed",
-                                                  "sft.optimizer.lr": 1e-3}))
-    init_distributed(cfg.parallel, seed=7)
-    try:
-        stream = SFTStream(build_sft_dataset(cfg.data), 4, 512, ps.get_data_parallel_rank(),
-                           ps.get_data_parallel_world_size(), seed=0, num_workers=0)
-        got = [mbs for _, mbs in itertools.islice(stream.iterate(Position()), 4)]
-        base = init_state(cfg)
-
+    with _tiny_fp8_sft(tmp_path) as (cfg, got, base):
         def run(cache: bool, steps):
             cfg.model.fp8_weight_cache = cache
             model, bundle = model_from(cfg, base)
@@ -430,5 +426,3 @@ def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
         assert ca == {4} and cb == {2}  # one weight cast per micro-batch vs per step
         for x, y in zip(a, b):
             assert abs(x.loss - y.loss) < 2e-3 * abs(x.loss), (x.loss, y.loss)
-    finally:
-        destroy_distributed()
