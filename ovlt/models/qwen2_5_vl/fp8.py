@@ -16,9 +16,9 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
     on the fly, nothing FP8 is ever stored in the model or the optimizer. Within one optimizer
     step (`fp8_weight_cache`, used by the trainer's step) each trained weight is cast once, up
     front, and every micro-batch's forward, recompute and backward reuse that cast (as TE's
-    `is_first_microbatch`): fewer casts with gradient accumulation, and the casts run while the
-    GPU would otherwise wait for the host to launch the first layer. It holds each weight's
-    FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
+    `is_first_microbatch`): one cast per weight and step instead of one per micro-batch (with a
+    single micro-batch per step the same work, moved to the step's start). It holds each
+    weight's FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
     `model.fp8_weight_cache=false` turns it off.
 Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
 weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
