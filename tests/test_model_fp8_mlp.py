@@ -56,8 +56,8 @@ def test_int64_offsets_give_the_same_bits(monkeypatch, mode):
     d = torch.randn(70, 90, generator=g).bfloat16().to(dev)
     outs = []
     for force in (False, True):
-        monkeypatch.setattr(fp8_cast, "needs_int64", lambda *a, f=force: f)
-        monkeypatch.setattr(fp8_swiglu, "needs_int64", lambda *a, f=force: f)
+        monkeypatch.setattr(fp8_cast, "needs_int64", lambda *a, f=force, **kw: f)
+        monkeypatch.setattr(fp8_swiglu, "needs_int64", lambda *a, f=force, **kw: f)
         hist = [fp8_cast.AmaxHistory(4, dev) for _ in range(3)]
         got = []
         for _ in range(2):  # the second casts run fused (the history has a scale)

@@ -130,10 +130,18 @@ def scale_source(t: torch.Tensor, history: "AmaxHistory | None"):
     return src, n_src, skip0, skip1, cur, nxt
 
 
-def needs_int64(n_rows, n_cols, *row_strides) -> bool:
-    """Whether a kernel over [n_rows, n_cols] tiles with these row strides (elements) forms an
-    offset of 2^31 or more: int32 offset arithmetic would wrap there."""
-    return n_rows * max((n_cols, *row_strides)) + n_cols >= 2 ** 31
+def needs_int64(n_rows, n_cols, *row_strides, col_stride: int = 1) -> bool:
+    """Whether a kernel over [n_rows, n_cols] tiles with these row strides (and column stride)
+    in elements forms an offset of 2^31 or more: int32 offset arithmetic would wrap there."""
+    return n_rows * max((n_cols, *row_strides)) + n_cols * col_stride >= 2 ** 31
+
+
+def fp8_outputs(n_rows, n_cols, dtype, device, want_q: bool, want_qt: bool):
+    """Empty (q [n_rows, n_cols] or None, q^T [n_cols, n_rows] or None, dequant scale) that a
+    cast kernel fills."""
+    q = torch.empty(n_rows, n_cols, dtype=dtype, device=device) if want_q else None
+    qt = torch.empty(n_cols, n_rows, dtype=dtype, device=device) if want_qt else None
+    return q, qt, torch.empty((), dtype=torch.float32, device=device)
 
 
 def launch_args(history, n_src):
@@ -170,16 +178,14 @@ def cast_transpose(t: torch.Tensor, dtype, want_q: bool = True, want_qt: bool = 
         return (y.contiguous() if want_q else None,
                 y.t().contiguous() if want_qt else None, qscale.reciprocal())
     R, C = t.shape
-    q = torch.empty(R, C, dtype=dtype, device=t.device) if want_q else None
-    qt = torch.empty(C, R, dtype=dtype, device=t.device) if want_qt else None
-    dq = torch.empty((), dtype=torch.float32, device=t.device)
+    q, qt, dq = fp8_outputs(R, C, dtype, t.device, want_q, want_qt)
     br, bc = TILE["rows"], TILE["cols"]
     grid = ((R + br - 1) // br, (C + bc - 1) // bc)
     hist = src if history is None else history.hist
     _cast_t_kernel.on(t)[grid](
         t, q if want_q else qt, qt if want_qt else q, src, dq, hist, R, C, t.stride(0),
         t.stride(1), n_src, skip0, skip1, cur, nxt, FMAX=fmax, WRITE_Q=want_q, WRITE_QT=want_qt,
-        IDX64=needs_int64(R, C, t.stride(0)) or C * t.stride(1) >= 2 ** 31,  # or a strided view
+        IDX64=needs_int64(R, C, t.stride(0), col_stride=t.stride(1)),
         BLOCK_R=br, BLOCK_C=bc, **launch_args(history, n_src),
         **({"num_warps": TILE["num_warps"]} if t.is_cuda else {}))
     return q, qt, dq

@@ -22,7 +22,7 @@ from kernels._triton_ops import _Kernel, device_fn, tl, use_triton
 from kernels.swiglu import swiglu_backward, swiglu_forward
 from ovlt.models.qwen2_5_vl.fp8_cast import (  # noqa: F401 - _fp8_*: device functions
     FP8_HELPERS, FP8_SLOT_ARGS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose,
-    launch_args, needs_int64, scale_source)
+    fp8_outputs, launch_args, needs_int64, scale_source)
 
 # Tile of one program and its warps: on an H200 (`benchmarks/sft_parts.py --parts fp8_swiglu`,
 # 8192 x 2 x 18944) 64 x 64 / 8 warps takes 0.297 ms forward / 0.517 backward, 32 x 64 / 4
@@ -106,17 +106,15 @@ def _fused(h: torch.Tensor, history: AmaxHistory | None) -> bool:
 def _launch(kernel, h, d, n_cols, dtype, want_q, want_qt, history):
     R, F = h.shape[0], h.shape[1] // 2
     src, n_src, skip0, skip1, cur, nxt = scale_source(h, history)  # the history's slots only
-    q = torch.empty(R, n_cols, dtype=dtype, device=h.device) if want_q else None
-    qt = torch.empty(n_cols, R, dtype=dtype, device=h.device) if want_qt else None
-    dq = torch.empty((), dtype=torch.float32, device=h.device)
+    q, qt, dq = fp8_outputs(R, n_cols, dtype, h.device, want_q, want_qt)
     br, bc = TILE["rows"], TILE["cols"]
     grid = ((R + br - 1) // br, (F + bc - 1) // bc)
     inputs, strides = ((h,), (h.stride(0),)) if d is None else ((h, d), (h.stride(0), d.stride(0)))
-    idx64 = needs_int64(R, n_cols, *strides)
     kernel.on(h)[grid](
         *inputs, q if want_q else qt, qt if want_qt else q, src, dq, history.hist, R, F,
         *strides, n_src, skip0, skip1, cur, nxt, FMAX=torch.finfo(dtype).max, WRITE_Q=want_q,
-        WRITE_QT=want_qt, ROUND_BF16=h.dtype == torch.bfloat16, IDX64=idx64, BLOCK_R=br, BLOCK_C=bc,
+        WRITE_QT=want_qt, ROUND_BF16=h.dtype == torch.bfloat16,
+        IDX64=needs_int64(R, n_cols, *strides), BLOCK_R=br, BLOCK_C=bc,
         **launch_args(history, n_src), **({"num_warps": TILE["num_warps"]} if h.is_cuda else {}))
     return q, qt, dq
 
