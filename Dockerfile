@@ -3,7 +3,6 @@ FROM nvcr.io/nvidia/pytorch:25.10-py3
 WORKDIR /opt/ovlt
 COPY setup.py README.md pytest.ini ./
 COPY ovlt ./ovlt
-COPY kernels ./kernels
 COPY launchers ./launchers
 COPY configs ./configs
 COPY benchmarks ./benchmarks

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="OpenVLThinker-style iterative SFT + GRPO for Qwen2.5-VL on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["ovlt", "ovlt.*", "kernels", "kernels.*", "launchers"]),
+    packages=find_packages(include=["ovlt", "ovlt.*", "launchers"]),
     package_data={"ovlt": ["data/tokenizer_files/*", "eval/*.json"]},
     include_package_data=True,
     install_requires=[

@@ -9,10 +9,10 @@ import torch
 
 from _bench_util import cuda_time as time_fn, measure, write_results  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import _triton_ops as ops  # noqa: E402
-from kernels.advantages import _torch_path  # noqa: E402
-from kernels.grpo_loss import agg_weights, token_terms  # noqa: E402
+from ovlt import kernels  # noqa: E402
+from ovlt.kernels import _triton_ops as ops  # noqa: E402
+from ovlt.kernels.advantages import _torch_path  # noqa: E402
+from ovlt.kernels.grpo_loss import agg_weights, token_terms  # noqa: E402
 
 H, V = 3584, 152064
 CFG = dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_type="k3",

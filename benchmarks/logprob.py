@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from _bench_util import measure, write_results  # noqa: E402  (puts the repo root on sys.path)
 
-import kernels  # noqa: E402
+from ovlt import kernels  # noqa: E402
 
 H, V = 3584, 152064
 

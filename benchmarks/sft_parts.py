@@ -7,7 +7,7 @@
               (`ovlt.compat.cuda_fastpaths`), and the same GEMM overwriting main_grad (a
               weight's first gradient of the step)
   swiglu      the LLM MLP's SwiGLU over [8192, 2 x 18944] bf16, fwd+bwd and bwd alone:
-              mcore's torch.compile'd version vs `kernels.fused_swiglu`
+              mcore's torch.compile'd version vs `ovlt.kernels.fused_swiglu`
   vision_fc2  the vision MLP's fc2 GEMM (4096 patches, 3420 -> 1280, bf16): as is (rows of
               6840 bytes: cuBLAS's sm80 align-2 kernel), both operands as views of rows
               padded to 3424, and K zero-padded to 3424 (what the forward-only tower runs)
@@ -69,7 +69,7 @@ def bench_wgrad(res):
 def bench_swiglu(res):
     from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
 
-    from kernels.swiglu import fused_swiglu, swiglu_backward
+    from ovlt.kernels.swiglu import fused_swiglu, swiglu_backward
     y = torch.randn(8192, 2 * 18944, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     d = torch.randn(8192, 18944, device="cuda", dtype=torch.bfloat16)
 
@@ -192,7 +192,7 @@ def bench_adam(res, n_params=2.0e9):
 def bench_rope(res):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from kernels import rope
+    from ovlt.kernels import rope
     t, hd = 8192, 128
     mixed = torch.randn(t, 1, 4, 9 * hd, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(t, 1, 28, hd, device="cuda", dtype=torch.bfloat16)
@@ -267,7 +267,7 @@ def bench_fp8_swiglu(res):
     """The delayed-scaling FP8 MLP's SwiGLU at 7B widths, 8192 tokens: SwiGLU kernel + FP8
     cast-transpose kernel vs one fused kernel (forward: fc2's input; backward: fc1's output
     gradient), over the fused kernels' tile choices; `equal`: bitwise against the two kernels."""
-    from kernels.swiglu import swiglu_backward, swiglu_forward
+    from ovlt.kernels.swiglu import swiglu_backward, swiglu_forward
     from ovlt.models.qwen2_5_vl import fp8_swiglu
     from ovlt.models.qwen2_5_vl.fp8 import E4M3, E5M2
     from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory, cast_transpose

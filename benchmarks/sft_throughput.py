@@ -9,7 +9,10 @@ Every variant trains the same model shape (Qwen2.5-VL-7B widths and the real 152
 cut to `--llm-layers` LLM layers and `--vision-layers` vision layers) on the same batch: `--samples`
 samples of `--seq` tokens, each with one `--image`-px image (256 image tokens at 448 px) and the
 answer half of the text trained on; vision tower + merger frozen, LLM trained (the recipe).
-One timed unit = one full optimizer step (forward, backward, grad clip, Adam update).
+One timed unit = one full optimizer step (forward, backward, grad clip, Adam update). Steps run
+back to back as the trainer runs them (each step's loss read once the next one is queued; see
+`timed`); until 2026-12-03 (fourth session) each step was timed between two device syncs, which
+left the GPU idle while the host started the next step.
   hf                 transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16
                      params, fused torch AdamW, [samples, seq] padded batch already on the GPU.
   ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step`): mcore DDP +
@@ -51,6 +54,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from ovlt.utils.device import StepClock  # noqa: E402
 
 
 def model_cfg(args, fp8="none"):
@@ -184,25 +189,45 @@ def profile_steps(step, path, n=2):
 
 
 LOSSES: dict = {}
+HOST: dict = {}
 
 
 def timed(step, warmup, iters, dev, profile_path=None, name=None):
-    losses = [float(step()) for _ in range(warmup)]
-    times = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    """Median and min step time, last loss. Steps run back to back as the trainer runs them:
+    `step()` queues one step and returns a reader of its loss, called once the next step is
+    queued (each reader waits for its own step only), so the host prepares step k+1 while the
+    GPU still runs step k. Step k's time is the GPU-clock interval from its start event to step
+    k+1's (`StepClock`: an idle GPU waiting for the host is counted, like the wall clock)."""
+    clocks, losses, reader, queue_s, wait_s = [], [], None, [], []
+    for _ in range(warmup + iters):
+        clocks.append(StepClock(dev).start())
         t0 = time.perf_counter()
-        loss = step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        read = step()
+        t1 = time.perf_counter()
+        if reader is not None:
+            losses.append(float(reader()))
+        queue_s.append(t1 - t0)
+        wait_s.append(time.perf_counter() - t1)
+        reader = read
+    end = StepClock(dev).start()  # queued right behind the last step: its end
+    losses.append(float(reader()))
+    spans = list(zip(clocks, clocks[1:] + [end]))[warmup:]
+    times = sorted(a.seconds(until=b) for a, b in spans)
+    # host time to queue a step, and its wait for the previous step's loss: a step that
+    # synchronised inside would queue in about its GPU time and never wait
+    HOST[name] = {"queue_s": sorted(queue_s[warmup:])[iters // 2],
+                  "wait_s": sorted(wait_s[warmup:])[iters // 2]}
     LOSSES[name] = losses  # per-step losses: the variants start from the same init
-    times.sort()
     if profile_path and dev.type == "cuda":
         profile_steps(step, profile_path)
-    return times[len(times) // 2], times[0], float(loss)
+    return times[len(times) // 2], times[0], losses[-1]
+
+
+def lazy_loss(loss: torch.Tensor):
+    """A reader of `loss` that waits for the work queued so far only (see `timed`)."""
+    from ovlt.utils.device import HostCopy
+    copy = HostCopy(loss)
+    return lambda: copy.tolist()[0]
 
 
 def run_hf(args, m, samples, dev):
@@ -240,14 +265,15 @@ def run_hf(args, m, samples, dev):
         loss.backward()
         update_t()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return lazy_loss(loss)
     res = timed(step, args.warmup, args.iters, dev, _prof_path(args, "hf"), "hf")
     del model, opt
     return res + (update_t.median(args.warmup, args.iters),)
 
 
 def _prof_path(args, name):
-    return os.path.join(args.profile_dir, name) if args.profile_dir else None
+    wanted = args.profile_variants is None or name in args.profile_variants.split(",")
+    return os.path.join(args.profile_dir, name) if args.profile_dir and wanted else None
 
 
 def _head_bf16(bundle):
@@ -285,7 +311,7 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     from ovlt.training.model_setup import configure_fp8, wrap_model
     from ovlt.training.optimizer import build_optimizer
     from ovlt.training.sft import mark_head_overwrites, sft_forward, sft_loss
-    from ovlt.training.step import train_step
+    from ovlt.training.step import train_step_async
     from ovlt.models.qwen2_5_vl.provider import build_model
 
     torch.manual_seed(0)
@@ -315,8 +341,9 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     opt.step = update_t  # grad clip + sharded Adam + param copy-back, timed
 
     def step():  # the next step trains on the same batch: its images are prefetched (frozen tower)
-        return train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev,
-                          prefetch=mbs[0] if prefetch else None).loss
+        queued = train_step_async(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev,
+                                  prefetch=mbs[0] if prefetch else None)
+        return lambda: queued.result().loss
     res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
     del bundle, opt, model
     return res + (update_t.median(args.warmup, args.iters),)
@@ -352,6 +379,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--profile-dir", default=None,
                     help="also profile 2 steps per variant: <dir>/<variant>.{txt,json}")
+    ap.add_argument("--profile-variants", default=None,
+                    help="comma list: profile only these variants (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -418,6 +447,7 @@ def main(argv=None):
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {e}"[:500]}
         r["losses"] = LOSSES.get(v)
+        r["host"] = HOST.get(v)
         res["variants"][v] = r
         print(v, json.dumps(r), flush=True)
         gc.collect()

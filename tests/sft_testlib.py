@@ -55,8 +55,13 @@ def run_sft(world: int, overrides: list[str]):
 
 
 def losses(save_dir) -> list[float]:
+    return metric(save_dir, "loss")
+
+
+def metric(save_dir, key: str) -> list:
+    """`key` of every record in the run's metrics.jsonl, in order."""
     from ovlt.utils.io import read_jsonl
-    return [r["loss"] for r in read_jsonl(Path(save_dir) / "metrics.jsonl")]
+    return [r[key] for r in read_jsonl(Path(save_dir) / "metrics.jsonl")]
 
 
 def hf_tensors(hf_dir) -> dict[str, torch.Tensor]:

@@ -59,3 +59,20 @@ def test_setup_pins_megatron_core():
     text = (ROOT / "setup.py").read_text()
     assert '"megatron-core==0.16.1"' in text
     assert "console_scripts" in text and "ovlt=ovlt.cli:main" in text
+
+
+def test_no_top_level_package_shadows_installed_ones():
+    """Run from the repo root, none of our folders may be imported in place of an installed
+    package: a top-level `kernels/` did that to Hugging Face's `kernels`, which transformers
+    >= 5.25 imports (`from kernels import CUDAProperties` failed, and with it every HF model)."""
+    code = ("import importlib.util as u, json; "
+            "print(json.dumps({n: getattr(u.find_spec(n), 'origin', None) "
+            "for n in ('kernels', 'transformers', 'torch')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    import json
+    for name, origin in json.loads(out).items():
+        assert origin is None or not Path(origin).resolve().is_relative_to(ROOT) \
+            or ".venv" in Path(origin).parts, (name, origin)
+    packages = [p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()]
+    assert sorted(packages) == ["launchers", "ovlt", "tests"], packages

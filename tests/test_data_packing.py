@@ -220,7 +220,7 @@ def test_packed_batch_through_ovlt_model(tiny_hf_dir, synth_samples):
 
 
 def test_sft_fused_loss_equals_model_cross_entropy(tiny_hf_dir, synth_samples):
-    """The trainer's SFT loss (LM head in `kernels.fused_nll_loss` on the loss rows only) ==
+    """The trainer's SFT loss (LM head in `ovlt.kernels.fused_nll_loss` on the loss rows only) ==
     the model's own logits + cross-entropy path, in value and in gradients."""
     from ovlt.distributed import destroy_distributed
     from ovlt.models.qwen2_5_vl import parity

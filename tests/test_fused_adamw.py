@@ -16,7 +16,7 @@ def test_kernel_matches_torch_adamw(monkeypatch, interpret):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kernels.adamw import fused_adamw_
+    from ovlt.kernels.adamw import fused_adamw_
     g = torch.Generator().manual_seed(0)
     n = 5000  # not a multiple of the block: the tail is masked
     p0 = torch.randn(n, generator=g)
@@ -41,7 +41,7 @@ def test_kernel_matches_torch_adamw(monkeypatch, interpret):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton on the GPU)")
 def test_kernel_on_cuda_matches_torch_adamw():
-    from kernels.adamw import fused_adamw_
+    from ovlt.kernels.adamw import fused_adamw_
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 3 * 4096 + 17
     p0 = torch.randn(n, device="cuda", generator=g)
@@ -61,7 +61,7 @@ def test_kernel_on_cuda_matches_torch_adamw():
 
 
 def test_kernel_rejects_bad_inputs():
-    from kernels.adamw import fused_adamw_
+    from ovlt.kernels.adamw import fused_adamw_
     one = torch.ones(1)
     with pytest.raises(ValueError, match="exp_avg must be contiguous fp32"):
         fused_adamw_(torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16),

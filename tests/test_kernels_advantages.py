@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import _triton_ops as ops
-from kernels import grpo_advantages
-from kernels.advantages import _torch_path
+from ovlt.kernels import _triton_ops as ops
+from ovlt.kernels import grpo_advantages
+from ovlt.kernels.advantages import _torch_path
 from tests.kernel_refs import ref_advantages
 
 @pytest.fixture(autouse=True)

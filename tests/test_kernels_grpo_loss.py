@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernels
+from ovlt import kernels
 from tests.kernel_refs import ref_grpo, ref_logprob
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import _triton_ops as ops
+from ovlt import kernels
+from ovlt.kernels import _triton_ops as ops
 from tests.kernel_refs import ref_logprob
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_compiled_kernels_and_helpers_ignore_the_interpreter_flag(monkeypatch):
     assert type(ops.device_fn(helper)) is JITFunction
     k = ops._Kernel(helper, do_not_specialize=("x",))
     assert type(ops.compiled_fn(k.fn, do_not_specialize=k.do_not_specialize)) is JITFunction
-    from kernels._rounding import to_bf16_rne
+    from ovlt.kernels._rounding import to_bf16_rne
     assert type(to_bf16_rne) is JITFunction
 
 
@@ -151,10 +151,10 @@ def test_torch_fallback_without_interpreter(monkeypatch):
 
 
 def test_import_without_triton():
-    """`import kernels` works on a machine without triton (and without a GPU)."""
+    """`ovlt.kernels` imports on a machine without triton (and without a GPU)."""
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels\n"
-            "from kernels import _triton_ops as ops\n"
+            "import torch; from ovlt import kernels\n"
+            "from ovlt.kernels import _triton_ops as ops\n"
             "assert not ops.HAVE_TRITON\n"
             "h = torch.randn(3, 8); w = torch.randn(20, 8); t = torch.tensor([1, 5, 19])\n"
             "ref = torch.log_softmax(h @ w.T, -1)[torch.arange(3), t]\n"
@@ -171,7 +171,7 @@ def test_import_without_triton():
 def test_cuda_row_grad_bf16_matches_torch_rounding(monkeypatch):
     """The bf16 logit gradients written by the Triton row kernel on the GPU are the torch
     path's (fp32 math, rounded to nearest): no truncation bias toward zero."""
-    from kernels import _triton_ops as ops
+    from ovlt.kernels import _triton_ops as ops
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled, not interpreted
     monkeypatch.setattr(ops._row_grad, "_compiled", None)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from ovlt import kernels
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,7 @@ def test_dw_into_main_grad_accumulates():
 def test_dw_into_fresh_overwrites_stale_values_then_accumulates(monkeypatch):
     """dw_into_fresh: the first chunk replaces whatever main_grad held (NaN here, a slice the
     step did not zero), the later chunks add; a call without tokens leaves zeros."""
-    from kernels import _lmhead
+    from ovlt.kernels import _lmhead
     g = torch.Generator().manual_seed(2)
     T, H, V = 13, 16, 300
     h = torch.randn(T, H, generator=g).requires_grad_()

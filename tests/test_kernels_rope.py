@@ -1,4 +1,4 @@
-"""kernels.fused_rope vs megatron-core's unfused RoPE (`_apply_rotary_pos_emb_bshd`), forward
+"""ovlt.kernels.fused_rope vs megatron-core's unfused RoPE (`_apply_rotary_pos_emb_bshd`), forward
 and backward, under TRITON_INTERPRET=1 and on the torch path; MRoPE-style per-token angles."""
 import pytest
 import torch
@@ -25,7 +25,7 @@ def test_matches_mcore_fp32(monkeypatch, interpret, shape):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from kernels.rope import fused_rope
+    from ovlt.kernels.rope import fused_rope
     x, freqs = _inputs(**shape)
     x1 = x.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
@@ -46,7 +46,7 @@ def test_bf16_close_to_mcore(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from kernels.rope import fused_rope
+    from ovlt.kernels.rope import fused_rope
     x, freqs = _inputs(S=64, H=4, D=32, dtype=torch.bfloat16)
     ref32 = _apply_rotary_pos_emb_bshd(x.float(), freqs)
     out = fused_rope(x, freqs)
@@ -58,7 +58,7 @@ def test_bf16_close_to_mcore(monkeypatch):
 
 
 def test_rejects_bad_shapes():
-    from kernels.rope import fused_rope
+    from ovlt.kernels.rope import fused_rope
     with pytest.raises(ValueError, match="freqs"):
         fused_rope(torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 1, 6))
     with pytest.raises(NotImplementedError):
@@ -69,7 +69,7 @@ def test_rejects_bad_shapes():
 def test_cuda_bf16_rounds_to_nearest():
     """On the GPU the bf16 output is the fp32 result rounded to nearest: within one bf16 ulp
     and without the half-ulp bias toward zero that truncation would give."""
-    from kernels.rope import fused_rope
+    from ovlt.kernels.rope import fused_rope
     x, freqs = _inputs(S=512, H=8, D=64, dtype=torch.bfloat16)
     x, freqs = x.cuda(), freqs.cuda()
     out = fused_rope(x, freqs).float()

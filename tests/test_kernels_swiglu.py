@@ -1,4 +1,4 @@
-"""kernels.fused_swiglu against plain torch autograd on silu(g) * u (float64 reference), under
+"""ovlt.kernels.fused_swiglu against plain torch autograd on silu(g) * u (float64 reference), under
 TRITON_INTERPRET=1 and on the torch path; the strided `out=` of the forward; the seam's
 drop-in for mcore's `bias_swiglu_impl`; on CUDA, bf16 rounding to nearest."""
 import pytest
@@ -21,7 +21,7 @@ def test_matches_torch_fp32(monkeypatch, interpret, shape):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kernels.swiglu import fused_swiglu
+    from ovlt.kernels.swiglu import fused_swiglu
     g = torch.Generator().manual_seed(0)
     y = (torch.randn(shape, generator=g) * 3).requires_grad_(True)  # 1100 > one 1024 block
     d = torch.randn(*shape[:-1], shape[-1] // 2, generator=g)
@@ -40,7 +40,7 @@ def test_forward_into_strided_out(monkeypatch, interpret):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kernels.swiglu import swiglu_forward
+    from ovlt.kernels.swiglu import swiglu_forward
     y = torch.randn(9, 1, 74, generator=torch.Generator().manual_seed(1))
     buf = torch.full((9, 40), 7.0)
     got = swiglu_forward(y, out=buf[:, :37])
@@ -52,7 +52,7 @@ def test_forward_into_strided_out(monkeypatch, interpret):
 
 def test_bf16_within_one_ulp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from kernels.swiglu import fused_swiglu
+    from ovlt.kernels.swiglu import fused_swiglu
     g = torch.Generator().manual_seed(2)
     y = (torch.randn(64, 2 * 96, generator=g) * 2).bfloat16().requires_grad_(True)
     d = torch.randn(64, 96, generator=g).bfloat16()
@@ -65,7 +65,7 @@ def test_bf16_within_one_ulp(monkeypatch):
 
 
 def test_rejects_bad_shapes():
-    from kernels.swiglu import fused_swiglu, swiglu_backward, swiglu_forward
+    from ovlt.kernels.swiglu import fused_swiglu, swiglu_backward, swiglu_forward
     with pytest.raises(ValueError, match="even"):
         fused_swiglu(torch.zeros(4, 7))
     with pytest.raises(ValueError, match="out must be"):
@@ -99,7 +99,7 @@ def test_cuda_bf16_rounds_to_nearest():
     """On the GPU the bf16 results are the fp32 results rounded to nearest: within half an ulp
     of an fp64 reference (truncation: up to one), without the -0.5 ulp mean bias that
     truncation would give."""
-    from kernels.swiglu import fused_swiglu
+    from ovlt.kernels.swiglu import fused_swiglu
     g = torch.Generator(device="cuda").manual_seed(0)
     y = (torch.randn(4096, 2 * 3000, device="cuda", generator=g) * 2).bfloat16()
     d = torch.randn(4096, 3000, device="cuda", generator=g).bfloat16()

@@ -27,7 +27,7 @@ def _inputs():
 
 def _run(w_rows: slice, tp_group):
     """logprob+entropy grads and GRPO loss grads for the LM-head rows `w_rows`."""
-    import kernels
+    from ovlt import kernels
     kernels.config.chunk_bytes = 3 * 4 * 301  # 3-token chunks: per-chunk exchanges
     h, w, t, old, ref, adv, mask = _inputs()
     h = h.requires_grad_()
@@ -60,7 +60,7 @@ def _worker(rank, world_size):
 
 def test_vocab_parallel_equals_single_process(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import kernels
+    from ovlt import kernels
     monkeypatch.setattr(kernels.config, "chunk_bytes", kernels.config.chunk_bytes)
     full = _run(slice(0, V), None)
     ranks = [{k: ({m: torch.from_numpy(x) for m, x in v.items()} if k == "metrics"

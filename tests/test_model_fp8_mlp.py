@@ -72,7 +72,7 @@ def test_int64_offsets_give_the_same_bits(monkeypatch, mode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_swiglu_casts_equal_the_two_kernel_path(monkeypatch, mode, dtype):
     dev = _set_mode(monkeypatch, mode)
-    from kernels.swiglu import swiglu_backward, swiglu_forward
+    from ovlt.kernels.swiglu import swiglu_backward, swiglu_forward
     from ovlt.models.qwen2_5_vl import fp8_swiglu
     from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory, cast_transpose
     composed = []  # calls of the two-kernel path inside fp8_swiglu: only the history's first
@@ -113,7 +113,7 @@ def test_fused_swiglu_casts_equal_the_two_kernel_path(monkeypatch, mode, dtype):
 
 
 def _fast_swiglu(monkeypatch=None):
-    """mcore's MLP with the SwiGLU the CUDA fast paths install (`kernels.fused_swiglu`: fp32
+    """mcore's MLP with the SwiGLU the CUDA fast paths install (`ovlt.kernels.fused_swiglu`: fp32
     math, one rounding), as the trainer runs it; mcore's own torch version rounds silu(g) to
     bf16 before the product."""
     from megatron.core.transformer import mlp

@@ -4,7 +4,7 @@ and PP=2 (gloo, CPU, tiny model) give the same losses and the same trained weigh
 import pytest
 import torch
 
-from tests.sft_testlib import base_overrides, hf_tensors, losses, make_synth, run_sft
+from tests.sft_testlib import base_overrides, hf_tensors, losses, make_synth, metric, run_sft
 
 VARIANTS = {
     # name: (world size, overrides)
@@ -41,6 +41,11 @@ def test_same_global_batch_same_loss_and_update(reference, name):
     got = losses(out)
     # Step 1: same weights, same tokens -> same mean; step 2 also checks the first update.
     assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+    # every step logged once, in order, with the batch's totals summed over DP ranks and
+    # counted once per model replica (not once per TP/PP rank)
+    assert metric(out, "step") == metric(root / "ref", "step") == [1, 2]
+    assert metric(out, "tokens") == metric(root / "ref", "tokens")
+    assert metric(out, "loss_tokens") == metric(root / "ref", "loss_tokens")
     w = hf_tensors(out / "final_hf")
     assert w.keys() == ref_w.keys()
     # Adam divides by sqrt(v): on its first steps a near-zero gradient entry moves by up to lr

@@ -16,7 +16,7 @@ that cost a large share of an SFT step on a GPU:
 Here they become `torch._foreach_norm`, an in-place `torch._foreach_mul_`, a weight-gradient
 GEMM that writes the fp32 main_grad directly (`torch.mm(..., out_dtype=fp32)` on a weight's
 first gradient of the step, `torch.addmm` with beta=1 after; checked against mm + add once at
-install), `kernels.fused_rope` and `kernels.fused_swiglu` (Triton, one pass forward and one
+install), `ovlt.kernels.fused_rope` and `ovlt.kernels.fused_swiglu` (Triton, one pass forward and one
 backward each).
 
 `install()` is idempotent, a no-op without CUDA or with apex/TE present, and logs once which
@@ -129,11 +129,11 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
 
 def bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=False):
     """Drop-in for mcore's `bias_swiglu_impl` (the MLP's fused activation, [S, B, 2F] or
-    [T, 2F]): `kernels.fused_swiglu` when there is no bias, FP8 input store or offload (the
+    [T, 2F]): `ovlt.kernels.fused_swiglu` when there is no bias, FP8 input store or offload (the
     Qwen2 LLM's case), mcore's own function otherwise."""
     if bias is not None or fp8_input_store or cpu_offload_input:
         return _STATE["originals"][6](input, bias, fp8_input_store, cpu_offload_input)
-    from kernels.swiglu import fused_swiglu
+    from ovlt.kernels.swiglu import fused_swiglu
     return fused_swiglu(input)
 
 
@@ -223,7 +223,7 @@ def install() -> dict:
             layers._grad_accum_fusion_available = True
             res["wgrad_fusion"] = True
         if rope_utils.fused_apply_rotary_pos_emb is None:
-            from kernels.rope import fused_rope
+            from ovlt.kernels.rope import fused_rope
             rope_utils.fused_apply_rotary_pos_emb = fused_rope
         res["rope_fusion"] = True
         log_once(log, "apex_seam", "apex/TE seam: ovlt fallbacks (foreach grad norm/scale, "

@@ -5,7 +5,8 @@
     optimizer     build_optimizer (mcore Adam / DistributedOptimizer, fp32 master weights)
     lr_schedule   LRSchedule (warmup + cosine / linear / constant), .apply(optimizer, step)
     step          train_step(chunks, optimizer, micro_batches, forward_fn, loss_fn) -> StepResult:
-                  mcore get_forward_backward_func (1F1B for PP), loss = sum / global tokens
+                  mcore get_forward_backward_func (1F1B for PP), loss = sum / global tokens;
+                  train_step_async -> PendingStep: the same, queued without a host sync
     checkpoint    save_checkpoint / load_checkpoint / find_latest (dist-checkpointing,
                   reshardable, atomic, keep-last-K, RNG + trainer state)
     hf_io         load_hf_weights, export_hf (streamed gather -> HF directory)

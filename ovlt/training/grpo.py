@@ -7,7 +7,7 @@ Re-running the same command resumes from `latest` (model, optimizer, RNG, prompt
 the reference policy is always the *initial* weights (taken before the checkpoint is loaded).
 
 One step with P prompts x n samples on this DP rank: the engine samples; rewards run in
-worker processes with timeouts; `kernels.grpo_advantages` normalises per prompt group;
+worker processes with timeouts; `ovlt.kernels.grpo_advantages` normalises per prompt group;
 groups whose rewards are all equal carry no signal and are dropped (`filter_zero_advantage`);
 responses cut at `max_new_tokens` are masked out of the loss or penalised (`overlong`). The
 kept samples are split into ceil(N / global_batch_size) optimizer updates (the same count on
@@ -53,7 +53,7 @@ def score(pool, rollouts: list[Rollout], rcfg) -> tuple[list[float], list[float]
 
 def assign_advantages(rollouts: list[Rollout], gcfg) -> dict:
     """Overlong handling, group advantages, zero-advantage filtering. Returns stats."""
-    from kernels import grpo_advantages
+    from ovlt.kernels import grpo_advantages
     clipped = 0
     for r in rollouts:
         if r.finish_reason == "length":

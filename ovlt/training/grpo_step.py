@@ -5,7 +5,7 @@ model returning final hidden states and the LM head applied by the fused kernels
 [tokens x vocab] logits are never built:
 - `logprob_pass`: forward only; per-token log p(target) at the sampling temperature, stored on
   each micro-batch (`old_logprobs` / `ref_logprobs`).
-- `update`: one optimizer step with `kernels.fused_grpo_loss` (PPO clip + dual clip + KL).
+- `update`: one optimizer step with `ovlt.kernels.fused_grpo_loss` (PPO clip + dual clip + KL).
   train_step normalises by the token count of the whole global batch, so the loss function
   returns token_mean x tokens (a per-token sum) and the update is the token-mean GRPO loss.
 """
@@ -34,7 +34,7 @@ def rl_forward(model, mb: RLMicroBatch):
 def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
                  temperature: float, device) -> dict:
     """Fill `mb.<field>` ([1, T] fp32 on CPU) with log p(target); returns the mean entropy."""
-    from kernels import fused_logprob
+    from ovlt.kernels import fused_logprob
 
     model = unwrap(chunks[0])
 
@@ -61,7 +61,7 @@ def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
 def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, temperature: float,
            device) -> StepResult:
     """One optimizer step of the GRPO loss over `micro_batches` (this rank's share)."""
-    from kernels import fused_grpo_loss
+    from ovlt.kernels import fused_grpo_loss
 
     model = unwrap(chunks[0])
     use_ref = gcfg.kl_coef != 0

@@ -1,4 +1,4 @@
-"""The LM head of the trainers' losses, applied by the fused kernels (`kernels/`) to the rows
+"""The LM head of the trainers' losses, applied by the fused kernels (`ovlt/kernels/`) to the rows
 that carry a loss only: prompt, image and padding tokens never reach the [tokens x vocab]
 GEMMs. In SFT about half of a packed batch is prompt/image; in GRPO the prompt is."""
 from __future__ import annotations

@@ -186,7 +186,7 @@ def enable_cuda_fastpaths(model: torch.nn.Module) -> dict:
     also keeps only the fc1 output for backward) and bias-dropout-add, the fused RoPE, and
     weight-gradient GEMMs, the embedding backward and the SFT LM-head dW accumulating into
     main_grad (`ovlt.compat.cuda_fastpaths`, `language.OvltVocabParallelEmbedding`,
-    `kernels.fused_nll_loss(dw_into=)`). Nothing changes on CPU or with OVLT_FASTPATHS=0;
+    `ovlt.kernels.fused_nll_loss(dw_into=)`). Nothing changes on CPU or with OVLT_FASTPATHS=0;
     returns what was switched on."""
     from ovlt.compat import cuda_fastpaths
     if not cuda_fastpaths.fastpaths_enabled():

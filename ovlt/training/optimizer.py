@@ -9,7 +9,7 @@ loss is a per-token sum; N = loss tokens of the global batch, known after the ba
   * fused path (CUDA, bf16/fp16 params, DistributedOptimizer): the inner torch Adam is replaced
     by `FusedAdamW`, which folds 1/N and the clip coefficient into one device scalar, updates
     master param + moments and writes the bf16 model param in a single pass per tensor
-    (`kernels.fused_adamw_`); the grad norm is one foreach reduction; no host sync;
+    (`ovlt.kernels.fused_adamw_`); the grad norm is one foreach reduction; no host sync;
   * otherwise: grads *= 1/N (what mcore's finalize_model_grads would have done), then mcore's
     own step, unchanged (CPU runs stay bit-exact with plain mcore).
 """
@@ -65,7 +65,7 @@ def build_optimizer(chunks: list, opt_cfg, precision: str, fused: bool | None = 
     log.info("optimizer: mcore %s (adam, lr %.3g, wd %.3g, clip %.3g, %s, distributed=%s, "
              "step=%s)", type(opt).__name__, opt_cfg.lr, opt_cfg.weight_decay,
              opt_cfg.clip_grad, precision, opt_cfg.use_distributed_optimizer,
-             "fused (kernels.fused_adamw_)" if fused else "mcore")
+             "fused (ovlt.kernels.fused_adamw_)" if fused else "mcore")
     return opt
 
 
@@ -76,7 +76,7 @@ def inner_optimizers(opt) -> list:
 
 class FusedAdamW(torch.optim.Optimizer):
     """AdamW over the fp32 main params of one mcore (Distributed)Optimizer, one
-    `kernels.fused_adamw_` call per tensor. Same param groups and state layout as torch's
+    `ovlt.kernels.fused_adamw_` call per tensor. Same param groups and state layout as torch's
     Adam (exp_avg, exp_avg_sq, step), so mcore's (sharded) state dicts are unchanged.
     `grad_coeff` (device scalar) multiplies every gradient; `model_out[param]` is where the
     updated param is also written in the model dtype (the DistributedOptimizer's param-buffer
@@ -110,7 +110,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from kernels.adamw import fused_adamw_
+        from ovlt.kernels.adamw import fused_adamw_
         if closure is not None:
             raise ValueError("FusedAdamW.step takes no closure")
         coeff, ones = self.grad_coeff, {}

@@ -9,6 +9,9 @@ Batching: each step takes `train.global_batch_size` samples (a seeded shuffle pe
 over DP ranks and packed into micro-batches of at most `data.pack_tokens` tokens (default
 `data.max_length`) by the data pipeline; `train.micro_batch_size` is not used by SFT (packing
 decides the micro-batch count), the loss is the per-token mean over the whole global batch.
+A step's numbers are read and logged once the next step is queued (`train_step_async`), so the
+GPU does not idle while the host starts a step; before a checkpoint or an exit they are read at
+once, so a checkpoint never covers a step missing from `metrics.jsonl`.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from ovlt.training.lm_head import (flat_hidden, host_side_inputs, loss_rows, tp_
                                     tp_size, unwrap)
 from ovlt.training.profiler import StepProfiler
 from ovlt.training.sft_data import Position, SFTStream, build_sft_dataset
-from ovlt.training.step import train_step
+from ovlt.training.step import train_step_async
 from ovlt.utils.device import to_device_async
 from ovlt.utils.io import atomic_write_text, read_jsonl
 
@@ -42,7 +45,7 @@ log = get_logger(__name__)
 # ----------------------------------------------------------------------- forward / loss
 def sft_forward(model, batch):
     """The micro-batch's summed token loss (fp32 scalar) on the last PP stage, hidden states
-    elsewhere. With an unpadded vocab the LM head runs in `kernels.fused_nll_loss` on the loss
+    elsewhere. With an unpadded vocab the LM head runs in `ovlt.kernels.fused_nll_loss` on the loss
     tokens only (no [T, V] logits, ~half the head's GEMMs); a padded head (TP vocab padding)
     takes the model's own logits + cross-entropy path."""
     net = unwrap(model)
@@ -55,7 +58,7 @@ def sft_forward(model, batch):
         return model(**kw)
     if net.output_weight().shape[0] * tp_size() != net.vocab_size:
         return (model(**kw, labels=b.labels).float().reshape(-1) * mask).sum()
-    from kernels import fused_nll_loss
+    from ovlt.kernels import fused_nll_loss
 
     h = flat_hidden(model(**kw, return_hidden=True))
     rows = to_device_async(loss_rows(batch.loss_mask), dev)  # found on the host: no sync
@@ -158,7 +161,6 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     prof = StepProfiler(profile_steps if profile_steps is not None else t.profile_steps,
                         save_dir, rank)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    dp_group = ps.get_data_parallel_group()
     log.info("SFT: %d samples, %d steps/epoch, %d total steps (start %d), global batch %d, "
              "token budget %d, world %d (tp %d pp %d dp %d)", len(ds), stream.steps_per_epoch,
              total_steps, start_step, t.global_batch_size, budget, world,
@@ -174,33 +176,52 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     saved_at = start_step if latest is not None else -1
     it = stream.iterate(pos) if start_step < total_steps else iter(())
     upcoming = next(it, None)  # one step ahead: its first micro-batch's images are prefetched
+    pending = None  # the step queued before this one, its numbers not read yet
+
+    def finish(queued) -> None:
+        """Read one queued step's numbers (waits for that step's GPU work only) and log them."""
+        nonlocal last
+        done_step, p, lr, queued_step = queued
+        res = queued_step.result()
+        gflops, gtokens = res.totals["batch_flops"], res.totals["batch_tokens"]
+        tflops = gflops / res.time_s / world / 1e12
+        rec = {"loss": res.loss, "grad_norm": res.grad_norm, "lr": lr, "tokens": int(gtokens),
+               "loss_tokens": res.tokens, "tokens_per_s": gtokens / res.time_s,
+               "tflops": tflops, "mfu": (tflops * 1e12 / peak) if peak else None,
+               "step_time_s": res.time_s, "skipped": res.skipped, "epoch": p.epoch}
+        rec.update(memory_gb(device))
+        if done_step % t.log_interval == 0 or done_step == total_steps:
+            logger.log(done_step, rec)
+        last = rec
+
     for step in range(start_step, total_steps):
         pos, mbs = upcoming
         upcoming = next(it) if step + 1 < total_steps else None
         lr = sched.apply(optimizer, step)
         prof.step_begin(step + 1)  # 1-based, like the log lines
-        res = train_step(bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
-                         prefetch=upcoming[1][0] if upcoming and upcoming[1] else None)
-        prof.step_end(step + 1)
         fl, toks = batch_flops(cfg.model, mbs, t.freeze)
-        vec = torch.tensor([fl, float(toks)], dtype=torch.float64, device=device)
-        dist.all_reduce(vec, group=dp_group)  # every TP/PP rank of a replica sees the same batch
-        gflops, gtokens = vec.tolist()
-        tflops = gflops / res.time_s / world / 1e12
-        rec = {"loss": res.loss, "grad_norm": res.grad_norm, "lr": lr, "tokens": int(gtokens),
-               "loss_tokens": res.tokens, "tokens_per_s": gtokens / res.time_s,
-               "tflops": tflops, "mfu": (tflops * 1e12 / peak) if peak else None,
-               "step_time_s": res.time_s, "skipped": res.skipped, "epoch": pos.epoch}
-        rec.update(memory_gb(device))
-        if (step + 1) % t.log_interval == 0 or step + 1 == total_steps:
-            logger.log(step + 1, rec)
-        last = rec
-        if t.save_interval and (step + 1) % t.save_interval == 0:
+        # every TP/PP rank of a replica sees the same batch: summed over DP with the loss
+        queued = (step + 1, pos, lr, train_step_async(
+            bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
+            prefetch=upcoming[1][0] if upcoming and upcoming[1] else None,
+            host_stats={"batch_flops": fl, "batch_tokens": float(toks)}))
+        prof.step_end(step + 1)
+        # the previous step is read only now that this one is queued: no idle GPU in between
+        if pending is not None:
+            finish(pending)
+        pending = queued
+        done_here = step + 1 - start_step
+        save = bool(t.save_interval) and (step + 1) % t.save_interval == 0
+        leave = bool(t.exit_interval) and done_here % t.exit_interval == 0 \
+            and step + 1 < total_steps
+        if save or leave or step + 1 == total_steps:
+            finish(pending)  # a checkpoint never covers a step missing from metrics.jsonl
+            pending = None
+        if save:
             save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer, state(step + 1, pos),
                             keep_last=t.keep_last)
             saved_at = step + 1
-        done_here = step + 1 - start_step
-        if t.exit_interval and done_here % t.exit_interval == 0 and step + 1 < total_steps:
+        if leave:
             if saved_at != step + 1:
                 save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer,
                                 state(step + 1, pos), keep_last=t.keep_last)

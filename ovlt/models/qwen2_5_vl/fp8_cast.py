@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton_ops import _MAX, _Kernel, device_fn, tl, use_triton
+from ovlt.kernels._triton_ops import _MAX, _Kernel, device_fn, tl, use_triton
 
 # Tile of one program (rows x cols) and its warps. `benchmarks/sft_parts.py --parts fp8` on an
 # H200: 64 x 128 with 4 warps is 5-8 % faster than 64 x 64 on the step's big casts (3.4-3.6 TB/s).

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
-from kernels._triton_ops import _Kernel, device_fn, tl, use_triton
-from kernels.swiglu import swiglu_backward, swiglu_forward
+from ovlt.kernels._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from ovlt.kernels._triton_ops import _Kernel, device_fn, tl, use_triton
+from ovlt.kernels.swiglu import swiglu_backward, swiglu_forward
 from ovlt.models.qwen2_5_vl.fp8_cast import (  # noqa: F401 - _fp8_*: device functions
     FP8_HELPERS, FP8_SLOT_ARGS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose,
     fp8_outputs, launch_args, needs_int64, scale_source)
@@ -54,7 +54,7 @@ def _fwd_fn(h_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride_h, n_s
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     s = _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX, NSRC, LANES)
     rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, IDX64, BLOCK_R, BLOCK_C)
-    o = g / (1.0 + tl.exp(-g)) * u  # kernels/swiglu.py's forward, term for term
+    o = g / (1.0 + tl.exp(-g)) * u  # ovlt/kernels/swiglu.py's forward, term for term
     if ROUND_BF16:
         o = to_bf16_rne(o).to(tl.float32)
     amax = _fp8_store(q_ptr, qt_ptr, o, s, rows, cols, R, F, mask, FMAX, WRITE_Q, WRITE_QT)
@@ -72,7 +72,7 @@ def _bwd_fn(h_ptr, d_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride
     rows, cols, mask, g, u = _gate_up(h_ptr, stride_h, R, F, IDX64, BLOCK_R, BLOCK_C)
     d = tl.load(d_ptr + rows[:, None] * stride_d + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    sg = 1.0 / (1.0 + tl.exp(-g))  # kernels/swiglu.py's backward, term for term
+    sg = 1.0 / (1.0 + tl.exp(-g))  # ovlt/kernels/swiglu.py's backward, term for term
     dg = d * sg * (1 + g * (1 - sg)) * u
     du = d * g * sg
     if ROUND_BF16:

@@ -258,9 +258,9 @@ class VisionModel(MegatronModule):
 
 def _swiglu(y: torch.Tensor, out=None) -> torch.Tensor:
     """silu(gate) * up of the fused fc1 output [N, 1, 2F] (into `out` [N, F] when given):
-    `kernels.swiglu` (one pass) on CUDA, torch ops elsewhere."""
+    `ovlt.kernels.swiglu` (one pass) on CUDA, torch ops elsewhere."""
     if y.is_cuda:
-        from kernels.swiglu import swiglu_forward
+        from ovlt.kernels.swiglu import swiglu_forward
         return swiglu_forward(y, out=out)
     g, u = torch.chunk(y, 2, dim=-1)
     if out is None:

@@ -57,7 +57,7 @@ def fused_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     step knows main_grad holds this step's gradient); the backward must then receive an
     upstream gradient of exactly 1 (asserted on the device). `dw_into_fresh`: dw_into holds
     stale values (a buffer the step did not zero): the gradient overwrites them.
-    `chunk_bytes`: logits-chunk budget for this call (default `kernels.config.chunk_bytes`).
+    `chunk_bytes`: logits-chunk budget for this call (default `ovlt.kernels.config.chunk_bytes`).
     """
     check_inputs(hidden, weight, targets)
     w = (torch.ones(hidden.shape[0], device=hidden.device) if token_weights is None
