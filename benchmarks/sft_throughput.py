@@ -15,7 +15,7 @@ back to back as the trainer runs them (each step's loss read once the next one i
 left the GPU idle while the host started the next step.
   hf                 transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16
                      params, fused torch AdamW, [samples, seq] padded batch already on the GPU.
-  ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step`): mcore DDP +
+  ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step_async`): mcore DDP +
                      DistributedOptimizer (fp32 master weights), one packed THD micro-batch, pinned
                      as the trainer's DataLoader(pin_memory=True) delivers it, CUDA fast paths on.
   ovlt_bf16_noprefetch  A/B of one piece: the frozen tower runs inside each step's forward
@@ -55,7 +55,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ovlt.utils.device import StepClock  # noqa: E402
+from ovlt.utils.device import HostCopy, StepClock  # noqa: E402
 
 
 def model_cfg(args, fp8="none"):
@@ -225,7 +225,6 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
 
 def lazy_loss(loss: torch.Tensor):
     """A reader of `loss` that waits for the work queued so far only (see `timed`)."""
-    from ovlt.utils.device import HostCopy
     copy = HostCopy(loss)
     return lambda: copy.tolist()[0]
 

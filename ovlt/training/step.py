@@ -158,5 +158,5 @@ def train_step_async(chunks: list, optimizer, micro_batches: list, forward_fn: C
 
 
 def train_step(*args, **kwargs) -> StepResult:
-    """`train_step_async(...)` and its numbers (waits for the step to finish)."""
+    """`train_step_async` (same arguments), then its numbers: waits for the step to finish."""
     return train_step_async(*args, **kwargs).result()

@@ -1,6 +1,8 @@
 """Host -> device copies that do not stall the GPU stream."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -52,7 +54,6 @@ class StepClock:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        import time
         return time.perf_counter()
 
     def start(self) -> "StepClock":
