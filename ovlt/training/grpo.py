@@ -29,7 +29,7 @@ from ovlt.logging import get_logger
 from ovlt.rollout.base import GenerationRequest, SamplingParams
 from ovlt.training.grpo_batch import Rollout, pack_rollouts
 from ovlt.training.grpo_data import PromptPosition, PromptStream, encode_record
-from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, update
+from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, queue_update
 from ovlt.utils.io import append_jsonl, atomic_write_text, read_jsonl
 
 log = get_logger(__name__)
@@ -261,8 +261,10 @@ class GRPOTrainer:
         lr = self.sched.apply(self.optimizer, step)
         # Nothing to learn from on any rank (every group flat): skip the update, whose
         # per-token normalisation would divide by zero.
-        ups = [update(self.bundle.chunks, self.optimizer, mbs, g, rc.temperature or 1.0, self.device)
-               for mbs in mb_per_update] if n_kept.item() > 0 else []
+        queued = [queue_update(self.bundle.chunks, self.optimizer, mbs, g,
+                               rc.temperature or 1.0, self.device)
+                  for mbs in mb_per_update] if n_kept.item() > 0 else []
+        ups = [q.result() for q in queued]  # read once all are queued: no sync in between
         self.bundle.module.eval()
         tm["update"] = time.perf_counter() - t3
 

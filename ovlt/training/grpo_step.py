@@ -17,7 +17,7 @@ import torch
 
 from ovlt.training.grpo_batch import RLMicroBatch
 from ovlt.training.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
-from ovlt.training.step import StepResult, train_step
+from ovlt.training.step import PendingStep, StepResult, train_step, train_step_async
 
 
 def _device(model):
@@ -61,6 +61,13 @@ def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
 def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, temperature: float,
            device) -> StepResult:
     """One optimizer step of the GRPO loss over `micro_batches` (this rank's share)."""
+    return queue_update(chunks, optimizer, micro_batches, gcfg, temperature, device).result()
+
+
+def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg,
+                 temperature: float, device) -> PendingStep:
+    """`update` queued without a host sync (`train_step_async`): a GRPO step's optimizer steps
+    run back to back and their numbers are read after the last one is queued."""
     from ovlt.kernels import fused_grpo_loss
 
     model = unwrap(chunks[0])
@@ -87,7 +94,7 @@ def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, tem
         stats = {k: v * n for k, v in m.items()}
         return loss * n, n, stats
 
-    return train_step(chunks, optimizer, micro_batches, rl_forward, loss_fn, device=device)
+    return train_step_async(chunks, optimizer, micro_batches, rl_forward, loss_fn, device=device)
 
 
 def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[float, float]:
