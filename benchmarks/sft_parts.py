@@ -292,7 +292,6 @@ def bench_fp8_swiglu(res):
     bwd_gb = (h.numel() * 2 + d.numel() * 2 + 2 * h.numel()) / 1e9
 
     def timing(f, b):  # warm-up over a whole history cycle (16 casts) first
-
         tf, tb = cuda_time(f, 32, 17), cuda_time(b, 32, 17)
         return {"fwd_ms": tf, "bwd_ms": tb, "fwd_TBps": fwd_gb / tf, "bwd_TBps": bwd_gb / tb}
     clone_ms = cuda_time(lambda: h.clone(), 32, 5)

@@ -52,6 +52,12 @@ def language_config(model_cfg) -> TransformerConfig:
         add_bias_linear=False, add_qkv_bias=True,
         mrope_section=list(model_cfg.mrope_section),
         **common_config_kwargs(model_cfg, pp))
+    return with_ovlt_layer_options(cfg, model_cfg)
+
+
+def with_ovlt_layer_options(cfg: TransformerConfig, model_cfg) -> TransformerConfig:
+    """`cfg` carrying the model options ovlt's own layers read (attention backend, FP8 linears'
+    settings) as `ovlt_*` attributes: shared by the LLM and the vision tower."""
     cfg.ovlt_attention_backend = model_cfg.attention_backend
     cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
     cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history

@@ -19,7 +19,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from ovlt.models.qwen2_5_vl.language import common_config_kwargs
+from ovlt.models.qwen2_5_vl.language import common_config_kwargs, with_ovlt_layer_options
 from ovlt.utils.device import to_device_async
 
 VISION_ROPE_THETA = 10000.0
@@ -46,12 +46,7 @@ def vision_config(model_cfg) -> TransformerConfig:
         # The whole tower lives on the first pipeline stage: never split it.
         **common_config_kwargs(model_cfg, pp_size=1))
     cfg.ovlt_full_attention_layers = tuple(v.fullatt_block_indexes)
-    cfg.ovlt_attention_backend = model_cfg.attention_backend
-    cfg.ovlt_fp8_grad_format = model_cfg.fp8_grad_format
-    cfg.ovlt_fp8_amax_history = model_cfg.fp8_amax_history
-    cfg.ovlt_fp8_fprop_fast_accum = model_cfg.fp8_fprop_fast_accum
-    cfg.ovlt_fp8_weight_cache = model_cfg.fp8_weight_cache
-    return cfg
+    return with_ovlt_layer_options(cfg, model_cfg)
 
 
 def rotary_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
