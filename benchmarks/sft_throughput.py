@@ -423,6 +423,11 @@ def main(argv=None):
                "ovlt_fp8_delayed_sepbias": lambda: _separate_fp8_bias(lambda: run_ovlt(
                    args, model_cfg(args, "scaled_mm_delayed"), samples, dev,
                    "ovlt_fp8_delayed_sepbias"))}
+    for flag, names in (("--variants", args.variants),
+                        ("--profile-variants", args.profile_variants or "")):
+        unknown = [n for n in names.split(",") if n and n not in runners]
+        if unknown:
+            ap.error(f"{flag}: unknown variant(s) {unknown}; known: {sorted(runners)}")
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")
