@@ -9,10 +9,16 @@ Writes JSON (ms, TB/s of the kernel's own traffic) to --out.
 import argparse
 import json
 
+import os
+import sys
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._bench_util import cuda_time as _cuda_time  # noqa: E402
 
 
 
@@ -49,10 +55,8 @@ def _store_tile(y, q_ptr, qt_ptr, q_desc, qt_desc, rows, cols, n_rows, n_cols, m
 
 
 @triton.jit
-def _bwd_probe(h_ptr, d_ptr, q_ptr, qt_ptr, qg_desc, qu_desc, tg_desc, tu_desc, s_ptr, amax_ptr,
-               R, F, stride_h, stride_d, FMAX: tl.constexpr, MODE_Q: tl.constexpr,
-               MODE_QT: tl.constexpr, STREAM: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_C: tl.constexpr, HW: tl.constexpr):
+def _gate_up(h_ptr, R, F, stride_h, STREAM: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_C: tl.constexpr):
     ev: tl.constexpr = "evict_first" if STREAM else ""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -60,6 +64,16 @@ def _bwd_probe(h_ptr, d_ptr, q_ptr, qt_ptr, qg_desc, qu_desc, tg_desc, tu_desc, 
     p = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(p, mask=mask, other=0.0, eviction_policy=ev).to(tl.float32)
     u = tl.load(p + F, mask=mask, other=0.0, eviction_policy=ev).to(tl.float32)
+    return rows, cols, mask, g, u
+
+
+@triton.jit
+def _bwd_probe(h_ptr, d_ptr, q_ptr, qt_ptr, qg_desc, qu_desc, tg_desc, tu_desc, s_ptr, amax_ptr,
+               R, F, stride_h, stride_d, FMAX: tl.constexpr, MODE_Q: tl.constexpr,
+               MODE_QT: tl.constexpr, STREAM: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr, HW: tl.constexpr):
+    ev: tl.constexpr = "evict_first" if STREAM else ""
+    rows, cols, mask, g, u = _gate_up(h_ptr, R, F, stride_h, STREAM, BLOCK_R, BLOCK_C)
     d = tl.load(d_ptr + rows[:, None] * stride_d + cols[None, :], mask=mask, other=0.0,
                 eviction_policy=ev).to(tl.float32)
     s = tl.load(s_ptr)
@@ -84,13 +98,7 @@ def _fwd_probe(h_ptr, q_ptr, qt_ptr, q_desc, qt_desc, s_ptr, amax_ptr, R, F, str
                FMAX: tl.constexpr, MODE_Q: tl.constexpr, MODE_QT: tl.constexpr,
                STREAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                HW: tl.constexpr):
-    ev: tl.constexpr = "evict_first" if STREAM else ""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < F)
-    p = h_ptr + rows[:, None] * stride_h + cols[None, :]
-    g = tl.load(p, mask=mask, other=0.0, eviction_policy=ev).to(tl.float32)
-    u = tl.load(p + F, mask=mask, other=0.0, eviction_policy=ev).to(tl.float32)
+    rows, cols, mask, g, u = _gate_up(h_ptr, R, F, stride_h, STREAM, BLOCK_R, BLOCK_C)
     s = tl.load(s_ptr)
     o = _round(g / (1.0 + tl.exp(-g)) * u, HW)
     y = tl.minimum(tl.maximum(o * s, -FMAX), FMAX).to(q_ptr.dtype.element_ty)
@@ -120,20 +128,11 @@ def _cast_probe(x_ptr, q_ptr, qt_ptr, q_desc, qt_desc, s_ptr, amax_ptr, R, C,
     tl.atomic_max(amax_ptr + lane, amax)
 
 
-def cuda_time(fn, iters=30, warmup=3):
-    if not torch.cuda.is_available():
+def cuda_time(fn):
+    if not torch.cuda.is_available():  # a CPU (interpreter) run checks the kernels only
         fn()
         return 1.0
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
+    return _cuda_time(fn, 30, 3)
 
 
 def desc(t, block):
