@@ -7,8 +7,6 @@ stored (pointer tile, explicit tl.trans, TMA descriptor), streaming cache hints,
 Writes JSON (ms, TB/s of the kernel's own traffic) to --out.
 """
 import argparse
-import json
-
 import os
 import sys
 
@@ -18,7 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._bench_util import cuda_time as _cuda_time  # noqa: E402
+from benchmarks._bench_util import cuda_time as _cuda_time, write_results  # noqa: E402
 
 
 
@@ -55,6 +53,18 @@ def _store_tile(y, q_ptr, qt_ptr, q_desc, qt_desc, rows, cols, n_rows, n_cols, m
 
 
 @triton.jit
+def _tile_amax(v):
+    return tl.max(tl.max(tl.abs(v), 1), 0)
+
+
+@triton.jit
+def _record_amax(amax_ptr, amax):
+    # as the real kernels: atomic max into one of 32 lanes by program id
+    lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % 32
+    tl.atomic_max(amax_ptr + lane, amax)
+
+
+@triton.jit
 def _gate_up(h_ptr, R, F, stride_h, STREAM: tl.constexpr, BLOCK_R: tl.constexpr,
              BLOCK_C: tl.constexpr):
     ev: tl.constexpr = "evict_first" if STREAM else ""
@@ -88,9 +98,7 @@ def _bwd_probe(h_ptr, d_ptr, q_ptr, qt_ptr, qg_desc, qu_desc, tg_desc, tu_desc, 
                 MODE_Q, MODE_QT, STREAM)
     _store_tile(yu, q_ptr, qt_ptr, qu_desc, tu_desc, rows, cols + F, R, 2 * F, mask, row0,
                 col0, MODE_Q, MODE_QT, STREAM)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(dg), 1), 0), tl.max(tl.max(tl.abs(du), 1), 0))
-    lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % 32
-    tl.atomic_max(amax_ptr + lane, amax)
+    _record_amax(amax_ptr, tl.maximum(_tile_amax(dg), _tile_amax(du)))
 
 
 @triton.jit
@@ -104,9 +112,7 @@ def _fwd_probe(h_ptr, q_ptr, qt_ptr, q_desc, qt_desc, s_ptr, amax_ptr, R, F, str
     y = tl.minimum(tl.maximum(o * s, -FMAX), FMAX).to(q_ptr.dtype.element_ty)
     _store_tile(y, q_ptr, qt_ptr, q_desc, qt_desc, rows, cols, R, F, mask,
                 tl.program_id(0) * BLOCK_R, tl.program_id(1) * BLOCK_C, MODE_Q, MODE_QT, STREAM)
-    amax = tl.max(tl.max(tl.abs(o), 1), 0)
-    lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % 32
-    tl.atomic_max(amax_ptr + lane, amax)
+    _record_amax(amax_ptr, _tile_amax(o))
 
 
 @triton.jit
@@ -123,9 +129,7 @@ def _cast_probe(x_ptr, q_ptr, qt_ptr, q_desc, qt_desc, s_ptr, amax_ptr, R, C,
     y = tl.minimum(tl.maximum(x * s, -FMAX), FMAX).to(q_ptr.dtype.element_ty)
     _store_tile(y, q_ptr, qt_ptr, q_desc, qt_desc, rows, cols, R, C, mask,
                 tl.program_id(0) * BLOCK_R, tl.program_id(1) * BLOCK_C, MODE_Q, MODE_QT, STREAM)
-    amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    lane = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) % 32
-    tl.atomic_max(amax_ptr + lane, amax)
+    _record_amax(amax_ptr, _tile_amax(x))
 
 
 def cuda_time(fn):
@@ -154,8 +158,7 @@ def main():
     s = torch.tensor(10.0, device=dev)
     amax = torch.zeros(32, device=dev)
     e5, e4 = torch.float8_e5m2, torch.float8_e4m3fn
-    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else dev,
-           "triton": triton.__version__,
+    res = {"triton": triton.__version__,
            "h_clone_ms": cuda_time(lambda: h.clone()), "bwd": {}, "fwd": {}, "cast": {}}
     res["h_clone_TBps"] = 2 * h.numel() * 2 / 1e9 / res["h_clone_ms"]
     tiles = [(64, 64, 8), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4)]
@@ -226,8 +229,7 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     res[kind][key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(kind, key, res[kind][key], flush=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_results(os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out), res)
     for kind in ("bwd", "fwd", "cast"):
         ok = {k: v for k, v in res[kind].items() if "ms" in v}
         best = sorted(ok.items(), key=lambda kv: kv[1]["ms"])[:8]
