@@ -190,6 +190,7 @@ def profile_steps(step, path, n=2):
 
 LOSSES: dict = {}
 HOST: dict = {}
+STEP_MS: dict = {}
 
 
 def timed(step, warmup, iters, dev, profile_path=None, name=None):
@@ -212,7 +213,9 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     end = StepClock(dev).start()  # queued right behind the last step: its end
     losses.append(float(reader()))
     spans = list(zip(clocks, clocks[1:] + [end]))[warmup:]
-    times = sorted(a.seconds(until=b) for a, b in spans)
+    in_order = [a.seconds(until=b) for a, b in spans]
+    STEP_MS[name] = [round(t * 1e3, 3) for t in in_order]  # the spread, step by step
+    times = sorted(in_order)
     # host time to queue a step, and its wait for the previous step's loss: a step that
     # synchronised inside would queue in about its GPU time and never wait
     HOST[name] = {"queue_s": sorted(queue_s[warmup:])[iters // 2],
@@ -452,6 +455,7 @@ def main(argv=None):
             r = {"error": f"{type(e).__name__}: {e}"[:500]}
         r["losses"] = LOSSES.get(v)
         r["host"] = HOST.get(v)
+        r["step_ms"] = STEP_MS.get(v)
         res["variants"][v] = r
         print(v, json.dumps(r), flush=True)
         gc.collect()

@@ -83,7 +83,8 @@ class ModelConfig:
     # slower kernel for the 7B fc1 (1.75 vs 1.62 ms) and no layer GEMM gains more than 8 %.
     fp8_fprop_fast_accum: bool = False
     # scaled_mm per-tensor FP8: cast each trained weight once per optimizer step, up front, and
-    # reuse it in every micro-batch (holds 2 bytes per such weight for the step)
+    # reuse it in every micro-batch (holds 2 bytes per such weight for the step); frozen weights
+    # once for the run (1 byte per frozen FP8 weight, kept)
     fp8_weight_cache: bool = True
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
 

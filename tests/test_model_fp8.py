@@ -26,7 +26,24 @@ def test_quantize_roundtrip_and_scales():
     assert torch.allclose(q.float() * s, t, rtol=0.07)
 
 
-@pytest.mark.parametrize("rowwise", [False, True], ids=["tensor", "rowwise"])
+def _cpu_takes_rowwise_scales() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales (torch 2.11's CPU backend
+    takes per-tensor ones only; ovlt's row-wise GEMM then falls back to per-tensor scales,
+    tested on its own below)."""
+    a = torch.zeros(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.bfloat16)
+        return True
+    except RuntimeError:
+        return False
+
+
+ROWWISE = pytest.param(True, id="rowwise", marks=pytest.mark.skipif(
+    not _cpu_takes_rowwise_scales(), reason="this torch's CPU _scaled_mm has no row-wise scales"))
+
+
+@pytest.mark.parametrize("rowwise", [pytest.param(False, id="tensor"), ROWWISE])
 @pytest.mark.parametrize("grad", ["e5m2", "e4m3"])
 def test_fp8_linear_matches_emulation(rowwise, grad):
     g = torch.Generator().manual_seed(0)
@@ -327,7 +344,33 @@ def test_delayed_fp8_linear_matches_emulation():
         AH(2, "cpu")
 
 
-@pytest.mark.parametrize("rowwise", [False, True], ids=["tensor", "rowwise"])
+def test_rowwise_gemm_falls_back_to_per_tensor_scales(monkeypatch, caplog):
+    """Where `_scaled_mm` refuses row-wise scales for a dtype pair, the row-wise linear runs
+    that GEMM with per-tensor scales (the per-tensor recipe's numbers), says so once, and does
+    not try row-wise again for that pair."""
+    from ovlt.models.qwen2_5_vl import fp8 as F8
+    real, tried = torch._scaled_mm, []
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kw):
+        tried.append(scale_a.numel() > 1)
+        if scale_a.numel() > 1 or scale_b.numel() > 1:
+            raise RuntimeError("only per-tensor scaling here")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    monkeypatch.setattr(F8, "_ROWWISE_FALLBACK", set())
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 64, generator=g)
+    w = torch.randn(48, 64, generator=g)
+    with caplog.at_level("WARNING"):
+        got = F8._rowwise_mm(x, E4M3, w.t(), torch.float32)
+        again = F8._rowwise_mm(x, E4M3, w.t(), torch.float32)
+    assert tried == [True, False, False]  # one refused row-wise try, then per tensor only
+    ref = _dq(x, E4M3) @ _dq(w, E4M3).t()
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max() and torch.equal(got, again)
+    assert sum("unsupported" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("rowwise", [pytest.param(False, id="tensor"), ROWWISE])
 def test_fast_accumulation_only_in_the_forward_gemm(monkeypatch, rowwise):
     """`fprop_fast_accum` reaches the forward GEMM only: the dgrad and wgrad GEMMs keep fp32
     promotion of their partial sums (TE's recipes do the same)."""
@@ -411,6 +454,13 @@ def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
             assert all(m._fp8_step_cast is None for m in linears)  # released after the step
             weight_casts = {m._fp8_histories[1].calls for m in linears}
             params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            # frozen FP8 weights (the vision tower): cast once and kept with the cache, once
+            # per forward without it
+            frozen = [m._fp8_histories[1].calls for m in model.modules()
+                      if isinstance(m, _Fp8Mixin) and not m.weight.requires_grad
+                      and m._fp8_histories is not None]
+            assert len(frozen) >= 4
+            assert set(frozen) == {1} if cache else min(frozen) == len(steps) * len(steps[0])
             return res, weight_casts, params
 
         one_mb = [got[0][:1], got[1][:1], got[2][:1]]

@@ -250,11 +250,33 @@ class _Fp8Mixin:
     fp8_grad_format = "e5m2"
     _fp8_histories = None
     _fp8_step_cast = None  # (weight, (wq, wqt, scale)) while `fp8_weight_cache` holds it
+    _fp8_frozen_cast = None  # ((data_ptr, version), cast) of a frozen weight
 
-    def cached_weight_cast(self, weight):
-        """This step's cast of `weight` (see `fp8_weight_cache`), or None."""
+    def cached_weight_cast(self, weight, need_qt: bool = False):
+        """A cast of `weight` made before: this step's (see `fp8_weight_cache`), or for a
+        frozen weight the one kept since its first use (see `_frozen_weight_cast`); else None."""
         held = self._fp8_step_cast
-        return held[1] if held is not None and held[0] is weight else None
+        if held is not None and held[0] is weight:
+            return held[1]
+        return self._frozen_weight_cast(weight, need_qt)
+
+    def _frozen_weight_cast(self, weight, need_qt: bool):
+        """A frozen weight (the recipe's vision tower) is cast once and the cast kept: its
+        values do not change, so under either per-tensor recipe every later cast would give the
+        same bytes (delayed scaling: each scale is then the max of amaxes that all equal the
+        weight's own). Re-made when the weight's storage or version changes (a checkpoint
+        load) or a transpose is needed that the kept cast lacks. 1 byte per frozen weight
+        (2 with the transpose); off with `model.fp8_weight_cache=false`."""
+        if weight.requires_grad or self.fp8_rowwise or weight.dim() != 2 or \
+                not getattr(self.config, "ovlt_fp8_weight_cache", True):
+            return None
+        key = (weight.data_ptr(), weight._version)
+        kept = self._fp8_frozen_cast
+        if kept is None or kept[0] != key or (need_qt and kept[1][1] is None):
+            hist = self._amax_histories(weight.device)
+            kept = (key, weight_cast(weight, hist[1] if hist else None, need_qt))
+            self._fp8_frozen_cast = kept
+        return kept[1]
 
     def _fp8_cacheable(self) -> bool:
         w = self.weight
@@ -293,7 +315,7 @@ class _Fp8Mixin:
                           allreduce_dgrad, tp_group, gradient_accumulation_fusion,
                           self._amax_histories(weight.device),
                           getattr(self.config, "ovlt_fp8_fprop_fast_accum", False),
-                          self.cached_weight_cast(weight))
+                          self.cached_weight_cast(weight, need_qt=input.requires_grad))
 
 
 def _cacheable_linears(chunk) -> list:

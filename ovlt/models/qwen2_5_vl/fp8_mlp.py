@@ -101,5 +101,7 @@ class Fp8SwiGLUMLP(MLP):
             fc2._amax_histories(dev), GRAD_FORMATS[getattr(cfg, "ovlt_fp8_grad_format", "e5m2")],
             main_grad, fc1.tp_group.size() > 1, fc1.tp_group,
             bool(getattr(cfg, "ovlt_fp8_fprop_fast_accum", False)),
-            fc1.cached_weight_cast(fc1.weight), fc2.cached_weight_cast(fc2.weight))
+            fc1.cached_weight_cast(fc1.weight, need_qt=hidden_states.requires_grad),
+            fc2.cached_weight_cast(fc2.weight, need_qt=hidden_states.requires_grad
+                                   or fc1.weight.requires_grad))
         return reduce_from_tensor_model_parallel_region(y, group=fc2.tp_group), None
