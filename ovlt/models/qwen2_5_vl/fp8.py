@@ -261,20 +261,21 @@ class _Fp8Mixin:
         return self._frozen_weight_cast(weight, need_qt)
 
     def _frozen_weight_cast(self, weight, need_qt: bool):
-        """A frozen weight (the recipe's vision tower) is cast once and the cast kept: its
-        values do not change, so under either per-tensor recipe every later cast would give the
-        same bytes (delayed scaling: each scale is then the max of amaxes that all equal the
-        weight's own). Re-made when the weight's storage or version changes (a checkpoint
-        load) or a transpose is needed that the kept cast lacks. 1 byte per frozen weight
-        (2 with the transpose); off with `model.fp8_weight_cache=false`."""
+        """A frozen weight (the recipe's vision tower) is cast once, with its own amax as the
+        scale, and the cast kept: its values do not change, so under either per-tensor recipe
+        every later cast would give the same bytes (delayed scaling's first cast uses the own
+        amax too, and every later scale is the max of amaxes that all equal it). Re-made, again
+        from its own amax (not from a history of the old values, which would saturate the kept
+        cast for good), when the weight's storage or version changes (a checkpoint load) or a
+        transpose is needed that the kept cast lacks. 1 byte per frozen weight (2 with the
+        transpose); off with `model.fp8_weight_cache=false`."""
         if weight.requires_grad or self.fp8_rowwise or weight.dim() != 2 or \
                 not getattr(self.config, "ovlt_fp8_weight_cache", True):
             return None
         key = (weight.data_ptr(), weight._version)
         kept = self._fp8_frozen_cast
         if kept is None or kept[0] != key or (need_qt and kept[1][1] is None):
-            hist = self._amax_histories(weight.device)
-            kept = (key, weight_cast(weight, hist[1] if hist else None, need_qt))
+            kept = (key, weight_cast(weight, None, need_qt))
             self._fp8_frozen_cast = kept
         return kept[1]
 
