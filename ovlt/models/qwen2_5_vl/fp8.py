@@ -13,13 +13,14 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
     row of the left operand and per column of the right one (per token / per output channel in
     the forward), finer and more robust to outlier tokens;
   * master weights and weight grads stay in the parameter dtype (bf16): the FP8 copies are made
-    on the fly, nothing FP8 is ever stored in the model or the optimizer. Within one optimizer
-    step (`fp8_weight_cache`, used by the trainer's step) each trained weight is cast once, up
-    front, and every micro-batch's forward, recompute and backward reuse that cast (as TE's
+    on the fly and held only as the caches below, nothing FP8 is in the optimizer or a
+    checkpoint. Within one optimizer step (`fp8_weight_cache`, used by the trainer's step)
+    each trained weight is cast once, up front, and every micro-batch's forward, recompute and backward reuse that cast (as TE's
     `is_first_microbatch`): one cast per weight and step instead of one per micro-batch (with a
     single micro-batch per step the same work, moved to the step's start). It holds each
     weight's FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
-    `model.fp8_weight_cache=false` turns it off.
+    `model.fp8_weight_cache=false` turns it off. Frozen weights (the vision tower) are cast
+    once for the run and the cast kept (`_Fp8Mixin._frozen_weight_cast`).
 Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
 weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
 saves X in its input dtype.
