@@ -15,9 +15,10 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
   * master weights and weight grads stay in the parameter dtype (bf16): the FP8 copies are made
     on the fly and held only as the caches below, nothing FP8 is in the optimizer or a
     checkpoint. Within one optimizer step (`fp8_weight_cache`, used by the trainer's step)
-    each trained weight is cast once, up front, and every micro-batch's forward, recompute and backward reuse that cast (as TE's
-    `is_first_microbatch`): one cast per weight and step instead of one per micro-batch (with a
-    single micro-batch per step the same work, moved to the step's start). It holds each
+    each trained weight is cast once, up front, and every micro-batch's forward, recompute and
+    backward reuse that cast (as TE's `is_first_microbatch`): one cast per weight and step
+    instead of one per micro-batch (with a single micro-batch per step the same work, moved to
+    the step's start). It holds each
     weight's FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
     `model.fp8_weight_cache=false` turns it off. Frozen weights (the vision tower) are cast
     once for the run and the cast kept (`_Fp8Mixin._frozen_weight_cast`).
