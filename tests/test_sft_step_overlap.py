@@ -89,8 +89,11 @@ def _grad_buffer_worker(rank, world, sft_file):
         assert abs(ga - gb) < 1e-4 * ga, (ga, gb)
     pa, pb = runs[False][1], runs[True][1]
     moved = 0
+    # atol 1 % of the lr (1e-3): Adam moves an element whose gradient cancels to ~eps by a
+    # fraction of the lr that depends on the gradient's summation order (fused vs unfused dW);
+    # seen: one of 128 QKV-bias elements 1.05e-6 apart after 3 steps on a fresh install
     for k in pa:
-        assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5), k
         moved += int(not torch.equal(pb[k], base[k]))
     assert moved > 10
 
