@@ -23,6 +23,10 @@ left the GPU idle while the host started the next step.
   ovlt_bf16_nofast   the same with OVLT_FASTPATHS=0: mcore's own fallbacks without apex/TE, no
                      fused optimizer step (what the trainer did before those paths existed).
   ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
+  ovlt_bf16_noskip   A/B of one piece: the fused AdamW also reads and writes the blocks no
+                     gradient has reached (every step here trains on the same batch, so ~95 %
+                     of the embedding's rows are such blocks; real data leaves the share of the
+                     vocabulary it never uses)
   ovlt_fp8           ovlt_bf16 with model.fp8=scaled_mm_tensor (ovlt `torch._scaled_mm` linears,
                      per-tensor current scaling) in the LLM; the frozen vision tower stays bf16
                      (its MLP width 3420 is not a multiple of 16, which _scaled_mm requires).
@@ -296,6 +300,17 @@ def _unfused_fp8_mlp(bundle):
                 mod._fused_ok = lambda per_token_scale: False
 
 
+def _adamw_updates_every_block(fn):
+    """A/B: the fused AdamW reads and writes every block, also those no gradient has reached
+    (`kernels.adamw.SKIP_IDLE_BLOCKS`)."""
+    from ovlt.kernels import adamw
+    old, adamw.SKIP_IDLE_BLOCKS = adamw.SKIP_IDLE_BLOCKS, False
+    try:
+        return fn()
+    finally:
+        adamw.SKIP_IDLE_BLOCKS = old
+
+
 def _separate_fp8_bias(fn):
     """A/B: the FP8 linears' bias added after the GEMM (a separate pass) instead of in its
     epilogue."""
@@ -412,6 +427,8 @@ def main(argv=None):
                    lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_nofast")),
                "ovlt_bf16_headbf16": lambda: run_ovlt(args, m, samples, dev,
                                                       "ovlt_bf16_headbf16", _head_bf16),
+               "ovlt_bf16_noskip": lambda: _adamw_updates_every_block(
+                   lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_noskip")),
                "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples,
                                             dev, "ovlt_fp8"),
                "ovlt_fp8_delayed": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_delayed"),

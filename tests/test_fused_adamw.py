@@ -60,6 +60,60 @@ def test_kernel_on_cuda_matches_torch_adamw():
         assert torch.equal(out, p.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("mode", ["triton_interpret", "torch", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_kernel_leaves_blocks_no_gradient_has_reached(monkeypatch, mode):
+    """Without weight decay, 4096-element blocks whose grad and moments are all zero (embedding
+    rows of unseen tokens) keep their values and are not written (their model copy keeps a
+    sentinel here); blocks with any gradient (even one element, or reached only by the
+    moments of earlier steps) are updated as torch.optim.AdamW does; a NaN coefficient still
+    reaches every element."""
+    if mode == "triton_interpret":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from ovlt.kernels.adamw import BLOCK, fused_adamw_
+    dev = "cuda" if mode == "cuda" else "cpu"
+    g = torch.Generator().manual_seed(2)
+    n = 5 * BLOCK + 100
+    p0 = torch.randn(n, generator=g).to(dev)
+    ref_p = p0.clone().requires_grad_(True)
+    ref = torch.optim.AdamW([ref_p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    p, m, v = p0.clone(), torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+    sentinel = torch.tensor(7.0, dtype=torch.bfloat16, device=dev)
+    out = torch.full((n,), 7.0, dtype=torch.bfloat16, device=dev)
+    for step in range(1, 4):
+        grad = torch.zeros(n)
+        if step == 1:
+            grad[BLOCK + 5] = 0.3                       # block 1: one element, step 1 only
+        grad[3 * BLOCK: 3 * BLOCK + 700] = torch.randn(700, generator=g)  # block 3: every step
+        grad = grad.to(dev)
+        coeff = torch.tensor([0.5], device=dev)
+        ref_p.grad = grad * coeff
+        ref.step()
+        fused_adamw_(p, grad, m, v, coeff, step=step, lr=1e-2, beta1=0.9, beta2=0.95,
+                     eps=1e-8, weight_decay=0.0, out=out)
+        assert torch.allclose(p, ref_p.detach(), rtol=1e-6, atol=1e-7)
+    for blk in (1, 3):  # updated: moved, and its model copy written
+        sl = slice(blk * BLOCK, (blk + 1) * BLOCK)
+        assert torch.equal(out[sl], p[sl].to(torch.bfloat16))
+    assert p[BLOCK + 5] != p0[BLOCK + 5]  # moved in steps 2-3 by its momentum alone
+    idle = torch.cat([torch.arange(0, BLOCK), torch.arange(2 * BLOCK, 3 * BLOCK),
+                      torch.arange(4 * BLOCK, n)]).to(dev)
+    assert torch.equal(p[idle], p0[idle])
+    if mode != "torch":  # the kernel did not touch them; the torch path writes every element
+        assert (out[idle] == sentinel).all()
+    fused_adamw_(p, torch.zeros(n, device=dev), m, v, torch.tensor([float("nan")], device=dev),
+                 step=4, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, out=out)
+    assert p.isnan().all() and out.isnan().all()
+    # a NaN whose payload fills the mantissa (CUDA's 0x7FFFFFFF) rounds to a bf16 NaN, not -0
+    p.view(torch.int32).fill_(0x7FFFFFFF)
+    fused_adamw_(p, torch.ones(n, device=dev), m.zero_(), v.zero_(),
+                 torch.ones(1, device=dev), step=1, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
+                 weight_decay=0.0, out=out)
+    assert out.isnan().all(), out[~out.isnan()][:4]
+
+
 def test_kernel_rejects_bad_inputs():
     from ovlt.kernels.adamw import fused_adamw_
     one = torch.ones(1)

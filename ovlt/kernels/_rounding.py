@@ -11,6 +11,9 @@ def to_bf16_rne(x):
     the H200 run showed Triton's plain `.to(tl.bfloat16)` truncating toward zero.
     (`_triton_ops._Kernel(helpers=)` runs it in the interpreter as well.)"""
     bits = x.to(tl.uint32, bitcast=True)
+    # a NaN stays a NaN (torch gives 0x7FC0): the rounding add would carry the payload of
+    # e.g. CUDA's NaN, 0x7FFFFFFF, into the sign bit and make it -0.0
+    bits = tl.where(x != x, 0x7FC00000, bits)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
