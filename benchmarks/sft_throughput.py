@@ -303,12 +303,11 @@ def _unfused_fp8_mlp(bundle):
 def _adamw_updates_every_block(fn):
     """A/B: the fused AdamW reads and writes every block, also those no gradient has reached
     (`kernels.adamw.SKIP_IDLE_BLOCKS`)."""
+    from unittest import mock
+
     from ovlt.kernels import adamw
-    old, adamw.SKIP_IDLE_BLOCKS = adamw.SKIP_IDLE_BLOCKS, False
-    try:
+    with mock.patch.object(adamw, "SKIP_IDLE_BLOCKS", False):
         return fn()
-    finally:
-        adamw.SKIP_IDLE_BLOCKS = old
 
 
 def _separate_fp8_bias(fn):

@@ -18,10 +18,10 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
     each trained weight is cast once, up front, and every micro-batch's forward, recompute and
     backward reuse that cast (as TE's `is_first_microbatch`): one cast per weight and step
     instead of one per micro-batch (with a single micro-batch per step the same work, moved to
-    the step's start). It holds each
-    weight's FP8 copy and transpose for the step (2 bytes per trained weight in FP8 linears);
-    `model.fp8_weight_cache=false` turns it off. Frozen weights (the vision tower) are cast
-    once for the run and the cast kept (`_Fp8Mixin._frozen_weight_cast`).
+    the step's start). It holds each weight's FP8 copy and transpose for the step (2 bytes per
+    trained weight in FP8 linears); `model.fp8_weight_cache=false` turns it off. Frozen
+    weights (the vision tower) are cast once for the run and the cast kept
+    (`_Fp8Mixin._frozen_weight_cast`).
 Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
 weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
 saves X in its input dtype.
