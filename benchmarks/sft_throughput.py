@@ -38,6 +38,9 @@ left the GPU idle while the host started the next step.
   ovlt_fp8_delayed_nocache     A/B: each FP8 weight cast in its layer's forward, not once up
                                front per step (`model.fp8_weight_cache=false`)
 `update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
+`--repeats N` runs the variant list N times in one process, every other time reversed (ABBA), so
+a drift of the machine within the run weighs on every variant alike; each variant's figures pool
+the timed steps of all repeats, `speedups` gives each pair's ratio per repeat and pooled.
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
 bf16 peak (989 TFLOP/s for H100/H200). `losses` lists every step's loss: the ovlt variants
@@ -244,6 +247,7 @@ def run_hf(args, m, samples, dev):
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)  # the same init in every repeat
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -381,6 +385,43 @@ def _without_fastpaths(fn):
         cuda_fastpaths.uninstall()
 
 
+def pooled(runs: list, tokens: int, flops: float, peak: float | None) -> dict:
+    """One variant's result over its repeats: the median and min over every timed step of every
+    repeat (`step_ms`), the median update time; each repeat's own figures under `repeats`."""
+    ok = [r for r in runs if "step_s" in r]
+    if not ok:
+        return runs[-1]
+    steps = sorted(t / 1e3 for r in ok for t in r["step_ms"])
+    med = steps[len(steps) // 2]
+    upd = sorted(r["update_s"] for r in ok)[len(ok) // 2]
+    out = {"step_s": med, "step_s_min": steps[0], "update_s": upd, "fwd_bwd_s": med - upd,
+           "loss": ok[-1]["loss"], "tokens_per_s": tokens / med, "tflops": flops / med / 1e12}
+    out["mfu"] = out["tflops"] * 1e12 / peak if peak else None
+    if "peak_mem_gib" in ok[0]:
+        out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
+    out.update(losses=ok[0]["losses"], host=ok[-1]["host"], step_ms=ok[0]["step_ms"])
+    if len(runs) > 1:
+        out["repeats"] = [{k: r.get(k) for k in ("step_s", "step_s_min", "update_s", "step_ms",
+                                                  "losses", "error")} for r in runs]
+    return out
+
+
+def speedups(runs: dict) -> dict:
+    """"A vs B" = B's step time / A's step time, per repeat (the two ran next to each other)
+    and over the pooled steps of all repeats, for every ordered pair of variants that ran."""
+    out = {}
+    for a, ra in runs.items():
+        for b, rb in runs.items():
+            pairs = [(x, y) for x, y in zip(ra, rb) if "step_s" in x and "step_s" in y]
+            if a == b or not pairs:
+                continue
+            pool = lambda rs: sorted(t for r in rs for t in r["step_ms"])  # noqa: E731
+            ta, tb = pool(x for x, _ in pairs), pool(y for _, y in pairs)
+            out[f"{a} vs {b}"] = {"per_repeat": [y["step_s"] / x["step_s"] for x, y in pairs],
+                                  "pooled": tb[len(tb) // 2] / ta[len(ta) // 2]}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm-layers", type=int, default=4)
@@ -390,6 +431,9 @@ def main(argv=None):
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the variants this many times, every other time in reverse order "
+                         "(ABBA); results pool all timed steps, `speedups` pairs each repeat")
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--variants", default="hf,ovlt_bf16,ovlt_fp8")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
@@ -399,6 +443,8 @@ def main(argv=None):
                     help="comma list: profile only these variants (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.tiny:
         args.seq, args.image = min(args.seq, 128), min(args.image, 112)
 
@@ -450,34 +496,45 @@ def main(argv=None):
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     os.environ.setdefault("OVLT_FP8_COMPILE", "1")
-    for v in args.variants.split(","):
+
+    def run_variant(v):
         if v.startswith("ovlt_fp8") and dev.type != "cuda":
-            res["variants"][v] = {"skipped": "FP8 needs a CUDA device"}
-            continue
+            return {"skipped": "FP8 needs a CUDA device"}
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
             med, best, loss, upd = runners[v]()
-            r = {"step_s": med, "step_s_min": best, "update_s": upd,
-                 "fwd_bwd_s": med - upd, "loss": loss, "tokens_per_s": tokens / med,
-                 "tflops": flops.total / med / 1e12}
-            r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
+            r = {"step_s": med, "step_s_min": best, "update_s": upd, "loss": loss}
             if dev.type == "cuda":
                 r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         except Exception as e:  # noqa: BLE001 - record and continue with the next variant
             import traceback
             traceback.print_exc()
-            r = {"error": f"{type(e).__name__}: {e}"[:500]}
-        r["losses"] = LOSSES.get(v)
-        r["host"] = HOST.get(v)
-        r["step_ms"] = STEP_MS.get(v)
-        res["variants"][v] = r
-        print(v, json.dumps(r), flush=True)
-        gc.collect()
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+            return {"error": f"{type(e).__name__}: {e}"[:500]}
+        r.update(losses=LOSSES.get(v), host=HOST.get(v), step_ms=STEP_MS.get(v))
+        return r
+
+    variants = args.variants.split(",")
+    runs = {v: [] for v in variants}
+    for rep in range(args.repeats):
+        # ABBA: every other repeat runs the variants in reverse, so a drift of the machine over
+        # the run (clocks, power) weighs on each variant alike instead of on the later ones
+        for v in variants if rep % 2 == 0 else variants[::-1]:
+            runs[v].append(run_variant(v))
+            res.setdefault("run_order", []).append(v)
+            res["variants"][v] = pooled(runs[v], tokens, flops.total, peak)
+            print(v, f"repeat {rep}", json.dumps(runs[v][-1]), flush=True)
+            gc.collect()
+            if rep == 0 and v == variants[-1]:
+                args.profile_dir = None  # profiles come from the first repeat only
+            res["speedups"] = speedups(runs)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+    for name, sp in res["speedups"].items():
+        print(f"{name}: pooled {sp['pooled']:.3f}x, per repeat "
+              f"{', '.join(f'{x:.3f}' for x in sp['per_repeat'])}", flush=True)
     return 0
 
 

@@ -104,10 +104,12 @@ if HAVE_TRITON:
     _ADD = getattr(_std, "_sum_combine", None) or compiled_fn(_add_combine)
 
 
-def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start, inv_temp,
-                  BLOCK: tl.constexpr):
+def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V: tl.constexpr, vocab_start,
+                  inv_temp, BLOCK: tl.constexpr):
     # One program per token row: online max / sum-exp / sum p*z over the (scaled) logits,
-    # plus the target logit when the target falls in this vocab shard.
+    # plus the target logit when the target falls in this vocab shard. V (the shard's vocab
+    # width, fixed per run) is a constexpr: Triton 3.6's interpreter passes plain int
+    # arguments as shape-(1,) arrays, which numpy 2 refuses as a range() bound.
     row = tl.program_id(0)
     x_row = X + row.to(tl.int64) * stride_x
     cols = tl.arange(0, BLOCK)
@@ -135,10 +137,12 @@ def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V, vocab_start
     tl.store(ZT_OUT + row, zt)
 
 
-def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V, vocab_start, inv_temp,
-                 HAS_ENT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V: tl.constexpr,
+                 vocab_start, inv_temp, HAS_ENT: tl.constexpr, OUT_BF16: tl.constexpr,
+                 BLOCK: tl.constexpr):
     # d/dlogits of  g_lp * log p(target) + g_ent * entropy, for one row, written over X when
-    # DX is X (the chunk is overwritten with its own gradient while it is hot).
+    # DX is X (the chunk is overwritten with its own gradient while it is hot). V: constexpr,
+    # as in _row_stats_fn.
     row = tl.program_id(0)
     x_row = X + row.to(tl.int64) * stride_x
     dx_row = DX + row.to(tl.int64) * stride_dx
