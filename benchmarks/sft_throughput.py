@@ -415,8 +415,8 @@ def speedups(runs: dict) -> dict:
             pairs = [(x, y) for x, y in zip(ra, rb) if "step_s" in x and "step_s" in y]
             if a == b or not pairs:
                 continue
-            pool = lambda rs: sorted(t for r in rs for t in r["step_ms"])  # noqa: E731
-            ta, tb = pool(x for x, _ in pairs), pool(y for _, y in pairs)
+            ta = sorted(t for x, _ in pairs for t in x["step_ms"])
+            tb = sorted(t for _, y in pairs for t in y["step_ms"])
             out[f"{a} vs {b}"] = {"per_repeat": [y["step_s"] / x["step_s"] for x, y in pairs],
                                   "pooled": tb[len(tb) // 2] / ta[len(ta) // 2]}
     return out
