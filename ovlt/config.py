@@ -154,6 +154,10 @@ class TrainConfig:
     save_final: bool = True
     export_hf: bool = True
     log_interval: int = 1
+    # Python garbage collection every this many steps on every rank, automatic collection off
+    # during training (an unscheduled collection on one rank stalls the others at the next
+    # collective; `training.gc_schedule`). 0 = Python's automatic collection.
+    gc_interval: int = 50
     # Budget (MiB) of the one live logits chunk in the fused LM-head loss of SFT. With the
     # weight gradient accumulated into the fp32 main_grad, each chunk is one more fp32 pass
     # over the V x H gradient: 2 GiB covers ~7K loss tokens at V=152K (bf16) in one chunk.
@@ -586,6 +590,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         t = getattr(cfg, sec).train
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             raise ConfigError(f"{sec}.train: batch sizes must be >= 1")
+        if t.gc_interval < 0:
+            raise ConfigError(f"{sec}.train.gc_interval={t.gc_interval}: must be >= 0 "
+                              "(0 = Python's automatic collection)")
         if t.lm_head_chunk_mib < 0:
             raise ConfigError(f"{sec}.train.lm_head_chunk_mib={t.lm_head_chunk_mib}: must be >= 0 "
                               "(0 = the kernels' default chunk)")

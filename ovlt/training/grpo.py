@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ovlt.config import ConfigError
 from ovlt.logging import get_logger
 from ovlt.rollout.base import GenerationRequest, SamplingParams
+from ovlt.training.gc_schedule import GCSchedule
 from ovlt.training.grpo_batch import Rollout, pack_rollouts
 from ovlt.training.grpo_data import PromptPosition, PromptStream, encode_record
 from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, queue_update
@@ -407,32 +408,36 @@ class GRPOTrainer:
                     "world_size": dist.get_world_size(), "dp": self.dp}
 
         last, saved_at = {}, start_step if latest is not None else -1
-        for step in range(start_step, self.total_steps):
-            stage = self.stream.stages[self.stream.stage_of_step(step)]
-            want = stage_freeze(list(t.freeze), stage)
-            if want != self.freeze:
-                log.warning("curriculum stage %s: freeze %s -> %s; rebuilding the model wrapper "
-                            "(optimizer moments restart)", stage.name, self.freeze, want)
-                self._build(want, from_module=self.bundle.module)
-                self._sync_weights()
-            rec, pos, rollouts = self.step(step, pos)
-            rec["stage"] = stage.name
-            if (step + 1) % t.log_interval == 0 or step + 1 == self.total_steps:
-                logger.log(step + 1, rec)
-            if self.rank == 0 and g.rollout_log_samples:
-                for r in rollouts[: g.rollout_log_samples]:
-                    append_jsonl(self.save_dir / "rollouts.jsonl", {
-                        "step": step + 1, "source": r.source, "answer": r.answer,
-                        "prompt": self.tok.decode(r.prompt_ids[-200:], skip_special_tokens=True),
-                        "response": r.text, "reward": r.reward, "advantage": r.advantage,
-                        "finish_reason": r.finish_reason, "trained": r.train})
-            last = rec
-            if t.save_interval and (step + 1) % t.save_interval == 0:
-                from ovlt.training.optimizer import ensure_optimizer_state
-                ensure_optimizer_state(self.optimizer)
-                save_checkpoint(self.save_dir, step + 1, self.bundle.chunks, self.optimizer,
-                                state(step + 1), keep_last=t.keep_last)
-                saved_at = step + 1
+        with GCSchedule(t.gc_interval) as gc_sched:
+            for step in range(start_step, self.total_steps):
+                stage = self.stream.stages[self.stream.stage_of_step(step)]
+                want = stage_freeze(list(t.freeze), stage)
+                if want != self.freeze:
+                    log.warning("curriculum stage %s: freeze %s -> %s; rebuilding the model "
+                                "wrapper (optimizer moments restart)", stage.name, self.freeze,
+                                want)
+                    self._build(want, from_module=self.bundle.module)
+                    self._sync_weights()
+                rec, pos, rollouts = self.step(step, pos)
+                rec["stage"] = stage.name
+                if (step + 1) % t.log_interval == 0 or step + 1 == self.total_steps:
+                    logger.log(step + 1, rec)
+                if self.rank == 0 and g.rollout_log_samples:
+                    for r in rollouts[: g.rollout_log_samples]:
+                        append_jsonl(self.save_dir / "rollouts.jsonl", {
+                            "step": step + 1, "source": r.source, "answer": r.answer,
+                            "prompt": self.tok.decode(r.prompt_ids[-200:],
+                                                      skip_special_tokens=True),
+                            "response": r.text, "reward": r.reward, "advantage": r.advantage,
+                            "finish_reason": r.finish_reason, "trained": r.train})
+                last = rec
+                if t.save_interval and (step + 1) % t.save_interval == 0:
+                    from ovlt.training.optimizer import ensure_optimizer_state
+                    ensure_optimizer_state(self.optimizer)
+                    save_checkpoint(self.save_dir, step + 1, self.bundle.chunks, self.optimizer,
+                                    state(step + 1), keep_last=t.keep_last)
+                    saved_at = step + 1
+                gc_sched.tick(step + 1)
         logger.close()
         from ovlt.training.optimizer import ensure_optimizer_state
         ensure_optimizer_state(self.optimizer)  # a run whose steps all skipped the update

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ovlt.logging import get_logger
 from ovlt.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from ovlt.training.flops import peak_flops, train_step_flops
+from ovlt.training.gc_schedule import GCSchedule
 from ovlt.training.grad_buffers import forget_marks
 from ovlt.training.lr_schedule import LRSchedule
 from ovlt.training.metrics import MetricsLogger, memory_gb
@@ -194,42 +195,44 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
             logger.log(done_step, rec)
         last = rec
 
-    for step in range(start_step, total_steps):
-        pos, mbs = upcoming
-        upcoming = next(it) if step + 1 < total_steps else None
-        lr = sched.apply(optimizer, step)
-        prof.step_begin(step + 1)  # 1-based, like the log lines
-        fl, toks = batch_flops(cfg.model, mbs, t.freeze)
-        # every TP/PP rank of a replica sees the same batch: summed over DP with the loss
-        queued = (step + 1, pos, lr, train_step_async(
-            bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
-            prefetch=upcoming[1][0] if upcoming and upcoming[1] else None,
-            host_stats={"batch_flops": fl, "batch_tokens": float(toks)}))
-        prof.step_end(step + 1)
-        # the previous step is read only now that this one is queued: no idle GPU in between
-        if pending is not None:
-            finish(pending)
-        pending = queued
-        done_here = step + 1 - start_step
-        save = bool(t.save_interval) and (step + 1) % t.save_interval == 0
-        leave = bool(t.exit_interval) and done_here % t.exit_interval == 0 \
-            and step + 1 < total_steps
-        if save or leave or step + 1 == total_steps:
-            finish(pending)  # a checkpoint never covers a step missing from metrics.jsonl
-            pending = None
-        if save:
-            save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer, state(step + 1, pos),
-                            keep_last=t.keep_last)
-            saved_at = step + 1
-        if leave:
-            if saved_at != step + 1:
-                save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer,
-                                state(step + 1, pos), keep_last=t.keep_last)
-            logger.close()
-            log.info("train.exit_interval=%d: exiting at step %d; re-run to resume",
-                     t.exit_interval, step + 1)
-            return {"steps": step + 1, "start_step": start_step, "final_loss": last["loss"],
-                    "save_dir": str(save_dir), "final_hf": None, "exited_early": True}
+    with GCSchedule(t.gc_interval) as gc_sched:
+        for step in range(start_step, total_steps):
+            pos, mbs = upcoming
+            upcoming = next(it) if step + 1 < total_steps else None
+            lr = sched.apply(optimizer, step)
+            prof.step_begin(step + 1)  # 1-based, like the log lines
+            fl, toks = batch_flops(cfg.model, mbs, t.freeze)
+            # every TP/PP rank of a replica sees the same batch: summed over DP with the loss
+            queued = (step + 1, pos, lr, train_step_async(
+                bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
+                prefetch=upcoming[1][0] if upcoming and upcoming[1] else None,
+                host_stats={"batch_flops": fl, "batch_tokens": float(toks)}))
+            prof.step_end(step + 1)
+            # the previous step is read only now that this one is queued: no idle GPU in between
+            if pending is not None:
+                finish(pending)
+            pending = queued
+            done_here = step + 1 - start_step
+            save = bool(t.save_interval) and (step + 1) % t.save_interval == 0
+            leave = bool(t.exit_interval) and done_here % t.exit_interval == 0 \
+                and step + 1 < total_steps
+            if save or leave or step + 1 == total_steps:
+                finish(pending)  # a checkpoint never covers a step missing from metrics.jsonl
+                pending = None
+            if save:
+                save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer, state(step + 1, pos),
+                                keep_last=t.keep_last)
+                saved_at = step + 1
+            gc_sched.tick(step + 1)
+            if leave:
+                if saved_at != step + 1:
+                    save_checkpoint(save_dir, step + 1, bundle.chunks, optimizer,
+                                    state(step + 1, pos), keep_last=t.keep_last)
+                logger.close()
+                log.info("train.exit_interval=%d: exiting at step %d; re-run to resume",
+                         t.exit_interval, step + 1)
+                return {"steps": step + 1, "start_step": start_step, "final_loss": last["loss"],
+                        "save_dir": str(save_dir), "final_hf": None, "exited_early": True}
     logger.close()
     if t.save_final and saved_at != total_steps:
         save_checkpoint(save_dir, total_steps, bundle.chunks, optimizer, state(total_steps, pos),
