@@ -23,6 +23,8 @@ left the GPU idle while the host started the next step.
   ovlt_bf16_nofast   the same with OVLT_FASTPATHS=0: mcore's own fallbacks without apex/TE, no
                      fused optimizer step (what the trainer did before those paths existed).
   ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
+  ovlt_bf16_autogc   A/B of one piece: Python's automatic garbage collection instead of the
+                     trainer's scheduled one (`train.gc_interval`, automatic collection off)
   ovlt_bf16_noskip   A/B of one piece: the fused AdamW also reads and writes the blocks no
                      gradient has reached (every step here trains on the same batch, so ~95 %
                      of the embedding's rows are such blocks; real data leaves the share of the
@@ -325,9 +327,10 @@ def _separate_fp8_bias(fn):
         fp8._EPILOGUE_BIAS = old
 
 
-def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
+def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True, gc_interval=None):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
+    from ovlt.training.gc_schedule import GCSchedule
     from ovlt.training.model_setup import configure_fp8, wrap_model
     from ovlt.training.optimizer import build_optimizer
     from ovlt.training.sft import mark_head_overwrites, sft_forward, sft_loss
@@ -360,11 +363,17 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True):
     update_t = OptTimer(opt.step, dev)
     opt.step = update_t  # grad clip + sharded Adam + param copy-back, timed
 
+    steps_done = [0]
+
     def step():  # the next step trains on the same batch: its images are prefetched (frozen tower)
         queued = train_step_async(bundle.chunks, opt, mbs, sft_forward, sft_loss, device=dev,
                                   prefetch=mbs[0] if prefetch else None)
+        steps_done[0] += 1
+        gc_sched.tick(steps_done[0])  # where run_sft collects: right after queueing a step
         return lambda: queued.result().loss
-    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
+    # Python's GC on the trainer's schedule (`train.gc_interval`)
+    with GCSchedule(tcfg.gc_interval if gc_interval is None else gc_interval) as gc_sched:
+        res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
     del bundle, opt, model
     return res + (update_t.median(args.warmup, args.iters),)
 
@@ -472,6 +481,8 @@ def main(argv=None):
                    lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_nofast")),
                "ovlt_bf16_headbf16": lambda: run_ovlt(args, m, samples, dev,
                                                       "ovlt_bf16_headbf16", _head_bf16),
+               "ovlt_bf16_autogc": lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_autogc",
+                                                    gc_interval=0),
                "ovlt_bf16_noskip": lambda: _adamw_updates_every_block(
                    lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16_noskip")),
                "ovlt_fp8": lambda: run_ovlt(args, model_cfg(args, "scaled_mm_tensor"), samples,
