@@ -78,3 +78,16 @@ def test_negative_interval_refused():
     cfg.sft.train.gc_interval = -5
     with pytest.raises(ConfigError, match=r"sft.train.gc_interval=-5: must be >= 0"):
         validate(cfg)
+
+
+def test_refreeze_frees_cycles_of_objects_alive_at_entry():
+    held = [_garbage_cycle()]  # stands for the model wrapper built before the loop
+    node = held[0]()
+    with GCSchedule(1) as sched:
+        del node  # the loop replaces it: now cyclic garbage, but frozen at entry
+        sched.tick(1)
+        assert held[0]() is not None  # scheduled collections do not see frozen objects
+        sched.refreeze()
+        assert held[0]() is None
+        assert gc.get_freeze_count() > 0  # what is alive now is frozen again
+    assert gc.get_freeze_count() == 0

@@ -5,8 +5,9 @@ worth of live objects); in a multi-rank job every other rank then waits for it a
 collective. Inside `GCSchedule(interval)` automatic collection is off and every rank collects
 at the same steps (`tick`), as Megatron's `--manual-gc` and torchtitan's `gc_freq` do. The
 objects alive when the schedule starts (model, optimizer, data) are frozen out of later
-collections, which then only walk what the training loop made since. Leaving the block (also
-through an error) restores the collector as it was.
+collections, which then only walk what the training loop made since (a loop that replaces
+such objects calls `refreeze`). Leaving the block (also through an error) restores the
+collector as it was.
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ class GCSchedule:
             self.collections += 1
             log.debug("step %d: gc found %d objects in %.1f ms", step, found,
                       (time.perf_counter() - t0) * 1e3)
+
+    def refreeze(self) -> None:
+        """After the loop replaced long-lived objects (e.g. a rebuilt model wrapper): free the
+        old ones' reference cycles, which the freeze at entry hid from every collection, and
+        freeze what is alive now."""
+        if self.interval:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     def __exit__(self, *exc) -> None:
         if self.interval:

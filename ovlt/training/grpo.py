@@ -417,6 +417,7 @@ class GRPOTrainer:
                                 "wrapper (optimizer moments restart)", stage.name, self.freeze,
                                 want)
                     self._build(want, from_module=self.bundle.module)
+                    gc_sched.refreeze()  # the old wrapper's grad buffers: freed, not frozen
                     self._sync_weights()
                 rec, pos, rollouts = self.step(step, pos)
                 rec["stage"] = stage.name
