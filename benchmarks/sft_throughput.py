@@ -43,6 +43,9 @@ left the GPU idle while the host started the next step.
 `--repeats N` runs the variant list N times in one process, every other time reversed (ABBA), so
 a drift of the machine within the run weighs on every variant alike; each variant's figures pool
 the timed steps of all repeats, `speedups` gives each pair's ratio per repeat and pooled.
+`gpu` (CUDA, where nvidia-smi runs): each timed step's mean SM clock, power and temperature,
+sampled every `--telemetry-ms` and bounded by the host clock at which each step's numbers were
+read (HF's reader returns after its forward, so its bounds are shifted by the backward).
 FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
 bf16 peak (989 TFLOP/s for H100/H200). `losses` lists every step's loss: the ovlt variants
@@ -63,7 +66,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # also when imported (tests, gc_pause.py)
 
+from _gpu_telemetry import GpuTelemetry, per_step  # noqa: E402
 from ovlt.utils.device import HostCopy, StepClock  # noqa: E402
 
 
@@ -200,6 +205,7 @@ def profile_steps(step, path, n=2):
 LOSSES: dict = {}
 HOST: dict = {}
 STEP_MS: dict = {}
+STEP_SEEN_DONE: dict = {}
 
 
 def timed(step, warmup, iters, dev, profile_path=None, name=None):
@@ -209,6 +215,7 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     GPU still runs step k. Step k's time is the GPU-clock interval from its start event to step
     k+1's (`StepClock`: an idle GPU waiting for the host is counted, like the wall clock)."""
     clocks, losses, reader, queue_s, wait_s = [], [], None, [], []
+    seen_done = [time.time()]  # host clock when each step's reader returned (GPU telemetry)
     for _ in range(warmup + iters):
         clocks.append(StepClock(dev).start())
         t0 = time.perf_counter()
@@ -216,11 +223,14 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
         t1 = time.perf_counter()
         if reader is not None:
             losses.append(float(reader()))
+            seen_done.append(time.time())
         queue_s.append(t1 - t0)
         wait_s.append(time.perf_counter() - t1)
         reader = read
     end = StepClock(dev).start()  # queued right behind the last step: its end
     losses.append(float(reader()))
+    seen_done.append(time.time())
+    STEP_SEEN_DONE[name] = seen_done[warmup:]  # the timed steps' bounds: iters + 1 entries
     spans = list(zip(clocks, clocks[1:] + [end]))[warmup:]
     in_order = [a.seconds(until=b) for a, b in spans]
     STEP_MS[name] = [round(t * 1e3, 3) for t in in_order]  # the spread, step by step
@@ -409,9 +419,11 @@ def pooled(runs: list, tokens: int, flops: float, peak: float | None) -> dict:
     if "peak_mem_gib" in ok[0]:
         out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
     out.update(losses=ok[0]["losses"], host=ok[-1]["host"], step_ms=ok[0]["step_ms"])
+    if "gpu" in ok[0]:
+        out["gpu"] = ok[0]["gpu"]
     if len(runs) > 1:
         out["repeats"] = [{k: r.get(k) for k in ("step_s", "step_s_min", "update_s", "step_ms",
-                                                  "losses", "error")} for r in runs]
+                                                  "losses", "gpu", "error") if k in r} for r in runs]
     return out
 
 
@@ -450,6 +462,9 @@ def main(argv=None):
                     help="also profile 2 steps per variant: <dir>/<variant>.{txt,json}")
     ap.add_argument("--profile-variants", default=None,
                     help="comma list: profile only these variants (default: all)")
+    ap.add_argument("--telemetry-ms", type=int, default=100,
+                    help="sample the GPU's SM clock / power / temperature this often (nvidia-smi)"
+                         " and give each timed step their means under `gpu`; 0 = off")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -524,8 +539,13 @@ def main(argv=None):
             traceback.print_exc()
             return {"error": f"{type(e).__name__}: {e}"[:500]}
         r.update(losses=LOSSES.get(v), host=HOST.get(v), step_ms=STEP_MS.get(v))
+        if telemetry.samples and v in STEP_SEEN_DONE:
+            r["gpu"] = per_step(telemetry.samples, STEP_SEEN_DONE[v])
         return r
 
+    telemetry = GpuTelemetry(str(torch.cuda.get_device_properties(dev).uuid)
+                             if dev.type == "cuda" else "", args.telemetry_ms
+                             if dev.type == "cuda" else 0)
     variants = args.variants.split(",")
     runs = {v: [] for v in variants}
     for rep in range(args.repeats):
@@ -543,6 +563,7 @@ def main(argv=None):
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=2)
+    telemetry.close()
     for name, sp in res["speedups"].items():
         print(f"{name}: pooled {sp['pooled']:.3f}x, per repeat "
               f"{', '.join(f'{x:.3f}' for x in sp['per_repeat'])}", flush=True)

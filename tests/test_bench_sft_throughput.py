@@ -47,3 +47,61 @@ def test_repeats_below_one_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _bench().main(["--tiny", "--repeats", "0", "--out", str(tmp_path / "x.json")])
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_gpu_telemetry_parsing_and_per_step_means():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from _gpu_telemetry import parse_sample, per_step
+    assert parse_sample("1980, 512.34, 41\n") == (1980.0, 512.34, 41.0)
+    assert parse_sample("1980, [N/A], 41") is None and parse_sample("") is None
+    samples = [(0.05, 1980.0, 600.0, 40.0), (0.15, 1800.0, 700.0, 42.0),
+               (0.18, 1600.0, 690.0, 44.0), (0.35, 1980.0, 500.0, 43.0)]
+    # steps: (0, 0.1], (0.1, 0.2], (0.2, 0.3]
+    got = per_step(samples, [0.0, 0.1, 0.2, 0.3])
+    assert got["samples"] == [1, 2, 0]
+    assert got["sm_mhz"] == [1980.0, 1700.0, None]
+    assert got["power_w"] == [600.0, 695.0, None]
+    assert got["temp_c"] == [40.0, 43.0, None]
+
+
+def test_gpu_telemetry_reads_a_sampler_in_the_background(tmp_path, monkeypatch):
+    import sys
+    import time
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from _gpu_telemetry import GpuTelemetry
+    fake = tmp_path / "nvidia-smi"  # stands for the real one: a line per period until killed
+    # two GPUs; the one followed is given without nvidia-smi's "GPU-" prefix, as torch spells it
+    fake.write_text('#!/bin/sh\nwhile true; do echo "GPU-aa11-b2, 1755, 612.5, 47"; '
+                    'echo "GPU-cc33-d4, 345, 80.0, 30"; sleep 0.02; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    tel = GpuTelemetry("AA11-B2", period_ms=20)
+    t0 = time.time()
+    while len(tel.samples) < 3 and time.time() - t0 < 10:
+        time.sleep(0.02)
+    tel.close()
+    n = len(tel.samples)
+    assert n >= 3 and all(s[1:] == (1755.0, 612.5, 47.0) for s in tel.samples)
+    assert all(a[0] <= b[0] for a, b in zip(tel.samples, tel.samples[1:]))  # host-stamped
+    time.sleep(0.1)
+    assert len(tel.samples) == n  # closed: nothing arrives any more
+    assert GpuTelemetry("aa11-b2", period_ms=0).samples == []  # off
+
+
+def test_gpu_telemetry_takes_the_only_gpu_whatever_its_uuid_spelling(tmp_path, monkeypatch):
+    import sys
+    import time
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from _gpu_telemetry import GpuTelemetry
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\nwhile true; do echo "GPU-ee55, 1980, 700.0, 50"; sleep 0.02; '
+                    'done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    tel = GpuTelemetry("UUID('not-the-same-spelling')", period_ms=20)
+    t0 = time.time()
+    while len(tel.samples) < 2 and time.time() - t0 < 10:
+        time.sleep(0.02)
+    tel.close()
+    assert len(tel.samples) >= 2 and tel.samples[0][1:] == (1980.0, 700.0, 50.0)
