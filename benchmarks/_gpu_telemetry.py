@@ -18,8 +18,8 @@ class GpuTelemetry:
         """`device_uuid`: the GPU to follow (torch's `get_device_properties(d).uuid`, with or
         without nvidia-smi's "GPU-" prefix); on a one-GPU machine its lines are taken whatever
         the spelling."""
-        self.samples: list[tuple[float, float, float, float]] = []  # (host time, *FIELDS)
-        self._want, self._uuids = _norm_uuid(device_uuid), set()
+        self._want = _norm_uuid(device_uuid)
+        self._by_uuid: dict[str, list] = {}  # GPU -> [(host time, *FIELDS)]
         self._proc = None
         exe = shutil.which("nvidia-smi")
         if exe is None or period_ms <= 0:
@@ -34,10 +34,17 @@ class GpuTelemetry:
     def _read(self) -> None:
         for line in self._proc.stdout:
             uuid, _, rest = line.partition(",")
-            self._uuids.add(_norm_uuid(uuid))
             row = parse_sample(rest)
-            if row is not None and (_norm_uuid(uuid) == self._want or len(self._uuids) == 1):
-                self.samples.append((time.time(), *row))
+            if row is not None:
+                self._by_uuid.setdefault(_norm_uuid(uuid), []).append((time.time(), *row))
+
+    @property
+    def samples(self) -> list:
+        """The followed GPU's samples so far: (host time, sm MHz, W, deg C)."""
+        if self._want in self._by_uuid:
+            return self._by_uuid[self._want]
+        only = list(self._by_uuid.values())
+        return only[0] if len(only) == 1 else []
 
     def close(self) -> None:
         if self._proc is not None:

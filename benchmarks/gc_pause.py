@@ -73,13 +73,7 @@ def run_mode(args, m, samples, dev, name: str, gc_interval: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--llm-layers", type=int, default=4)
-    ap.add_argument("--vision-layers", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--image", type=int, default=448)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=30)
+    st.add_shape_args(ap, iters=30)
     ap.add_argument("--gc-interval", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="tiny widths (CPU)")
     ap.add_argument("--out", required=True)

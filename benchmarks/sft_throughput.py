@@ -443,15 +443,20 @@ def speedups(runs: dict) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shape_args(ap, iters: int) -> None:
+    """The model / batch / timing arguments `model_cfg`, `make_samples` and `run_ovlt` read."""
     ap.add_argument("--llm-layers", type=int, default=4)
     ap.add_argument("--vision-layers", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=iters)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_args(ap, iters=6)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the variants this many times, every other time in reverse order "
                          "(ABBA); results pool all timed steps, `speedups` pairs each repeat")

@@ -65,22 +65,32 @@ def test_gpu_telemetry_parsing_and_per_step_means():
     assert got["temp_c"] == [40.0, 43.0, None]
 
 
-def test_gpu_telemetry_reads_a_sampler_in_the_background(tmp_path, monkeypatch):
+def _telemetry_from_fake_smi(tmp_path, monkeypatch, lines: str, device_uuid: str, n: int):
+    """GpuTelemetry over a stand-in nvidia-smi that prints `lines` every 20 ms until killed,
+    closed once `n` samples came in."""
     import sys
     import time
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from _gpu_telemetry import GpuTelemetry
-    fake = tmp_path / "nvidia-smi"  # stands for the real one: a line per period until killed
-    # two GPUs; the one followed is given without nvidia-smi's "GPU-" prefix, as torch spells it
-    fake.write_text('#!/bin/sh\nwhile true; do echo "GPU-aa11-b2, 1755, 612.5, 47"; '
-                    'echo "GPU-cc33-d4, 345, 80.0, 30"; sleep 0.02; done\n')
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nwhile true; do printf '{lines}'; sleep 0.02; done\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    tel = GpuTelemetry("AA11-B2", period_ms=20)
+    tel = GpuTelemetry(device_uuid, period_ms=20)
     t0 = time.time()
-    while len(tel.samples) < 3 and time.time() - t0 < 10:
+    while len(tel.samples) < n and time.time() - t0 < 10:
         time.sleep(0.02)
     tel.close()
+    return tel
+
+
+def test_gpu_telemetry_reads_a_sampler_in_the_background(tmp_path, monkeypatch):
+    import time
+
+    from _gpu_telemetry import GpuTelemetry
+    # two GPUs; the one followed is given without nvidia-smi's "GPU-" prefix, as torch spells it
+    tel = _telemetry_from_fake_smi(tmp_path, monkeypatch, "GPU-cc33-d4, 345, 80.0, 30\\n"
+                                   "GPU-aa11-b2, 1755, 612.5, 47\\n", "AA11-B2", 3)
     n = len(tel.samples)
     assert n >= 3 and all(s[1:] == (1755.0, 612.5, 47.0) for s in tel.samples)
     assert all(a[0] <= b[0] for a, b in zip(tel.samples, tel.samples[1:]))  # host-stamped
@@ -90,18 +100,6 @@ def test_gpu_telemetry_reads_a_sampler_in_the_background(tmp_path, monkeypatch):
 
 
 def test_gpu_telemetry_takes_the_only_gpu_whatever_its_uuid_spelling(tmp_path, monkeypatch):
-    import sys
-    import time
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from _gpu_telemetry import GpuTelemetry
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text('#!/bin/sh\nwhile true; do echo "GPU-ee55, 1980, 700.0, 50"; sleep 0.02; '
-                    'done\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    tel = GpuTelemetry("UUID('not-the-same-spelling')", period_ms=20)
-    t0 = time.time()
-    while len(tel.samples) < 2 and time.time() - t0 < 10:
-        time.sleep(0.02)
-    tel.close()
+    tel = _telemetry_from_fake_smi(tmp_path, monkeypatch, "GPU-ee55, 1980, 700.0, 50\\n",
+                                   "UUID('not-the-same-spelling')", 2)
     assert len(tel.samples) >= 2 and tel.samples[0][1:] == (1980.0, 700.0, 50.0)
