@@ -553,22 +553,24 @@ def main(argv=None):
                              if dev.type == "cuda" else 0)
     variants = args.variants.split(",")
     runs = {v: [] for v in variants}
-    for rep in range(args.repeats):
-        # ABBA: every other repeat runs the variants in reverse, so a drift of the machine over
-        # the run (clocks, power) weighs on each variant alike instead of on the later ones
-        for v in variants if rep % 2 == 0 else variants[::-1]:
-            runs[v].append(run_variant(v))
-            res.setdefault("run_order", []).append(v)
-            res["variants"][v] = pooled(runs[v], tokens, flops.total, peak)
-            print(v, f"repeat {rep}", json.dumps(runs[v][-1]), flush=True)
-            gc.collect()
-            if rep == 0 and v == variants[-1]:
-                args.profile_dir = None  # profiles come from the first repeat only
-            res["speedups"] = speedups(runs)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=2)
-    telemetry.close()
+    try:
+        for rep in range(args.repeats):
+            # ABBA: every other repeat runs the variants in reverse, so a drift of the machine
+            # over the run (clocks, power) weighs on each variant alike, not on the later ones
+            for v in variants if rep % 2 == 0 else variants[::-1]:
+                runs[v].append(run_variant(v))
+                res.setdefault("run_order", []).append(v)
+                res["variants"][v] = pooled(runs[v], tokens, flops.total, peak)
+                print(v, f"repeat {rep}", json.dumps(runs[v][-1]), flush=True)
+                gc.collect()
+                if rep == 0 and v == variants[-1]:
+                    args.profile_dir = None  # profiles come from the first repeat only
+                res["speedups"] = speedups(runs)
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump(res, f, indent=2)
+    finally:
+        telemetry.close()  # the sampler must not outlive the benchmark
     for name, sp in res["speedups"].items():
         print(f"{name}: pooled {sp['pooled']:.3f}x, per repeat "
               f"{', '.join(f'{x:.3f}' for x in sp['per_repeat'])}", flush=True)
