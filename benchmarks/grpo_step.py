@@ -55,6 +55,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,14 +238,33 @@ def run_ovlt(args, wd: Path, res: dict, save):
         lp_times: dict = {}
         orig_lp = grpo_mod.logprob_pass
 
+        host_syncs: dict = {}  # phase -> messages of the synchronizing CUDA calls it made
+
+        def counting_syncs(phase, fn, *a, **k):
+            """`fn` under torch's sync debug mode: every call that makes the host wait for the
+            GPU (a pageable copy, .item(), nonzero, ...) is recorded against `phase`."""
+            if dev != "cuda":
+                return fn(*a, **k)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return fn(*a, **k)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    host_syncs.setdefault(phase, []).extend(
+                        str(w.message)[:160] for w in caught if "synchroniz" in str(w.message))
+
         def timed_lp(chunks, mbs, field, *a, **k):
             _sync(dev)
             t = _now()
-            out = orig_lp(chunks, mbs, field, *a, **k)
+            out = counting_syncs(field, orig_lp, chunks, mbs, field, *a, **k)
             _sync(dev)
             lp_times[field] = lp_times.get(field, 0.0) + _now() - t
             return out
         grpo_mod.logprob_pass = timed_lp
+        orig_update = grpo_mod.queue_update
+        grpo_mod.queue_update = lambda *a, **k: counting_syncs("update", orig_update, *a, **k)
 
         t0 = _now()
         trainer = GRPOTrainer(cfg)
@@ -261,6 +281,7 @@ def run_ovlt(args, wd: Path, res: dict, save):
         res["steps"] = []
         for step in range(args.steps):
             lp_times.clear()
+            host_syncs.clear()
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
@@ -278,12 +299,16 @@ def run_ovlt(args, wd: Path, res: dict, save):
             phases = {k[5:]: v for k, v in rec.items() if k.startswith("time/")}
             phases["old_logprob"] = lp_times.get("old_logprobs")
             phases["ref_logprob"] = lp_times.get("ref_logprobs")
+            # queue_update should make none (its numbers are read after the last one is
+            # queued); a log-prob pass reads its stats once at its end
+            s_sync = {k: {"count": len(v), "first": v[:3]} for k, v in host_syncs.items()}
             s = {"step": step + 1, "step_s": dt, "phases": phases, "generated_tokens": gen,
                  "total_tokens": tot, "prompt_tokens": tot - gen, "samples": len(rollouts),
                  "samples_trained": rec.get("samples_trained"), "updates": rec.get("updates"),
                  "response_length_mean": rec.get("response_length_mean"),
                  "loss": rec.get("loss"), "kl": rec.get("kl"), "grad_norm": rec.get("grad_norm"),
-                 "reward_mean": rec.get("reward_mean"), "trainer_step_time_s": rec.get("step_time_s")}
+                 "reward_mean": rec.get("reward_mean"), "trainer_step_time_s": rec.get("step_time_s"),
+                 "host_syncs": s_sync}
             if dev == "cuda":
                 s["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             res["steps"].append(s)

@@ -3,6 +3,7 @@ zero-advantage filtering, update splitting, and the packed micro-batch layout.""
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ovlt.training.grpo import assign_advantages, split_updates
@@ -75,3 +76,48 @@ def test_responses_cut_before_vision_placeholders():
     assert cut_at_vision_tokens(ids, lps, m) == ([5, 6], [-0.1, -0.2])
     assert cut_at_vision_tokens([m.vision_start_token_id], [-1.0], m) == ([], [])
     assert cut_at_vision_tokens([1, 2], [-1.0, -2.0], m) == ([1, 2], [-1.0, -2.0])
+
+
+def _micro_batch_with_loss_rows_1_2_5():
+    from ovlt.training.grpo_batch import RLMicroBatch
+    T = 7
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    return RLMicroBatch(input_ids=torch.zeros(1, T, dtype=torch.long),
+                        position_ids=torch.zeros(3, 1, T, dtype=torch.long),
+                        cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
+                        targets=torch.arange(T).view(1, T), loss_mask=mask,
+                        advantages=torch.arange(T, dtype=torch.float32).view(1, T) / 10)
+
+
+def test_loss_rows_picker_gathers_the_loss_tokens_found_on_the_host():
+    from ovlt.training.grpo_step import loss_rows_picker
+    mb = _micro_batch_with_loss_rows_1_2_5()
+    rows, pick = loss_rows_picker(mb, torch.device("cpu"))
+    assert rows.tolist() == [1, 2, 5]
+    assert pick(mb.targets).tolist() == [1, 2, 5]
+    assert pick(mb.advantages).tolist() == pytest.approx([0.1, 0.2, 0.5])
+    assert pick(mb.loss_mask).tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_micro_batch_moves_and_loss_rows_without_host_sync():
+    """What the GRPO passes do per micro-batch (move it, find its loss rows, gather fields from
+    the host and from the device) under torch's sync debug mode: any host sync raises."""
+    from ovlt.training.grpo_step import loss_rows_picker
+    mb = _micro_batch_with_loss_rows_1_2_5()
+    dev = torch.device("cuda")
+    on_dev = torch.arange(7, dtype=torch.float32, device=dev).view(1, 7)  # a pass's output
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: a sync would have to wait for it
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moved = mb.to(dev)
+        rows, pick = loss_rows_picker(mb, dev)
+        got = (pick(mb.targets), pick(mb.advantages), pick(on_dev), moved.input_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rows.tolist() == [1, 2, 5]
+    assert got[0].tolist() == [1, 2, 5] and got[2].tolist() == [1.0, 2.0, 5.0]
+    assert got[1].tolist() == pytest.approx([0.1, 0.2, 0.5])
+    assert moved.input_ids.device.type == "cuda"

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ovlt.utils.device import to_device_async
+
 
 @dataclass
 class Rollout:
@@ -54,8 +56,10 @@ class RLMicroBatch:
         return int(self.input_ids.shape[-1])
 
     def to(self, device) -> "RLMicroBatch":
+        """A copy on `device`; host tensors go through pinned memory (a copy from pageable
+        memory would drain the stream first: a hidden sync per micro-batch)."""
         def mv(t):
-            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+            return to_device_async(t, device) if isinstance(t, torch.Tensor) else t
         return RLMicroBatch(**{k: mv(v) for k, v in self.__dict__.items()})
 
 

@@ -18,10 +18,27 @@ import torch
 from ovlt.training.grpo_batch import RLMicroBatch
 from ovlt.training.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
 from ovlt.training.step import PendingStep, StepResult, train_step, train_step_async
+from ovlt.utils.device import to_device_async
 
 
 def _device(model):
     return next(model.parameters()).device
+
+
+def loss_rows_picker(mb: RLMicroBatch, dev):
+    """(rows, pick): the micro-batch's loss-token rows on `dev`, found on the host from its
+    (CPU) loss mask, and `pick(x)`, a [1, T] field at those rows on `dev`: host tensors are
+    indexed on the host and copied without draining the stream, device ones (the log-prob
+    passes' outputs) gathered where they are. No host sync either way (SFT's loss does the
+    same: `sft.sft_forward`)."""
+    rows_host = loss_rows(mb.loss_mask)
+    rows = to_device_async(rows_host, dev)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return to_device_async(x.reshape(-1)[rows_host], dev)
+        return x.reshape(-1)[rows]
+    return rows, pick
 
 
 def rl_forward(model, mb: RLMicroBatch):
@@ -33,24 +50,24 @@ def rl_forward(model, mb: RLMicroBatch):
 
 def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
                  temperature: float, device) -> dict:
-    """Fill `mb.<field>` ([1, T] fp32 on CPU) with log p(target); returns the mean entropy."""
+    """Fill `mb.<field>` ([1, T] fp32, on the model's device: the update reads it there) with
+    log p(target), 0 off the loss tokens; returns the mean entropy."""
     from ovlt.kernels import fused_logprob
 
     model = unwrap(chunks[0])
 
     def loss_fn(mb, hidden):
         h = flat_hidden(hidden)
-        m = mb.loss_mask.to(h.device).view(-1)
-        rows = loss_rows(m)
+        rows, pick = loss_rows_picker(mb, h.device)
         lp_rows, ent = fused_logprob(h.index_select(0, rows), model.output_weight(),
-                                     mb.targets.to(h.device).view(-1)[rows],
-                                     temperature=temperature, return_entropy=True,
-                                     tp_group=tp_group())
+                                     pick(mb.targets), temperature=temperature,
+                                     return_entropy=True, tp_group=tp_group())
         lp = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         lp[rows] = lp_rows.detach().float()
-        setattr(mb, field, lp.view(1, -1).cpu())  # 0 off the loss tokens
-        n = m.sum()
-        return (lp_rows.detach() * 0).sum(), n, {"entropy": (ent.detach() * m[rows]).sum()}
+        setattr(mb, field, lp.view(1, -1))
+        n = mb.loss_mask.sum()  # a host scalar, as in `sft_loss`
+        ent_sum = (ent.detach() * pick(mb.loss_mask)).sum()
+        return (lp_rows.detach() * 0).sum(), n, {"entropy": ent_sum}
 
     with torch.no_grad():
         res = train_step(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
@@ -75,22 +92,16 @@ def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcf
 
     def loss_fn(mb, hidden):
         h = flat_hidden(hidden)
-        dev = h.device
-        mask = mb.loss_mask.to(dev).view(-1)
-        rows = loss_rows(mask)  # token_mean over the loss tokens == over these rows
-
-        def pick(x):
-            return x.to(dev).view(-1)[rows]
-
+        rows, pick = loss_rows_picker(mb, h.device)  # token_mean over the loss tokens == rows
         loss, m = fused_grpo_loss(
             h.index_select(0, rows), model.output_weight(), pick(mb.targets),
             pick(mb.old_logprobs), pick(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
-            pick(mb.advantages), mask[rows],
+            pick(mb.advantages), pick(mb.loss_mask),
             clip_low=gcfg.clip_low, clip_high=gcfg.clip_high,
             dual_clip=gcfg.dual_clip if gcfg.dual_clip else None,
             kl_coef=gcfg.kl_coef if use_ref else 0.0, kl_type=gcfg.kl_type,
             temperature=temperature, loss_agg="token_mean", tp_group=tp_group())
-        n = mask.sum()
+        n = mb.loss_mask.sum()  # a host scalar, as in `sft_loss`
         stats = {k: v * n for k, v in m.items()}
         return loss * n, n, stats
 
@@ -100,17 +111,18 @@ def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcf
 def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[float, float]:
     """(sum, token count) of the k3 estimate of KL(policy || ref), exp(ref - logp) -
     (ref - logp) - 1, over the loss tokens, at the sampling policy (`old_logprobs`). Reported
-    whatever kl_coef is (the loss's own KL term is only computed when kl_coef != 0)."""
-    tot, n = 0.0, 0.0
+    whatever kl_coef is (the loss's own KL term is only computed when kl_coef != 0). Summed
+    where the log-probs are; one read at the end."""
+    tot, n = None, 0.0
     for mb in micro_batches:
         if mb.ref_logprobs is None or mb.old_logprobs is None:
             continue
         d = (mb.ref_logprobs - mb.old_logprobs).double()
         k3 = torch.exp(d) - d - 1
-        m = mb.loss_mask.double()
-        tot += float((k3 * m).sum())
-        n += float(m.sum())
-    return tot, n
+        s = (k3 * to_device_async(mb.loss_mask, d.device).double()).sum()
+        tot = s if tot is None else tot + s
+        n += float(mb.loss_mask.double().sum())
+    return (0.0 if tot is None else float(tot)), n
 
 
 class Reference:
