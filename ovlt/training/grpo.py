@@ -238,7 +238,8 @@ class GRPOTrainer:
         n_kept = torch.tensor([len(kept)], dtype=torch.float64, device=self.device)
         dist.all_reduce(n_kept, group=self._dp_group())
         gbs = max(1, g.train.global_batch_size)
-        n_updates = max(1, math.ceil(n_kept.item() / gbs))
+        n_kept = n_kept.item()  # one read: it sizes the updates
+        n_updates = max(1, math.ceil(n_kept / gbs))
         # Token budget per micro-batch: grpo.max_tokens_per_micro_batch, else the data's
         # packing budget (a longer sample gets a micro-batch of its own).
         budget = (g.max_tokens_per_micro_batch or cfg.data.pack_tokens
@@ -264,7 +265,7 @@ class GRPOTrainer:
         # per-token normalisation would divide by zero.
         queued = [queue_update(self.bundle.chunks, self.optimizer, mbs, g,
                                rc.temperature or 1.0, self.device)
-                  for mbs in mb_per_update] if n_kept.item() > 0 else []
+                  for mbs in mb_per_update] if n_kept > 0 else []
         ups = [q.result() for q in queued]  # read once all are queued: no sync in between
         self.bundle.module.eval()
         tm["update"] = time.perf_counter() - t3
