@@ -108,16 +108,18 @@ def test_micro_batch_moves_and_loss_rows_without_host_sync():
     mb = _micro_batch_with_loss_rows_1_2_5()
     dev = torch.device("cuda")
     on_dev = torch.arange(7, dtype=torch.float32, device=dev).view(1, 7)  # a pass's output
+    pinned = mb.pin_memory()  # as the GRPO step does once per micro-batch
+    assert pinned.loss_mask.is_pinned() and pinned.targets.is_pinned()
     torch.cuda.synchronize()
     torch.cuda._sleep(50_000_000)  # keep the stream busy: a sync would have to wait for it
     torch.cuda.set_sync_debug_mode("error")
     try:
-        moved = mb.to(dev)
-        rows, pick = loss_rows_picker(mb, dev)
+        moved, moved_pinned = mb.to(dev), pinned.to(dev)
+        rows, pick = loss_rows_picker(pinned, dev)
         got = (pick(mb.targets), pick(mb.advantages), pick(on_dev), moved.input_ids)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rows.tolist() == [1, 2, 5]
     assert got[0].tolist() == [1, 2, 5] and got[2].tolist() == [1.0, 2.0, 5.0]
     assert got[1].tolist() == pytest.approx([0.1, 0.2, 0.5])
-    assert moved.input_ids.device.type == "cuda"
+    assert moved.input_ids.device.type == "cuda" and moved_pinned.advantages.is_cuda

@@ -247,6 +247,8 @@ class GRPOTrainer:
         rope = self.engine_rope()
         chunks = split_updates(kept, n_updates, rollouts[0])
         mb_per_update = [pack_rollouts(c, budget, rope) for c in chunks]
+        if self.device.type == "cuda":  # pinned once for the three passes that move them
+            mb_per_update = [[mb.pin_memory() for mb in u] for u in mb_per_update]
         all_mbs = [mb for u in mb_per_update for mb in u]
         lp_stats = logprob_pass(self.bundle.chunks, all_mbs, "old_logprobs", rc.temperature or 1.0,
                                 self.device)

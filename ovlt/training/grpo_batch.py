@@ -55,6 +55,14 @@ class RLMicroBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[-1])
 
+    def pin_memory(self) -> "RLMicroBatch":
+        """A copy with its host tensors in pinned memory: every pass's `to(cuda)` then copies
+        without staging (the log-prob passes and the update each move the micro-batch)."""
+        def pin(t):
+            return t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" \
+                and not t.is_pinned() else t
+        return RLMicroBatch(**{k: pin(v) for k, v in self.__dict__.items()})
+
     def to(self, device) -> "RLMicroBatch":
         """A copy on `device`; host tensors go through pinned memory (a copy from pageable
         memory would drain the stream first: a hidden sync per micro-batch)."""
