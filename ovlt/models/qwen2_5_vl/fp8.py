@@ -29,8 +29,9 @@ Weight gradients: with mcore's `gradient_accumulation_fusion` (set by the CUDA f
 DDP has given the weight its fp32 `main_grad`), the per-tensor dW GEMM writes into main_grad.
 `torch._scaled_mm` wants both operands K-major and dims multiple of 16; the token dim is
 zero-padded to 16 here. Per-tensor casts that also need a transposed copy go through the fused
-Triton cast-transpose kernel of `fp8_cast.py` on CUDA. Layers: mcore Column/RowParallelLinear with `_forward_impl` replaced, so
-TP (all-reduce of dX in column-parallel layers) keeps mcore semantics. No sequence parallel.
+Triton cast-transpose kernel of `fp8_cast.py` on CUDA. Layers: mcore Column/RowParallelLinear
+with `_forward_impl` replaced, so TP (all-reduce of dX in column-parallel layers) keeps mcore
+semantics. No sequence parallel.
 """
 from __future__ import annotations
 
@@ -225,7 +226,8 @@ class _Fp8Linear(torch.autograd.Function):
             dx = dx[:ctx.m].to(ctx.x_dtype).view(*ctx.shape)
             if ctx.allreduce_dgrad:
                 torch.distributed.all_reduce(dx, group=ctx.tp_group)
-        db = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        db = gy.reshape(-1, gy.shape[-1]).sum(0) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
