@@ -1,4 +1,5 @@
-"""CPU smoke of `benchmarks/sft_throughput.py --repeats`: the ABBA order and the pooled figures."""
+"""CPU tests of `benchmarks/sft_throughput.py`: `--repeats` (the ABBA order, the pooled figures)
+and the GPU telemetry plumbing (`_gpu_telemetry.py`, with a stand-in nvidia-smi)."""
 import importlib.util
 import json
 import os
