@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ovlt.utils.device import pinned
+
 
 @dataclass
 class PackedBatch:
@@ -41,10 +43,7 @@ class PackedBatch:
     def pin_memory(self) -> "PackedBatch":
         """Page-locked copies (DataLoader(pin_memory=True) calls this): the H2D copy of `to`
         then runs asynchronously instead of blocking the host."""
-        def pin(t):
-            return t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" \
-                else t
-        return PackedBatch(**{k: pin(v) for k, v in self.__dict__.items()})
+        return PackedBatch(**{k: pinned(v) for k, v in self.__dict__.items()})
 
     def to(self, device) -> "PackedBatch":
         """A copy on `device`. `pixel_values` stay where they are when the batch already

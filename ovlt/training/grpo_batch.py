@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ovlt.utils.device import to_device_async
+from ovlt.utils.device import pinned, to_device_async
 
 
 @dataclass
@@ -58,10 +58,7 @@ class RLMicroBatch:
     def pin_memory(self) -> "RLMicroBatch":
         """A copy with its host tensors in pinned memory: every pass's `to(cuda)` then copies
         without staging (the log-prob passes and the update each move the micro-batch)."""
-        def pin(t):
-            return t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" \
-                and not t.is_pinned() else t
-        return RLMicroBatch(**{k: pin(v) for k, v in self.__dict__.items()})
+        return RLMicroBatch(**{k: pinned(v) for k, v in self.__dict__.items()})
 
     def to(self, device) -> "RLMicroBatch":
         """A copy on `device`; host tensors go through pinned memory (a copy from pageable

@@ -6,12 +6,20 @@ import time
 import torch
 
 
+def pinned(t):
+    """`t` in page-locked host memory when it is a CPU tensor not there yet (a copy); anything
+    else as it is. Batches' `pin_memory` methods map it over their fields."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_pinned():
+        return t.pin_memory()
+    return t
+
+
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     """`t` on `device`; from host memory to a GPU through a pinned copy with non_blocking (a
     copy from pageable memory makes the stream drain first: a hidden sync)."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
-        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+        return pinned(t).to(device, non_blocking=True)
     return t.to(device)
 
 
