@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -65,6 +66,24 @@ def measure(fn, params, warmup=2, iters=5):
         clear()
         torch.cuda.empty_cache()
         return {"ms": None, "error": "OOM"}
+
+
+def with_host_syncs(fn, sink: list, *a, **k):
+    """`fn(*a, **k)` under torch's sync debug mode: each CUDA call in it that makes the host
+    wait for the GPU (.item(), nonzero, a copy from pageable memory, a stream sync) is appended
+    to `sink` as "file:line: message". A cache flush of the caching allocator is no torch op
+    and does not show here: `ovlt.utils.cuda_alloc.allocator_counters` counts those."""
+    if not torch.cuda.is_available():
+        return fn(*a, **k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            sink.extend(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}: {str(w.message)[:120]}"
+                        for w in caught if "synchroniz" in str(w.message))
 
 
 def device_name():

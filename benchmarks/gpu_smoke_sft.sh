@@ -14,6 +14,7 @@ args=(--config configs/sft/tiny_cpu.yaml "data.sft_files=[$out/synth/sft.jsonl]"
       sft.train.save_interval=2 sft.train.keep_last=2 data.num_workers=2 ${EXTRA:-})
 python3 launchers/sft.py "${args[@]}" > "$out/run1.log" 2>&1 || { tail -30 "$out/run1.log"; exit 1; }
 echo "run1: $(wc -l < "$out/sft/metrics.jsonl") steps logged; checkpoints: $(ls "$out/sft" | grep -c '^step_')"
+grep -ho 'CUDA allocator: .*' "$out/run1.log" "$out/sft/logs/"* 2>/dev/null | head -1 || true
 python3 launchers/sft.py "${args[@]}" > "$out/run2.log" 2>&1 || { tail -30 "$out/run2.log"; exit 1; }
 echo "run2 (resume): $(grep -c 'loaded checkpoint' "$out/run2.log") checkpoint loaded; metrics rows now $(wc -l < "$out/sft/metrics.jsonl")"
 python3 - "$out" <<'PY'
@@ -25,6 +26,9 @@ out = Path(sys.argv[1])
 rows = [json.loads(l) for l in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
 losses = [r["loss"] for r in rows if "loss" in r]
 print(f"loss first {losses[0]:.4f} last {losses[-1]:.4f}; grad_norm last {rows[-1].get('grad_norm')}")
+if torch.cuda.is_available():  # the allocator's figures (train.cuda_alloc_conf) reach the log
+    print(f"mem_gb last {rows[-1]['mem_gb']}, mem_reserved_gb last {rows[-1]['mem_reserved_gb']}, "
+          f"alloc_retries in all {sum(r.get('alloc_retries', 0) for r in rows)}")
 m = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "sft" / "final_hf", dtype=torch.bfloat16)
 print("final_hf loads in transformers:", sum(p.numel() for p in m.parameters()), "params")
 assert losses[-1] < losses[0], "loss did not drop"

@@ -55,7 +55,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +231,7 @@ def run_ovlt(args, wd: Path, res: dict, save):
     trainer = None
     try:
         import ovlt.training.grpo as grpo_mod
+        from benchmarks._bench_util import with_host_syncs
         from ovlt.training.grpo import GRPOTrainer, stage_freeze
         from ovlt.training.grpo_data import PromptPosition
 
@@ -241,19 +241,11 @@ def run_ovlt(args, wd: Path, res: dict, save):
         host_syncs: dict = {}  # phase -> messages of the synchronizing CUDA calls it made
 
         def counting_syncs(phase, fn, *a, **k):
-            """`fn` under torch's sync debug mode: every call that makes the host wait for the
-            GPU (a pageable copy, .item(), nonzero, ...) is recorded against `phase`."""
+            """`fn` with every call that makes the host wait for the GPU recorded against
+            `phase` (`with_host_syncs`)."""
             if dev != "cuda":
                 return fn(*a, **k)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    return fn(*a, **k)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                    host_syncs.setdefault(phase, []).extend(
-                        str(w.message)[:160] for w in caught if "synchroniz" in str(w.message))
+            return with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
 
         def timed_lp(chunks, mbs, field, *a, **k):
             _sync(dev)

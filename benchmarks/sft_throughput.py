@@ -39,7 +39,14 @@ left the GPU idle while the host started the next step.
   ovlt_fp8_delayed_sepbias     A/B: the QKV bias added after the FP8 GEMM, not in its epilogue
   ovlt_fp8_delayed_nocache     A/B: each FP8 weight cast in its layer's forward, not once up
                                front per step (`model.fp8_weight_cache=false`)
+  ovlt_bf16_noexpand, ovlt_fp8_delayed_noexpand  A/B: PyTorch's default allocator settings
+                     instead of the trainer's expandable segments (`train.cuda_alloc_conf`)
+  hf_expandable      HF under expandable segments (HF itself runs under PyTorch's default)
 `update_s` = grad clip + optimizer update (CUDA events inside the step), `fwd_bwd_s` = the rest.
+`alloc_events` (CUDA): the caching allocator's counters over the timed steps; a
+`num_alloc_retries` is a cache flush that waits for the device, i.e. a host sync in the step.
+`host_syncs` (CUDA): the synchronizing CUDA calls of one more step run after the timed ones
+under torch's sync debug mode, "file:line: message" -> count (the ovlt step should make none).
 `--repeats N` runs the variant list N times in one process, every other time reversed (ABBA), so
 a drift of the machine within the run weighs on every variant alike; each variant's figures pool
 the timed steps of all repeats, `speedups` gives each pair's ratio per repeat and pooled.
@@ -54,6 +61,7 @@ start from the same init.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import gc
@@ -68,7 +76,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # also when imported (tests, gc_pause.py)
 
+from _bench_util import with_host_syncs  # noqa: E402
 from _gpu_telemetry import GpuTelemetry, per_step  # noqa: E402
+from ovlt.utils.cuda_alloc import (EXPANDABLE, allocator_counters,  # noqa: E402
+                                   resolve_alloc_conf, set_allocator_settings)
 from ovlt.utils.device import HostCopy, StepClock  # noqa: E402
 
 
@@ -206,6 +217,8 @@ LOSSES: dict = {}
 HOST: dict = {}
 STEP_MS: dict = {}
 STEP_SEEN_DONE: dict = {}
+ALLOC_EVENTS: dict = {}
+HOST_SYNCS: dict = {}
 
 
 def timed(step, warmup, iters, dev, profile_path=None, name=None):
@@ -216,7 +229,9 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     k+1's (`StepClock`: an idle GPU waiting for the host is counted, like the wall clock)."""
     clocks, losses, reader, queue_s, wait_s = [], [], None, [], []
     seen_done = [time.time()]  # host clock when each step's reader returned (GPU telemetry)
-    for _ in range(warmup + iters):
+    for i in range(warmup + iters):
+        if i == warmup:
+            alloc0 = allocator_counters(dev)
         clocks.append(StepClock(dev).start())
         t0 = time.perf_counter()
         read = step()
@@ -230,6 +245,9 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     end = StepClock(dev).start()  # queued right behind the last step: its end
     losses.append(float(reader()))
     seen_done.append(time.time())
+    # the allocator's events over the timed steps: a retry is a cache flush that waits for
+    # the device (a host sync inside the step)
+    ALLOC_EVENTS[name] = {k: v - alloc0[k] for k, v in allocator_counters(dev).items()}
     STEP_SEEN_DONE[name] = seen_done[warmup:]  # the timed steps' bounds: iters + 1 entries
     spans = list(zip(clocks, clocks[1:] + [end]))[warmup:]
     in_order = [a.seconds(until=b) for a, b in spans]
@@ -240,6 +258,10 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     HOST[name] = {"queue_s": sorted(queue_s[warmup:])[iters // 2],
                   "wait_s": sorted(wait_s[warmup:])[iters // 2]}
     LOSSES[name] = losses  # per-step losses: the variants start from the same init
+    if dev.type == "cuda":  # one more step, under torch's sync debug mode: where it waits
+        syncs: list = []
+        with_host_syncs(step, syncs)()
+        HOST_SYNCS[name] = dict(collections.Counter(syncs).most_common(8))
     if profile_path and dev.type == "cuda":
         profile_steps(step, profile_path)
     return times[len(times) // 2], times[0], losses[-1]
@@ -251,7 +273,7 @@ def lazy_loss(loss: torch.Tensor):
     return lambda: copy.tolist()[0]
 
 
-def run_hf(args, m, samples, dev):
+def run_hf(args, m, samples, dev, name="hf"):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
@@ -288,9 +310,20 @@ def run_hf(args, m, samples, dev):
         update_t()
         opt.zero_grad(set_to_none=True)
         return lazy_loss(loss)
-    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, "hf"), "hf")
+    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
     del model, opt
     return res + (update_t.median(args.warmup, args.iters),)
+
+
+def alloc_conf(variant: str) -> str:
+    """The CUDA caching allocator settings a variant runs under: the ovlt variants the SFT
+    trainer's (`train.cuda_alloc_conf=auto`: expandable segments), HF PyTorch's default as its
+    users run it; `_noexpand` / `hf_expandable` swap them (A/B)."""
+    if variant == "hf_expandable":
+        return EXPANDABLE
+    if variant.startswith("hf") or variant.endswith("_noexpand"):
+        return "expandable_segments:False"
+    return resolve_alloc_conf("auto", "sft")
 
 
 def _prof_path(args, name):
@@ -416,14 +449,20 @@ def pooled(runs: list, tokens: int, flops: float, peak: float | None) -> dict:
     out = {"step_s": med, "step_s_min": steps[0], "update_s": upd, "fwd_bwd_s": med - upd,
            "loss": ok[-1]["loss"], "tokens_per_s": tokens / med, "tflops": flops / med / 1e12}
     out["mfu"] = out["tflops"] * 1e12 / peak if peak else None
-    if "peak_mem_gib" in ok[0]:
-        out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in ok)
+    for k in ("peak_mem_gib", "peak_reserved_gib"):
+        if k in ok[0]:
+            out[k] = max(r[k] for r in ok)
+    if ok[0].get("alloc_events") is not None:  # summed over the repeats' timed steps
+        out["alloc_conf"], out["host_syncs"] = ok[0]["alloc_conf"], ok[0].get("host_syncs")
+        out["alloc_events"] = {k: sum(r["alloc_events"][k] for r in ok)
+                               for k in ok[0]["alloc_events"]}
     out.update(losses=ok[0]["losses"], host=ok[-1]["host"], step_ms=ok[0]["step_ms"])
     if "gpu" in ok[0]:
         out["gpu"] = ok[0]["gpu"]
     if len(runs) > 1:
         out["repeats"] = [{k: r.get(k) for k in ("step_s", "step_s_min", "update_s", "step_ms",
-                                                  "losses", "gpu", "error") if k in r} for r in runs]
+                                                  "losses", "gpu", "alloc_events", "error")
+                           if k in r} for r in runs]
     return out
 
 
@@ -494,6 +533,12 @@ def main(argv=None):
            "flops_breakdown": {"vision": flops.vision, "merger": flops.merger, "llm": flops.llm},
            "peak_flops": peak, "variants": {}}
     runners = {"hf": lambda: run_hf(args, m, samples, dev),
+               "hf_expandable": lambda: run_hf(args, m, samples, dev, "hf_expandable"),
+               "ovlt_bf16_noexpand": lambda: run_ovlt(args, m, samples, dev,
+                                                      "ovlt_bf16_noexpand"),
+               "ovlt_fp8_delayed_noexpand": lambda: run_ovlt(
+                   args, model_cfg(args, "scaled_mm_delayed"), samples, dev,
+                   "ovlt_fp8_delayed_noexpand"),
                "ovlt_bf16": lambda: run_ovlt(args, m, samples, dev, "ovlt_bf16"),
                "ovlt_bf16_noprefetch": lambda: run_ovlt(args, m, samples, dev,
                                                         "ovlt_bf16_noprefetch", prefetch=False),
@@ -531,14 +576,19 @@ def main(argv=None):
     def run_variant(v):
         if v.startswith("ovlt_fp8") and dev.type != "cuda":
             return {"skipped": "FP8 needs a CUDA device"}
+        conf = alloc_conf(v)
         if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the previous variant's segments: the new settings
+            set_allocator_settings(conf)  # then govern all of this variant's memory
             torch.cuda.reset_peak_memory_stats()
         try:
             med, best, loss, upd = runners[v]()
             r = {"step_s": med, "step_s_min": best, "update_s": upd, "loss": loss}
             if dev.type == "cuda":
                 r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+                r.update(alloc_conf=conf, alloc_events=ALLOC_EVENTS.get(v),
+                         host_syncs=HOST_SYNCS.get(v))
         except Exception as e:  # noqa: BLE001 - record and continue with the next variant
             import traceback
             traceback.print_exc()

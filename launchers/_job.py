@@ -1,5 +1,6 @@
 """What the trainer launchers share: load + validate the config for one trainer, set up
-rank-tagged logging and the process groups, save the resolved config, run, tear down."""
+rank-tagged logging, the CUDA allocator's settings and the process groups, save the resolved
+config, run, tear down."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,14 @@ def run_job(trainer: str, config: str, overrides: list[str], run: Callable,
     train = getattr(cfg, trainer).train
     save_dir = Path(train.save_dir)
     setup_logging(str(save_dir / "logs"))
+
+    from ovlt.utils.cuda_alloc import apply_alloc_conf, may_host_vllm
+    try:  # before the first CUDA allocation, so it governs all of the process's memory
+        apply_alloc_conf(train.cuda_alloc_conf, trainer,
+                         may_host_vllm(trainer, cfg.rollout.engine))
+    except ValueError as e:  # expandable segments asked for where vLLM may run
+        print(f"config error: {trainer}.train.cuda_alloc_conf: {e}", file=sys.stderr)
+        return 2
 
     from ovlt.distributed import destroy_distributed, init_distributed
     info = init_distributed(cfg.parallel, seed=train.seed)

@@ -158,6 +158,10 @@ class TrainConfig:
     # during training (an unscheduled collection on one rank stalls the others at the next
     # collective; `training.gc_schedule`). 0 = Python's automatic collection.
     gc_interval: int = 50
+    # CUDA caching allocator settings (`key:value,...` as in PYTORCH_CUDA_ALLOC_CONF; the
+    # environment variable wins when set). "auto" = expandable_segments:True for SFT, PyTorch's
+    # default for GRPO (rollout engines); "" = PyTorch's default. `ovlt.utils.cuda_alloc`.
+    cuda_alloc_conf: str = "auto"
     # Budget (MiB) of the one live logits chunk in the fused LM-head loss of SFT. With the
     # weight gradient accumulated into the fp32 main_grad, each chunk is one more fp32 pass
     # over the V x H gradient: 2 GiB covers ~7K loss tokens at V=152K (bf16) in one chunk.
@@ -558,6 +562,7 @@ def save_config(cfg, path: str | os.PathLike) -> None:
 def validate(cfg: JobConfig, world_size: Optional[int] = None,
              trainers: tuple[str, ...] = ("sft", "grpo")) -> None:
     """Cross-field checks; each names the keys involved and the allowed values."""
+    from ovlt.utils.cuda_alloc import resolve_alloc_conf
     p, m = cfg.parallel, cfg.model
     for k in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
         if getattr(p, k) < 1:
@@ -593,6 +598,11 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         if t.gc_interval < 0:
             raise ConfigError(f"{sec}.train.gc_interval={t.gc_interval}: must be >= 0 "
                               "(0 = Python's automatic collection)")
+        try:
+            resolve_alloc_conf(t.cuda_alloc_conf, sec,
+                               hosts_vllm=sec == "grpo" and cfg.rollout.engine == "vllm")
+        except ValueError as e:
+            raise ConfigError(f"{sec}.train.cuda_alloc_conf={t.cuda_alloc_conf!r}: {e}") from None
         if t.lm_head_chunk_mib < 0:
             raise ConfigError(f"{sec}.train.lm_head_chunk_mib={t.lm_head_chunk_mib}: must be >= 0 "
                               "(0 = the kernels' default chunk)")

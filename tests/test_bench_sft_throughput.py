@@ -1,5 +1,6 @@
-"""CPU tests of `benchmarks/sft_throughput.py`: `--repeats` (the ABBA order, the pooled figures)
-and the GPU telemetry plumbing (`_gpu_telemetry.py`, with a stand-in nvidia-smi)."""
+"""CPU tests of `benchmarks/sft_throughput.py`: `--repeats` (the ABBA order, the pooled figures),
+the allocator settings per variant, and the GPU telemetry plumbing (`_gpu_telemetry.py`, with a
+stand-in nvidia-smi)."""
 import importlib.util
 import json
 import os
@@ -48,6 +49,27 @@ def test_repeats_below_one_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _bench().main(["--tiny", "--repeats", "0", "--out", str(tmp_path / "x.json")])
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_allocator_settings_per_variant_and_pooled_allocator_events():
+    """ovlt variants run under the trainer's allocator settings, HF under PyTorch's default,
+    the A/B variants swapped; pooled allocator events are the repeats' sums."""
+    b = _bench()
+    assert b.alloc_conf("ovlt_bf16") == b.alloc_conf("ovlt_fp8_delayed") == \
+        "expandable_segments:True"
+    for v in ("hf", "ovlt_bf16_noexpand", "ovlt_fp8_delayed_noexpand"):
+        assert b.alloc_conf(v) == "expandable_segments:False"
+    assert b.alloc_conf("hf_expandable") == "expandable_segments:True"
+    run = {"step_ms": [10.0, 12.0], "update_s": 0.001, "loss": 1.0, "losses": [1.0],
+           "host": {}, "peak_mem_gib": 3.0, "peak_reserved_gib": 4.0,
+           "alloc_conf": "expandable_segments:True"}
+    runs = [dict(run, step_s=0.011, alloc_events={"num_alloc_retries": 2, "num_device_free": 5}),
+            dict(run, step_s=0.012, peak_reserved_gib=4.5,
+                 alloc_events={"num_alloc_retries": 1, "num_device_free": 0})]
+    p = b.pooled(runs, tokens=100, flops=1e9, peak=None)
+    assert p["alloc_events"] == {"num_alloc_retries": 3, "num_device_free": 5}
+    assert p["peak_reserved_gib"] == 4.5 and p["alloc_conf"] == "expandable_segments:True"
+    assert [r["alloc_events"]["num_alloc_retries"] for r in p["repeats"]] == [2, 1]
 
 
 def test_gpu_telemetry_parsing_and_per_step_means():

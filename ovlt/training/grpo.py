@@ -31,6 +31,7 @@ from ovlt.training.gc_schedule import GCSchedule
 from ovlt.training.grpo_batch import Rollout, pack_rollouts
 from ovlt.training.grpo_data import PromptPosition, PromptStream, encode_record
 from ovlt.training.grpo_step import Reference, kl_to_reference, logprob_pass, queue_update
+from ovlt.training.metrics import memory_gb
 from ovlt.utils.io import append_jsonl, atomic_write_text, read_jsonl
 
 log = get_logger(__name__)
@@ -372,6 +373,7 @@ class GRPOTrainer:
         rec["step_time_s"] = total
         rec["tokens_per_s"] = v["tokens"] / total if total > 0 else None
         rec["reward_timeouts"] = self.pool.stats.timeouts if hasattr(self.pool, "stats") else None
+        rec.update(memory_gb(self.device))  # this rank's peak over the step (rollout + update)
         return rec
 
     # ------------------------------------------------------------------ the loop

@@ -2,7 +2,8 @@
 
 The JSONL is the machine-readable record the iterate loop and the plots read: one object per
 logged step with `step`, `loss`, `grad_norm`, `lr`, `tokens`, `tokens_per_s`, `tflops`
-(achieved model TFLOP/s per GPU), `mfu` (null on CPU), `mem_gb`, `step_time_s`, plus extras.
+(achieved model TFLOP/s per GPU), `mfu` (null on CPU), `mem_gb` (on GPUs also
+`mem_reserved_gb` and `alloc_retries`), `step_time_s`, plus extras.
 """
 from __future__ import annotations
 
@@ -15,17 +16,26 @@ from typing import Optional
 import torch
 
 from ovlt.logging import get_logger, log_once
+from ovlt.utils.cuda_alloc import AllocatorMeter
 from ovlt.utils.io import append_jsonl
 
 log = get_logger(__name__)
 
 
+_ALLOC_METERS: dict = {}
+
+
 def memory_gb(device: torch.device) -> dict:
-    """Peak allocated GPU memory since the last call (GB), or the process RSS on CPU."""
+    """Peak allocated GPU memory since the last call (GB), with the peak reserved memory and
+    the allocator's cudaMalloc retries over the same interval; the process RSS on CPU."""
     if device.type == "cuda":
+        meter = _ALLOC_METERS.get(device)
+        if meter is None:
+            meter = _ALLOC_METERS[device] = AllocatorMeter(device)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        rec = {"mem_gb": round(peak, 3), **meter.read()}
         torch.cuda.reset_peak_memory_stats(device)
-        return {"mem_gb": round(peak, 3)}
+        return rec
     try:
         import psutil
         return {"mem_gb": round(psutil.Process(os.getpid()).memory_info().rss / 2 ** 30, 3)}
