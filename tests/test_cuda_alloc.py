@@ -64,6 +64,8 @@ def test_which_processes_may_host_vllm(monkeypatch):
 def test_config_errors_name_the_key():
     path = CONFIG_ROOT / "sft" / "tiny_cpu.yaml"
     assert load_config(path).sft.train.cuda_alloc_conf == "auto"
+    two = "max_split_size_mb:512,expandable_segments:True"  # a comma in a key=value override
+    assert load_config(path, [f"sft.train.cuda_alloc_conf={two}"]).sft.train.cuda_alloc_conf == two
     with pytest.raises(ConfigError, match=r"sft\.train\.cuda_alloc_conf=.*unknown key "
                                           r"'expandable_segment'"):
         load_config(path, ["sft.train.cuda_alloc_conf=expandable_segment:True"])
