@@ -624,6 +624,13 @@ def main(argv=None):
     for name, sp in res["speedups"].items():
         print(f"{name}: pooled {sp['pooled']:.3f}x, per repeat "
               f"{', '.join(f'{x:.3f}' for x in sp['per_repeat'])}", flush=True)
+    for v, r in res["variants"].items():  # one short line each: the device log's tail
+        if "step_s" in r:
+            print(f"{v}: {r['step_s'] * 1e3:.1f} ms, host queue/wait "
+                  f"{r['host']['queue_s'] * 1e3:.1f}/{r['host']['wait_s'] * 1e3:.1f} ms, "
+                  f"alloc {r.get('alloc_conf')} {r.get('alloc_events')}, "
+                  f"reserved {r.get('peak_reserved_gib', float('nan')):.1f} GiB, "
+                  f"host syncs {r.get('host_syncs')}", flush=True)
     return 0
 
 
