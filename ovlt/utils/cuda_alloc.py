@@ -83,12 +83,11 @@ def resolve_alloc_conf(conf: str, trainer: str = "sft", hosts_vllm: bool = False
     conf = conf.strip()
     if conf == "auto":
         return EXPANDABLE if trainer == "sft" else ""
-    if hosts_vllm and parse_alloc_conf(conf).get("expandable_segments") == "True":
+    if parse_alloc_conf(conf).get("expandable_segments") == "True" and hosts_vllm:
         raise ValueError("expandable_segments:True cannot be used in a process that hosts a "
                          "vLLM engine: its sleep mode allocates from a CUDA memory pool, which "
                          "PyTorch cannot back with expandable segments (pytorch#147851); use "
                          "rollout.engine=builtin or drop expandable_segments")
-    parse_alloc_conf(conf)
     return conf
 
 
