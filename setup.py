@@ -5,8 +5,10 @@ setup(
     version="0.1.0",
     description="OpenVLThinker-style iterative SFT + GRPO for Qwen2.5-VL on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["ovlt", "ovlt.*", "launchers"]),
-    package_data={"ovlt": ["data/tokenizer_files/*", "eval/*.json"]},
+    # tokenizer_files holds data only (no __init__.py): named here so setuptools ships it
+    # as package data without its "absent from packages" warning
+    packages=find_packages(include=["ovlt", "ovlt.*", "launchers"]) + ["ovlt.data.tokenizer_files"],
+    package_data={"ovlt": ["eval/*.json"], "ovlt.data.tokenizer_files": ["*"]},
     include_package_data=True,
     install_requires=[
         # CPU machines install torch==2.13.0 (CPU build) first; this range never upgrades it.

@@ -13,7 +13,6 @@ minus the host time to queue it) leaves the GPU idle for the rest of the pause.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -21,10 +20,9 @@ import platform
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sft_throughput as st  # noqa: E402  (puts the repo root on sys.path)
+from _bench_util import write_results  # noqa: E402
 
 
 class CollectionLog:
@@ -81,23 +79,21 @@ def main(argv=None):
     if args.tiny:
         args.seq, args.image = min(args.seq, 128), min(args.image, 112)
     args.recompute, args.profile_dir, args.profile_variants = "none", None, None
+    args.sync_probe = False  # its step would fall inside the logged window (timed_logged)
 
     from ovlt.distributed import init_distributed
     dev = init_distributed().device
     m = st.model_cfg(args)
     samples = st.make_samples(args, m)
-    res = {"date": datetime.date.today().isoformat(),
-           "device": torch.cuda.get_device_name() if dev.type == "cuda" else
-           f"cpu ({os.cpu_count()} cores)", "python": platform.python_version(),
-           "torch": torch.__version__, "config": vars(args), "modes": {}}
+    res = {"python": platform.python_version(), "cpu_cores": os.cpu_count(), "config": vars(args),
+           "modes": {}}
     for name, interval in (("automatic", 0), ("scheduled", args.gc_interval)):
         r = run_mode(args, m, samples, dev, f"ovlt_bf16_gc_{name}", interval)
         res["modes"][name] = r
         print(name, json.dumps(r), flush=True)
         gc.collect()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    out = os.path.abspath(args.out)
+    write_results(os.path.dirname(out), os.path.basename(out), res)  # adds date, device, torch
     return 0
 
 

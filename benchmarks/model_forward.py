@@ -14,7 +14,6 @@ so the TE spec is not measured. Results: benchmarks/results/model_forward*.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os

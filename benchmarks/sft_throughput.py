@@ -221,7 +221,7 @@ ALLOC_EVENTS: dict = {}
 HOST_SYNCS: dict = {}
 
 
-def timed(step, warmup, iters, dev, profile_path=None, name=None):
+def timed(step, warmup, iters, dev, profile_path=None, name=None, sync_probe=True):
     """Median and min step time, last loss. Steps run back to back as the trainer runs them:
     `step()` queues one step and returns a reader of its loss, called once the next step is
     queued (each reader waits for its own step only), so the host prepares step k+1 while the
@@ -258,7 +258,7 @@ def timed(step, warmup, iters, dev, profile_path=None, name=None):
     HOST[name] = {"queue_s": sorted(queue_s[warmup:])[iters // 2],
                   "wait_s": sorted(wait_s[warmup:])[iters // 2]}
     LOSSES[name] = losses  # per-step losses: the variants start from the same init
-    if dev.type == "cuda":  # one more step, under torch's sync debug mode: where it waits
+    if dev.type == "cuda" and sync_probe:  # one more step, under sync debug mode: where it waits
         syncs: list = []
         with_host_syncs(step, syncs)()
         HOST_SYNCS[name] = dict(collections.Counter(syncs).most_common(8))
@@ -310,7 +310,7 @@ def run_hf(args, m, samples, dev, name="hf"):
         update_t()
         opt.zero_grad(set_to_none=True)
         return lazy_loss(loss)
-    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
+    res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name, args.sync_probe)
     del model, opt
     return res + (update_t.median(args.warmup, args.iters),)
 
@@ -416,7 +416,8 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True, gc_i
         return lambda: queued.result().loss
     # Python's GC on the trainer's schedule (`train.gc_interval`)
     with GCSchedule(tcfg.gc_interval if gc_interval is None else gc_interval) as gc_sched:
-        res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name)
+        res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name,
+                    args.sync_probe)
     del bundle, opt, model
     return res + (update_t.median(args.warmup, args.iters),)
 
@@ -491,6 +492,8 @@ def add_shape_args(ap, iters: int) -> None:
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--no-sync-probe", dest="sync_probe", action="store_false",
+                    help="skip the extra step under torch's sync debug mode (GPU only)")
 
 
 def main(argv=None):

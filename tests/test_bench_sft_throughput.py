@@ -126,3 +126,66 @@ def test_gpu_telemetry_takes_the_only_gpu_whatever_its_uuid_spelling(tmp_path, m
     tel = _telemetry_from_fake_smi(tmp_path, monkeypatch, "GPU-ee55, 1980, 700.0, 50\\n",
                                    "UUID('not-the-same-spelling')", 2)
     assert len(tel.samples) >= 2 and tel.samples[0][1:] == (1980.0, 700.0, 50.0)
+
+
+@pytest.mark.slow
+def test_gc_pause_counts_timed_steps_collections_and_writes_results(tmp_path):
+    """`gc_pause.py` on CPU: under the trainer's schedule the timed steps see no automatic
+    collection (its interval is not reached in 4 steps) and the loop's objects start frozen;
+    the file is written through `write_results` (date, device)."""
+    spec = importlib.util.spec_from_file_location(
+        "gc_pause", os.path.join(ROOT, "benchmarks", "gc_pause.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "gc.json"
+    assert mod.main(["--tiny", "--llm-layers", "1", "--vision-layers", "1", "--warmup", "1",
+                     "--iters", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["date"] and res["cpu_cores"] == os.cpu_count()
+    auto, sched = res["modes"]["automatic"], res["modes"]["scheduled"]
+    assert auto["gc_interval"] == 0 and sched["gc_interval"] == 50
+    assert sched["collections_by_generation"] == {"0": 0, "1": 0, "2": 0}
+    assert sched["collection_ms_total"] == 0.0 and sched["frozen_objects"] > 0
+    assert sched["tracked_objects"] < auto["tracked_objects"]
+    for r in (auto, sched):
+        assert r["step_ms_min"] <= r["step_ms_median"] and r["host_queue_ms"] > 0
+
+
+def _result(llm, vision, steps_ms, peaks_gib, seq=2048):
+    return {"config": {"llm_layers": llm, "vision_layers": vision, "samples": 4, "seq": seq,
+                       "image": 448, "recompute": "none", "tiny": False, "iters": 8,
+                       "variants": ",".join(steps_ms), "out": "x.json"},
+            "variants": {n: {"step_s": ms / 1e3, "peak_mem_gib": peaks_gib[n]}
+                         for n, ms in steps_ms.items()}}
+
+
+def test_depth_cost_gives_added_cost_per_layer_and_refuses_other_differences(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "depth_cost", os.path.join(ROOT, "benchmarks", "depth_cost.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shallow = _result(4, 8, {"hf": 190.0, "ovlt_bf16": 114.0, "ovlt_fp8_delayed": 87.0},
+                      {"hf": 32.0, "ovlt_bf16": 40.0, "ovlt_fp8_delayed": 42.0})
+    deep = _result(16, 32, {"hf": 550.0, "ovlt_bf16": 384.0, "ovlt_fp8_delayed": 276.0},
+                   {"hf": 70.0, "ovlt_bf16": 100.0, "ovlt_fp8_delayed": 102.0})
+    res = mod.depth_cost(shallow, deep)
+    assert res["added_llm_layers"] == 12 and res["added_vision_layers"] == 24
+    bf16 = res["variants"]["ovlt_bf16"]
+    assert bf16["added_ms"] == pytest.approx(270.0)          # 384 - 114
+    assert bf16["ms_per_llm_layer"] == pytest.approx(22.5)   # 270 / 12
+    assert bf16["gib_per_llm_layer"] == pytest.approx(5.0)   # (100 - 40) / 12
+    assert bf16["fixed_gib"] == pytest.approx(20.0)          # 40 - 4 * 5
+    assert res["ratios"]["hf / ovlt_bf16"] == pytest.approx(360 / 270, abs=1e-3)
+    assert res["ratios"]["ovlt_bf16 / ovlt_fp8_delayed"] == pytest.approx(270 / 189, abs=1e-3)
+    with pytest.raises(ValueError, match="seq"):
+        mod.depth_cost(shallow, _result(16, 32, {"hf": 1.0}, {"hf": 1.0}, seq=4096))
+    with pytest.raises(ValueError, match="LLM layers"):
+        mod.depth_cost(deep, shallow)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(shallow))
+    b.write_text(json.dumps(deep))
+    assert mod.main([str(a), str(b)]) == 0
+    assert json.loads(capsys.readouterr().out)["variants"]["hf"]["added_ms"] == 360.0
+    b.write_text(json.dumps({"variants": {}}))
+    assert mod.main([str(a), str(b)]) == 2
+    assert "no field 'config'" in capsys.readouterr().err

@@ -147,6 +147,15 @@ def test_allocator_meter_gives_retries_and_reserved_peak_per_interval(caplog):
     assert len(warned) == 1 and "2 cudaMalloc retries" in warned[0].getMessage()
 
 
+def test_allocator_meter_from_process_start_counts_retries_before_it_was_made():
+    """The trainer's meter is made at the first log line: retries of the model build and the
+    first steps (3 here, already in the counter) belong to that line, not to nobody."""
+    stats = iter([{"num_alloc_retries": 3}, {"num_alloc_retries": 4}])
+    meter = AllocatorMeter("cuda:0", stats=lambda: next(stats), from_process_start=True)
+    assert meter.read()["alloc_retries"] == 3
+    assert meter.read()["alloc_retries"] == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_settings_take_effect_at_run_time_on_a_gpu():

@@ -2,7 +2,6 @@
 the same 2 SFT steps through the launcher with big vs small packed micro-batches, DP=2, TP=2
 and PP=2 (gloo, CPU, tiny model) give the same losses and the same trained weights."""
 import pytest
-import torch
 
 from tests.sft_testlib import base_overrides, hf_tensors, losses, make_synth, metric, run_sft
 

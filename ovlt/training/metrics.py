@@ -31,7 +31,9 @@ def memory_gb(device: torch.device) -> dict:
     if device.type == "cuda":
         meter = _ALLOC_METERS.get(device)
         if meter is None:
-            meter = _ALLOC_METERS[device] = AllocatorMeter(device)
+            # Made at the first log line: counting from the process start puts the retries of
+            # the model build and the steps before that line into it instead of dropping them.
+            meter = _ALLOC_METERS[device] = AllocatorMeter(device, from_process_start=True)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
         rec = {"mem_gb": round(peak, 3), **meter.read()}
         torch.cuda.reset_peak_memory_stats(device)

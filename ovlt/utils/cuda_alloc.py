@@ -124,13 +124,14 @@ def apply_alloc_conf(conf: str, trainer: str = "sft", hosts_vllm: bool = False
 class AllocatorMeter:
     """Per-interval allocator figures for the step log: the peak reserved memory and the
     number of `cudaMalloc` retries (each one a cache flush that waits for the device) since
-    the previous `read()`. Warns once when retries happen."""
+    the previous `read()` (the first one: since the meter was made or, with
+    `from_process_start`, since the process started). Warns once when retries happen."""
 
-    def __init__(self, device, stats=None):
+    def __init__(self, device, stats=None, from_process_start: bool = False):
         import torch
         self.device = device
         self._stats = stats or (lambda: torch.cuda.memory_stats(device))
-        self._retries = int(self._stats().get("num_alloc_retries", 0))
+        self._retries = 0 if from_process_start else int(self._stats().get("num_alloc_retries", 0))
         self._warned = False
 
     def read(self) -> dict:
