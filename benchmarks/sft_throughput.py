@@ -81,6 +81,7 @@ from _gpu_telemetry import GpuTelemetry, per_step  # noqa: E402
 from ovlt.utils.cuda_alloc import (EXPANDABLE, allocator_counters,  # noqa: E402
                                    resolve_alloc_conf, set_allocator_settings)
 from ovlt.utils.device import HostCopy, StepClock  # noqa: E402
+from ovlt.utils.io import atomic_write_json  # noqa: E402
 
 
 def model_cfg(args, fp8="none"):
@@ -619,9 +620,7 @@ def main(argv=None):
                 if rep == 0 and v == variants[-1]:
                     args.profile_dir = None  # profiles come from the first repeat only
                 res["speedups"] = speedups(runs)
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump(res, f, indent=2)
+                atomic_write_json(args.out, res)  # after every variant: a killed run keeps them
     finally:
         telemetry.close()  # the sampler must not outlive the benchmark
     for name, sp in res["speedups"].items():
