@@ -9,7 +9,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ovlt.models.qwen2_5_vl import fp8 as F8  # noqa: E402
+from ovlt.fp8 import linear as F8  # noqa: E402
 from _bench_util import cuda_time  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main():
     gq4, sg4 = F8.quantize(g, F8.E4M3)
     res["scaled_mm_dgrad_e4m3_ms"] = bench(lambda: torch._scaled_mm(gq4, wq_cm, scale_a=sg4,
                                                                    scale_b=sw, out_dtype=torch.bfloat16))
-    from ovlt.models.qwen2_5_vl.fp8_cast import cast_transpose
+    from ovlt.fp8.cast import cast_transpose
     res["cast_transpose_w_both_ms"] = bench(lambda: cast_transpose(w, F8.E4M3, True, True))
     res["cast_transpose_g_both_ms"] = bench(lambda: cast_transpose(g, F8.E5M2, True, True))
     # bitwise check of the Triton kernel against torch's cast of the same scaled values

@@ -1,5 +1,5 @@
 """Host pauses from Python's garbage collector during SFT steps: automatic collection vs the
-trainer's schedule (`train.gc_interval`, `ovlt.training.gc_schedule`).
+trainer's schedule (`train.gc_interval`, `ovlt.engine.gc_schedule`).
 
 Runs ovlt's SFT step (`sft_throughput.run_ovlt`: tiny widths on CPU with --tiny, 7B widths on a
 GPU) twice in one process, with Python's automatic collection and under the trainer's schedule,

@@ -53,11 +53,12 @@ def bench_wgrad(res):
         TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, acc)
     a, b = cuda_time(unfused, 20, 3), cuda_time(fused, 20, 3)
     err = ((acc - ref).norm() / ref.norm()).item()
-    import weakref
+    from ovlt.engine import grad_routing
     fresh = torch.empty(n, k, device="cuda")
     weight = torch.nn.Parameter(torch.empty(0))
-    weight.grad_added_to_main_grad = False  # stays False: every call overwrites
-    fresh.ovlt_weight = weakref.ref(weight)
+    weight.main_grad = fresh
+    grad_routing.mark_overwrites(weight)
+    grad_routing.reset_written(weight)  # stays unwritten: every call overwrites
     c = cuda_time(lambda: TorchWgradAccum.wgrad_gemm_accum_fp32(x, g, fresh), 20, 3)
     err_o = ((fresh - g.float().t() @ x.float()).norm() / fresh.norm()).item()
     flops = 2 * t * k * n
@@ -219,8 +220,8 @@ def bench_rope(res):
 
 
 def bench_fp8(res):
-    from ovlt.models.qwen2_5_vl import fp8_cast
-    from ovlt.models.qwen2_5_vl.fp8 import E4M3, E5M2
+    from ovlt.fp8 import cast as fp8_cast
+    from ovlt.fp8.linear import E4M3, E5M2
     t, h, ffn, qkv = 8192, 3584, 18944, 4608
     out = {"fprop": {}, "cast": {}}
     for name, n, k in (("qkv", qkv, h), ("proj", h, h), ("fc1", 2 * ffn, h), ("fc2", h, ffn)):
@@ -268,9 +269,9 @@ def bench_fp8_swiglu(res):
     cast-transpose kernel vs one fused kernel (forward: fc2's input; backward: fc1's output
     gradient), over the fused kernels' tile choices; `equal`: bitwise against the two kernels."""
     from ovlt.kernels.swiglu import swiglu_backward, swiglu_forward
-    from ovlt.models.qwen2_5_vl import fp8_swiglu
-    from ovlt.models.qwen2_5_vl.fp8 import E4M3, E5M2
-    from ovlt.models.qwen2_5_vl.fp8_cast import AmaxHistory, cast_transpose
+    from ovlt.fp8 import swiglu as fp8_swiglu
+    from ovlt.fp8.linear import E4M3, E5M2
+    from ovlt.fp8.cast import AmaxHistory, cast_transpose
     t, ffn = 8192, 18944
     h = torch.randn(t, 2 * ffn, device="cuda", dtype=torch.bfloat16)
     d = torch.randn(t, ffn, device="cuda", dtype=torch.bfloat16)

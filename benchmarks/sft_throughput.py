@@ -15,7 +15,7 @@ back to back as the trainer runs them (each step's loss read once the next one i
 left the GPU idle while the host started the next step.
   hf                 transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16
                      params, fused torch AdamW, [samples, seq] padded batch already on the GPU.
-  ovlt_bf16          the SFT trainer's own step (`ovlt.training.step.train_step_async`): mcore DDP +
+  ovlt_bf16          the SFT trainer's own step (`ovlt.engine.train_step.train_step_async`): mcore DDP +
                      DistributedOptimizer (fp32 master weights), one packed THD micro-batch, pinned
                      as the trainer's DataLoader(pin_memory=True) delivers it, CUDA fast paths on.
   ovlt_bf16_noprefetch  A/B of one piece: the frozen tower runs inside each step's forward
@@ -53,7 +53,7 @@ the timed steps of all repeats, `speedups` gives each pair's ratio per repeat an
 `gpu` (CUDA, where nvidia-smi runs): each timed step's mean SM clock, power and temperature,
 sampled every `--telemetry-ms` and bounded by the host clock at which each step's numbers were
 read (HF's reader returns after its forward, so its bounds are shifted by the backward).
-FLOPs use `ovlt.training.flops.train_step_flops` (same convention for every variant: causal LLM
+FLOPs use `ovlt.engine.flops.train_step_flops` (same convention for every variant: causal LLM
 attention, LM head on every token, frozen vision forward-only); MFU against the device's dense
 bf16 peak (989 TFLOP/s for H100/H200). `losses` lists every step's loss: the ovlt variants
 start from the same init.
@@ -335,15 +335,16 @@ def _prof_path(args, name):
 def _head_bf16(bundle):
     """A/B: the LM-head weight gradient accumulated in bf16 per logits chunk (448 MiB chunks)
     and added into main_grad by DDP's hook, as before the main_grad accumulation."""
-    from ovlt.training.lm_head import unwrap
+    from ovlt.engine.lm_head import unwrap
     net = unwrap(bundle.chunks[0])
-    net.output_weight().ovlt_grad_into_main_grad = False
+    from ovlt.engine import grad_routing
+    grad_routing.set_writer(net.output_weight(), grad_routing.Writer.DDP_HOOK)
     net.ovlt_lm_head_chunk_bytes = None
 
 
 def _unfused_fp8_mlp(bundle):
     """A/B: the FP8 MLP as mcore runs it, SwiGLU and the FP8 casts as separate kernels."""
-    from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
+    from ovlt.fp8.mlp import Fp8SwiGLUMLP
     for chunk in bundle.chunks:
         for mod in chunk.modules():
             if isinstance(mod, Fp8SwiGLUMLP):
@@ -363,7 +364,7 @@ def _adamw_updates_every_block(fn):
 def _separate_fp8_bias(fn):
     """A/B: the FP8 linears' bias added after the GEMM (a separate pass) instead of in its
     epilogue."""
-    from ovlt.models.qwen2_5_vl import fp8
+    from ovlt.fp8 import linear as fp8
     old, fp8._EPILOGUE_BIAS = fp8._EPILOGUE_BIAS, ()
     try:
         return fn()
@@ -374,11 +375,11 @@ def _separate_fp8_bias(fn):
 def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True, gc_interval=None):
     from ovlt.config import OptimizerConfig, TrainConfig
     from ovlt.data.packing import collate
-    from ovlt.training.gc_schedule import GCSchedule
-    from ovlt.training.model_setup import configure_fp8, wrap_model
-    from ovlt.training.optimizer import build_optimizer
-    from ovlt.training.sft import mark_head_overwrites, sft_forward, sft_loss
-    from ovlt.training.step import train_step_async
+    from ovlt.engine.gc_schedule import GCSchedule
+    from ovlt.engine.model_setup import configure_fp8, wrap_model
+    from ovlt.engine.optimizer import build_optimizer
+    from ovlt.sft.train import mark_head_overwrites, sft_forward, sft_loss
+    from ovlt.engine.train_step import train_step_async
     from ovlt.models.qwen2_5_vl.provider import build_model
 
     torch.manual_seed(0)
@@ -521,7 +522,7 @@ def main(argv=None):
         args.seq, args.image = min(args.seq, 128), min(args.image, 112)
 
     from ovlt.distributed import init_distributed
-    from ovlt.training.flops import peak_flops, train_step_flops
+    from ovlt.engine.flops import peak_flops, train_step_flops
     info = init_distributed()
     dev = info.device
     m = model_cfg(args)

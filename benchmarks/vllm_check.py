@@ -204,8 +204,8 @@ def _job_cfg(a, mcfg, hf_dir):
 
 
 def _rope_fn(mcfg):
-    from ovlt.rollout.builtin import _default_rope_fn
-    return _default_rope_fn(mcfg)
+    from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
+    return rope_positions_fn(mcfg)
 
 
 def write_hf_dir(mcfg, out: Path, min_pixels: int, max_pixels: int) -> list[str]:
@@ -603,7 +603,7 @@ def st_vllm_sampling(S, a):
 def recompute(S, req, response_ids):
     """The trainer's log p(response token) (packed forward, fp32 logits) and the fp32 logits
     rows of the response positions."""
-    from ovlt.training.grpo_batch import Rollout, make_micro_batch
+    from ovlt.grpo.batch import Rollout, make_micro_batch
     r = Rollout(prompt_ids=list(req.prompt_ids), response_ids=list(response_ids), group=0,
                 pixel_values=req.pixel_values, image_grid_thw=req.image_grid_thw)
     mb = make_micro_batch([r], [0], S.rope_fn).to(S.device)

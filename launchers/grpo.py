@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from ovlt.config import require_unpadded_vocab
 
     def run(cfg):
-        from ovlt.training.grpo import run_grpo
+        from ovlt.grpo.train import run_grpo
         return run_grpo(cfg)
     return run_job("grpo", args.config, args.overrides, run, check=require_unpadded_vocab)
 

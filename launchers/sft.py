@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from launchers._job import run_job
 
     def run(cfg):
-        from ovlt.training.sft import run_sft
+        from ovlt.sft.train import run_sft
         return run_sft(cfg, profile_steps=args.profile)
     return run_job("sft", args.config, args.overrides, run)
 

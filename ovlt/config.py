@@ -424,7 +424,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping with keys "
                               f"{sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
-        return _build(tp, value, key)
+        return from_dict(tp, value, key)
     if tp is Any:
         return value
     if tp is bool:
@@ -455,7 +455,9 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def from_dict(cls, data: dict, prefix: str = ""):
+    """The config dataclass `cls` from a nested dict, values coerced to the field types;
+    an unknown key is a ConfigError naming it and the allowed keys."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
@@ -469,7 +471,7 @@ def _build(cls, data: dict, prefix: str = ""):
     obj = cls()
     for k, v in kwargs.items():
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
-            v = _build(hints[k], v, k)
+            v = from_dict(hints[k], v, k)
         setattr(obj, k, v)
     return obj
 
@@ -526,7 +528,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_path(d: dict, parts: list[str], value: Any) -> None:
+def set_path(d: dict, parts: list[str], value: Any) -> None:
+    """d[parts[0]][parts[1]]... = value, making the dicts on the way."""
     for p in parts[:-1]:
         nxt = d.get(p)
         if not isinstance(nxt, dict):
@@ -544,8 +547,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     data: dict = _read_yaml(Path(path)) if path else {}
     for ov in overrides or []:
         parts, value = parse_override(ov)
-        _set_path(data, parts, value)
-    cfg = _build(JobConfig, data)
+        set_path(data, parts, value)
+    cfg = from_dict(JobConfig, data)
     validate(cfg, world_size, trainers)
     return cfg
 

@@ -56,7 +56,7 @@ class LaunchEnv:
     source: str  # "torchrun", "slurm" or "single"
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist such as `gpu[003-005,9],cpu1` -> `gpu003`."""
     m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
     if not m:
@@ -80,7 +80,7 @@ def read_launch_env(env: Optional[dict] = None) -> LaunchEnv:
             raise DistributedError(f"bad torchrun environment: {e}") from None
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         try:
-            addr = env.get("MASTER_ADDR") or _first_slurm_host(
+            addr = env.get("MASTER_ADDR") or first_slurm_host(
                 env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
             # A job-specific default port so two jobs sharing a node don't collide.
             port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
@@ -178,9 +178,3 @@ def destroy_distributed(barrier: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_tag() -> str:
-    if dist.is_initialized():
-        return f"[rank {dist.get_rank()}/{dist.get_world_size()}]"
-    return "[rank 0/1]"

@@ -13,14 +13,14 @@ TINY_SFT = str(CONFIG_ROOT / "sft" / "tiny_cpu.yaml")
 
 def init_state(cfg, precision: str = "bf16") -> dict[str, torch.Tensor]:
     """One random init of the job's model, as its tensors (to build same-init copies from)."""
-    from ovlt.training.model_setup import build_vl_model
+    from ovlt.engine.model_setup import build_vl_model
     return {k: v.clone() for k, v in build_vl_model(cfg, precision).state_dict().items()
             if torch.is_tensor(v)}
 
 
 def model_from(cfg, state: dict, precision: str = "bf16"):
     """A fresh copy of the job's model holding `state`, wrapped for training: (model, bundle)."""
-    from ovlt.training.model_setup import build_vl_model, wrap_model
+    from ovlt.engine.model_setup import build_vl_model, wrap_model
     model = build_vl_model(cfg, precision)
     model.load_state_dict(state, strict=False)
     return model, wrap_model(model, cfg.sft.train)

@@ -22,15 +22,16 @@ backward each).
 `install()` is idempotent, a no-op without CUDA or with apex/TE present, and logs once which
 path is in use. `OVLT_FASTPATHS=0` keeps mcore's own fallbacks (A/B benchmarks, debugging).
 The training-time switches that use these (mcore config flags) are set in
-`ovlt.training.model_setup.enable_cuda_fastpaths`.
+`ovlt.engine.model_setup.enable_cuda_fastpaths`.
 """
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
+from ovlt.engine.grad_routing import (Writer, first_write_replaces, mark_overwrites, reset_written,
+                                      set_writer, weight_of)
 from ovlt.logging import get_logger, log_once
 
 log = get_logger(__name__)
@@ -141,19 +142,15 @@ class TorchWgradAccum:
     """Stands in for apex's `fused_weight_gradient_mlp_cuda` module:
     `wgrad_gemm_accum_fp32(input [M,K], grad_output [M,N], main_grad [N,K])` does
     main_grad += grad_output^T @ input in one GEMM with an fp32 accumulator/output.
-    A main_grad that knows its weight (`ovlt_weight`, a weak reference set by
-    `enable_wgrad_fusion`: a strong one would tie the weight and its main_grad in a cycle
-    through tensor attributes that keeps a whole model alive after it is dropped) is
-    overwritten instead while the weight has no gradient yet this step (mcore's
-    `grad_added_to_main_grad`, reset when the step zeroes the buffer and set by mcore right
-    after this call): the GEMM then needs neither the zeroed buffer nor a read of it
-    (`ovlt.training.grad_buffers` skips zeroing such weights)."""
+    The main_grad of a weight marked to overwrite (`grad_routing.mark_overwrites`, by
+    `enable_wgrad_fusion`) is overwritten instead while the weight has no gradient yet this step
+    (mcore sets the flag right after this call): the GEMM then needs neither the zeroed buffer
+    nor a read of it (`ovlt.engine.grad_routing` skips zeroing such weights)."""
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        ref = getattr(main_grad, "ovlt_weight", None)
-        w = ref() if ref is not None else None
-        overwrite = w is not None and not getattr(w, "grad_added_to_main_grad", True)
+        w = weight_of(main_grad)
+        overwrite = w is not None and first_write_replaces(w)
         # out_dtype only where the inputs are narrower (cuBLAS); fp32 inputs: plain GEMMs
         kw = {} if total_input.dtype == main_grad.dtype else {"out_dtype": main_grad.dtype}
         if overwrite:
@@ -179,8 +176,9 @@ def _wgrad_accum_works() -> bool:
         TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, acc)
         fresh = torch.full((32, 48), float("nan"), device="cuda")
         weight = torch.nn.Parameter(torch.empty(0))
-        weight.grad_added_to_main_grad = False
-        fresh.ovlt_weight = weakref.ref(weight)
+        weight.main_grad = fresh
+        mark_overwrites(weight)
+        reset_written(weight)
         TorchWgradAccum.wgrad_gemm_accum_fp32(a, b, fresh)
         tol = 1e-3 * ref.abs().max().item()  # allclose is False on any NaN left behind
         return torch.allclose(acc, ref, rtol=0, atol=tol) and \
@@ -258,7 +256,8 @@ def enable_wgrad_fusion(model: torch.nn.Module) -> int:
     number of layers switched. Layers whose weight has no main_grad stay as they are.
     The transformer layers' weights, whose gradient is only ever that GEMM (the LM head's
     also comes from the fused losses), overwrite main_grad on their first gradient of a step
-    and are marked `ovlt_overwrites_main_grad` (row-wise FP8 linears return a dW instead)."""
+    and are marked to overwrite (`grad_routing.mark_overwrites`; row-wise FP8 linears return a
+    dW instead)."""
     if not install()["wgrad_fusion"]:
         return 0
     return switch_wgrad_fusion(model, (torch.bfloat16, torch.float16))
@@ -278,8 +277,8 @@ def switch_wgrad_fusion(model: torch.nn.Module, dtypes: tuple) -> int:
             if w is not None and w.requires_grad and hasattr(w, "main_grad") \
                     and w.dtype in dtypes:
                 mod.gradient_accumulation_fusion = True
+                set_writer(w, Writer.WGRAD_GEMM)
                 if id(mod) in in_layers and not getattr(mod, "fp8_rowwise", False):
-                    w.main_grad.ovlt_weight = weakref.ref(w)
-                    w.ovlt_overwrites_main_grad = True
+                    mark_overwrites(w)
                 n += 1
     return n

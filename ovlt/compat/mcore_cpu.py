@@ -132,10 +132,6 @@ def apply() -> bool:
     return True
 
 
-def is_applied() -> bool:
-    return _APPLIED
-
-
 # --------------------------------------------------------------------- 4. training path
 def _cpu(dev):
     return "cpu" if dev is not None and str(dev).startswith("cuda") else dev

@@ -29,7 +29,7 @@ class PackedBatch:
     # images failed to decode in the worker; the trainer adds them to its skip report.
     skipped: list = field(default_factory=list)
     # [n_image_tokens, H] the frozen vision tower's output for `pixel_values`, already on the
-    # device (`ovlt.training.vision_prefetch`): the model then does not run the tower.
+    # device (`ovlt.engine.vision_prefetch`): the model then does not run the tower.
     image_features: Optional[torch.Tensor] = None
 
     @property

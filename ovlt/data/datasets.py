@@ -1,5 +1,5 @@
 """Datasets and loaders: records -> samples (decoded in DataLoader worker processes) ->
-packed micro-batches for SFT, and prompt items for GRPO.
+packed micro-batches for SFT (GRPO reads its prompts in `ovlt.grpo.data`).
 
 Lengths are known before any image is decoded (tokenise with grids from the image headers),
 so the per-step plan - which samples go to which DP rank and micro-batch - is computed
@@ -11,7 +11,6 @@ micro-batch and is recorded in `PackedBatch.skipped` (the trainer adds it to its
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -19,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovlt.data import image_processing as ip
 from ovlt.data.batch import PackedBatch
-from ovlt.data.chat_template import encode_prompt, encode_sft
-from ovlt.data.formats import RLRecord, SFTRecord, SkipReport, read_rl, read_sft
+from ovlt.data.chat_template import encode_sft
+from ovlt.data.formats import SFTRecord, SkipReport, read_rl, read_sft
 from ovlt.data.image_loader import ImageError, image_size, load_image_pil
 from ovlt.data.packing import balanced_plan, collate, empty_batch, make_sample
 from ovlt.data.tokenizer import load_tokenizer
@@ -182,81 +181,6 @@ class SFTLoader:
             yield [next(it) for _ in step]
 
 
-# --------------------------------------------------------------------------- RL prompts
-@dataclass
-class PromptItem:
-    prompt_ids: torch.Tensor                  # [L] int64, ends with "<|im_start|>assistant\n"
-    pixel_values: Optional[torch.Tensor]      # [N, 1176] float32
-    image_grid_thw: Optional[torch.Tensor]    # [n, 3] int64
-    answer: str
-    source: str
-    difficulty: str
-    id: str
-    problem: str
-
-
-class RLPromptDataset(Dataset):
-    """Item i -> PromptItem (images decoded in the worker), or a skip tuple (id, file, index,
-    reason). `prompt_suffix` is appended to every problem (config rollout.prompt_suffix)."""
-
-    def __init__(self, records: Sequence[RLRecord], prompt_suffix: str = "",
-                 max_prompt_length: int = 6144, min_pixels: int = 3136,
-                 max_pixels: int = 262144, report: Optional[SkipReport] = None,
-                 system: Optional[str] = None):
-        self.tok = load_tokenizer()
-        self.suffix, self.system = prompt_suffix, system
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.report = _report_for(records, report)
-        self.records: list[RLRecord] = []
-        self.lengths: list[int] = []
-        for r in records:
-            try:
-                grids = _header_grids(r.images, min_pixels, max_pixels)
-                n = len(encode_prompt(r.problem + self.suffix, grids, system, tokenizer=self.tok))
-            except (ImageError, ValueError) as e:
-                self.report.reject(r.file, r.index, str(e))
-                continue
-            if n > max_prompt_length:
-                self.report.reject(r.file, r.index,
-                                 f"over-length: prompt of {n} tokens > {max_prompt_length}")
-                continue
-            self.records.append(r)
-            self.lengths.append(n)
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        r = self.records[i]
-        try:
-            pv, grids = _load_images(r.images, self.min_pixels, self.max_pixels)
-        except ImageError as e:
-            return (r.id, r.file, r.index, str(e))
-        ids = encode_prompt(r.problem + self.suffix, grids, self.system, tokenizer=self.tok)
-        return PromptItem(torch.tensor(ids, dtype=torch.long), pv,
-                          torch.tensor(grids, dtype=torch.long).reshape(-1, 3) if grids else None,
-                          r.answer, r.source, r.difficulty, r.id, r.problem)
-
-
-def rl_prompt_loader(dataset: RLPromptDataset, prompts_per_step: int, dp_rank: int = 0,
-                     dp_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0
-                     ) -> Iterator[list]:
-    """Per step, this rank's share of `prompts_per_step` prompts (a list of PromptItem and
-    skip tuples), from a seeded per-epoch shuffle; ranks get disjoint, equal-size shares."""
-    if prompts_per_step % dp_size:
-        raise ValueError(f"prompts_per_step {prompts_per_step} not divisible by dp_size {dp_size}")
-    order = list(range(len(dataset)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    steps = len(order) // prompts_per_step
-    share = prompts_per_step // dp_size
-    mine = [i for s in range(steps)
-            for i in order[s * prompts_per_step + dp_rank * share:s * prompts_per_step + (dp_rank + 1) * share]]
-    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=share, shuffle=False,
-                        num_workers=num_workers, collate_fn=_identity,
-                        prefetch_factor=2 if num_workers > 0 else None)
-    yield from loader
-
-
 # --------------------------------------------------------------------------- from config
 def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
                  report: Optional[SkipReport] = None) -> list:
@@ -285,10 +209,3 @@ def build_sft_loader(data_cfg, global_batch_size: int, dp_rank: int = 0, dp_size
                     data_cfg.min_pixels, data_cfg.max_pixels, report)
     return SFTLoader(ds, global_batch_size, data_cfg.pack_tokens or data_cfg.max_length,
                      dp_rank, dp_size, data_cfg.num_workers, data_cfg.seed, pad_to_multiple)
-
-
-def build_rl_dataset(data_cfg, prompt_suffix: str = "", max_prompt_length: int = 6144,
-                     files: Optional[Sequence[str]] = None) -> RLPromptDataset:
-    report = SkipReport(strict=data_cfg.strict)
-    return RLPromptDataset(read_records(data_cfg, "rl", files, report), prompt_suffix,
-                           max_prompt_length, data_cfg.min_pixels, data_cfg.max_pixels, report)

@@ -459,18 +459,3 @@ def read_registry(path, kind: str, report: Optional[SkipReport] = None, strict: 
                 recs.append(r)
         per_source.append((src, recs))
     return mix(per_source, seed)
-
-
-def read_any(path, kind: Optional[str] = None, image_root: Optional[str] = None,
-             report: Optional[SkipReport] = None, strict: bool = False, seed: int = 0) -> list:
-    """Records of a .json/.jsonl (SFT), .parquet (RL) or .yaml registry file."""
-    p = Path(path)
-    if p.suffix in (".yaml", ".yml"):
-        if kind is None:
-            raise ValueError(f"{p}: say kind='sft' or 'rl' for a registry")
-        return read_registry(p, kind, report, strict, seed)
-    if p.suffix == ".parquet":
-        return list(read_rl(p, image_root, report, strict))
-    if p.suffix in (".json", ".jsonl"):
-        return list(read_sft(p, image_root, report, strict))
-    raise ValueError(f"{p}: unknown data file type (expected .json, .jsonl, .parquet, .yaml)")

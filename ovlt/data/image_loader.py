@@ -7,7 +7,7 @@ float32, grid_thw). The PIL path is bit-identical to transformers' processor. Th
 grids are identical), decodes with nvImageCodec (nvJPEG on the GPU, libjpeg-turbo on the CPU),
 resizes with DALI's antialiased cubic filter in PIL's two-pass order with an 8-bit intermediate,
 and normalises + patchifies with a torch port of `image_processing.normalize_patchify`.
-Measured against the PIL path (tests/test_data_image_loader_dali.py, DALI's CPU pipeline,
+Measured against the PIL path (tests/unit/test_data_image_loader_dali.py, DALI's CPU pipeline,
 Pillow 13): photos differ by at most 2 grey levels and 0.03 levels on average per image; what
 remains is the filter's rounding and border handling, largest (up to 15 levels on a few
 border pixels) when tiny sharp-edged images are upscaled. On the GPU nvJPEG adds its own
@@ -160,7 +160,7 @@ def normalize_patchify_torch(rgb: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     """`image_processing.normalize_patchify` on a uint8 [H, W, 3] torch tensor, on its device:
     the same operations in the same dtypes (x * (1/255) in float64, then float32 mean/std), so
     the output is bit-identical to the numpy version for the same pixels
-    (tests/test_data_image_loader.py checks it)."""
+    (tests/unit/test_data_image_loader.py checks it)."""
     H, W, C = rgb.shape
     if C != 3 or H % ip.FACTOR or W % ip.FACTOR or rgb.dtype != torch.uint8:
         raise ValueError(f"expected uint8 [H, W, 3] with H, W multiples of {ip.FACTOR}, "
@@ -245,7 +245,7 @@ def choose_backend(requested: str = "auto") -> str:
 
 
 # What DALI's decoder turns into the same RGB bytes as PIL's `convert("RGB")` (checked in
-# tests/test_data_image_loader_dali.py); anything else goes through PIL inside the DALI loader.
+# tests/unit/test_data_image_loader_dali.py); anything else goes through PIL inside the DALI loader.
 DALI_FORMATS = frozenset({"JPEG", "PNG"})
 DALI_MODES = frozenset({"RGB", "L", "P", "1"})
 
@@ -264,7 +264,7 @@ class DaliImageLoader:
     resize; the outputs are on cuda:device_id. device="cpu": CPU decoder and resize, outputs
     on the CPU (runs without a GPU: the tests use it). Sizes come from the file headers (PIL,
     cheap) through `smart_resize`, so the grids equal the PIL path's. The resize is DALI's
-    antialiased cubic filter (what matches PIL's BICUBIC best: tests/test_data_image_loader_dali.py
+    antialiased cubic filter (what matches PIL's BICUBIC best: tests/unit/test_data_image_loader_dali.py
     compares it with linear and Lanczos), run as two one-axis passes with uint8 in between, in
     the order Pillow uses (`resize_passes`). EXIF orientation is ignored, as in the PIL path.
     Images outside DALI_FORMATS / DALI_MODES or with transparency are decoded by PIL

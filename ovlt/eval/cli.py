@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ovlt.config import ConfigError
-from ovlt.eval.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
+from ovlt.eval.readers import BENCHMARKS, BenchmarkError, load_benchmark
 from ovlt.logging import get_logger
 
 logger = get_logger(__name__)
@@ -77,7 +77,7 @@ def _print_scores(scores: dict, out: Path) -> None:
 def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None) -> int:
     """`engine` / `request_builder` may be injected (tests); otherwise built from the args."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from ovlt.eval import report as rpt
+    from ovlt.eval import score_report as rpt
     if args.cmd == "report":
         try:
             scores = rpt.load_scores(args.scores)

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from ovlt.eval.benchmarks import LETTERS, EvalItem
+from ovlt.eval.readers import LETTERS, EvalItem
 from ovlt.logging import get_logger
 
 logger = get_logger(__name__)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ovlt.eval.benchmarks import ID_FIELD, BenchmarkError, EvalItem
+from ovlt.eval.readers import ID_FIELD, BenchmarkError, EvalItem
 from ovlt.eval.scoring import Judge, aggregate, judge_response
 from ovlt.logging import get_logger
 from ovlt.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
@@ -170,8 +170,8 @@ def run_benchmarks(eval_cfg, engine: RolloutEngine, out_dir: str | os.PathLike,
     """Every benchmark of `eval_cfg.benchmarks` (config `EvalConfig`): generate into
     `<out_dir>/<name>/`, score, and write `<out_dir>/report.md` + `accuracy.png`.
     Returns benchmark -> scores (the iterate loop feeds the accuracies to `plot_rounds`)."""
-    from ovlt.eval.benchmarks import load_benchmark
-    from ovlt.eval.report import write_report
+    from ovlt.eval.readers import load_benchmark
+    from ovlt.eval.score_report import write_report
     results = {}
     for b in eval_cfg.benchmarks:
         items = load_benchmark(b.name, b.data, limit=b.limit or None)

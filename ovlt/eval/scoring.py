@@ -20,8 +20,8 @@ import re
 from collections import defaultdict
 from typing import Callable, Iterable, Optional
 
-from ovlt.eval.benchmarks import LETTERS, EvalItem
-from ovlt.eval.extract import extract_eval_answer, extract_letter
+from ovlt.eval.readers import LETTERS, EvalItem
+from ovlt.eval.answers import extract_eval_answer, extract_letter
 from ovlt.rewards.math_reward import option_letter_for_text, score_answer
 from ovlt.rewards.normalize import (choice_letter, normalize_answer, numbers_equal,
                                     split_collection, strip_choice_label, to_number)

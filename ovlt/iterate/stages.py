@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovlt.config import ConfigError, JobConfig, _build, _set_path, to_dict, validate
+from ovlt.config import ConfigError, JobConfig, from_dict, set_path, to_dict, validate
 
 STAGE_NAMES = ("prepare", "data", "sft", "grpo", "eval")
 
@@ -187,8 +187,8 @@ def stage_config(cfg: JobConfig, plan: StagePlan) -> JobConfig:
     """The job config with the stage's overrides applied, validated for its world size."""
     d = to_dict(cfg)
     for key, value in plan.overrides.items():
-        _set_path(d, key.split("."), copy.deepcopy(value))
-    scfg = _build(JobConfig, d)
+        set_path(d, key.split("."), copy.deepcopy(value))
+    scfg = from_dict(JobConfig, d)
     validate(scfg)
     if plan.stage in ("sft", "grpo"):
         # Batch divisibility for this trainer's own world size (each stage has its own).

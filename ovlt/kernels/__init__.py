@@ -1,7 +1,7 @@
 """ovlt's Triton kernels. Exported here: the fused LM-head log-prob / GRPO loss / SFT NLL
 (never building [T, V] logits) and GRPO advantages. Used by module path: `adamw` (fused AdamW
 over the flat fp32 shards), `rope` (fused rotary embedding), `swiglu` (SwiGLU forward /
-backward). The FP8 cast kernels live beside the FP8 layers (`ovlt.models.qwen2_5_vl.fp8_cast`,
+backward). The FP8 cast kernels live beside the FP8 layers (`ovlt.fp8.cast`,
 `fp8_swiglu`). Importable on CPU-only machines; Triton runs on CUDA tensors, or on CPU tensors
 under TRITON_INTERPRET=1, else an equivalent torch path."""
 from ._lmhead import config

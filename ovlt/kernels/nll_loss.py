@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ovlt.engine.grad_routing import note_written
+
 from ._lmhead import check_inputs, run_chunks, scale_stored_grads, shard_of
 
 
@@ -24,7 +26,7 @@ class _FusedNLL(torch.autograd.Function):
                                         dw_into=into, dw_into_fresh=dw_into_fresh,
                                         chunk_bytes=chunk_bytes)
         if into is not None:  # from here on main_grad holds this step's gradient
-            weight.grad_added_to_main_grad = True
+            note_written(weight)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype, ctx.done = weight.dtype, False
         ctx.weight = weight if into is not None else None
@@ -38,7 +40,7 @@ class _FusedNLL(torch.autograd.Function):
             # dW went into main_grad at forward time for an upstream gradient of 1 (the
             # trainer backpropagates this sum as is); checked without a host sync
             torch._assert_async(g_loss == 1)
-            ctx.weight.grad_added_to_main_grad = True
+            note_written(ctx.weight)
             dw = torch.empty_like(ctx.weight)  # placeholder so DDP's grad hook still fires
         return dh, dw, None, None, None, None, None, None, None, None
 
@@ -53,7 +55,7 @@ def fused_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     global ids (outside [0, V) -> logp 0, no gradient), token_weights [T] (default 1).
     The loss is a differentiable fp32 scalar; logp is detached.
     `dw_into` (mcore's fp32 `weight.main_grad`): the weight gradient is added into it during
-    the forward, which sets `weight.grad_added_to_main_grad` (so a later forward of the same
+    the forward, which marks the weight written (`ovlt.engine.grad_routing.note_written`, so a later forward of the same
     step knows main_grad holds this step's gradient); the backward must then receive an
     upstream gradient of exactly 1 (asserted on the device). `dw_into_fresh`: dw_into holds
     stale values (a buffer the step did not zero): the gradient overwrites them.

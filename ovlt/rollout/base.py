@@ -45,6 +45,11 @@ class Completion:
 
 
 class RolloutEngine(abc.ABC):
+    #: True for an engine that decodes with the trainer's own parameters (no weight sync,
+    #: prompts go as pixel values); False for one holding its own copy (vLLM: weights arrive
+    #: through `update_weights`, images as PIL images).
+    shares_trainer_weights: bool = False
+
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[list[Completion]]:
         """One list of `params.n` completions per request, in request order."""

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ovlt.logging import get_logger, log_once
+from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
 from ovlt.rollout.base import Completion, GenerationRequest, RolloutEngine, SamplingParams
 from ovlt.rollout.kv_decoder import LLMDecoder
 from ovlt.rollout.sampling import sample
@@ -22,17 +23,6 @@ from ovlt.rollout.sampling import sample
 log = get_logger(__name__)
 
 IM_END_ID, ENDOFTEXT_ID = 151645, 151643
-
-
-def _default_rope_fn(model_cfg) -> Callable:
-    from ovlt.models.qwen2_5_vl.rope_index import rope_index_1d
-
-    def fn(ids: torch.Tensor, grids):
-        pos, _ = rope_index_1d(ids, grids, spatial_merge_size=model_cfg.vision.spatial_merge_size,
-                               image_token_id=model_cfg.image_token_id,
-                               vision_start_token_id=model_cfg.vision_start_token_id)
-        return pos
-    return fn
 
 
 def _default_image_embedder(model) -> Optional[Callable]:
@@ -55,6 +45,8 @@ class _DecodeState:
 
 
 class BuiltinEngine(RolloutEngine):
+    shares_trainer_weights = True
+
     def __init__(self, model: torch.nn.Module, model_cfg, tokenizer=None,
                  eos_token_ids: Optional[list[int]] = None, max_batch_size: int = 64,
                  cuda_graphs: bool = True, tp_group=None, check_every: int = 8,
@@ -69,7 +61,7 @@ class BuiltinEngine(RolloutEngine):
         self.use_graphs = cuda_graphs and tp_group is None
         self.check_every = max(1, check_every)
         self.image_embedder = image_embedder or _default_image_embedder(model)
-        self.rope_fn = rope_fn or _default_rope_fn(model_cfg)
+        self.rope_fn = rope_fn or rope_positions_fn(model_cfg)
         self.pad_id = pad_token_id
         # Vision placeholders exist only in prompts: a sampled <|image_pad|> would not match
         # any image features when the trainer re-reads the response.

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ovlt.models.qwen2_5_vl import state_dict_adapter as sda
+from ovlt.utils.device import default_device
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -72,7 +73,7 @@ class _Comm:
                     f"tp {g.tp_rank}/{g.tp_size} pp {g.pp_rank}/{g.pp_size}]")
         group = g.tp_group if g.tp_size > 1 else g.pp_group
         nccl = group is not None and dist.get_backend(group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = default_device() if nccl else torch.device("cpu")
 
     def _wait(self, work, what: str) -> None:
         try:

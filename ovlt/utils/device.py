@@ -1,9 +1,25 @@
-"""Host -> device copies that do not stall the GPU stream."""
+"""The device a process trains on, the dtype of a precision name, and host -> device copies
+that do not stall the GPU stream."""
 from __future__ import annotations
 
 import time
 
 import torch
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a config precision name ("bf16", "fp16", "fp32")."""
+    return PRECISION_DTYPES[precision]
+
+
+def default_device() -> torch.device:
+    """This process's current CUDA device (set by `init_distributed` from LOCAL_RANK), else
+    the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def pinned(t):

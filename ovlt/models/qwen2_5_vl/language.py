@@ -14,12 +14,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ovlt.engine.grad_routing import Writer, note_written, route
+from ovlt.utils.device import dtype_of
+
 
 
 def common_config_kwargs(model_cfg, pp_size: int) -> dict:
     """TransformerConfig fields shared by the LLM and the vision tower."""
-    dt = DTYPES[model_cfg.params_dtype]
+    dt = dtype_of(model_cfg.params_dtype)
     return dict(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=pp_size,
@@ -66,7 +68,7 @@ def with_ovlt_layer_options(cfg: TransformerConfig, model_cfg) -> TransformerCon
     return cfg
 
 
-class _EmbeddingIntoMainGrad(torch.autograd.Function):
+class EmbeddingIntoMainGrad(torch.autograd.Function):
     """F.embedding whose weight gradient is index-added straight into the fp32 `main_grad`
     (only the rows of this batch's tokens), instead of a dense [V, H] bf16 gradient that mcore
     DDP's hook then adds into main_grad (a zero fill of V x H, a scatter and a V x H add)."""
@@ -83,25 +85,25 @@ class _EmbeddingIntoMainGrad(torch.autograd.Function):
         w = ctx.weight
         w.main_grad.index_add_(0, ids.reshape(-1),
                                grad.reshape(-1, grad.shape[-1]).to(w.main_grad.dtype))
-        w.grad_added_to_main_grad = True
-        # a placeholder gradient (never read: grad_added_to_main_grad) so DDP's hook still fires
+        note_written(w)
+        # a placeholder gradient (never read: written already) so DDP's hook still fires
         return None, torch.empty_like(w)
 
 
 class OvltVocabParallelEmbedding(VocabParallelEmbedding):
-    """mcore's VocabParallelEmbedding; with `grad_into_main_grad` (set by the trainer's CUDA
-    fast paths once DDP gave the weight its main_grad) and TP=1, the backward accumulates into
-    main_grad directly (`_EmbeddingIntoMainGrad`)."""
-
-    grad_into_main_grad = False
+    """mcore's VocabParallelEmbedding; when its weight's gradient is routed to the embedding
+    (`grad_routing.Writer.EMBEDDING`, set by the trainer's CUDA fast paths once DDP gave the
+    weight its main_grad) and TP=1, the backward accumulates into main_grad directly
+    (`EmbeddingIntoMainGrad`)."""
 
     def forward(self, input_):
-        if not (self.grad_into_main_grad and self.tp_group.size() == 1 and self.training
+        if not (route(self.weight).writer is Writer.EMBEDDING and self.tp_group.size() == 1
+                and self.training
                 and torch.is_grad_enabled() and self.weight.requires_grad
                 and hasattr(self.weight, "main_grad") and not self.reduce_scatter_embeddings
                 and not self.deterministic_mode):
             return super().forward(input_)
-        return _EmbeddingIntoMainGrad.apply(input_, self.weight)
+        return EmbeddingIntoMainGrad.apply(input_, self.weight)
 
 
 class Qwen2LanguageModel(GPTModel):

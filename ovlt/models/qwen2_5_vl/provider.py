@@ -15,7 +15,8 @@ from megatron.core import parallel_state
 
 from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl import specs
-from ovlt.models.qwen2_5_vl.language import DTYPES, Qwen2LanguageModel, language_config
+from ovlt.models.qwen2_5_vl.language import Qwen2LanguageModel, language_config
+from ovlt.utils.device import dtype_of
 from ovlt.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from ovlt.models.qwen2_5_vl.state_dict_adapter import padded_vocab_size
 from ovlt.models.qwen2_5_vl.vision import VisionModel
@@ -50,7 +51,7 @@ def build_model(model_cfg, pre_process: Optional[bool] = None,
     model = Qwen2_5_VLModel(model_cfg, llm, vision)
     # mcore's torch-norm layers are created in fp32 whatever params_dtype says (mcore expects a
     # Float16Module wrapper); cast so every parameter has the configured dtype.
-    model.to(DTYPES[model_cfg.params_dtype])
+    model.to(dtype_of(model_cfg.params_dtype))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     n = sum(p.numel() for p in model.parameters())

@@ -108,3 +108,14 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
         raise ValueError(f"image_grid_thw has {len(grids)} rows but the batch has {used} images")
     return position_ids, torch.tensor(deltas, dtype=torch.long,
                                       device=input_ids.device).unsqueeze(1)
+
+
+def rope_positions_fn(model_cfg):
+    """`fn(ids [L], grids) -> positions [3, L]`: the MRoPE positions of one packed sample for
+    `model_cfg` (what the trainer's micro-batches and the built-in engine both use)."""
+    def fn(ids: torch.Tensor, grids):
+        pos, _ = rope_index_1d(ids, grids, spatial_merge_size=model_cfg.vision.spatial_merge_size,
+                               image_token_id=model_cfg.image_token_id,
+                               vision_start_token_id=model_cfg.vision_start_token_id)
+        return pos
+    return fn

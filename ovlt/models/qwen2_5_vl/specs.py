@@ -61,8 +61,8 @@ def resolve_impl(model_cfg) -> str:
 def _linears(impl: str, fp8_recipe: str):
     """(column-parallel linear, row-parallel linear, MLP) classes."""
     if impl == "fp8":
-        from ovlt.models.qwen2_5_vl.fp8 import fp8_linear_classes
-        from ovlt.models.qwen2_5_vl.fp8_mlp import Fp8SwiGLUMLP
+        from ovlt.fp8.linear import fp8_linear_classes
+        from ovlt.fp8.mlp import Fp8SwiGLUMLP
         return (*fp8_linear_classes(fp8_recipe), Fp8SwiGLUMLP)
     return ColumnParallelLinear, RowParallelLinear, MLP
 
