@@ -16,7 +16,8 @@ import torch
 
 from ovlt.logging import get_logger, log_once
 from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
-from ovlt.rollout.base import Completion, GenerationRequest, RolloutEngine, SamplingParams
+from ovlt.rollout.base import (Completion, GenerationRequest, OnComplete, RolloutEngine,
+                               SamplingParams, report_all)
 from ovlt.rollout.kv_decoder import LLMDecoder
 from ovlt.rollout.sampling import sample
 
@@ -71,7 +72,8 @@ class BuiltinEngine(RolloutEngine):
         self._state: Optional[_DecodeState] = None
 
     # ------------------------------------------------------------------ interface
-    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams,
+                 on_complete: Optional[OnComplete] = None) -> list[list[Completion]]:
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs the engine's tokenizer (make_engine(tokenizer=...))")
         if params.max_new_tokens < 1:
@@ -88,7 +90,9 @@ class BuiltinEngine(RolloutEngine):
             chunk = rows[s: s + self.max_batch_size]
             comps = self._generate_batch([requests[i] for i, _ in chunk], params, gen)
             for (i, j), c in zip(chunk, comps):
+                c.index = j
                 out[i][j] = c
+        report_all(out, on_complete)  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -48,7 +48,8 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ovlt.logging import get_logger, log_once
-from ovlt.rollout.base import Completion, GenerationRequest, RolloutEngine, SamplingParams
+from ovlt.rollout.base import (Completion, GenerationRequest, OnComplete, RolloutEngine,
+                               SamplingParams, report_all)
 
 log = get_logger(__name__)
 
@@ -209,7 +210,7 @@ class VLLMEngine(RolloutEngine):
                   stop=list(params.stop) or None, include_stop_str_in_output=True,
                   seed=params.seed, logprobs=0 if params.logprobs else None,
                   skip_special_tokens=True)
-        if self.eos:
+        if self.eos and not params.ignore_eos:
             kw["stop_token_ids"] = list(self.eos)
         else:
             kw["ignore_eos"] = True
@@ -217,7 +218,7 @@ class VLLMEngine(RolloutEngine):
         return vllm.SamplingParams(**kw)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
-                 **sampling_overrides) -> list[list[Completion]]:
+                 on_complete: Optional[OnComplete] = None, **sampling_overrides) -> list[list[Completion]]:
         if self._weights_asleep:
             raise RuntimeError("VLLMEngine.generate after sleep(): call wake() and update_weights() first")
         if self._kv_asleep:
@@ -247,12 +248,14 @@ class VLLMEngine(RolloutEngine):
                         lps.append(float(lp.logprob) if lp is not None else float("nan"))
                 comps.append(Completion(request_id=r.request_id, token_ids=ids, logprobs=lps,
                                         text=c.text, finish_reason="length"
-                                        if c.finish_reason == "length" else "stop"))
+                                        if c.finish_reason == "length" else "stop",
+                                        index=len(comps)))
             if copies > 1:
                 comps = [dataclasses.replace(comps[0], token_ids=list(comps[0].token_ids),
-                                             logprobs=list(comps[0].logprobs))
-                         for _ in range(copies)]
+                                             logprobs=list(comps[0].logprobs), index=j)
+                         for j in range(copies)]
             result.append(comps)
+        report_all(result, on_complete)
         return result
 
     # ------------------------------------------------------------------ weights / memory
