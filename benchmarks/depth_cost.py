@@ -1,12 +1,12 @@
 """What the layers added between two `sft_throughput.py` results cost each variant.
 
-Given a shallow and a deep result of one lease (same code, same batch), the difference of
+Given a shallow and a deep result of the same code and batch on one machine, the difference of
 their step times is what the added layers cost: fixed per-step work (embedding, LM head,
 loss, data) cancels. The ratio of two variants' added costs is where their speed ratio goes
 as layers are added; the results' own ratios mix it with the fixed savings.
 
-    python benchmarks/depth_cost.py results/sft_throughput_h200_s23_4x8_final.json \
-        results/sft_throughput_h200_s23_16x32.json
+    python benchmarks/depth_cost.py benchmarks/results/sft_throughput_h200_4x8.json \
+        benchmarks/results/sft_throughput_h200_16x32.json
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One full GRPO step on one GPU: the ovlt trainer vs TRL's `GRPOTrainer`, same weights/prompts/settings.
 
-    python benchmarks/grpo_vs_trl.py --out benchmarks/results/grpo_step_h100.json        # H100
+    python benchmarks/grpo_vs_trl.py --out benchmarks/results/grpo_vs_trl_h100.json      # H100
     python benchmarks/grpo_vs_trl.py --tiny --device cpu --out /tmp/grpo_step_tiny.json   # CPU smoke
 
 What runs (the parent process prepares the inputs, then runs each side in its own subprocess,
@@ -593,7 +593,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--side", default=None, choices=["ovlt", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="benchmarks/results/grpo_step_h100.json")
+    ap.add_argument("--out", default="benchmarks/results/grpo_vs_trl_h100.json")
     args = ap.parse_args(argv)
     import torch
     if args.device is None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10: the same SFT steps under several layouts on one multi-GPU host (NCCL), or on CPU
+# The same SFT steps under several layouts on one multi-GPU host (NCCL), or on CPU
 # (gloo) for a dry run. Writes one metrics JSONL per layout to $RESULTS, then compares the
 # loss curves and throughput with benchmarks/multi_gpu_compare.py.
 #   NGPU=2 STEPS=20 bash benchmarks/multi_gpu_sft.sh              # 7B-shaped layers on GPUs
