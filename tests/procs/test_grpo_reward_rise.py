@@ -1,4 +1,4 @@
-"""Issue 7 invariant: on synthetic visual data, a few GRPO steps raise the mean reward of a task
+"""GRPO invariant: on synthetic visual data, a few GRPO steps raise the mean reward of a task
 the SFT model half-solves (CPU tiny model, fixed seeds, the real trainers end to end).
 
 The task (`colour_problem`): a 56x56 image filled with a jittered red or blue; the question
