@@ -3,7 +3,7 @@ CPU, real mcore DDP + DistributedOptimizer, 2 packed micro-batches per step):
 - gradient buffers: the transformer layers' weights overwrite their main_grad on their first
   gradient of a step (the wgrad GEMM, `TorchWgradAccum` patched into mcore as on a GPU), and so
   does the SFT loss for the LM head (`mark_head_overwrites`, dW written in the forward), so
-  `grad_buffers.zero_grad_buffers` leaves their slices unzeroed — poisoned with NaN here;
+  `grad_routing.zero_grad_buffers` leaves their slices unzeroed — poisoned with NaN here;
 - the frozen vision tower run one step ahead (`train_step(prefetch=...)`)."""
 import itertools
 
