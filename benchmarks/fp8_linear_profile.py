@@ -44,13 +44,13 @@ def main():
     res["cast_x_ms"] = bench(lambda: F8.quantize(x, F8.E4M3))
     res["cast_w_ms"] = bench(lambda: F8.quantize(w, F8.E4M3))
     res["cast_g_e5m2_ms"] = bench(lambda: F8.quantize(g, F8.E5M2))
-    res["colmajor_copy_w_ms"] = bench(lambda: F8._col_major(wq))
-    res["scaled_mm_fwd_ms"] = bench(lambda: F8._mm(xq, sx, wq.t(), sw, torch.bfloat16))
-    wq_cm = F8._col_major(wq)
+    res["colmajor_copy_w_ms"] = bench(lambda: F8.col_major(wq))
+    res["scaled_mm_fwd_ms"] = bench(lambda: F8.scaled_mm(xq, sx, wq.t(), sw, torch.bfloat16))
+    wq_cm = F8.col_major(wq)
     res["scaled_mm_dgrad_ms"] = bench(lambda: torch._scaled_mm(gq, wq_cm, scale_a=sg, scale_b=sw,
                                                               out_dtype=torch.bfloat16))
     gqt = gq.t().contiguous()
-    xq_cm = F8._col_major(xq)
+    xq_cm = F8.col_major(xq)
     res["scaled_mm_wgrad_ms"] = bench(lambda: torch._scaled_mm(gqt, xq_cm, scale_a=sg, scale_b=sx,
                                                               out_dtype=torch.bfloat16))
     gq4, sg4 = F8.quantize(g, F8.E4M3)

@@ -21,7 +21,7 @@ from benchmarks._bench_util import cuda_time as _cuda_time, write_results  # noq
 
 
 @triton.jit
-def to_bf16_rne(x):  # as ovlt.kernels._rounding's
+def to_bf16_rne(x):  # as ovlt.kernels.rounding's
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -10,8 +10,8 @@ import torch
 from _bench_util import cuda_time as time_fn, measure, write_results  # noqa: E402
 
 from ovlt import kernels  # noqa: E402
-from ovlt.kernels import _triton_ops as ops  # noqa: E402
-from ovlt.kernels.advantages import _torch_path  # noqa: E402
+from ovlt.kernels import triton_ops as ops  # noqa: E402
+from ovlt.kernels.advantages import torch_group_advantages  # noqa: E402
 from ovlt.kernels.grpo_loss import agg_weights, token_terms  # noqa: E402
 
 H, V = 3584, 152064
@@ -72,7 +72,7 @@ def main(argv=None):
 
         def tor():
             _, inv = torch.unique(ids, return_inverse=True)
-            return _torch_path(r, inv, n_prompts, 1e-6, True)
+            return torch_group_advantages(r, inv, n_prompts, 1e-6, True)
         torch.testing.assert_close(tri(), tor(), rtol=1e-5, atol=1e-5)
         row = dict(N=N, group=g, triton_ms=time_fn(tri), torch_ms=time_fn(tor),
                    public_ms=time_fn(lambda: kernels.grpo_advantages(r, ids)))

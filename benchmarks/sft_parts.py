@@ -203,12 +203,12 @@ def bench_rope(res):
     out = {"mcore_unfused_ms": cuda_time(lambda: [_apply_rotary_pos_emb_bshd(x, f)
                                                   for x in (q, k, q, k)], 10, 2)}
     old = dict(rope.TILE)
-    ref = [rope._rope(x, f, bw) for x in (q, k) for bw in (False, True)]
+    ref = [rope.apply_rope(x, f, bw) for x in (q, k) for bw in (False, True)]
     try:
         for tokens, heads, nw in itertools.product((1, 2, 4, 8), (8, 32), (2, 4, 8)):
             rope.TILE.update(tokens=tokens, heads=heads, num_warps=nw)
-            got = [rope._rope(x, f, bw) for x in (q, k) for bw in (False, True)]
-            ms = cuda_time(lambda: [rope._rope(x, f, bw) for x in (q, k)
+            got = [rope.apply_rope(x, f, bw) for x in (q, k) for bw in (False, True)]
+            ms = cuda_time(lambda: [rope.apply_rope(x, f, bw) for x in (q, k)
                                     for bw in (False, True)], 20, 3)
             out[f"t{tokens}_h{heads}_w{nw}"] = {"ms": ms, "GBps": moved / ms / 1e6,
                                                 "equal": all(torch.equal(a, b)

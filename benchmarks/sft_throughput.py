@@ -348,7 +348,7 @@ def _unfused_fp8_mlp(bundle):
     for chunk in bundle.chunks:
         for mod in chunk.modules():
             if isinstance(mod, Fp8SwiGLUMLP):
-                mod._fused_ok = lambda per_token_scale: False
+                mod.fused_ok = lambda per_token_scale: False
 
 
 def _adamw_updates_every_block(fn):
@@ -365,11 +365,11 @@ def _separate_fp8_bias(fn):
     """A/B: the FP8 linears' bias added after the GEMM (a separate pass) instead of in its
     epilogue."""
     from ovlt.fp8 import linear as fp8
-    old, fp8._EPILOGUE_BIAS = fp8._EPILOGUE_BIAS, ()
+    old, fp8.EPILOGUE_BIAS_DTYPES = fp8.EPILOGUE_BIAS_DTYPES, ()
     try:
         return fn()
     finally:
-        fp8._EPILOGUE_BIAS = old
+        fp8.EPILOGUE_BIAS_DTYPES = old
 
 
 def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True, gc_interval=None):

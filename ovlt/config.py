@@ -68,10 +68,15 @@ class ModelConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     vision: VisionConfig = field(default_factory=VisionConfig)
-    # Layer implementation: "auto" = Transformer Engine when it imports, else local mcore layers.
+    # Layer implementation: "local" = mcore linears (with ovlt's FP8 linears under a scaled_mm_*
+    # fp8); "te" = Transformer Engine layers (explicit only: not yet proven on a GPU); "auto" =
+    # "local", never TE until its spec has passed parity on a GPU.
     transformer_impl: Literal["auto", "te", "local"] = "auto"
+    # "te" needs transformer_impl=te; "auto" = flash-attn varlen on CUDA when it imports, else
+    # torch SDPA (TE's attention with transformer_impl=te).
     attention_backend: Literal["auto", "flash", "te", "sdpa"] = "auto"
-    # FP8: "none"; TE recipes; or ovlt's torch._scaled_mm layers (GPUs without TE).
+    # FP8: "none"; te_delayed / te_current (need transformer_impl=te); or ovlt's
+    # torch._scaled_mm layers, scaled_mm_* (local layers).
     fp8: Literal["none", "te_delayed", "te_current", "scaled_mm_tensor", "scaled_mm_delayed",
                  "scaled_mm_rowwise"] = "none"
     # Gradient format of the ovlt scaled_mm FP8 path (forward is always e4m3).
@@ -562,6 +567,24 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def check_layer_choice(m: ModelConfig) -> None:
+    """The model.transformer_impl / fp8 / attention_backend combinations that exist (the layer
+    backend is chosen from them in `ovlt.models.qwen2_5_vl.specs.backend_for`)."""
+    te = m.transformer_impl == "te"
+    if m.fp8.startswith("te_") and not te:
+        raise ConfigError(
+            f"model.fp8={m.fp8} is a Transformer Engine recipe and model.transformer_impl="
+            f"{m.transformer_impl} does not select TE ('auto' never does: the TE layers are not "
+            "yet proven on a GPU). Use model.fp8=scaled_mm_delayed|scaled_mm_tensor|"
+            "scaled_mm_rowwise (ovlt's FP8) or model.transformer_impl=te")
+    if m.fp8.startswith("scaled_mm") and te:
+        raise ConfigError(f"model.fp8={m.fp8} is ovlt's FP8 for the local layers; with "
+                          "model.transformer_impl=te use model.fp8=te_delayed|te_current")
+    if m.attention_backend == "te" and not te:
+        raise ConfigError(f"model.attention_backend=te needs model.transformer_impl=te (got "
+                          f"{m.transformer_impl}); the local layers take flash, sdpa or auto")
+
+
 def validate(cfg: JobConfig, world_size: Optional[int] = None,
              trainers: tuple[str, ...] = ("sft", "grpo")) -> None:
     """Cross-field checks; each names the keys involved and the allowed values."""
@@ -585,6 +608,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
     if sum(m.mrope_section) * 2 != m.hidden_size // m.num_attention_heads:
         raise ConfigError(f"model.mrope_section={m.mrope_section}: sum*2 must equal head dim "
                           f"{m.hidden_size // m.num_attention_heads}")
+    check_layer_choice(m)
     if m.fp8_amax_history < 3:
         raise ConfigError(f"model.fp8_amax_history={m.fp8_amax_history}: must be >= 3 (each cast "
                           "writes one slot and clears the next)")

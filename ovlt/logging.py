@@ -46,9 +46,9 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def log_once(logger: logging.Logger, key: str, msg: str, *args) -> None:
+def log_once(logger: logging.Logger, key: str, msg: str, *args, level: int = logging.INFO) -> None:
     """Log a message once per process (e.g. which optional backend is in use)."""
     if key in _ONCE:
         return
     _ONCE.add(key)
-    logger.info(msg, *args)
+    logger.log(level, msg, *args)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ovlt.kernels._triton_ops import _MAX, _Kernel, device_fn, tl, use_triton
+from ovlt.kernels.triton_ops import MAX_COMBINE, Kernel, device_fn, tl, use_triton
 
 # Tile of one program (rows x cols) and its warps. `benchmarks/sft_parts.py --parts fp8` on an
 # H200: 64 x 128 with 4 warps is 5-8 % faster than 64 x 64 on the step's big casts (3.4-3.6 TB/s).
@@ -48,7 +48,7 @@ class AmaxHistory:
         return self.calls % L, (self.calls + 1) % L
 
 
-# Device helpers shared by every FP8 cast kernel (here and `fp8_swiglu.py`; `_Kernel(helpers=)`).
+# Device helpers shared by every FP8 cast kernel (here and `swiglu.py`; `Kernel(helpers=)`).
 @device_fn
 def _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX: tl.constexpr,
                NSRC: tl.constexpr, LANES: tl.constexpr):
@@ -60,7 +60,7 @@ def _fp8_scale(src_ptr, dq_ptr, n_src, skip0, skip1, first, FMAX: tl.constexpr,
     slot = idx // LANES
     h = tl.load(src_ptr + idx, mask=(idx < n_src) & (slot != skip0) & (slot != skip1),
                 other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.reduce(h, 0, _MAX), 1e-12)
+    amax = tl.maximum(tl.reduce(h, 0, MAX_COMBINE), 1e-12)
     s = tl.math.div_rn(tl.full((), 1.0, tl.float32), amax) * FMAX
     tl.store(dq_ptr, tl.math.div_rn(tl.full((), 1.0, tl.float32), s), mask=first)
     return s
@@ -76,7 +76,7 @@ def _fp8_store(q_ptr, qt_ptr, x, s, rows, cols, n_rows, n_cols, mask, FMAX: tl.c
         tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], y, mask=mask)
     if WRITE_QT:
         tl.store(qt_ptr + cols[None, :] * n_rows + rows[:, None], y, mask=mask)
-    return tl.reduce(tl.reduce(tl.abs(x), 1, _MAX), 0, _MAX)
+    return tl.reduce(tl.reduce(tl.abs(x), 1, MAX_COMBINE), 0, MAX_COMBINE)
 
 
 @device_fn
@@ -113,7 +113,7 @@ def _cast_t_fn(x_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, C, stride_r, 
         _fp8_record(hist_ptr, amax, cur, nxt, first, LANES)
 
 
-_cast_t_kernel = _Kernel(_cast_t_fn, FP8_HELPERS, FP8_SLOT_ARGS)
+_cast_t_kernel = Kernel(_cast_t_fn, FP8_HELPERS, FP8_SLOT_ARGS)
 
 
 def scale_source(t: torch.Tensor, history: "AmaxHistory | None"):

@@ -21,7 +21,7 @@ tensor, scales from an amax history like TE's delayed recipe, `model.fp8_amax_hi
     the step's start). It holds each weight's FP8 copy and transpose for the step (2 bytes per
     trained weight in FP8 linears); `model.fp8_weight_cache=false` turns it off. Frozen
     weights (the vision tower) are cast once for the run and the cast kept
-    (`_Fp8Mixin._frozen_weight_cast`).
+    (`Fp8LinearMixin._frozen_weight_cast`).
 Memory: "tensor" saves X^T and W^T in FP8 for the backward (X at half of bf16, plus 1 byte per
 weight; nothing is cast twice); "rowwise" needs X scaled along the other axis for dW, so it
 saves X in its input dtype.
@@ -29,13 +29,14 @@ Weight gradients: with mcore's `gradient_accumulation_fusion` (set by the CUDA f
 DDP has given the weight its fp32 `main_grad`), the per-tensor dW GEMM writes into main_grad.
 `torch._scaled_mm` wants both operands K-major and dims multiple of 16; the token dim is
 zero-padded to 16 here. Per-tensor casts that also need a transposed copy go through the fused
-Triton cast-transpose kernel of `fp8_cast.py` on CUDA. Layers: mcore Column/RowParallelLinear
+Triton cast-transpose kernel of `cast.py` on CUDA. Layers: mcore Column/RowParallelLinear
 with `_forward_impl` replaced, so TP (all-reduce of dX in column-parallel layers) keeps mcore
 semantics. No sequence parallel.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -82,40 +83,42 @@ def quantize(t: torch.Tensor, dtype, dim=None):
     return _quantize_eager(t, dtype, dim)
 
 
-def _col_major(t: torch.Tensor) -> torch.Tensor:
+def col_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the same values, laid out column-major (what `_scaled_mm` wants of b)."""
     return t.t().contiguous().t()
 
 
-def _mm(a, sa, b, sb, out_dtype, fast_accum=False, bias=None):
+def scaled_mm(a, sa, b, sb, out_dtype, fast_accum=False, bias=None):
     """(sa*a) @ (sb*b) (+ bias [N], added in the GEMM's epilogue before the one rounding to
     out_dtype); a [M,K] row-major, b [K,N] (made column-major here). `fast_accum`:
     cuBLASLt's FP8 fast accumulation (no periodic promotion of the partial sums to fp32)."""
-    b = b if b.stride(0) == 1 else _col_major(b)
+    b = b if b.stride(0) == 1 else col_major(b)
     return torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, bias=bias,
                             out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
-_ROWWISE_FALLBACK: set = set()
+# (grad dtype, device) pairs whose row-wise GEMM this torch/cuBLAS refused: per tensor from then on
+ROWWISE_FALLBACK: set = set()
 
 
-def _rowwise_mm(a_hp, a_dtype, b_hp, out_dtype):
+def rowwise_mm(a_hp, a_dtype, b_hp, out_dtype):
     """a_hp [M,K] @ b_hp [K,N] in FP8 with per-row scales of a and per-column scales of b.
     Some torch/cuBLAS builds only take e4m3 x e4m3 for row-wise scaling: then this GEMM falls
     back to per-tensor scales (logged once per dtype pair)."""
     key = (a_dtype, str(a_hp.device))
-    if key not in _ROWWISE_FALLBACK:
+    if key not in ROWWISE_FALLBACK:
         try:
             aq, sa = quantize(a_hp, a_dtype, dim=1)
             bq, sb = quantize(b_hp, E4M3, dim=0)
-            return _mm(aq, sa, bq, sb, out_dtype)
+            return scaled_mm(aq, sa, bq, sb, out_dtype)
         except RuntimeError as e:
             from ovlt.logging import get_logger
             get_logger(__name__).warning("row-wise FP8 GEMM with %s grads unsupported here (%s); "
                                          "using per-tensor scales for it", a_dtype, str(e)[:120])
-            _ROWWISE_FALLBACK.add(key)
+            ROWWISE_FALLBACK.add(key)
     aq, sa = quantize(a_hp, a_dtype)
     bq, sb = quantize(b_hp, E4M3)
-    return _mm(aq, sa, bq, sb, out_dtype)
+    return scaled_mm(aq, sa, bq, sb, out_dtype)
 
 
 def _pad16(t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +126,7 @@ def _pad16(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-_EPILOGUE_BIAS = (torch.bfloat16, torch.float16)  # bias dtypes cuBLASLt's FP8 epilogue takes
+EPILOGUE_BIAS_DTYPES = (torch.bfloat16, torch.float16)  # biases cuBLASLt's FP8 epilogue takes
 
 
 def _out_dtype(x: torch.Tensor, rowwise: bool):
@@ -142,7 +145,7 @@ def _wgrad_into_main_grad(weight, gqt, sg, xqt, sx) -> torch.Tensor:
         torch._scaled_mm(gqt, xqt.t(), scale_a=sg, scale_b=sx,
                          out_dtype=torch.float32, out=mg)
     else:
-        mg.add_(_mm(gqt, sg, xqt.t(), sx, weight.dtype))
+        mg.add_(scaled_mm(gqt, sg, xqt.t(), sx, weight.dtype))
     note_written(weight)
     return torch.empty_like(weight)  # placeholder so DDP's grad hook still fires
 
@@ -152,7 +155,7 @@ def wgrad(weight, gqt, sg, xqt, sx, out_dtype, w_dtype) -> torch.Tensor:
     fused wgrad contract), else returned in `w_dtype`."""
     if weight is not None:
         return _wgrad_into_main_grad(weight, gqt, sg, xqt, sx)
-    return _mm(gqt, sg, xqt.t(), sx, out_dtype).to(w_dtype)
+    return scaled_mm(gqt, sg, xqt.t(), sx, out_dtype).to(w_dtype)
 
 
 def weight_cast(weight, history, need_qt: bool, cached=None):
@@ -176,7 +179,7 @@ class _Fp8Linear(torch.autograd.Function):
         if rowwise:
             xq, sx = quantize(x2, E4M3, dim=1)          # per token  [M,1]
             wq, sw = quantize(weight, E4M3, dim=1)      # per output channel [N,1]
-            y = _mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype, fast_accum)
+            y = scaled_mm(xq, sx, wq.t(), sw.t().contiguous(), out_dtype, fast_accum)
             ctx.save_for_backward(x2, weight)
         else:
             # X^T in FP8 is what dW needs and W^T what dX needs (K-major operands only): one
@@ -187,9 +190,9 @@ class _Fp8Linear(torch.autograd.Function):
             wq, wqt, sw = weight_cast(weight, hw, x.requires_grad, cached_weight)
             # a bf16/fp16 bias goes into the GEMM's epilogue (a separate broadcast add re-read
             # and re-wrote the whole output: ~0.1 ms for a 7B layer's QKV at 8192 tokens)
-            if bias is not None and bias.dtype == out_dtype and out_dtype in _EPILOGUE_BIAS:
+            if bias is not None and bias.dtype == out_dtype and out_dtype in EPILOGUE_BIAS_DTYPES:
                 bias, epilogue_bias = None, bias
-            y = _mm(xq, sx, wq.t(), sw, out_dtype, fast_accum, epilogue_bias)
+            y = scaled_mm(xq, sx, wq.t(), sw, out_dtype, fast_accum, epilogue_bias)
             ctx.save_for_backward(xqt, sx, wqt, sw)
             if wgrad_into_main_grad and hasattr(weight, "main_grad"):
                 ctx.weight = weight
@@ -212,15 +215,15 @@ class _Fp8Linear(torch.autograd.Function):
             x2, weight = ctx.saved_tensors
             # dX = G W: per token x per input channel; dW = G^T X: per output x input channel
             if need_dx:
-                dx = _rowwise_mm(g, ctx.grad_dtype, weight, out_dtype)
+                dx = rowwise_mm(g, ctx.grad_dtype, weight, out_dtype)
             if need_dw:
-                dw = _rowwise_mm(g.t(), ctx.grad_dtype, x2, out_dtype).to(weight.dtype)
+                dw = rowwise_mm(g.t(), ctx.grad_dtype, x2, out_dtype).to(weight.dtype)
         else:
             xqt, sx, wqt, sw = ctx.saved_tensors
             gq, gqt, sg = cast_transpose(g, ctx.grad_dtype, want_q=need_dx, want_qt=need_dw,
                                          history=ctx.hg)
             if need_dx:
-                dx = _mm(gq, sg, wqt.t(), sw, out_dtype)         # W as an N-major operand
+                dx = scaled_mm(gq, sg, wqt.t(), sw, out_dtype)         # W as an N-major operand
             if need_dw:
                 dw = wgrad(ctx.weight, gqt, sg, xqt, sx, out_dtype, ctx.w_dtype)
                 ctx.weight = None
@@ -250,18 +253,22 @@ def fp8_linear(x, weight, bias=None, rowwise=False, grad_format="e5m2", allreduc
                             bool(fprop_fast_accum), cached_weight)
 
 
-class _Fp8Mixin:
+class Fp8LinearMixin:
+    """What makes an mcore Column/RowParallelLinear an FP8 one (`fp8_linear_classes`): its
+    `_forward_impl` through `fp8_linear`, the layer's amax histories (`fp8_histories`, delayed
+    scaling), the step's weight cast (`fp8_step_cast`, see `fp8_weight_cache`) and a frozen
+    weight's kept cast (`fp8_frozen_cast`)."""
     fp8_rowwise = False
     fp8_delayed = False
     fp8_grad_format = "e5m2"
-    _fp8_histories = None
-    _fp8_step_cast = None  # (weight, (wq, wqt, scale)) while `fp8_weight_cache` holds it
-    _fp8_frozen_cast = None  # ((data_ptr, version), cast) of a frozen weight
+    fp8_histories = None
+    fp8_step_cast = None  # (weight, (wq, wqt, scale)) while `fp8_weight_cache` holds it
+    fp8_frozen_cast = None  # ((data_ptr, version), cast) of a frozen weight
 
     def cached_weight_cast(self, weight, need_qt: bool = False):
         """A cast of `weight` made before: this step's (see `fp8_weight_cache`), or for a
         frozen weight the one kept since its first use (see `_frozen_weight_cast`); else None."""
-        held = self._fp8_step_cast
+        held = self.fp8_step_cast
         if held is not None and held[0] is weight:
             return held[1]
         return self._frozen_weight_cast(weight, need_qt)
@@ -279,28 +286,28 @@ class _Fp8Mixin:
                 not getattr(self.config, "ovlt_fp8_weight_cache", True):
             return None
         key = (weight.data_ptr(), weight._version)
-        kept = self._fp8_frozen_cast
+        kept = self.fp8_frozen_cast
         if kept is None or kept[0] != key or (need_qt and kept[1][1] is None):
             kept = (key, weight_cast(weight, None, need_qt))
-            self._fp8_frozen_cast = kept
+            self.fp8_frozen_cast = kept
         return kept[1]
 
-    def _fp8_cacheable(self) -> bool:
+    def fp8_cacheable(self) -> bool:
         w = self.weight
         return (not self.fp8_rowwise and w.requires_grad and w.dim() == 2
                 and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
                 and getattr(self.config, "ovlt_fp8_weight_cache", True))
 
-    def _amax_histories(self, device):
+    def amax_histories(self, device):
         """(x, weight, grad) amax histories of this layer (delayed scaling), made on first use.
         Not checkpointed: a resumed run starts them afresh (its first cast of each tensor uses
         current scaling)."""
         if not self.fp8_delayed:
             return None
-        if self._fp8_histories is None:
+        if self.fp8_histories is None:
             n = getattr(self.config, "ovlt_fp8_amax_history", 16)
-            self._fp8_histories = tuple(AmaxHistory(n, device) for _ in range(3))
-        return self._fp8_histories
+            self.fp8_histories = tuple(AmaxHistory(n, device) for _ in range(3))
+        return self.fp8_histories
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **rest):
@@ -320,7 +327,7 @@ class _Fp8Mixin:
         return fp8_linear(input, weight, bias, self.fp8_rowwise,
                           getattr(self.config, "ovlt_fp8_grad_format", self.fp8_grad_format),
                           allreduce_dgrad, tp_group, gradient_accumulation_fusion,
-                          self._amax_histories(weight.device),
+                          self.amax_histories(weight.device),
                           getattr(self.config, "ovlt_fp8_fprop_fast_accum", False),
                           self.cached_weight_cast(weight, need_qt=input.requires_grad))
 
@@ -328,7 +335,7 @@ class _Fp8Mixin:
 def _cacheable_linears(chunk) -> list:
     got = chunk.__dict__.get("_ovlt_fp8_cacheable")
     if got is None:
-        got = [m for m in chunk.modules() if isinstance(m, _Fp8Mixin) and m._fp8_cacheable()]
+        got = [m for m in chunk.modules() if isinstance(m, Fp8LinearMixin) and m.fp8_cacheable()]
         chunk.__dict__["_ovlt_fp8_cacheable"] = got
     return got
 
@@ -347,21 +354,25 @@ def fp8_weight_cache(chunks: list, enabled: bool = True):
     try:
         for m in mods:
             w = m.weight
-            hist = m._amax_histories(w.device)
-            m._fp8_step_cast = (w, weight_cast(w, hist[1] if hist else None, True))
+            hist = m.amax_histories(w.device)
+            m.fp8_step_cast = (w, weight_cast(w, hist[1] if hist else None, True))
         yield len(mods)
     finally:
         for m in mods:
-            m._fp8_step_cast = None
+            m.fp8_step_cast = None
 
 
+RECIPES = ("scaled_mm_tensor", "scaled_mm_delayed", "scaled_mm_rowwise")
+
+
+@functools.lru_cache(maxsize=None)
 def fp8_linear_classes(recipe: str):
-    """(ColumnParallelLinear, RowParallelLinear) subclasses for
-    `scaled_mm_tensor|scaled_mm_delayed|scaled_mm_rowwise`."""
-    if recipe not in ("scaled_mm_tensor", "scaled_mm_delayed", "scaled_mm_rowwise"):
-        raise ValueError(f"unknown ovlt FP8 recipe {recipe!r}")
+    """(ColumnParallelLinear, RowParallelLinear) subclasses for one of `RECIPES`; the same two
+    classes on every call."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown ovlt FP8 recipe {recipe!r}; one of {RECIPES}")
     attrs = {"fp8_rowwise": recipe == "scaled_mm_rowwise",
              "fp8_delayed": recipe == "scaled_mm_delayed"}
-    col = type(f"Fp8ColumnParallelLinear_{recipe}", (_Fp8Mixin, ColumnParallelLinear), attrs)
-    row = type(f"Fp8RowParallelLinear_{recipe}", (_Fp8Mixin, RowParallelLinear), attrs)
+    col = type(f"Fp8ColumnParallelLinear_{recipe}", (Fp8LinearMixin, ColumnParallelLinear), attrs)
+    row = type(f"Fp8RowParallelLinear_{recipe}", (Fp8LinearMixin, RowParallelLinear), attrs)
     return col, row

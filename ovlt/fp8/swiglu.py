@@ -1,4 +1,4 @@
-"""SwiGLU fused with the FP8 casts around it, for the delayed-scaling FP8 MLP (`fp8_mlp.py`).
+"""SwiGLU fused with the FP8 casts around it, for the delayed-scaling FP8 MLP (`mlp.py`).
 
 With FP8 linears the MLP's SwiGLU output exists only to be cast to fc2's FP8 input (and its
 transpose, for fc2's dW), and the SwiGLU backward's output only to be cast to fc1's FP8 output
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ovlt.kernels._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
-from ovlt.kernels._triton_ops import _Kernel, device_fn, tl, use_triton
+from ovlt.kernels.rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from ovlt.kernels.triton_ops import Kernel, device_fn, tl, use_triton
 from ovlt.kernels.swiglu import swiglu_backward, swiglu_forward
 from ovlt.fp8.cast import (  # noqa: F401 - _fp8_*: device functions
     FP8_HELPERS, FP8_SLOT_ARGS, AmaxHistory, _fp8_record, _fp8_scale, _fp8_store, cast_transpose,
@@ -85,8 +85,8 @@ def _bwd_fn(h_ptr, d_ptr, q_ptr, qt_ptr, src_ptr, dq_ptr, hist_ptr, R, F, stride
 
 
 _HELPERS = (*FP8_HELPERS, "to_bf16_rne", "_gate_up")
-_fwd_kernel = _Kernel(_fwd_fn, _HELPERS, FP8_SLOT_ARGS)
-_bwd_kernel = _Kernel(_bwd_fn, _HELPERS, FP8_SLOT_ARGS)
+_fwd_kernel = Kernel(_fwd_fn, _HELPERS, FP8_SLOT_ARGS)
+_bwd_kernel = Kernel(_bwd_fn, _HELPERS, FP8_SLOT_ARGS)
 
 
 def _check(h: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import _triton_ops as ops
+from . import triton_ops as ops
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
-from ._triton_ops import _MAX, _Kernel, tl, use_triton
+from .rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from .triton_ops import MAX_COMBINE, Kernel, tl, use_triton
 
 BLOCK = 4096
 SKIP_IDLE_BLOCKS = True  # leave blocks no gradient has reached (see above); off: an A/B switch
@@ -47,7 +47,7 @@ def _adamw_kernel_fn(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, coeff_ptr, n,
         # so far) reads 12 bytes per element instead of 30 and writes none. `!= 0` is true
         # for NaN: a NaN gradient or coefficient still reaches every element.
         busy = (g != 0.0) | (m != 0.0) | (v != 0.0)
-        any_busy = tl.reduce(busy.to(tl.int32), 0, _MAX) + tl.full([BLOCK], 0, tl.int32)
+        any_busy = tl.reduce(busy.to(tl.int32), 0, MAX_COMBINE) + tl.full([BLOCK], 0, tl.int32)
         mask = mask & (any_busy > 0)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     p = p * decay
@@ -66,7 +66,7 @@ def _adamw_kernel_fn(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, coeff_ptr, n,
         tl.store(out_ptr + offs, q, mask=mask)
 
 
-_adamw_kernel = _Kernel(_adamw_kernel_fn, helpers=("to_bf16_rne",))
+_adamw_kernel = Kernel(_adamw_kernel_fn, helpers=("to_bf16_rne",))
 
 
 @torch.no_grad()

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from . import _triton_ops as ops
+from . import triton_ops as ops
 
 # H100 (benchmarks/grpo_loss.py): both paths are launch-bound (~0.3-0.6 ms incl. unique);
 # Triton was faster at 2048, 8K and 64K (and at 2560 in one of two runs); torch below 2048
 TRITON_MIN_N = 2048
 
 
-def _torch_path(r, inv, G, eps, std_normalize):
+def torch_group_advantages(r, inv, G, eps, std_normalize):
+    """The torch path (and reference) of `grpo_advantages`: r [N] fp32, inv [N] dense group
+    ids in [0, G) (`torch.unique(..., return_inverse=True)`)."""
     zeros = torch.zeros(G, dtype=torch.float32, device=r.device)
     cnt = zeros.clone().index_add_(0, inv, torch.ones_like(r))
     mean = zeros.clone().index_add_(0, inv, r) / cnt
@@ -48,4 +50,4 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float =
     triton_ok = ops.use_triton(r) and (not r.is_cuda or r.numel() >= TRITON_MIN_N)
     if triton_ok:
         return ops.group_advantages(r, inv.to(torch.int32).contiguous(), G, eps, std_normalize)
-    return _torch_path(r, inv, G, eps, std_normalize)
+    return torch_group_advantages(r, inv, G, eps, std_normalize)

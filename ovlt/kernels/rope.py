@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
-from ._triton_ops import _Kernel, tl, triton, use_triton
+from .rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from .triton_ops import Kernel, tl, triton, use_triton
 
 # token rows and heads per program (cos/sin computed once per row and program) and its warps;
 # `benchmarks/sft_parts.py --parts rope` sweeps them
@@ -62,7 +62,7 @@ def _rope_kernel_fn(x_ptr, f_ptr, y_ptr, T, B, H, sx_s, sx_b, sx_h, sy_s, sy_b, 
     tl.store(yo + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
 
 
-_rope_kernel = _Kernel(_rope_kernel_fn, helpers=("to_bf16_rne",))
+_rope_kernel = Kernel(_rope_kernel_fn, helpers=("to_bf16_rne",))
 
 
 def _rope_torch(x, freqs, backward: bool):
@@ -80,7 +80,9 @@ def _rope_torch(x, freqs, backward: bool):
     return y.to(x.dtype)
 
 
-def _rope(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    """One pass of `fused_rope` without autograd: x [S, B, H, D] rotated by freqs (the
+    backward's inverse rotation with `backward=True`); Triton where it runs, else torch."""
     S, B, H, D = x.shape
     if not use_triton(x) or x.stride(-1) != 1:
         return _rope_torch(x, freqs, backward)
@@ -105,12 +107,12 @@ class _FusedRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, freqs):
         ctx.save_for_backward(freqs)
-        return _rope(x, freqs, backward=False)
+        return apply_rope(x, freqs, backward=False)
 
     @staticmethod
     def backward(ctx, dy):
         (freqs,) = ctx.saved_tensors
-        return _rope(dy, freqs, backward=True), None
+        return apply_rope(dy, freqs, backward=True), None
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from ._rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
-from ._triton_ops import _Kernel, tl, use_triton
+from .rounding import to_bf16_rne  # noqa: F401 - a device function of the kernels
+from .triton_ops import Kernel, tl, use_triton
 
 BLOCK = 1024
 
@@ -54,8 +54,8 @@ def _swiglu_bwd_kernel_fn(y_ptr, d_ptr, dy_ptr, F, sy, sd, sdy, BLOCK: tl.conste
     tl.store(dy_ptr + row * sdy + F + cols, du.to(dy_ptr.dtype.element_ty), mask=m)
 
 
-_swiglu_fwd_kernel = _Kernel(_swiglu_fwd_kernel_fn, helpers=("to_bf16_rne",))
-_swiglu_bwd_kernel = _Kernel(_swiglu_bwd_kernel_fn, helpers=("to_bf16_rne",))
+_swiglu_fwd_kernel = Kernel(_swiglu_fwd_kernel_fn, helpers=("to_bf16_rne",))
+_swiglu_bwd_kernel = Kernel(_swiglu_bwd_kernel_fn, helpers=("to_bf16_rne",))
 
 
 def _torch_fwd(y: torch.Tensor) -> torch.Tensor:

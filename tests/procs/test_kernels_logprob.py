@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ovlt import kernels
-from ovlt.kernels import _triton_ops as ops
+from ovlt.kernels import triton_ops as ops
 from tests.kernel_refs import ref_logprob
 
 @pytest.fixture(autouse=True)
@@ -62,9 +62,9 @@ def test_compiled_kernels_and_helpers_ignore_the_interpreter_flag(monkeypatch):
         return x
 
     assert type(ops.device_fn(helper)) is JITFunction
-    k = ops._Kernel(helper, do_not_specialize=("x",))
+    k = ops.Kernel(helper, do_not_specialize=("x",))
     assert type(ops.compiled_fn(k.fn, do_not_specialize=k.do_not_specialize)) is JITFunction
-    from ovlt.kernels._rounding import to_bf16_rne
+    from ovlt.kernels.rounding import to_bf16_rne
     assert type(to_bf16_rne) is JITFunction
 
 
@@ -154,7 +154,7 @@ def test_import_without_triton():
     """`ovlt.kernels` imports on a machine without triton (and without a GPU)."""
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch; from ovlt import kernels\n"
-            "from ovlt.kernels import _triton_ops as ops\n"
+            "from ovlt.kernels import triton_ops as ops\n"
             "assert not ops.HAVE_TRITON\n"
             "h = torch.randn(3, 8); w = torch.randn(20, 8); t = torch.tensor([1, 5, 19])\n"
             "ref = torch.log_softmax(h @ w.T, -1)[torch.arange(3), t]\n"
@@ -171,9 +171,8 @@ def test_import_without_triton():
 def test_cuda_row_grad_bf16_matches_torch_rounding(monkeypatch):
     """The bf16 logit gradients written by the Triton row kernel on the GPU are the torch
     path's (fp32 math, rounded to nearest): no truncation bias toward zero."""
-    from ovlt.kernels import _triton_ops as ops
+    from ovlt.kernels import triton_ops as ops
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled, not interpreted
-    monkeypatch.setattr(ops._row_grad, "_compiled", None)
     g = torch.Generator(device="cuda").manual_seed(0)
     C, V = 64, 4096 + 37
     logits = (torch.randn(C, V, device="cuda", generator=g) * 3).bfloat16()

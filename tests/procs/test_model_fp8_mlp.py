@@ -183,8 +183,8 @@ def test_fused_mlp_equals_unfused_module(monkeypatch, mode, main_grad, need_dx):
     try:
         plain, fused = _mlps("scaled_mm_delayed", dev)
         calls = []
-        orig = fp8_mlp._Fp8SwiGLUMLP.apply
-        monkeypatch.setattr(fp8_mlp._Fp8SwiGLUMLP, "apply",
+        orig = fp8_mlp.Fp8SwiGLUMLPFunction.apply
+        monkeypatch.setattr(fp8_mlp.Fp8SwiGLUMLPFunction, "apply",
                             lambda *a: calls.append(1) or orig(*a))
         ref = _steps(plain, dev, 37, main_grad, need_dx)
         assert not calls
@@ -196,7 +196,7 @@ def test_fused_mlp_equals_unfused_module(monkeypatch, mode, main_grad, need_dx):
                     (step, name)
         assert (got[0][1] is None) == (not need_dx)
         for m_f, m_p in ((fused.linear_fc1, plain.linear_fc1), (fused.linear_fc2, plain.linear_fc2)):
-            for h_f, h_p in zip(m_f._fp8_histories, m_p._fp8_histories):
+            for h_f, h_p in zip(m_f.fp8_histories, m_p.fp8_histories):
                 assert torch.equal(h_f.amaxes(), h_p.amaxes()) and h_f.calls == h_p.calls == 3
     finally:
         destroy_distributed()
@@ -209,7 +209,7 @@ def test_fused_mlp_only_where_it_applies(monkeypatch):
     from ovlt.fp8 import mlp as fp8_mlp
     init_distributed(ParallelConfig(backend="gloo"))
     try:
-        monkeypatch.setattr(fp8_mlp._Fp8SwiGLUMLP, "apply",
+        monkeypatch.setattr(fp8_mlp.Fp8SwiGLUMLPFunction, "apply",
                             lambda *a: pytest.fail("fused MLP used where it does not apply"))
         plain, fused = _mlps("scaled_mm_tensor", "cpu")
         x = torch.randn(16, 1, 64).bfloat16()

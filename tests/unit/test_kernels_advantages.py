@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ovlt.kernels import _triton_ops as ops
+from ovlt.kernels import triton_ops as ops
 from ovlt.kernels import grpo_advantages
-from ovlt.kernels.advantages import _torch_path
+from ovlt.kernels.advantages import torch_group_advantages
 from tests.kernel_refs import ref_advantages
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def test_triton_and_torch_paths_agree_on_many_groups():
     _, inv = torch.unique(ids, return_inverse=True)
     G = int(inv.max()) + 1
     tri = ops.group_advantages(r, inv.to(torch.int32), G, 1e-6, True)
-    torch.testing.assert_close(tri, _torch_path(r, inv, G, 1e-6, True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri, torch_group_advantages(r, inv, G, 1e-6, True), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tri, ref_advantages(r, ids).float(), rtol=1e-5, atol=1e-5)
 
 

@@ -76,7 +76,7 @@ def test_dw_into_main_grad_accumulates():
 def test_dw_into_fresh_overwrites_stale_values_then_accumulates(monkeypatch):
     """dw_into_fresh: the first chunk replaces whatever main_grad held (NaN here, a slice the
     step did not zero), the later chunks add; a call without tokens leaves zeros."""
-    from ovlt.kernels import _lmhead
+    from ovlt.kernels import config
     g = torch.Generator().manual_seed(2)
     T, H, V = 13, 16, 300
     h = torch.randn(T, H, generator=g).requires_grad_()
@@ -84,7 +84,7 @@ def test_dw_into_fresh_overwrites_stale_values_then_accumulates(monkeypatch):
     t = torch.randint(0, V, (T,), generator=g)
     hr, wr = h.detach().requires_grad_(), w.detach().requires_grad_()
     rdw, = torch.autograd.grad(F.cross_entropy(hr @ wr.T, t, reduction="sum"), [wr])
-    monkeypatch.setattr(_lmhead.config, "chunk_bytes", 5 * V * 4)  # 5-token chunks: 3 of them
+    monkeypatch.setattr(config, "chunk_bytes", 5 * V * 4)  # 5-token chunks: 3 of them
     main_grad = torch.full((V, H), float("nan"))
     w.grad_added_to_main_grad = False
     loss, _ = kernels.fused_nll_loss(h, w, t, dw_into=main_grad, dw_into_fresh=True)

@@ -249,7 +249,7 @@ def test_fp8_wgrad_fusion_under_mcore_ddp(tmp_path):
                     n += 1
             assert n >= 8
             fused_mlps = [m for m in model.modules()
-                          if isinstance(m, Fp8SwiGLUMLP) and m._fused_ok(None)]
+                          if isinstance(m, Fp8SwiGLUMLP) and m.fused_ok(None)]
             assert len(fused_mlps) >= 2  # the LLM's MLPs (the vision tower's have biases)
             opt = build_optimizer(bundle.chunks, cfg.sft.optimizer, "bf16")
             runs[fused] = [train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss)
@@ -357,13 +357,13 @@ def test_rowwise_gemm_falls_back_to_per_tensor_scales(monkeypatch, caplog):
             raise RuntimeError("only per-tensor scaling here")
         return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
     monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
-    monkeypatch.setattr(F8, "_ROWWISE_FALLBACK", set())
+    monkeypatch.setattr(F8, "ROWWISE_FALLBACK", set())
     g = torch.Generator().manual_seed(4)
     x = torch.randn(32, 64, generator=g)
     w = torch.randn(48, 64, generator=g)
     with caplog.at_level("WARNING"):
-        got = F8._rowwise_mm(x, E4M3, w.t(), torch.float32)
-        again = F8._rowwise_mm(x, E4M3, w.t(), torch.float32)
+        got = F8.rowwise_mm(x, E4M3, w.t(), torch.float32)
+        again = F8.rowwise_mm(x, E4M3, w.t(), torch.float32)
     assert tried == [True, False, False]  # one refused row-wise try, then per tensor only
     ref = _dq(x, E4M3) @ _dq(w, E4M3).t()
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max() and torch.equal(got, again)
@@ -436,7 +436,7 @@ def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
     cast as without the cache, so training is bit for bit the same; with two, the weight
     histories record one cast per step instead of two and the losses stay FP8-close. Nothing
     FP8 is held after the step."""
-    from ovlt.fp8.linear import _Fp8Mixin
+    from ovlt.fp8.linear import Fp8LinearMixin
     from ovlt.engine.optimizer import build_optimizer
     from ovlt.sft.train import sft_forward, sft_loss
     from ovlt.engine.train_step import train_step
@@ -447,21 +447,21 @@ def test_fp8_weight_cache_casts_each_weight_once_per_step(tmp_path):
             cfg.model.fp8_weight_cache = cache
             model, bundle = model_from(cfg, base)
             linears = [m for m in model.modules()
-                       if isinstance(m, _Fp8Mixin) and m.weight.requires_grad]
-            assert len(linears) >= 8 and all(m._fp8_cacheable() == cache for m in linears)
+                       if isinstance(m, Fp8LinearMixin) and m.weight.requires_grad]
+            assert len(linears) >= 8 and all(m.fp8_cacheable() == cache for m in linears)
             opt = build_optimizer(bundle.chunks, cfg.sft.optimizer, "bf16")
             res = [train_step(bundle.chunks, opt, mbs, sft_forward, sft_loss) for mbs in steps]
-            assert all(m._fp8_step_cast is None for m in linears)  # released after the step
-            weight_casts = {m._fp8_histories[1].calls for m in linears}
+            assert all(m.fp8_step_cast is None for m in linears)  # released after the step
+            weight_casts = {m.fp8_histories[1].calls for m in linears}
             params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
             # frozen FP8 weights (the vision tower): cast once from their own amax and kept
             # with the cache (their history unused), once per forward without it
-            frozen = [m for m in model.modules() if isinstance(m, _Fp8Mixin)
-                      and not m.weight.requires_grad and m._fp8_histories is not None]
-            casts = [m._fp8_histories[1].calls for m in frozen]
+            frozen = [m for m in model.modules() if isinstance(m, Fp8LinearMixin)
+                      and not m.weight.requires_grad and m.fp8_histories is not None]
+            casts = [m.fp8_histories[1].calls for m in frozen]
             assert len(frozen) >= 4
             if cache:
-                assert set(casts) == {0} and all(m._fp8_frozen_cast for m in frozen)
+                assert set(casts) == {0} and all(m.fp8_frozen_cast for m in frozen)
             else:
                 assert min(casts) == len(steps) * len(steps[0])
             return res, weight_casts, params
@@ -489,7 +489,7 @@ def test_frozen_weight_cast_is_kept_until_the_weight_changes():
 
     from ovlt.fp8 import linear as F8
 
-    class Linear(F8._Fp8Mixin):
+    class Linear(F8.Fp8LinearMixin):
         fp8_delayed = True
 
         def __init__(self, w, cache=True):

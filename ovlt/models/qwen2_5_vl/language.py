@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
 from ovlt.engine.grad_routing import Writer, note_written, route
+from ovlt.models.qwen2_5_vl.specs import backend_for
 from ovlt.utils.device import dtype_of
 
 
@@ -33,9 +34,8 @@ def common_config_kwargs(model_cfg, pp_size: int) -> dict:
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=not torch.cuda.is_available(),
-        # Transformer Engine FP8 recipes (only with the TE spec; specs.resolve_impl checks).
-        **({"fp8": "hybrid", "fp8_recipe": "delayed" if model_cfg.fp8 == "te_delayed"
-            else "tensorwise"} if model_cfg.fp8.startswith("te_") else {}),
+        # what the layer backend needs set (Transformer Engine's FP8 recipe)
+        **backend_for(model_cfg).transformer_config_kwargs(),
     )
 
 

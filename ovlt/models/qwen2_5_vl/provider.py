@@ -73,7 +73,7 @@ def load_hf_weights(model: Qwen2_5_VLModel, hf_dir, strict: bool = True) -> None
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
-            norm_names="te" if specs.uses_te_norm_names(model.model_cfg) else "local"))
+            norm_names=specs.backend_for(model.model_cfg).norm_names))
     finally:
         reader.close()
     load_mcore_state_dict(model, local, strict=strict)

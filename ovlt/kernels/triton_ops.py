@@ -1,17 +1,26 @@
-"""Triton row kernels over a [C, V] logits chunk, and the segmented reduction for advantages.
+"""The Triton support every ovlt kernel shares, and the LM-head / advantage kernels built on it.
 
-Every kernel is a plain function compiled (a Triton JITFunction) for CUDA tensors, or run by
-Triton's interpreter for CPU tensors when TRITON_INTERPRET=1 (the choice is made per call,
-so it doesn't matter which module imported triton first). CPU tensors without the
-interpreter, or a machine without triton, use the equivalent torch code below, one chunk at
-a time, so nothing [T, V] is ever built on either path.
+Shared (public; `ovlt.fp8` builds its cast kernels on these too):
+  * `HAVE_TRITON`, `triton`, `tl`: triton when it imports (`tl` keeps kernel annotations
+    evaluable without it);
+  * `use_triton(t)`: whether a kernel runs for tensor `t`: compiled for CUDA tensors, by
+    Triton's interpreter for CPU tensors when TRITON_INTERPRET=1 (decided per call, so it
+    doesn't matter which module imported triton first); else the caller's torch path;
+  * `Kernel(fn, helpers, do_not_specialize)`: a kernel launched as `k.on(t)[grid](...)`;
+    `device_fn`: a device function such a kernel calls; `compiled_fn`: a compiled Triton
+    function whatever TRITON_INTERPRET says;
+  * `MAX_COMBINE`, `ADD_COMBINE`: the combine functions for `tl.reduce` (see below).
+Built here: row statistics and gradients over a [C, V] logits chunk (`row_stats`, `row_grad_`,
+for `ovlt.kernels`' fused LM-head losses) and the segmented reduction of `group_advantages`.
+CPU tensors without the interpreter, or a machine without triton, use the equivalent torch code,
+one chunk at a time, so nothing [T, V] is ever built on either path.
 """
 import os
 import types
 
 import torch
 
-from ._rounding import to_bf16_rne  # noqa: F401 - a device function of _row_grad_fn
+from .rounding import to_bf16_rne  # noqa: F401 - a device function of _row_grad_fn
 
 try:
     import triton
@@ -33,7 +42,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAVE_TRITON and (t.is_cuda or (_interpret() and t.device.type == "cpu"))
 
 
-class _Kernel:
+class Kernel:
     """A kernel launched with `k[grid](...)`, compiled or interpreted by the tensor's device.
     `helpers`: names of device functions the kernel calls, compiled functions in its
     module (`device_fn`): the compiler calls them as they are; for the interpreter (which
@@ -79,7 +88,7 @@ def compiled_fn(fn, **kw):
 
 
 def device_fn(fn):
-    """A device function for kernels run through `_Kernel(helpers=)`: a compiled Triton
+    """A device function for kernels run through `Kernel(helpers=)`: a compiled Triton
     function when triton is there (its `.fn` is `fn`), else `fn` itself."""
     return compiled_fn(fn) if HAVE_TRITON else fn
 
@@ -100,8 +109,10 @@ def _add_combine(a, b):
 
 if HAVE_TRITON:
     import triton.language.standard as _std
-    _MAX = getattr(_std, "_elementwise_max", None) or compiled_fn(_max_combine)
-    _ADD = getattr(_std, "_sum_combine", None) or compiled_fn(_add_combine)
+    MAX_COMBINE = getattr(_std, "_elementwise_max", None) or compiled_fn(_max_combine)
+    ADD_COMBINE = getattr(_std, "_sum_combine", None) or compiled_fn(_add_combine)
+else:  # importable without triton (kernels are then never launched)
+    MAX_COMBINE = ADD_COMBINE = None
 
 
 def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V: tl.constexpr, vocab_start,
@@ -120,11 +131,11 @@ def _row_stats_fn(X, stride_x, TGT, M_OUT, S_OUT, SZ_OUT, ZT_OUT, V: tl.constexp
         idx = start + cols
         msk = idx < V
         z = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.reduce(z, 0, _MAX))
+        m_new = tl.maximum(m, tl.reduce(z, 0, MAX_COMBINE))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new)
-        s = s * alpha + tl.reduce(p, 0, _ADD)
-        sz = sz * alpha + tl.reduce(p * tl.where(msk, z, 0.0), 0, _ADD)  # p = 0 off the row
+        s = s * alpha + tl.reduce(p, 0, ADD_COMBINE)
+        sz = sz * alpha + tl.reduce(p * tl.where(msk, z, 0.0), 0, ADD_COMBINE)  # p = 0 off the row
         m = m_new
     t = tl.load(TGT + row) - vocab_start
     valid = (t >= 0) & (t < V)
@@ -171,8 +182,8 @@ def _row_grad_fn(X, stride_x, DX, stride_dx, TGT, LSE, G_LP, ENT, G_ENT, V: tl.c
             tl.store(dx_row + idx, d.to(DX.dtype.element_ty), mask=msk)
 
 
-_row_stats = _Kernel(_row_stats_fn)
-_row_grad = _Kernel(_row_grad_fn, helpers=("to_bf16_rne",))
+_row_stats = Kernel(_row_stats_fn)
+_row_grad = Kernel(_row_grad_fn, helpers=("to_bf16_rne",))
 
 
 def _launch_cfg(V: int, t: torch.Tensor):
@@ -271,9 +282,9 @@ def _seg_norm_fn(R, GID, SUM, CNT, M2, OUT, N, eps, STD: tl.constexpr, BLOCK: tl
     tl.store(OUT + offs, a, mask=msk)
 
 
-_seg_sum = _Kernel(_seg_sum_fn)
-_seg_m2 = _Kernel(_seg_m2_fn)
-_seg_norm = _Kernel(_seg_norm_fn)
+_seg_sum = Kernel(_seg_sum_fn)
+_seg_m2 = Kernel(_seg_m2_fn)
+_seg_norm = Kernel(_seg_norm_fn)
 
 
 def group_advantages(rewards: torch.Tensor, dense_ids: torch.Tensor, num_groups: int, eps: float,
