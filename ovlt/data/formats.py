@@ -2,7 +2,10 @@
 
 - SFT: sharegpt JSON (a list) or JSONL: {"messages": [{"role", "content"}...], "images": [...]}
   with one `<image>` per image in the user text; image paths relative to `image_root` if given,
-  else to the file's folder.
+  else to the file's folder. The turns are an optional first system message, then user and
+  assistant alternating, starting with user and ending with assistant; any other order is a
+  skip ("wrong role order"), as an assistant turn would otherwise be trained on a context that
+  never occurs at inference.
 - RL: parquet with `problem` (text with `<image>`), `answer`, `images` (list of paths or of
   {"bytes", "path"} structs; a single path/struct is accepted too); optional `source`,
   `difficulty`, `id` columns.
@@ -11,12 +14,16 @@
 Reading checks structure (cheap). `validate_*` checks what needs the images and the tokenizer
 (decode, size, token length). Every problem is either a skip recorded in a `SkipReport`
 (file, record index, reason; logged) or, with strict=True, a `DataError` with the same text.
+A problem with a whole file (unreadable, not JSON, empty, wrong top-level shape) is one skip
+with record index -1.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +46,8 @@ class Skip:
     reason: str
 
     def __str__(self):
+        if self.index < 0:  # the whole file
+            return f"{self.file}: {self.reason}"
         return f"{self.file}: record {self.index}: {self.reason}"
 
 
@@ -105,15 +114,40 @@ class RLRecord:
     index: int = 0
 
 
-def _has_surrogates(obj) -> bool:
-    """True when a string decoded with surrogateescape held non-UTF-8 bytes."""
-    if isinstance(obj, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in obj)
-    if isinstance(obj, dict):
-        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return any(_has_surrogates(v) for v in obj)
-    return False
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_text(obj) -> Optional[str]:
+    """Why a string in `obj` cannot be encoded as UTF-8 (the tokenizer would fail on it), or
+    None: non-UTF-8 bytes (decoded with surrogateescape) or a lone surrogate escape such as
+    "\\ud800" in the JSON. Iterative: records may nest deeply."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            m = _SURROGATE.search(o)
+            if m:
+                if "\udc80" <= m.group() <= "\udcff":
+                    return "non-UTF-8 text"
+                return f"invalid text: a lone surrogate \\u{ord(m.group()):04x} (a JSON " \
+                       "escape that is not a character)"
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return None
+
+
+def _json(text: str):
+    """json.loads whose failures are a one-line reason (None when it parsed): the JSON
+    error's position, or nesting too deep for the parser."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply to parse (over ~1000 levels)"
 
 
 def _resolve(p: str, base: Path, image_root: Optional[str]) -> str:
@@ -122,42 +156,101 @@ def _resolve(p: str, base: Path, image_root: Optional[str]) -> str:
     return str(Path(image_root) / p if image_root else base / p)
 
 
+_SFT_SHAPE = ("expected sharegpt records {'messages': [{'role', 'content'}, ...], "
+              "'images': [...]}")
+
+
 def _raw_sft_records(path: Path, report: SkipReport) -> Iterator[tuple[int, Any]]:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        what = "a directory, not a file" if path.is_dir() else (e.strerror or str(e))
+        report.skip(path, -1, f"unreadable: {what}")
+        return
     text = data.decode("utf-8", errors="surrogateescape")
     if path.suffix == ".jsonl":
+        n = 0
         for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                report.skip(path, i, f"invalid JSON: {e.msg} at column {e.colno}")
+            n += 1
+            obj, why = _json(line)
+            if why:
+                report.skip(path, i, why.replace(" at line 1 column", " at column"))
+            else:
+                yield i, obj
+        if n == 0:
+            report.skip(path, -1, "no records: the file is empty")
         return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        report.skip(path, -1, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    obj, why = _json(text)
+    if why:
+        report.skip(path, -1, why)
         return
     if isinstance(obj, dict):
+        if "messages" not in obj and "conversations" not in obj and obj and \
+                all(isinstance(v, dict) for v in obj.values()):
+            keys = ", ".join(repr(k) for k in list(obj)[:3])
+            report.skip(path, -1, f"wrong shape: top level is an object of {len(obj)} records "
+                        f"keyed by id ({keys}{', ...' if len(obj) > 3 else ''}); expected a "
+                        f"JSON list of records (or JSONL, one record a line); {_SFT_SHAPE}")
+            return
         obj = [obj]
     if not isinstance(obj, list):
-        report.skip(path, -1, f"wrong type: top level is {type(obj).__name__}, expected a list")
+        report.skip(path, -1, f"wrong type: top level is {type(obj).__name__}, expected a list "
+                    f"of records; {_SFT_SHAPE}")
+        return
+    if not obj:
+        report.skip(path, -1, "no records: the JSON list is empty")
         return
     yield from enumerate(obj)
+
+
+_ROLE = {"human": "user", "gpt": "assistant"}
+
+
+def _role_order(roles: list[str]) -> Optional[str]:
+    """Why the turn order is unusable, or None: an optional first system turn, then user /
+    assistant alternating, starting with user and ending with assistant."""
+    start = 1 if roles[0] == "system" else 0
+    for j, r in enumerate(roles):
+        if r == "system" and j > 0:
+            return f"wrong role order: messages[{j}] is a system turn; only the first may be"
+    if start == len(roles):
+        return "empty answer: no assistant message"
+    if roles[start] != "user":
+        return f"wrong role order: messages[{start}] is {roles[start]!r}; a conversation " \
+               "starts with a user turn"
+    for j in range(start + 1, len(roles)):
+        if roles[j] == roles[j - 1]:
+            return f"wrong role order: messages[{j - 1}] and messages[{j}] are both " \
+                   f"{roles[j]!r}; user and assistant turns alternate"
+    if roles[-1] != "assistant":
+        return f"wrong role order: the last turn, messages[{len(roles) - 1}], is 'user' " \
+               "and has no answer to train on"
+    return None
 
 
 def check_sft_obj(obj) -> Optional[str]:
     """Why a parsed sharegpt record is unusable, or None."""
     if not isinstance(obj, dict):
-        return f"wrong type: record is {type(obj).__name__}, expected an object"
-    if _has_surrogates(obj):
-        return "non-UTF-8 text"
+        return f"wrong type: record is {type(obj).__name__}, expected an object; {_SFT_SHAPE}"
+    why = _bad_text(obj)
+    if why:
+        return why
     msgs = obj.get("messages", obj.get("conversations"))
+    if msgs is None:
+        keys = sorted(map(str, obj))[:8]
+        if "problem" in obj and "answer" in obj:
+            return (f"looks like an RL record (keys {keys}), not SFT: SFT records need "
+                    f"'messages'; RL data is read from .parquet files")
+        return f"missing 'messages': the record has keys {keys}; {_SFT_SHAPE}"
     if not isinstance(msgs, list) or not msgs:
-        return "wrong type: 'messages' must be a non-empty list"
+        return (f"wrong type: 'messages' is {type(msgs).__name__}"
+                f"{' (empty)' if isinstance(msgs, list) else ''}, expected a non-empty list "
+                "of {'role', 'content'}")
     n_ph = 0
     has_assistant = False
+    roles = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"wrong type: messages[{j}] is {type(m).__name__}"
@@ -165,6 +258,7 @@ def check_sft_obj(obj) -> Optional[str]:
         content = m.get("content", m.get("value"))
         if role not in ("system", "user", "assistant", "human", "gpt"):
             return f"unknown role: messages[{j}] has role {role!r}"
+        roles.append(_ROLE.get(role, role))
         if not isinstance(content, str):
             return f"wrong type: messages[{j}].content is {type(content).__name__}, expected str"
         if role in ("assistant", "gpt"):
@@ -174,6 +268,9 @@ def check_sft_obj(obj) -> Optional[str]:
         n_ph += content.count(IMAGE_PLACEHOLDER)
     if not has_assistant:
         return "empty answer: no assistant message"
+    why = _role_order(roles)
+    if why:
+        return why
     images = obj.get("images", [])
     if images is None:
         images = []
@@ -198,8 +295,7 @@ def read_sft(path, image_root: Optional[str] = None, report: Optional[SkipReport
             report.skip(path, i, why)
             continue
         msgs = obj.get("messages", obj.get("conversations"))
-        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(m.get("role", m.get("from")),
-                                                                    m.get("role", m.get("from"))),
+        msgs = [{"role": _ROLE.get(m.get("role", m.get("from")), m.get("role", m.get("from"))),
                  "content": m.get("content", m.get("value"))} for m in msgs]
         if isinstance(obj.get("system"), str) and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": obj["system"]})  # LLaMA-Factory column
@@ -242,6 +338,9 @@ def read_rl(path, image_root: Optional[str] = None, report: Optional[SkipReport]
     except Exception as e:
         report.skip(path, -1, f"unreadable parquet: {type(e).__name__}: {e}")
         return
+    if pf.metadata.num_rows == 0:
+        report.skip(path, -1, "no records: the parquet file has 0 rows")
+        return
     names = pf.schema_arrow.names
     img_col = "images" if "images" in names else ("image" if "image" in names else None)
     for col in ("problem", "answer"):
@@ -274,11 +373,15 @@ def read_rl(path, image_root: Optional[str] = None, report: Optional[SkipReport]
         for k in range(batch.num_rows):
             i = row + k
             rec = {n: cols[n][k] for n in cols}
-            if any(v is _BadUTF8 for v in rec.values()) or _has_surrogates(
+            if any(v is _BadUTF8 for v in rec.values()) or _bad_text(
                     [rec.get("problem"), rec.get("answer")]):
                 report.skip(path, i, "non-UTF-8 text")
                 continue
             problem, answer = rec.get("problem"), rec.get("answer")
+            if isinstance(answer, float) and not math.isfinite(answer):
+                report.skip(path, i, f"empty answer: the answer is {answer} (a missing value "
+                            "in a numeric column)")
+                continue
             if isinstance(answer, (int, float)) and not isinstance(answer, bool):
                 answer = str(answer)
             if not isinstance(problem, str) or not problem.strip():
@@ -388,10 +491,13 @@ def load_registry(path) -> list[Source]:
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable YAML registry: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise DataError(f"{path}: not a readable YAML registry: {why}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list):
         raise DataError(f"{path}: a registry needs a top-level 'sources:' list")
+    if not doc["sources"]:
+        raise DataError(f"{path}: 'sources:' is empty; list at least one data source")
     out = []
     allowed = {"name", "kind", "files", "weight", "max_samples", "image_root", "difficulty"}
     for k, s in enumerate(doc["sources"]):

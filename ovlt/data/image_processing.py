@@ -2,6 +2,7 @@
 
 Same steps and dtypes as transformers' `Qwen2VLImageProcessorPil`, so outputs are bit-identical:
 1. RGB: images with an alpha channel (or palette transparency) are composited onto white;
+   16-bit grayscale is scaled to 8 bits (the HF processor clips it at 255 instead);
 2. smart resize: both sides to multiples of 28 (= patch 14 x merge 2) with the area in
    [min_pixels, max_pixels], aspect ratio kept as closely as possible; PIL bicubic on uint8;
 3. rescale x/255 in float64 then float32; normalise with the OpenAI CLIP mean/std (float32);
@@ -53,8 +54,23 @@ def smart_resize(height: int, width: int, factor: int = FACTOR,
     return h_bar, w_bar
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale ("I;16*", or "I" holding values over 255) -> "L" by the top 8 bits.
+    PIL's own convert clips such pixels at 255, which turns most of a 16-bit PNG white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = np.clip(a, 0, 65535) >> 8
+        out = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        out.info = {k: v for k, v in img.info.items() if k != "transparency"}
+        return out
+    return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with any transparency composited onto white (as the HF processor does)."""
+    """RGB with any transparency composited onto white (as the HF processor does); 16-bit
+    grayscale scaled to 8 bits first (`to_8bit`)."""
+    img = to_8bit(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

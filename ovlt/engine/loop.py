@@ -33,12 +33,27 @@ class TrainLoop:
         self.total_steps = total_steps
         self.latest = find_latest(self.save_dir)
         self.start_step = 0
+        # the trainer state of the latest checkpoint ({} on a fresh start)
+        self.saved_state: dict = {}
         if self.latest is not None:
-            self.start_step = int(json.loads((self.latest / "trainer_state.json").read_text())
-                                  ["step"])
+            self.saved_state = json.loads((self.latest / "trainer_state.json").read_text())
+            self.start_step = int(self.saved_state["step"])
         # the last step a checkpoint holds (-1: none); a resumed run holds its start
         self.saved_at = self.start_step if self.latest is not None else -1
         self._chunks = self._optimizer = None
+        if self.nothing_to_train:
+            log.warning(
+                "%s holds a finished run (checkpoint %s at step %d; this run plans %d steps): "
+                "nothing to train%s. To train longer raise train.max_steps or train.epochs; "
+                "to train anew (e.g. on other data) use a new save_dir", self.save_dir,
+                self.latest.name, self.start_step, total_steps,
+                "" if (self.save_dir / "final_hf").is_dir() or not train_cfg.export_hf
+                else ", exporting final_hf/ only")
+
+    @property
+    def nothing_to_train(self) -> bool:
+        """A checkpoint at or past the last planned step: the loop runs no step."""
+        return self.latest is not None and self.start_step >= self.total_steps
 
     @property
     def resumed(self) -> bool:
@@ -87,11 +102,12 @@ class TrainLoop:
     def finish(self, trainer_state: dict, module, model_cfg) -> Optional[Path]:
         """The final checkpoint (`train.save_final`, unless just saved) and the HF export
         (`train.export_hf`; a resumed run that had finished and exported does not redo it).
-        Returns the HF directory, or None."""
-        if self.t.save_final:
+        Returns the HF directory, or None. A run that trained nothing saves nothing: its
+        model is the checkpoint's, which may lie past `total_steps` (a lowered max_steps)."""
+        if self.t.save_final and not self.nothing_to_train:
             self.save_unless_saved(self.total_steps, trainer_state)
         out = self.save_dir / "final_hf"
-        if not self.t.export_hf or (self.start_step == self.total_steps and out.is_dir()):
+        if not self.t.export_hf or (self.nothing_to_train and out.is_dir()):
             return None
         from ovlt.engine.hf_io import export_hf
         return export_hf(module, model_cfg, out, dtype=dtype_of(self.t.precision))

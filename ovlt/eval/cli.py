@@ -4,6 +4,9 @@
   ovlt eval score  --benchmark B --data PATH --predictions FILE --out DIR [--judge-url URL]
   ovlt eval report --scores DIR [DIR ...] --out DIR [--model-name NAME]
 `run` generates (resumable), then scores like `score`. Both print the overall accuracy.
+`score` never opens the benchmark's images (they need not be present). `run` refuses an --out
+whose predictions another model (or other settings) made. Bad input exits 2 with one line
+naming the file, line/record and field.
 """
 from __future__ import annotations
 
@@ -19,11 +22,21 @@ from ovlt.logging import get_logger
 logger = get_logger(__name__)
 
 
+def _limit(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all items), got {n}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     p.add_argument("--data", required=True, help="benchmark file (parquet/json/jsonl) or directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
+    p.add_argument("--limit", type=_limit, default=0, help="first N items only (0 = all)")
     p.add_argument("--image-root", default=None, help="extra directory to resolve image paths in")
     p.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint for LLM answer extraction (off by default)")
@@ -81,10 +94,11 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
     if args.cmd == "report":
         try:
             scores = rpt.load_scores(args.scores)
-        except (FileNotFoundError, ValueError) as e:
+            md, png = rpt.write_report(scores, args.out, model_name=args.model_name,
+                                       title=args.title)
+        except (OSError, ValueError) as e:
             print(f"ovlt eval report: {e}", file=sys.stderr)
             return 2
-        md, png = rpt.write_report(scores, args.out, model_name=args.model_name, title=args.title)
         for b, s in scores.items():
             print(f"{b}: {s['accuracy']:.2f}%")
         print(f"wrote {md} and {png}")
@@ -95,9 +109,16 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
     out = Path(args.out)
     try:
         items = load_benchmark(args.benchmark, args.data, limit=args.limit or None,
-                               image_root=args.image_root)
+                               image_root=args.image_root, images=args.cmd == "run")
         if args.cmd == "run":
             cfg = _job_config(args.config)
+            from ovlt.eval.runner import claim_out_dir, model_fingerprint
+            claim_out_dir(out, {  # before the engine is built: a refusal costs nothing
+                "model": str(Path(args.model).resolve()),
+                "model_fingerprint": model_fingerprint(args.model),
+                "benchmark": args.benchmark, "max_new_tokens": args.max_new_tokens,
+                "prompt_suffix": args.prompt_suffix,
+                "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels})
             if engine is None:
                 from ovlt.eval.engine import build_engine
                 engine = build_engine(args.model, args.engine, cfg)
@@ -113,11 +134,13 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
         if not is_writer():
             return 0
         predictions = load_predictions(args.benchmark, pred_path)
-    except (BenchmarkError, ConfigError, FileNotFoundError) as e:
+        if out.exists() and not out.is_dir():
+            raise BenchmarkError(f"--out {out} is a file, expected a directory")
+        scores = score_predictions(args.benchmark, items, predictions, out, judge=_judge(args),
+                                   judge_mode=args.judge_mode, source=str(pred_path))
+    except (BenchmarkError, ConfigError, OSError) as e:
         print(f"ovlt eval {args.cmd}: {e}", file=sys.stderr)
         return 2
-    scores = score_predictions(args.benchmark, items, predictions, out, judge=_judge(args),
-                               judge_mode=args.judge_mode)
     _print_scores(scores, out)
     return 0
 

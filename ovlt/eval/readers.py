@@ -15,12 +15,17 @@ Field layouts (the released ones):
   MathVerse : sample_index, problem_index, problem_version, question, image, answer,
               question_type (multi-choice | free-form), query_cot (the prompt)
   MathVision: id, question, options, image / decoded_image, answer, level, subject
-A missing field or image raises `BenchmarkError` naming the file, record number, id and field.
+A missing field or image raises `BenchmarkError` naming the file, record number, id and field;
+so do an unreadable file (not UTF-8, not JSON, corrupt parquet), a file without records and a
+field of the wrong type (an answer that is a list or an object, choices that are not a list,
+metadata that is not a JSON object). `load_benchmark(..., images=False)` (scoring) neither
+opens nor looks for the image files.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,28 +115,61 @@ def find_data_files(path: str | os.PathLike) -> list[Path]:
                          f"{[str(f) for f in found][:10]}")
 
 
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file; a read or decode failure is a BenchmarkError naming the file (and the
+    line of the first bad byte)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BenchmarkError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BenchmarkError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} "
+                             f"at offset {e.start}); save the {what} as UTF-8") from None
+
+
+def parse_json(text: str, where: str):
+    """json.loads, its failures (syntax, nesting too deep) a BenchmarkError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "starting at" + "at column"
+        at = f"column {e.colno}" if "\n" not in text else f"line {e.lineno} column {e.colno}"
+        raise BenchmarkError(f"{where}: not valid JSON: {msg} at {at}") from None
+    except RecursionError:
+        raise BenchmarkError(f"{where}: not valid JSON: nested too deeply") from None
+
+
 def read_records(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise BenchmarkError(f"{path}: unreadable parquet: {' '.join(str(e).split())[:300]}"
+                                 ) from None
     if path.suffix == ".jsonl":
         out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise BenchmarkError(f"{path}: line {n} is not valid JSON: {e}") from None
+        for n, line in enumerate(read_text(path, "benchmark file").splitlines(), 1):
+            if line.strip():
+                out.append(parse_json(line, f"{path}: line {n}"))
         return out
     if path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = parse_json(read_text(path, "benchmark file"), str(path))
         if isinstance(obj, dict):  # MathVista: {pid: record}
+            bad = [k for k, v in obj.items() if not isinstance(v, dict)]
+            if bad:
+                raise BenchmarkError(f"{path}: key {bad[0]!r}: expected a record (object), got "
+                                     f"{type(obj[bad[0]]).__name__}; a JSON file holds a list "
+                                     f"of records or a dict mapping id -> record")
             return [dict(v) for v in obj.values()]
         if isinstance(obj, list):
             return obj
-        raise BenchmarkError(f"{path}: expected a JSON list or dict of records")
+        raise BenchmarkError(f"{path}: expected a JSON list or dict of records, got "
+                             f"{type(obj).__name__}")
     raise BenchmarkError(f"{path}: unsupported file type {path.suffix!r} (parquet, json, jsonl)")
 
 
@@ -150,6 +188,20 @@ class _Rec:
             raise BenchmarkError(f"{self.where} (id={self.id}): missing field {name!r}")
         return self.rec[name]
 
+    def text(self, name: str, required: bool = True) -> Optional[str]:
+        """A text field (numbers are accepted and written as text; NaN counts as missing)."""
+        v = self.req(name) if required else self.opt(name)
+        if v is None:
+            return None
+        if isinstance(v, float) and not math.isfinite(v):
+            if required:
+                self.fail(f"field {name!r} is {v} (a missing value)")
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            self.fail(f"field {name!r} is {kind(v)} ({_short(v)}), expected text "
+                      f"or a number")
+        return str(v)
+
     def opt(self, name: str, default=None):
         v = self.rec.get(name)
         return default if v is None else v
@@ -158,7 +210,19 @@ class _Rec:
         raise BenchmarkError(f"{self.where} (id={self.id}): {msg}")
 
 
-def _image_ref(r: _Rec, value, fname: str, roots: list[Path]) -> Optional[ImageRef]:
+def _short(v, n: int = 60) -> str:
+    t = repr(v)
+    return t if len(t) <= n else t[:n] + "..."
+
+
+def kind(v) -> str:
+    """'a dict', 'an int': the type of `v` for messages."""
+    name = type(v).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _image_ref(r: _Rec, value, fname: str, roots: Optional[list[Path]]) -> Optional[ImageRef]:
+    """roots=None: do not look for image files (scoring never opens them)."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, (bytes, bytearray)):
@@ -169,6 +233,8 @@ def _image_ref(r: _Rec, value, fname: str, roots: list[Path]) -> Optional[ImageR
         value = value.get("path")
         if not value:
             return None
+    if isinstance(value, str) and roots is None:
+        return ImageRef(path=value)
     if isinstance(value, str):
         cand = [Path(value)] if os.path.isabs(value) else [root / value for root in roots]
         for c in cand:
@@ -179,29 +245,70 @@ def _image_ref(r: _Rec, value, fname: str, roots: list[Path]) -> Optional[ImageR
     r.fail(f"field {fname!r}: unsupported image value of type {type(value).__name__}")
 
 
-def _images(r: _Rec, fields: tuple[str, ...], roots: list[Path], required: bool) -> list[ImageRef]:
+def _images(r: _Rec, fields: tuple[str, ...], roots: Optional[list[Path]],
+            required: bool) -> list[ImageRef]:
     present = [f for f in fields if r.opt(f) not in (None, "", {})]
     for f in present:  # embedded bytes first (decoded_image), then paths
         ref = _image_ref(r, r.rec[f], f, roots)
         if ref is not None:
             return [ref]
-    if required:
+    if required and roots is not None:
         r.fail(f"missing image (fields {' / '.join(fields)} are empty)")
     return []
 
 
-def _as_list(v) -> Optional[list[str]]:
-    if v is None:
-        return None
+def _as_list(r: _Rec, name: str) -> Optional[list[str]]:
+    """An options field: a list of texts / numbers, or a string holding a JSON list."""
+    v = r.opt(name)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # parquet's "no options"
     if isinstance(v, str):
         v = v.strip()
         if not v:
             return None
         try:
             v = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return [v]
+        if isinstance(v, str):
+            return [v]
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)):
+        r.fail(f"field {name!r} is {kind(v)} ({_short(v)}), expected a list of "
+               f"options")
+    for k, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+            r.fail(f"field {name!r}: option {k} is {kind(x)} ({_short(x)}), "
+                   f"expected text or a number")
     return [str(x) for x in v] if len(v) else None
+
+
+def _metadata(r: _Rec) -> dict:
+    """The optional `metadata` object (a dict, or a string holding a JSON object)."""
+    meta = r.opt("metadata", {}) or {}
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except (json.JSONDecodeError, RecursionError) as e:
+            r.fail(f"field 'metadata' is not valid JSON ({getattr(e, 'msg', 'nested too deeply')}"
+                   f"): {_short(meta)}")
+    if not isinstance(meta, dict):
+        r.fail(f"field 'metadata' is {kind(meta)} ({_short(meta)}), expected an "
+               f"object")
+    skills = meta.get("skills")
+    if skills is not None and not (isinstance(skills, (list, tuple)) and
+                                   all(isinstance(x, str) for x in skills)):
+        r.fail(f"field 'metadata.skills' is {_short(skills)}, expected a list of texts")
+    return meta
+
+
+def _known_qtype(r: _Rec) -> str:
+    q = _qtype(r.text("question_type"))
+    if q not in ("multi_choice", "free_form"):
+        r.fail(f"field 'question_type' is {r.rec['question_type']!r}, expected multi_choice or "
+               f"free_form (or their spellings multi-choice / free-form)")
+    return q
 
 
 def _qtype(v: str) -> str:
@@ -225,7 +332,7 @@ def parse_inline_choices(question: str) -> Optional[list[str]]:
     if i < 0:
         return None
     found = _INLINE_CHOICE_RE.findall(question[i:])
-    if len(found) < 2 or [l for l, _ in found] != list(LETTERS[:len(found)]):
+    if len(found) < 2 or [k for k, _ in found] != list(LETTERS[:len(found)]):
         return None
     return [t.strip() for _, t in found]
 
@@ -241,47 +348,47 @@ def _precision(r: _Rec, v) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------- per benchmark
-def _mathvista(r: _Rec, roots: list[Path]) -> EvalItem:
-    qtype = _qtype(r.req("question_type"))
-    choices = _as_list(r.opt("choices"))
+def _mathvista(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
+    qtype = _known_qtype(r)
+    choices = _as_list(r, "choices")
     if qtype == "multi_choice" and not choices:
         r.fail("field 'choices' is empty for a multi_choice question")
-    meta = r.opt("metadata", {}) or {}
-    if isinstance(meta, str):
-        meta = json.loads(meta)
-    prompt = r.opt("query")
+    meta = _metadata(r)
+    prompt = r.text("query", required=False)
     if not prompt:
         log_once(logger, "mathvista-query", "MathVista records lack 'query'; building the prompt "
                  "from question + choices")
-        prompt = r.req("question")
+        prompt = r.text("question")
         if choices:
             prompt += "\nChoices:\n" + "\n".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(choices))
     precision = r.opt("precision")
+    answer_type = r.text("answer_type", required=qtype == "free_form")
+    if qtype == "free_form" and answer_type.lower() not in ("integer", "float", "text", "list"):
+        r.fail(f"field 'answer_type' is {answer_type!r}, expected integer, float, text or list")
     return EvalItem(
-        id=str(r.req("pid")), benchmark="mathvista", prompt=str(prompt), answer=str(r.req("answer")),
-        question=str(r.req("question")),
+        id=r.text("pid"), benchmark="mathvista", prompt=str(prompt), answer=r.text("answer"),
+        question=r.text("question"),
         images=_images(r, ("decoded_image", "image"), roots, required=True),
-        question_type=qtype, choices=choices,
-        answer_type=str(r.req("answer_type")) if qtype == "free_form" else r.opt("answer_type"),
+        question_type=qtype, choices=choices, answer_type=answer_type,
         precision=_precision(r, precision),
-        unit=r.opt("unit") or None,
+        unit=r.text("unit", required=False) or None,
         categories={"task": meta.get("task"), "category": meta.get("category"),
                     "skills": list(meta.get("skills") or []), "question_type": qtype})
 
 
-def _mathverse(r: _Rec, roots: list[Path]) -> EvalItem:
-    version = str(r.req("problem_version"))
-    qtype = _qtype(r.req("question_type"))
-    question = str(r.req("question"))
-    meta = r.opt("metadata", {}) or {}
+def _mathverse(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
+    version = r.text("problem_version")
+    qtype = _known_qtype(r)
+    question = r.text("question")
+    meta = _metadata(r)
     return EvalItem(
-        id=str(r.req("sample_index")), benchmark="mathverse", prompt=str(r.req("query_cot")),
-        answer=str(r.req("answer")), question=question,
+        id=r.text("sample_index"), benchmark="mathverse", prompt=r.text("query_cot"),
+        answer=r.text("answer"), question=question,
         images=_images(r, ("image",), roots, required=version.lower() != "text only"),
         question_type=qtype,
         choices=parse_inline_choices(question) if qtype == "multi_choice" else None,
         categories={"problem_version": version, "question_type": qtype,
-                    "subject": meta.get("subject") if isinstance(meta, dict) else None,
+                    "subject": meta.get("subject"),
                     "problem_index": str(r.opt("problem_index", ""))})
 
 
@@ -293,31 +400,36 @@ def mathvision_prompt(question: str, options: Optional[list[str]]) -> str:
     return q
 
 
-def _mathvision(r: _Rec, roots: list[Path]) -> EvalItem:
-    options = _as_list(r.opt("options"))
-    question = str(r.req("question"))
+def _mathvision(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
+    options = _as_list(r, "options")
+    question = r.text("question")
     return EvalItem(
-        id=str(r.req("id")), benchmark="mathvision", prompt=mathvision_prompt(question, options),
-        answer=str(r.req("answer")), question=question,
+        id=r.text("id"), benchmark="mathvision", prompt=mathvision_prompt(question, options),
+        answer=r.text("answer"), question=question,
         images=_images(r, ("decoded_image", "image"), roots, required=True),
         question_type="multi_choice" if options else "free_form", choices=options,
-        categories={"subject": str(r.req("subject")), "level": str(r.req("level"))})
+        categories={"subject": r.text("subject"), "level": r.text("level")})
 
 
 _PARSERS = {"mathvista": _mathvista, "mathverse": _mathverse, "mathvision": _mathvision}
 
 
 def load_benchmark(name: str, path: str | os.PathLike, limit: Optional[int] = None,
-                   image_root: Optional[str] = None) -> list[EvalItem]:
-    """All items of benchmark `name` from `path` (file or directory), in file order."""
+                   image_root: Optional[str] = None, images: bool = True) -> list[EvalItem]:
+    """All items of benchmark `name` from `path` (file or directory), in file order (the first
+    `limit` when given). images=False: image paths are kept as written, not looked up (for
+    scoring, which never opens them). A file set without any record is an error."""
     if name not in _PARSERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if limit is not None and limit < 0:
+        raise BenchmarkError(f"limit must be >= 0 (0 or None = all items), got {limit}")
     files = find_data_files(path)
     items, seen = [], set()
     for f in files:
         if limit and len(items) >= limit:
             break
-        roots = [f.parent, f.parent.parent] + ([Path(image_root)] if image_root else [])
+        roots = None if not images else \
+            [f.parent, f.parent.parent] + ([Path(image_root)] if image_root else [])
         for n, rec in enumerate(read_records(f)):
             if limit and len(items) >= limit:
                 break
@@ -328,5 +440,7 @@ def load_benchmark(name: str, path: str | os.PathLike, limit: Optional[int] = No
                 r.fail(f"duplicate {ID_FIELD[name]} {item.id!r}")
             seen.add(item.id)
             items.append(item)
+    if not items:
+        raise BenchmarkError(f"{', '.join(map(str, files))}: no {name} records in the file")
     logger.info("loaded %d %s items from %s", len(items), name, ", ".join(map(str, files)))
     return items

@@ -4,19 +4,25 @@ Predictions are appended to `<out>/predictions.jsonl` one line per item as soon 
 finishes (`{<id field>: ..., "response": ..., "finish_reason": ..., "num_tokens": ...}`), so a
 killed run loses at most one batch; a rerun skips the ids already there. Scoring reads the
 same file (`score_predictions`), so `eval score` on it gives the same numbers.
+`<out>/generation.json` records what made the predictions (benchmark, a fingerprint of the
+model's files, generation settings); a rerun into an `--out` whose predictions came from
+another model or other settings, or from an unknown source, is refused rather than resumed.
+Predictions files are read strictly: every line one JSON object with the id and a text
+`response` (only `eval run`'s own resume repairs a torn last line, before reading).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ovlt.eval.readers import ID_FIELD, BenchmarkError, EvalItem
+from ovlt.eval.readers import ID_FIELD, BenchmarkError, EvalItem, kind, parse_json, read_text
 from ovlt.eval.scoring import Judge, aggregate, judge_response
 from ovlt.logging import get_logger
 from ovlt.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
-from ovlt.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ovlt.utils.io import append_jsonl, atomic_write_json, atomic_write_text
 
 logger = get_logger(__name__)
 
@@ -83,33 +89,113 @@ def _repair_torn_tail(path: Path) -> None:
 def prediction_id(benchmark: str, rec: dict, where: str) -> str:
     for key in (ID_FIELD[benchmark], "id"):
         if key in rec and rec[key] is not None:
-            return str(rec[key])
+            v = rec[key]
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise BenchmarkError(f"{where}: field {key!r} is {kind(v)}, expected "
+                                     f"the item's id (text or a number)")
+            return str(v)
     raise BenchmarkError(f"{where}: prediction has no {ID_FIELD[benchmark]!r} (or 'id') field")
 
 
 def load_predictions(benchmark: str, path: str | os.PathLike) -> dict[str, str]:
+    """id -> response text of a predictions JSONL; any malformed line (not JSON, not an object,
+    no id, a response that is not text) is a BenchmarkError naming the file and line."""
     preds: dict[str, str] = {}
     p = Path(path)
     if not p.exists():
         raise BenchmarkError(f"{p}: predictions file not found")
-    for n, rec in enumerate(read_jsonl(p), 1):
+    if p.is_dir():
+        raise BenchmarkError(f"{p}: is a directory, expected a predictions .jsonl file")
+    for n, line in enumerate(read_text(p, "predictions file").splitlines(), 1):
+        if not line.strip():
+            continue
         where = f"{p}: line {n}"
+        rec = parse_json(line, where)
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{where}: a prediction is a JSON object "
+                                 f'{{"{ID_FIELD[benchmark]}": ..., "response": ...}}, got '
+                                 f"{type(rec).__name__} {line.strip()[:40]!r}")
         pid = prediction_id(benchmark, rec, where)
         if "response" not in rec:
             raise BenchmarkError(f"{where} (id={pid}): missing field 'response'")
+        resp = rec["response"]
+        if resp is not None and (isinstance(resp, bool) or
+                                 not isinstance(resp, (str, int, float))):
+            raise BenchmarkError(f"{where} (id={pid}): field 'response' is "
+                                 f"{kind(resp)}, expected the model's text")
         if pid in preds:
             logger.warning("%s: duplicate prediction for id %s; the later one is used", where, pid)
-        preds[pid] = str(rec["response"] if rec["response"] is not None else "")
+        preds[pid] = "" if resp is None else str(resp)
     return preds
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Identifies a model directory's weights without reading them all: per file (up to two
+    levels deep) its name, size and 16 samples of 4 KiB spread over it. A path that is not a
+    directory is identified by its resolved path."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return f"path:{root.resolve()}"
+    h = hashlib.sha256()
+    files = sorted(p for p in list(root.glob("*")) + list(root.glob("*/*"))
+                   if p.is_file() and not p.name.startswith("."))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(4096))
+    return h.hexdigest()
+
+
+def claim_out_dir(out: Path, identity: dict) -> None:
+    """Check that the predictions already in `out` came from the same model and settings
+    (`identity`: model path and fingerprint, benchmark, generation settings), then record them
+    in `generation.json` (rank 0). Refuses, naming what differs, when they did not or when
+    their source is unknown; the model's path may change (a moved directory), its files not."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BenchmarkError(f"--out {out} is a file, expected a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path, meta_path = out / "predictions.jsonl", out / "generation.json"
+    has_preds = pred_path.exists() and pred_path.stat().st_size > 0
+    if has_preds:
+        if not meta_path.is_file():
+            raise BenchmarkError(
+                f"{out}: holds a predictions.jsonl that `ovlt eval run` did not record a model "
+                f"for (no generation.json): it may be another model's. Use a new --out (or "
+                f"score that file with `ovlt eval score --predictions {pred_path}`)")
+        was = parse_json(read_text(meta_path, "generation record"), str(meta_path))
+        if not isinstance(was, dict):
+            raise BenchmarkError(f"{meta_path}: expected a JSON object, got {type(was).__name__}")
+        diff = [k for k in identity if k != "model" and was.get(k) != identity[k]]
+        if diff:
+            what = "; ".join(
+                f"{k}: {_short(was.get(k))} there, {_short(identity[k])} now" for k in diff)
+            raise BenchmarkError(
+                f"{out}: holds predictions made by another model or other settings (model "
+                f"{was.get('model')!r}; {what}); resuming would mix them. Use a new --out, or "
+                f"remove {pred_path} to start over")
+    if is_writer():
+        atomic_write_json(meta_path, identity)
+
+
+def _short(v, n: int = 40) -> str:
+    t = repr(v)
+    return t if len(t) <= n else t[:n] + "..."
 
 
 def run_generation(benchmark: str, items: Sequence[EvalItem], engine: RolloutEngine,
                    out_dir: str | os.PathLike, build_request: RequestBuilder,
                    max_new_tokens: int = 2048, batch_size: int = 32,
                    progress: bool = True) -> Path:
-    """Generate greedily for the items not yet in `<out_dir>/predictions.jsonl`; returns its path."""
+    """Generate greedily for the items not yet in `<out_dir>/predictions.jsonl`; returns its path.
+    (`claim_out_dir` first checks that predictions already there are this model's.)"""
     from tqdm import tqdm
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BenchmarkError(f"--out {out} is a file, expected a directory")
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     if is_writer():
@@ -142,10 +228,18 @@ def run_generation(benchmark: str, items: Sequence[EvalItem], engine: RolloutEng
 
 def score_predictions(benchmark: str, items: Sequence[EvalItem], predictions: dict[str, str],
                       out_dir: str | os.PathLike, judge: Optional[Judge] = None,
-                      judge_mode: str = "fallback") -> dict:
-    """Judge every item that has a prediction; write `scores.json` and `judgements.jsonl`."""
+                      judge_mode: str = "fallback", source: str = "") -> dict:
+    """Judge every item that has a prediction; write `scores.json` and `judgements.jsonl`.
+    Predictions matching no item (none at all, or ids from another benchmark / split) are an
+    error naming `source` (the predictions file), not an accuracy over zero items."""
     by_id = {it.id: it for it in items}
     unknown = [pid for pid in predictions if pid not in by_id]
+    if not any(it.id in predictions for it in items):
+        raise BenchmarkError(
+            (f"{source}: " if source else "") + f"no prediction matches an item of the "
+            f"{benchmark} data ({len(predictions)} predictions, {len(items)} items"
+            + (f"; prediction ids e.g. {unknown[:3]}, item ids e.g. {[it.id for it in items[:3]]}"
+               if predictions else "") + "): nothing to score")
     if unknown:
         logger.warning("%d predictions have ids not in the benchmark data (skipped), e.g. %s",
                        len(unknown), unknown[:5])

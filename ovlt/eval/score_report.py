@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -41,11 +40,42 @@ def load_scores(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
         f = p / "scores.json" if p.is_dir() else p
         if not f.is_file():
             raise FileNotFoundError(f"{f}: no scores.json (run `ovlt eval score` first)")
-        s = json.loads(f.read_text())
-        if "benchmark" not in s or "accuracy" not in s:
-            raise ValueError(f"{f}: not an ovlt scores.json (needs 'benchmark' and 'accuracy')")
+        from ovlt.eval.readers import parse_json, read_text
+        s = parse_json(read_text(f, "scores file"), str(f))
+        check_scores(s, f)
         out[s["benchmark"]] = s
     return out
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _percent(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 100.0
+
+
+def check_scores(s, f) -> None:
+    """What `write_report` reads of a scores.json, checked with errors naming file and key."""
+    if not isinstance(s, dict) or "benchmark" not in s or "accuracy" not in s:
+        raise ValueError(f"{f}: not an ovlt scores.json (needs 'benchmark' and 'accuracy')")
+    if not isinstance(s["benchmark"], str) or not s["benchmark"]:
+        raise ValueError(f"{f}: 'benchmark' is {s['benchmark']!r}, expected a benchmark name")
+    if not _percent(s["accuracy"]):
+        raise ValueError(f"{f}: 'accuracy' is {s['accuracy']!r}, expected a percentage 0-100")
+    for k in ("n", "correct"):
+        if not _count(s.get(k)):
+            raise ValueError(f"{f}: {k!r} is {s.get(k)!r}, expected a count >= 0")
+    by = s.get("by", {})
+    if not isinstance(by, dict):
+        raise ValueError(f"{f}: 'by' is a {type(by).__name__}, expected an object")
+    for group, labels in by.items():
+        if not isinstance(labels, dict):
+            raise ValueError(f"{f}: by.{group} is a {type(labels).__name__}, expected an object")
+        for lab, v in labels.items():
+            if not (isinstance(v, dict) and _count(v.get("n")) and _percent(v.get("accuracy"))):
+                raise ValueError(f"{f}: by.{group}.{lab} is {v!r}, expected {{'n': count, "
+                                 f"'accuracy': percentage}}")
 
 
 def bar_chart(ours: Mapping[str, float], out_png: str | os.PathLike, model_name: str = "ours",

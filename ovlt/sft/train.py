@@ -12,6 +12,12 @@ decides the micro-batch count), the loss is the per-token mean over the whole gl
 A step's numbers are read and logged once the next step is queued (`train_step_async`), so the
 GPU does not idle while the host starts a step; before a checkpoint or an exit they are read at
 once, so a checkpoint never covers a step missing from `metrics.jsonl`.
+Samples whose images fail to decode in a worker are dropped from their micro-batch, counted
+(`skipped_samples` per step in metrics.jsonl and in the summary) and logged with file, record
+and reason; a step whose global batch lost every sample stops the run with a `DataError`
+naming them (it would train on nothing and log a loss of 0).
+A checkpoint records a fingerprint of the data it was trained on; resuming a save_dir with
+different data is refused (`sft.data.check_same_data`): start a new save_dir instead.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from ovlt.engine.optimizer import build_optimizer
 from ovlt.engine.lm_head import (flat_hidden, host_side_inputs, loss_rows, tp_group,
                                     tp_size, unwrap)
 from ovlt.engine.profiler import StepProfiler
-from ovlt.sft.data import Position, SFTStream, build_sft_dataset
+from ovlt.sft.data import (Position, SFTStream, build_sft_dataset, check_same_data,
+                           data_fingerprint)
 from ovlt.engine.train_step import train_step_async
 from ovlt.utils.device import default_device, to_device_async
 
@@ -108,6 +115,32 @@ def batch_flops(model_cfg, micro_batches, freeze) -> tuple[float, int]:
     return train_step_flops(model_cfg, seqlens, grids, freeze).total, tokens
 
 
+class _Skips:
+    """Samples dropped in the workers (`PackedBatch.skipped`): each bad record enters the
+    dataset's SkipReport (logged) once, however many epochs meet it again."""
+
+    def __init__(self, report):
+        self.report, self.seen = report, set()
+
+    def take(self, micro_batches) -> list:
+        got = [s for b in micro_batches for s in b.skipped]
+        for _id, file, index, reason in got:
+            if (file, index) not in self.seen:
+                self.seen.add((file, index))
+                self.report.reject(file, index, reason)
+        return got
+
+
+def all_skipped_error(step: int, skipped: list, n_global: int):
+    from ovlt.data.formats import DataError
+    eg = "; ".join(f"{f}: record {i}: {why}" for _id, f, i, why in skipped[:3]) or \
+        "(none on this rank)"
+    return DataError(
+        f"SFT step {step}: all {n_global} samples of the global batch were skipped (their "
+        f"images failed to decode), so the step has nothing to train on; e.g. {eg}. Fix or "
+        f"remove these records (`ovlt data check FILE` lists every one)")
+
+
 # ----------------------------------------------------------------------- the loop
 def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     """Train; expects `init_distributed` done. Returns a summary dict (on every rank)."""
@@ -125,6 +158,10 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
                        pad_to_multiple=cfg.parallel.tensor_parallel
                        if cfg.parallel.sequence_parallel else 1)
     total_steps = t.max_steps or max(1, int(math.ceil(t.epochs * stream.steps_per_epoch)))
+    fingerprint = data_fingerprint(ds)
+    loop = TrainLoop(t, t.save_dir, total_steps)  # before the model: a refusal costs nothing
+    check_same_data(loop.saved_state, fingerprint, loop.save_dir, cfg.data.sft_files)
+    skips = _Skips(ds.report)
 
     model = build_vl_model(cfg, t.precision)
     configure_fp8(model, cfg.model)
@@ -133,7 +170,6 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     optimizer = build_optimizer(bundle.chunks, o, t.precision)
     sched = LRSchedule(o, total_steps)
 
-    loop = TrainLoop(t, t.save_dir, total_steps)
     start_step, pos = loop.start_step, Position()
     st = loop.resume(bundle.chunks, optimizer, is_writer=rank == 0)
     if st is not None:
@@ -155,29 +191,40 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
         return {"step": step, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
                 "consumed_samples": step * t.global_batch_size, "total_steps": total_steps,
                 "world_size": world, "tp": cfg.parallel.tensor_parallel,
-                "pp": cfg.parallel.pipeline_parallel, "dp": dp, "schedule": sched.state_dict()}
+                "pp": cfg.parallel.pipeline_parallel, "dp": dp, "schedule": sched.state_dict(),
+                "data": fingerprint}
 
     def summary(steps, final_hf=None, exited_early=False):
-        return {"steps": steps, "start_step": start_step, "final_loss": last.get("loss"),
+        return {"steps": steps, "start_step": start_step, "trained_steps": steps - start_step,
+                "skipped_samples": skipped_total, "final_loss": last.get("loss"),
                 "save_dir": str(loop.save_dir), "final_hf": str(final_hf) if final_hf else None,
                 "exited_early": exited_early}
 
     last = {"loss": None}
+    skipped_total = 0
     it = stream.iterate(pos) if start_step < total_steps else iter(())
     upcoming = next(it, None)  # one step ahead: its first micro-batch's images are prefetched
     pending = None  # the step queued before this one, its numbers not read yet
 
     def finish(queued) -> None:
         """Read one queued step's numbers (waits for that step's GPU work only) and log them."""
-        nonlocal last
-        done_step, p, lr, queued_step = queued
+        nonlocal last, skipped_total
+        done_step, p, lr, step_skips, queued_step = queued
         res = queued_step.result()
         gflops, gtokens = res.totals["batch_flops"], res.totals["batch_tokens"]
+        n_skipped = int(res.totals["batch_skipped"])
+        if res.totals["batch_samples"] == 0:  # same global numbers on every rank: all raise
+            raise all_skipped_error(done_step, step_skips, n_skipped)
+        if n_skipped:
+            log.warning("step %d: %d sample(s) skipped (images failed to decode), trained on %d",
+                        done_step, n_skipped, int(res.totals["batch_samples"]))
+        skipped_total += n_skipped
         tflops = gflops / res.time_s / world / 1e12
         rec = {"loss": res.loss, "grad_norm": res.grad_norm, "lr": lr, "tokens": int(gtokens),
                "loss_tokens": res.tokens, "tokens_per_s": gtokens / res.time_s,
                "tflops": tflops, "mfu": (tflops * 1e12 / peak) if peak else None,
-               "step_time_s": res.time_s, "skipped": res.skipped, "epoch": p.epoch}
+               "step_time_s": res.time_s, "skipped": res.skipped,
+               "skipped_samples": n_skipped, "epoch": p.epoch}
         rec.update(memory_gb(device))
         if done_step % t.log_interval == 0 or done_step == total_steps:
             logger.log(done_step, rec)
@@ -190,11 +237,15 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
             lr = sched.apply(optimizer, step)
             prof.step_begin(step + 1)  # 1-based, like the log lines
             fl, toks = batch_flops(cfg.model, mbs, t.freeze)
+            step_skips = skips.take(mbs)
+            n_samples = sum(1 for b in mbs for i in b.sample_ids if i != "<pad>")
             # every TP/PP rank of a replica sees the same batch: summed over DP with the loss
-            queued = (step + 1, pos, lr, train_step_async(
+            queued = (step + 1, pos, lr, step_skips, train_step_async(
                 bundle.chunks, optimizer, mbs, sft_forward, sft_loss, device=device,
                 prefetch=upcoming[1][0] if upcoming and upcoming[1] else None,
-                host_stats={"batch_flops": fl, "batch_tokens": float(toks)}))
+                host_stats={"batch_flops": fl, "batch_tokens": float(toks),
+                            "batch_samples": float(n_samples),
+                            "batch_skipped": float(len(step_skips))}))
             prof.step_end(step + 1)
             # the previous step is read only now that this one is queued: no idle GPU in between
             if pending is not None:
@@ -214,5 +265,8 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
                          t.exit_interval, step + 1)
                 return summary(step + 1, exited_early=True)
     logger.close()
+    if skips.seen:
+        log.warning("SFT: %d record(s) skipped during training (%d sample-steps): %s",
+                    len(skips.seen), skipped_total, ds.report.summary())
     hf_dir = loop.finish(state(total_steps, pos), bundle.module, cfg.model)
     return summary(total_steps, final_hf=hf_dir)

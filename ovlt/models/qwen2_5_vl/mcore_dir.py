@@ -115,14 +115,23 @@ class McoreCheckpoint:
             if not p.is_file():
                 raise FileNotFoundError(f"{self.path}: no {p.name} (not an ovlt mcore checkpoint "
                                         "directory, or an unfinished one)")
-        self.meta = json.loads(meta_p.read_text())
+        try:
+            self.meta = json.loads(meta_p.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSON or UTF-8 decoding
+            raise ValueError(f"{meta_p}: not valid JSON ({e})") from None
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{meta_p}: expected a JSON object, got {type(self.meta).__name__}")
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_p}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         try:
             self.cfg = load_config(cfg_p).model
         except ConfigError as e:
             raise ValueError(f"{cfg_p}: {e}") from None
-        self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
+        try:
+            self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{meta_p}: 'tp' and 'pp' must be whole numbers, got "
+                             f"{self.meta.get('tp')!r} and {self.meta.get('pp')!r}") from None
         self.vocab_divisible_by = int(self.meta.get("vocab_divisible_by") or 1)
         want = sda.padded_vocab_size(self.cfg.vocab_size, self.tp, self.vocab_divisible_by)
         if self.meta.get("padded_vocab_size", want) != want:
