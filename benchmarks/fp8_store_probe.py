@@ -1,7 +1,7 @@
 """Probe (H200): where the fused FP8 SwiGLU / cast-transpose kernels lose bandwidth.
 
 Variants of the backward (h [R, 2F], d [R, F] bf16 -> q [R, 2F], q^T [2F, R] fp8) and forward
-(h -> q [R, F], q^T [F, R]) with the same arithmetic as `fp8_swiglu.py` (scale from a device
+(h -> q [R, F], q^T [F, R]) with the same arithmetic as `ovlt.fp8.swiglu` (scale from a device
 scalar, tile amax atomically maxed into 32 lanes): which stores (q, q^T, both), how q^T is
 stored (pointer tile, explicit tl.trans, TMA descriptor), streaming cache hints, tiles.
 Writes JSON (ms, TB/s of the kernel's own traffic) to --out.

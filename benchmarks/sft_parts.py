@@ -20,7 +20,7 @@
               the fused qkv output) at 8192 tokens, forward + backward: the Triton kernel's
               token-tile / warp choices, and mcore's unfused version
   fp8_swiglu  the FP8 MLP's SwiGLU at 8192 tokens: SwiGLU + FP8 cast-transpose kernels vs the
-              fused kernel of `fp8_swiglu.py` (forward and backward), over its tile choices
+              fused kernel of `ovlt.fp8.swiglu` (forward and backward), over its tile choices
   fp8         the FP8 forward GEMMs of one 7B layer at 8192 tokens with and without fast
               accumulation, and the FP8 cast-transpose kernel's tile / warp choices on the
               step's tensor shapes (delayed scaling: one launch per cast)
@@ -180,7 +180,7 @@ def bench_adam(res, n_params=2.0e9):
                lambda: local_multi_tensor_l2_norm(0, None, [grads], False), 5, 1),
            "scale_foreach_ms": cuda_time(lambda: torch._foreach_mul_(grads, 0.999), 10, 2)}
     flat = torch.cat([g.reshape(-1) for g in grads])
-    del params, grads, model, opt
+    params = grads = model = opt = None  # freed (not `del`: the closures read these names)
     torch.cuda.empty_cache()
     out["norm_flat_ms"] = cuda_time(lambda: torch.linalg.vector_norm(flat), 10, 2)
     out["norm_flat_GBps"] = n * 4 / 1e9 / out["norm_flat_ms"] * 1e3

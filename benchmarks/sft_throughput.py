@@ -11,8 +11,8 @@ samples of `--seq` tokens, each with one `--image`-px image (256 image tokens at
 answer half of the text trained on; vision tower + merger frozen, LLM trained (the recipe).
 One timed unit = one full optimizer step (forward, backward, grad clip, Adam update). Steps run
 back to back as the trainer runs them (each step's loss read once the next one is queued; see
-`timed`); until 2026-12-03 (fourth session) each step was timed between two device syncs, which
-left the GPU idle while the host started the next step.
+`timed`); a step timed between two device syncs would leave the GPU idle while the host starts
+the next one.
   hf                 transformers Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16
                      params, fused torch AdamW, [samples, seq] padded batch already on the GPU.
   ovlt_bf16          the SFT trainer's own step (`ovlt.engine.train_step.train_step_async`): mcore DDP +
@@ -21,7 +21,7 @@ left the GPU idle while the host started the next step.
   ovlt_bf16_noprefetch  A/B of one piece: the frozen tower runs inside each step's forward
                      instead of one step ahead (`train_step(prefetch=)`).
   ovlt_bf16_nofast   the same with OVLT_FASTPATHS=0: mcore's own fallbacks without apex/TE, no
-                     fused optimizer step (what the trainer did before those paths existed).
+                     fused optimizer step.
   ovlt_bf16_headbf16 A/B of one piece: LM-head dW accumulated in bf16 and added by DDP's hook.
   ovlt_bf16_autogc   A/B of one piece: Python's automatic garbage collection instead of the
                      trainer's scheduled one (`train.gc_interval`, automatic collection off)
@@ -32,9 +32,8 @@ left the GPU idle while the host started the next step.
   ovlt_fp8           ovlt_bf16 with model.fp8=scaled_mm_tensor (ovlt `torch._scaled_mm` linears,
                      per-tensor current scaling) in the LLM; the frozen vision tower stays bf16
                      (its MLP width 3420 is not a multiple of 16, which _scaled_mm requires).
-                     Transformer Engine cannot be carried to the device.
   ovlt_fp8_delayed   the same with model.fp8=scaled_mm_delayed (scales from an amax history;
-                     the LLM's MLP fuses its SwiGLU with the FP8 casts, `fp8_mlp.py`)
+                     the LLM's MLP fuses its SwiGLU with the FP8 casts, `ovlt.fp8.mlp`)
   ovlt_fp8_delayed_unfusedmlp  A/B of that piece: SwiGLU and FP8 casts as separate kernels
   ovlt_fp8_delayed_sepbias     A/B: the QKV bias added after the FP8 GEMM, not in its epilogue
   ovlt_fp8_delayed_nocache     A/B: each FP8 weight cast in its layer's forward, not once up
@@ -312,7 +311,7 @@ def run_hf(args, m, samples, dev, name="hf"):
         opt.zero_grad(set_to_none=True)
         return lazy_loss(loss)
     res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name, args.sync_probe)
-    del model, opt
+    model = opt = None  # freed (not `del`: the closures above read these names)
     return res + (update_t.median(args.warmup, args.iters),)
 
 
@@ -420,7 +419,7 @@ def run_ovlt(args, m, samples, dev, name="ovlt", tweak=None, prefetch=True, gc_i
     with GCSchedule(tcfg.gc_interval if gc_interval is None else gc_interval) as gc_sched:
         res = timed(step, args.warmup, args.iters, dev, _prof_path(args, name), name,
                     args.sync_probe)
-    del bundle, opt, model
+    bundle = opt = model = None  # freed (not `del`: the closure above reads these names)
     return res + (update_t.median(args.warmup, args.iters),)
 
 
