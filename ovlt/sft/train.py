@@ -80,7 +80,7 @@ def sft_forward(model, batch):
 
 def mark_head_overwrites(chunks) -> int:
     """Let the SFT loss overwrite the LM head's main_grad on its first write of a step, so
-    `grad_buffers.zero_grad_buffers` skips its slice (V x H fp32: 2.2 GB at 7B). Only for a
+    `grad_routing.zero_grad_buffers` skips its slice (V x H fp32: 2.2 GB at 7B). Only for a
     head whose gradient is nothing but `sft_forward`'s fused loss writing into main_grad
     (`Writer.LOSS_KERNEL`, unpadded vocab); GRPO's head gradient arrives through DDP's
     hook, which adds, so only the SFT trainer marks. Returns the number of heads marked."""

@@ -1,4 +1,4 @@
-"""The delayed-scaling FP8 MLP's fused SwiGLU + FP8 casts (`fp8_swiglu.py`, `fp8_mlp.py`):
+"""The delayed-scaling FP8 MLP's fused SwiGLU + FP8 casts (`ovlt.fp8.swiglu`, `ovlt.fp8.mlp`):
 bit-for-bit the two-kernel path (SwiGLU, then cast-transpose) and the unfused mcore MLP with the
 same FP8 linears, under Triton's interpreter (CPU) and compiled (CUDA); close to a float64
 SwiGLU within FP8 rounding; TP=2 over gloo equal to the unfused module on every rank."""
