@@ -56,7 +56,7 @@ def main(argv=None):
                          ("plain_torch_logits_then_torch_loss", plain)):
             rows.append(dict(T=T, variant=name, **measure(fn, [h, w])))
             print(rows[-1], flush=True)
-        del h, t
+        h = t = None  # free them before the next size (the closures above read them)
         w.grad = None
         torch.cuda.empty_cache()
     adv_rows = []

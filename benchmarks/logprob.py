@@ -174,7 +174,7 @@ def main(argv=None):
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
             print(table)
             rows.append(dict(T=T, variant="profile_ovlt_fused_loss", table=table))
-        del h, t, consts
+        h = t = consts = None  # free them before the next size (the closures above read them)
         w.grad = None
         torch.cuda.empty_cache()
     write_results(args.out, "logprob.json", {"H": H, "V": V, "dtype": "bf16", "rows": rows,

@@ -16,7 +16,7 @@ def main() -> None:
     res = Path(args.results)
     runs = {}
     for f in sorted(res.glob("metrics_*.jsonl")):
-        rows = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "loss" in r]
         if rows:
             runs[f.stem.removeprefix("metrics_")] = rows

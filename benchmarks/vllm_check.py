@@ -384,7 +384,7 @@ def st_builtin_greedy(S, a):
     dt, outs = timed(lambda: eng.generate(S.reqs, sp))
     S.builtin_greedy = outs
     eng.sleep()
-    del eng
+    eng = None  # freed: the closures above read it
     return {"seconds": round(dt, 3), "completions": _comps_summary(outs)}
 
 
@@ -650,7 +650,8 @@ def st_logprobs(S, a):
             # is vLLM's greedy token the trainer's argmax (up to a bf16 tie)?
             am = logits_v.argmax(-1).cpu()
             top2 = logits_v.topk(2, dim=-1).values
-            gap_v = (logits_v.max(-1).values - logits_v.gather(1, torch.as_tensor(vt, device=logits_v.device)[:, None]).squeeze(1)).cpu()
+            vt_dev = torch.as_tensor(vt, device=logits_v.device)[:, None]
+            gap_v = (logits_v.max(-1).values - logits_v.gather(1, vt_dev).squeeze(1)).cpu()
             row["vllm_tokens_not_trainer_argmax"] = int((am != torch.tensor(vt)).sum())
             row["vllm_max_logit_shortfall"] = float(gap_v.max())
             row["median_top2_gap"] = float((top2[:, 0] - top2[:, 1]).median())
@@ -704,7 +705,7 @@ def st_throughput(S, a):
                       "cuda_graphs": graphs}
     log(f"builtin throughput {res['builtin']}")
     eng.sleep()
-    del eng
+    eng = None  # freed: the closures above read it
     if "vllm" in res:
         res["vllm_speedup_vs_builtin"] = res["vllm"]["tokens_per_s"] / res["builtin"]["tokens_per_s"]
     if a.hf_baseline:
@@ -753,7 +754,7 @@ def _hf_generate(S, a, reqs):
         hf.model.rope_deltas = None
         t, out = timed(lambda: hf.generate(ids, **kw))
     n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    del hf, sd
+    hf = sd = None
     gc.collect()
     torch.cuda.empty_cache()
     return {"seconds": t, "new_tokens": n, "tokens_per_s": n / t, "unmapped": miss[:5]}

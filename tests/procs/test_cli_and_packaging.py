@@ -51,7 +51,7 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
-    test_cmd = next(l for b in blocks for l in b.splitlines() if "pytest" in l).strip()
+    test_cmd = next(line for b in blocks for line in b.splitlines() if "pytest" in line).strip()
     assert test_cmd.split("pytest", 1)[1].strip() in ci
 
 

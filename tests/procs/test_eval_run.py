@@ -91,14 +91,15 @@ def test_eval_run_end_to_end_with_fake_engine(tmp_path, capsys):
     assert [ids for ids, _ in eng.calls] == [["1", "2", "3"], ["4", "5", "6"], ["7"]]
     p = eng.calls[0][1]
     assert p.temperature == 0.0 and p.max_new_tokens == 64 and p.n == 1
-    preds = [json.loads(l) for l in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [x["pid"] for x in preds] == list(ITEMS)
     assert preds[0]["response"] == ITEMS["1"][1] and preds[0]["finish_reason"] == "stop"
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["correct"] == len(RIGHT) and scores["n"] == 7
     assert scores["accuracy"] == round(100 * 5 / 7, 2)
     assert "mathvista: accuracy 71.43% (5/7)" in capsys.readouterr().out
-    js = {j["id"]: j["correct"] for j in map(json.loads, (tmp_path / "out" / "judgements.jsonl").read_text().splitlines())}
+    judged = (tmp_path / "out" / "judgements.jsonl").read_text().splitlines()
+    js = {j["id"]: j["correct"] for j in map(json.loads, judged)}
     assert {k for k, v in js.items() if v} == RIGHT
     # scoring the same predictions with `eval score` gives the same numbers
     assert main(["score", "--benchmark", "mathvista", "--data", str(data), "--predictions",
@@ -111,13 +112,13 @@ def test_eval_run_resumes_after_a_crash_and_a_torn_line(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path, data, FakeEngine(fail_after_batches=1))
     pred = tmp_path / "out" / "predictions.jsonl"
-    assert [json.loads(l)["pid"] for l in pred.read_text().splitlines()] == ["1", "2", "3"]
+    assert [json.loads(line)["pid"] for line in pred.read_text().splitlines()] == ["1", "2", "3"]
     with open(pred, "a") as f:
         f.write('{"pid": "4", "resp')  # a kill in the middle of a write
     eng = FakeEngine()
     assert _run(tmp_path, data, eng) == 0
     assert [ids for ids, _ in eng.calls] == [["4", "5", "6"], ["7"]]  # done ids skipped
-    pids = [json.loads(l)["pid"] for l in pred.read_text().splitlines()]
+    pids = [json.loads(line)["pid"] for line in pred.read_text().splitlines()]
     assert pids == list(ITEMS)  # each exactly once, torn line gone
     # a third run generates nothing
     eng3 = FakeEngine()

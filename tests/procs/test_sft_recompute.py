@@ -22,8 +22,8 @@ def test_recompute_same_math(tmp_path):
     ref_l, ref_p, ref_f = run_distributed(_worker, 1, sft_file, "none")[0]
     assert ref_f == (None, 0)
     for mode in ("selective", "full"):
-        l, p, f = run_distributed(_worker, 1, sft_file, mode)[0]
+        losses, p, f = run_distributed(_worker, 1, sft_file, mode)[0]
         assert f[0] == mode and (f[1] > 0 if mode == "selective" else True)
-        assert l == ref_l, mode  # recomputation replays the same fp32 ops
+        assert losses == ref_l, mode  # recomputation replays the same fp32 ops
         for k in ref_p:
             assert np.array_equal(p[k], ref_p[k]), (mode, k)
