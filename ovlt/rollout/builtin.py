@@ -1,15 +1,37 @@
-"""Built-in rollout engine: batched KV-cached decoding on the trainer's own mcore model.
+"""Built-in rollout engine: continuous-batching KV-cached decoding on the trainer's own mcore model.
 
 No weight copy: `LLMDecoder` reads the model's parameters in place, so whatever the optimizer
 just wrote is what the next rollout samples from (`update_weights` is only needed for weights
-that come from elsewhere). One batch = prompts left-padded to a common length, a static KV
-cache, one prefill (images embedded by the model's own vision tower), then one token per
-sequence per step. On GPU the decode step is captured once per batch as a CUDA graph and
-replayed, which removes the per-kernel launch overhead that dominates small-batch decoding.
-Finished sequences (EOS or a stop string) are masked and the batch stops when all are done.
+that come from elsewhere).
+
+Scheduling (continuous batching): the call's samples (request i, sample j) wait in request
+order; `max_batch_size` slots decode one sample each, one token per slot per step. Every
+`check_every` steps the host reads what the steps produced (the only sync), finishes the
+samples that hit EOS / a stop string / their cap, and hands their slots to the next waiting
+samples at once (`ovlt.rollout.slots`). The `n` samples of a prompt share one prefill: the
+prompt (image included) is encoded once, its KV prefix copied into (or kept in) its samples'
+slots. `schedule="static"` refills only when every slot is free (batches wait for their
+longest sequence: the old behaviour, kept as the benchmark's baseline).
+
+KV cache: one buffer per slot, sized for the call's longest prompt + largest cap (rounded up),
+not paged. Why: a slot's keys are contiguous, so the decode attention kernel
+(`ovlt.rollout.decode_attention`) reads exactly the live tokens with plain strides and a
+refill is one copy, with no page table to keep in step with the CUDA graph; the cost is the
+memory reserved for the cap, which bounds the slot count (at 7B: 57 KiB per token, ~0.17 GiB
+per slot of 3k tokens), and the slot count is cut to what free memory holds.
+
+Prefill runs the prompt minus its last token (images through the model's own vision tower);
+the last prompt token is the first token a slot decodes, so every sampled token — the first
+included — comes out of the one decode step, which is captured once as a CUDA graph (static
+slot count; per-slot token, positions, count live in device tensors the graph reads).
+
+Sampling: each sample draws from its own seed (`ovlt.rollout.base.request_seeds`, sample j of
+a request with seed s uses s + j) with a counter-based generator (`sampling.sample_rows`),
+so a request's tokens do not depend on the other requests in the call or on slot timing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -17,13 +39,22 @@ import torch
 from ovlt.logging import get_logger, log_once
 from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
 from ovlt.rollout.base import (Completion, GenerationRequest, OnComplete, RolloutEngine,
-                               SamplingParams, report_all)
+                               SamplingParams, request_caps, request_seeds)
 from ovlt.rollout.kv_decoder import LLMDecoder
-from ovlt.rollout.sampling import sample
+from ovlt.rollout.sampling import sample_rows
+from ovlt.rollout.slots import SlotTable
 
 log = get_logger(__name__)
 
 IM_END_ID, ENDOFTEXT_ID = 151645, 151643
+# columns of the per-slot integer state (device): token to feed next, cache position of the
+# last prompt token, its rotary position, tokens sampled so far, cap, sampling seed
+TOK, BASE, ROPE, COUNT, CAP, SEED = range(6)
+
+
+def _int64(x: int) -> int:
+    """x wrapped to a signed 64-bit integer (a seed's bits)."""
+    return (int(x) + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def _default_image_embedder(model) -> Optional[Callable]:
@@ -38,11 +69,22 @@ def _default_image_embedder(model) -> Optional[Callable]:
     return None
 
 
+@dataclass
+class _Prompt:
+    ids: torch.Tensor        # [L] int64
+    pos: torch.Tensor        # [3, L] MRoPE positions
+    request: GenerationRequest
+
+
 class _DecodeState:
-    shape: tuple
-    cache: torch.Tensor
-    key_valid: torch.Tensor
-    step: Callable
+    """Device state of `slots` decode slots with room for `length` tokens each."""
+    requested: int           # slots asked for (`slots` may be fewer: free memory)
+    slots: int
+    length: int
+    cache: torch.Tensor      # [layers, 2, slots, groups, length, head_dim]
+    ints: torch.Tensor       # [slots, 6] int64 (columns TOK .. SEED)
+    active: torch.Tensor     # [slots] bool: decoding (not finished, not idle)
+    step: Callable[[], torch.Tensor]   # -> logits [slots, vocab] fp32
 
 
 class BuiltinEngine(RolloutEngine):
@@ -52,48 +94,50 @@ class BuiltinEngine(RolloutEngine):
                  eos_token_ids: Optional[list[int]] = None, max_batch_size: int = 64,
                  cuda_graphs: bool = True, tp_group=None, check_every: int = 8,
                  image_embedder: Optional[Callable] = None, rope_fn: Optional[Callable] = None,
-                 pad_token_id: int = ENDOFTEXT_ID):
+                 pad_token_id: int = ENDOFTEXT_ID, schedule: str = "continuous",
+                 prefill_tokens: int = 16384, kv_memory_fraction: float = 0.9):
+        if schedule not in ("continuous", "static"):
+            raise ValueError(f"schedule must be 'continuous' or 'static', got {schedule!r}")
         self.model = model
         self.cfg = model_cfg
         self.tokenizer = tokenizer
         self.decoder = LLMDecoder(model, model_cfg, tp_group=tp_group)
         self.eos = list(eos_token_ids) if eos_token_ids is not None else [IM_END_ID, ENDOFTEXT_ID]
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, int(max_batch_size))
         self.use_graphs = cuda_graphs and tp_group is None
         self.check_every = max(1, check_every)
         self.image_embedder = image_embedder or _default_image_embedder(model)
         self.rope_fn = rope_fn or rope_positions_fn(model_cfg)
-        self.pad_id = pad_token_id
+        self.pad_id = pad_token_id  # kept for callers; padding never reaches an output
+        self.schedule = schedule
+        self.prefill_tokens = max(1, int(prefill_tokens))
+        self.kv_memory_fraction = float(kv_memory_fraction)
         # Vision placeholders exist only in prompts: a sampled <|image_pad|> would not match
         # any image features when the trainer re-reads the response.
         self.banned_ids = sorted({model_cfg.image_token_id, model_cfg.video_token_id,
                                   model_cfg.vision_start_token_id, model_cfg.vision_end_token_id})
-        self.pad_multiple = 32
+        self.length_multiple = 256   # cache length rounding: calls of similar size reuse it
         self._state: Optional[_DecodeState] = None
+        self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ interface
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  on_complete: Optional[OnComplete] = None) -> list[list[Completion]]:
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs the engine's tokenizer (make_engine(tokenizer=...))")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        dev = self.decoder.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(params.seed if params.seed is not None
-                        else int(torch.randint(0, 2**62, (1,)).item()))
-        rows = [(i, j) for i in range(len(requests)) for j in range(params.n)]
-        # Similar lengths together: less left padding per batch.
-        rows.sort(key=lambda r: len(requests[r[0]].prompt_ids))
-        out: list[list[Optional[Completion]]] = [[None] * params.n for _ in requests]
-        for s in range(0, len(rows), self.max_batch_size):
-            chunk = rows[s: s + self.max_batch_size]
-            comps = self._generate_batch([requests[i] for i, _ in chunk], params, gen)
-            for (i, j), c in zip(chunk, comps):
-                c.index = j
-                out[i][j] = c
-        report_all(out, on_complete)  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
+        if params.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
+        caps = request_caps(requests, params)
+        if not requests:
+            return []
+        seeds = request_seeds(requests, params)
+        prompts = [self._prompt(i, r) for i, r in enumerate(requests)]
+        n = params.n
+        total = len(requests) * n
+        need = max(p.ids.numel() + c for p, c in zip(prompts, caps))
+        st = self._decode_state(min(self.max_batch_size, total), need)
+        with torch.no_grad():
+            return self._run(prompts, params, caps, seeds, st, on_complete)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Weights from outside the trainer (HF names, full tensors: an eval of another
@@ -133,34 +177,115 @@ class BuiltinEngine(RolloutEngine):
     def wake(self) -> None:
         pass
 
-    # ------------------------------------------------------------------ one batch
-    def _prefill_inputs(self, reqs: list[GenerationRequest]):
+    # ------------------------------------------------------------------ prompts
+    def _prompt(self, i: int, r: GenerationRequest) -> _Prompt:
+        if len(r.prompt_ids) < 1:
+            raise ValueError(f"request {i} ({r.request_id}): prompt_ids is empty")
+        ids = torch.as_tensor(r.prompt_ids, dtype=torch.long)
+        if int(ids[-1]) in self.banned_ids:
+            raise ValueError(f"request {i} ({r.request_id}): the prompt ends with a vision token "
+                             f"({int(ids[-1])}); prompts end with text (the chat template's "
+                             "assistant header)")
+        if r.pixel_values is None and bool((ids == self.cfg.image_token_id).any()):
+            raise ValueError(f"request {i} ({r.request_id}): <|image_pad|> in the prompt but no "
+                             "pixel_values")
+        pos = self.rope_fn(ids, r.image_grid_thw)
+        last = pos[:, -1]
+        if not bool((last == last[0]).all()):
+            raise ValueError(f"request {i} ({r.request_id}): the last prompt token has MRoPE "
+                             f"positions {last.tolist()}; prompts end with a text token")
+        return _Prompt(ids=ids, pos=pos, request=r)
+
+    # ------------------------------------------------------------------ decode state
+    def _slot_bytes(self, length: int) -> int:
+        d = self.decoder
+        return len(d.layers) * 2 * d.n_groups * length * d.head_dim * d.dtype.itemsize
+
+    def _decode_state(self, slots: int, need: int) -> _DecodeState:
+        """KV cache + decode step for `slots` slots of at least `need` tokens, kept for the
+        next call that fits it (the CUDA graph is captured once per shape)."""
+        length = -(-need // self.length_multiple) * self.length_multiple
+        st = self._state
+        if st is not None and st.requested == slots and need <= st.length <= 2 * length:
+            return st
+        self._state = None
+        requested = slots
+        dev = self.decoder.device
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(dev)[0]
+            # per slot: its KV rows + its fp32 logits row and the sampling temporaries
+            per_slot = self._slot_bytes(length) + 8 * 4 * self.decoder.vocab_size
+            fit = int(free * self.kv_memory_fraction) // per_slot
+            if fit < 1:
+                raise RuntimeError(f"built-in engine: {free / 2**30:.1f} GiB free on the GPU, one "
+                                   f"decode slot of {length} tokens needs {per_slot / 2**30:.2f} GiB")
+            if fit < slots:
+                log.warning("built-in engine: %d slots of %d tokens need %.1f GiB, %.1f GiB free: "
+                            "decoding with %d slots", slots, length, slots * per_slot / 2**30,
+                            free / 2**30, fit)
+                slots = fit
+        st = _DecodeState()
+        st.requested, st.slots, st.length = requested, slots, length
+        st.cache = self.decoder.new_cache(slots, length)
+        st.ints = torch.zeros(slots, 6, dtype=torch.long, device=dev)
+        st.active = torch.zeros(slots, dtype=torch.bool, device=dev)
+        st.step = self._make_step(st)
+        self._state = st
+        return st
+
+    def _make_step(self, st: _DecodeState) -> Callable[[], torch.Tensor]:
+        d = self.decoder
+        ints = st.ints
+
+        def eager():
+            count = ints[:, COUNT]
+            return d.decode(ints[:, TOK], ints[:, BASE] + count, ints[:, ROPE] + count, st.cache)
+
+        if not (self.use_graphs and d.device.type == "cuda"):
+            return eager
+        log_once(log, "builtin_cuda_graphs", "built-in engine: CUDA graphs for decode")
+        # Warm up on a side stream (allocator, cuBLAS workspaces, Triton compilation), then
+        # capture. This runs before any prefill of this cache: what it writes (position 0 of
+        # every slot) is overwritten.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                eager()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = eager()
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, prompts: list[_Prompt], dsts: list[list[int]], cache: torch.Tensor) -> None:
+        """KV of each prompt minus its last token, written into the cache rows of its slots."""
         d = self.decoder
         dev = d.device
-        lens = torch.tensor([len(r.prompt_ids) for r in reqs])
-        if int(lens.min()) < 1:
-            raise ValueError("GenerationRequest.prompt_ids is empty")
-        B = len(reqs)
-        P = -(-int(lens.max()) // self.pad_multiple) * self.pad_multiple
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        lens = [p.ids.numel() - 1 for p in prompts]
+        B, P = len(prompts), max(lens)
+        # right padding (token 0: any id in the vocabulary; pad keys are masked out)
+        ids = torch.zeros((B, P), dtype=torch.long)
         pos = torch.zeros(3, B, P, dtype=torch.long)
-        next_pos = torch.zeros(B, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            L = len(r.prompt_ids)
-            row = torch.as_tensor(r.prompt_ids, dtype=torch.long)
-            ids[b, P - L:] = row
-            p = self.rope_fn(row, r.image_grid_thw)
-            pos[:, b, P - L:] = p
-            next_pos[b] = int(p.max()) + 1
+        for b, p in enumerate(prompts):
+            ids[b, : lens[b]] = p.ids[:-1]
+            pos[:, b, : lens[b]] = p.pos[:, :-1]
         ids, pos = ids.to(dev), pos.to(dev)
         x = d.embed_tokens(ids)
-        with_img = [b for b, r in enumerate(reqs) if r.pixel_values is not None]
+        with_img = [b for b, p in enumerate(prompts) if p.request.pixel_values is not None]
         if with_img:
             if self.image_embedder is None:
                 raise ValueError("a request has pixel_values but the model exposes no image "
                                  "embedder (image_embeddings / embed_images)")
-            pv = torch.cat([reqs[b].pixel_values for b in with_img]).to(dev)
-            grid = torch.cat([torch.as_tensor(reqs[b].image_grid_thw).view(-1, 3) for b in with_img]).to(dev)
+            reqs = [prompts[b].request for b in with_img]
+            pv = torch.cat([r.pixel_values for r in reqs]).to(dev)
+            grid = torch.cat([torch.as_tensor(r.image_grid_thw).view(-1, 3) for r in reqs]).to(dev)
             emb = self.image_embedder(pv, grid)
             emb = getattr(emb, "pooler_output", emb)
             if isinstance(emb, (tuple, list)):
@@ -172,150 +297,155 @@ class BuiltinEngine(RolloutEngine):
                                  f"vision tower produced {emb.shape[0]} embeddings")
             x = x.clone()
             x[sel] = emb.to(x.dtype)
-        return x, pos, lens.to(dev), next_pos.to(dev), P
-
-    @torch.no_grad()
-    def _generate_batch(self, reqs: list[GenerationRequest], sp: SamplingParams,
-                        gen: torch.Generator) -> list[Completion]:
-        d = self.decoder
-        dev = d.device
-        T = sp.max_new_tokens
-        x, pos, lens, next_pos, P = self._prefill_inputs(reqs)
-        B, S_max = len(reqs), P + T
-        st = self._decode_state(B, S_max)
-        ar = torch.arange(S_max, device=dev)
-        st.key_valid.copy_(ar[None, :] >= (P - lens)[:, None])                   # [B, S_max]
-        causal = ar[None, :] <= torch.arange(P, device=dev)[:, None]            # [P, S_max]
-        diag = ar[None, :] == torch.arange(P, device=dev)[:, None]              # pad rows see themselves
-        mask = ((st.key_valid[:, None, :] & causal[None]) | diag[None]).unsqueeze(1)
+        ar = torch.arange(P, device=dev)
+        valid = ar[None, :] < torch.tensor(lens, device=dev)[:, None]            # [B, P] keys
+        mask = (valid[:, None, :] & (ar[None, :] <= ar[:, None])[None]).unsqueeze(1)
         cos, sin = d.rope(pos)
-        hidden = d.forward(x, cos, sin, st.cache, torch.arange(P, device=dev), mask)
-        logits = d.logits(hidden[:, -1])
-        del hidden, mask, x
-        step = st.step
+        tmp = d.new_cache(B, P)
+        d.forward(x, cos, sin, tmp, ar, mask)
+        for b, slots in enumerate(dsts):
+            for s in slots:
+                cache[:, :, s, :, : lens[b]].copy_(tmp[:, :, b, :, : lens[b]])
 
-        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)
-        logps = torch.zeros(B, T, dtype=torch.float32, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        eos = torch.tensor(self.eos, dtype=torch.long, device=dev)
-        banned = torch.tensor([i for i in self.banned_ids if i < logits.shape[-1]],
+    # ------------------------------------------------------------------ the loop
+    def _run(self, prompts: list[_Prompt], sp: SamplingParams, caps: list[int], seeds: list[int],
+             st: _DecodeState, on_complete: Optional[OnComplete]) -> list[list[Completion]]:
+        dev = self.decoder.device
+        n = sp.n
+        table = SlotTable(st.slots, len(prompts), n)
+        out: list[list[Optional[Completion]]] = [[None] * n for _ in prompts]
+        eos_ids = [] if sp.ignore_eos else list(self.eos)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+        eos_set = set(eos_ids)
+        banned = torch.tensor([i for i in self.banned_ids if i < self.decoder.vocab_size],
                               dtype=torch.long, device=dev)
-        stop_at = [None] * B           # (n_tokens, text) of rows ended by a stop string
-        checked = 0
-        n_steps = T
-        for t in range(T):
-            tok, lp = sample(logits, sp.temperature, sp.top_k, sp.top_p, gen, banned)
-            tok = tok.masked_fill(finished, self.pad_id)
-            tokens[:, t] = tok
-            logps[:, t] = lp
-            finished |= torch.isin(tok, eos)
-            if t == T - 1:
-                break
-            if (t + 1) % self.check_every == 0:
-                if sp.stop:
-                    self._check_stops(tokens, finished, stop_at, checked, t + 1, sp.stop)
-                    checked = t + 1
-                if bool(finished.all()):
-                    n_steps = t + 1
-                    break
-            logits = step(tok, next_pos + t, P + t)
-        if sp.stop:
-            self._check_stops(tokens, finished, stop_at, checked, n_steps, sp.stop)
-        return self._completions(reqs, tokens[:, :n_steps].cpu(), logps[:, :n_steps].cpu(), stop_at)
+        k = self.check_every
+        hist_tok = torch.zeros(st.slots, k, dtype=torch.long, device=dev)
+        hist_lp = torch.zeros(st.slots, k, dtype=torch.float32, device=dev)
+        hist_ok = torch.zeros(st.slots, k, dtype=torch.bool, device=dev)
+        toks: list[list[int]] = [[] for _ in range(st.slots)]
+        lps: list[list[float]] = [[] for _ in range(st.slots)]
+        checked = [0] * st.slots                 # tokens of a slot already scanned for stops
+        stop_at: list[Optional[tuple[int, str]]] = [None] * st.slots
+        tail = 4 * max((len(s) for s in sp.stop), default=0) + 8
+        st.active.zero_()
+        ints = st.ints
+        count = ints[:, COUNT]
+        stats = {"steps": 0, "prefills": 0, "prefill_prompts": 0, "kv_copies": 0, "syncs": 0,
+                 "slot_steps_busy": 0}
 
-    def _decode_state(self, B: int, S_max: int):
-        """KV cache + decode step for this batch shape, kept for the next batch of the same
-        shape (prompt lengths are rounded up, so most batches of a GRPO step reuse it and the
-        CUDA graph is captured once)."""
-        st = self._state
-        if st is not None and st.shape == (B, S_max):
-            return st
-        self._state = None
-        if self.decoder.device.type == "cuda":
-            torch.cuda.empty_cache()
-        st = _DecodeState()
-        st.shape = (B, S_max)
-        st.cache = self.decoder.new_cache(B, S_max)
-        st.key_valid = torch.zeros(B, S_max, dtype=torch.bool, device=self.decoder.device)
-        st.step = self._make_step(B, S_max, st.cache, st.key_valid)
-        self._state = st
-        return st
-
-    def _make_step(self, B: int, S_max: int, cache: torch.Tensor, key_valid: torch.Tensor):
-        d = self.decoder
-        dev = d.device
-        ar = torch.arange(S_max, device=dev)
-
-        def eager(tok, pos1d, slot):
-            x = d.embed_tokens(tok[:, None])
-            cos, sin = d.rope(pos1d[None, :, None].expand(3, -1, -1))
-            mask = (key_valid & (ar[None, :] <= slot)).view(B, 1, 1, S_max)
-            h = d.forward(x, cos, sin, cache, slot.view(1), mask)
-            return d.logits(h[:, 0])
-
-        if not (self.use_graphs and dev.type == "cuda"):
-            return lambda tok, pos1d, slot: eager(tok, pos1d, torch.tensor(slot, device=dev))
-        log_once(log, "builtin_cuda_graphs", "built-in engine: CUDA graphs for decode")
-        tok_s = torch.zeros(B, dtype=torch.long, device=dev)
-        pos_s = torch.zeros(B, dtype=torch.long, device=dev)
-        slot_s = torch.zeros((), dtype=torch.long, device=dev)
-        # Warm up on a side stream (allocator / cuBLAS workspaces), then capture. This runs
-        # before any prefill, so what the warm-up writes into cache slot 0 is overwritten.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                eager(tok_s, pos_s, slot_s)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out_s = eager(tok_s, pos_s, slot_s)
-
-        def replay(tok, pos1d, slot):
-            tok_s.copy_(tok)
-            pos_s.copy_(pos1d)
-            slot_s.fill_(slot)
-            graph.replay()
-            return out_s
-        return replay
-
-    def _check_stops(self, tokens, finished, stop_at, start: int, end: int, stops: list[str]):
-        """Rows whose text gained a stop string in tokens [start, end): record the first token
-        count at which it appears and mark them finished."""
-        cpu = tokens[:, :end].cpu()
-        fin = finished.cpu()
-        for b in range(cpu.shape[0]):
-            if stop_at[b] is not None:
-                continue
-            ids = cpu[b].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if fin[b] and not any(s in text for s in stops):
-                continue
-            if not any(s in text for s in stops):
-                continue
-            for k in range(max(1, start), end + 1):
-                t = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
-                hits = [t.find(s) + len(s) for s in stops if s in t]
-                if hits:
-                    stop_at[b] = (k, t[: min(hits)])
-                    finished[b] = True
-                    break
-
-    def _completions(self, reqs, tokens, logps, stop_at) -> list[Completion]:
-        out = []
-        eos = set(self.eos)
-        for b, r in enumerate(reqs):
-            ids = tokens[b].tolist()
-            n, reason, text = len(ids), "length", None
-            for k, t in enumerate(ids):
-                if t in eos:
-                    n, reason = k + 1, "stop"
-                    break
-            if stop_at[b] is not None and stop_at[b][0] <= n:
-                n, reason, text = stop_at[b][0], "stop", stop_at[b][1]
-            ids = ids[:n]
+        def finish(s: int):
+            i, j = table.release(s)
+            ids, lp = toks[s], lps[s]
+            m, reason, text = len(ids), "length", None
+            if ids and ids[-1] in eos_set:
+                reason = "stop"
+            if stop_at[s] is not None and stop_at[s][0] <= m:
+                m, reason, text = stop_at[s][0], "stop", stop_at[s][1]
+            ids = ids[:m]
             if text is None:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            out.append(Completion(request_id=r.request_id, token_ids=ids,
-                                  logprobs=logps[b, :n].tolist(), text=text, finish_reason=reason))
-        return out
+            c = Completion(request_id=prompts[i].request.request_id, token_ids=ids,
+                           logprobs=lp[:m], text=text, finish_reason=reason, index=j)
+            out[i][j] = c
+            if on_complete is not None:
+                on_complete(i, c)
+
+        def prefill(chunk):
+            self._prefill([prompts[i] for i, _ in chunk], [dst for _, dst in chunk], st.cache)
+            stats["prefills"] += 1
+            stats["prefill_prompts"] += len(chunk)
+
+        def refill():
+            free = table.free_slots()
+            if self.schedule == "static" and len(free) < st.slots:
+                return
+            plan = table.plan(free)
+            if not plan.assign:
+                return
+            for dst, src, i in plan.copies:
+                L = prompts[i].ids.numel() - 1
+                if L:
+                    st.cache[:, :, dst, :, :L].copy_(st.cache[:, :, src, :, :L])
+            stats["kv_copies"] += len(plan.copies)
+            # prefill the new prompts, in chunks of about `prefill_tokens` padded tokens
+            chunk: list[tuple[int, list[int]]] = []
+            for i, dst in plan.prefill.items():
+                if prompts[i].ids.numel() == 1:
+                    continue  # nothing before the last token
+                width = max([prompts[c].ids.numel() - 1 for c, _ in chunk + [(i, dst)]])
+                if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+                    prefill(chunk)
+                    chunk = []
+                chunk.append((i, dst))
+            if chunk:
+                prefill(chunk)
+            rows = []
+            for s, i, j in plan.assign:
+                rows.append([int(prompts[i].ids[-1]), prompts[i].ids.numel() - 1,
+                             int(prompts[i].pos[0, -1]), 0, caps[i], _int64(seeds[i] + j)])
+                toks[s], lps[s], checked[s], stop_at[s] = [], [], 0, None
+            idx = torch.tensor([s for s, _, _ in plan.assign], device=dev)
+            ints.index_copy_(0, idx, torch.tensor(rows, dtype=torch.long).to(dev))
+            st.active.index_fill_(0, idx, True)
+
+        refill()
+        while table.busy():
+            # steps until the next check: no more than the longest remaining cap needs
+            left = max(caps[o[0]] - len(toks[s]) for s, o in enumerate(table.owner) if o is not None)
+            w_steps = max(1, min(k, left))
+            for w in range(w_steps):
+                logits = st.step()
+                tok, lp = sample_rows(logits, sp.temperature, sp.top_k, sp.top_p,
+                                      ints[:, SEED], count, banned)
+                act = hist_ok[:, w]
+                act.copy_(st.active)
+                hist_tok[:, w] = tok
+                hist_lp[:, w] = lp
+                count.add_(act)
+                ints[:, TOK] = torch.where(act, tok, ints[:, TOK])
+                done = act & (torch.isin(tok, eos) | (count >= ints[:, CAP]))
+                st.active &= ~done
+            stats["steps"] += w_steps
+            ok = hist_ok[:, :w_steps].cpu()
+            h_tok = hist_tok[:, :w_steps].cpu()
+            h_lp = hist_lp[:, :w_steps].cpu()
+            active = st.active.cpu()
+            stats["syncs"] += 1
+            stats["slot_steps_busy"] += int(ok.sum())
+            ended = []
+            for s, o in enumerate(table.owner):
+                if o is None:
+                    continue
+                sel = ok[s]
+                toks[s].extend(h_tok[s][sel].tolist())
+                lps[s].extend(h_lp[s][sel].tolist())
+                if sp.stop and len(toks[s]) > checked[s]:
+                    stop_at[s] = self._find_stop(toks[s], checked[s], sp.stop, tail)
+                    checked[s] = len(toks[s])
+                if not bool(active[s]) or stop_at[s] is not None:
+                    ended.append(s)
+            if ended:
+                stopped = [s for s in ended if bool(active[s])]  # ended by a stop string
+                if stopped:
+                    st.active.index_fill_(0, torch.tensor(stopped, device=dev), False)
+                for s in ended:
+                    finish(s)
+                refill()
+        self.last_stats = stats
+        return out  # type: ignore[return-value]
+
+    def _find_stop(self, ids: list[int], start: int, stops: list[str],
+                   tail: int) -> Optional[tuple[int, str]]:
+        """(token count, text through the stop string) of the first prefix of `ids` whose text
+        contains a stop string, looking at prefixes longer than `start`; None if none. Only the
+        last `tail` tokens before `start` and the new ones are decoded unless one matches."""
+        window = self.tokenizer.decode(ids[max(0, start - tail):], skip_special_tokens=True)
+        if not any(s in window for s in stops):
+            return None
+        for k in range(max(1, start), len(ids) + 1):
+            t = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+            hits = [t.find(s) + len(s) for s in stops if s in t]
+            if hits:
+                return k, t[: min(hits)]
+        return None

@@ -7,9 +7,11 @@ attention, SwiGLU with [gate; up] stacked fc1), but against a static KV cache so
 decode step is one token per sequence. With tensor parallelism each rank holds its head /
 ffn / vocab shard and the decoder all-reduces exactly where mcore's row-parallel layers do.
 
-Cache layout: one static buffer `[layers, 2, B, kv_heads, S_max, head_dim]`; prompts are
-left-padded to a common length P so every decode step writes the same slot (P + t) for all
-sequences — which keeps the decode step a fixed-shape graph that CUDA graphs can replay.
+Cache layout: one static buffer `[layers, 2, slots, kv_heads, S_max, head_dim]`. `forward`
+runs a block of tokens per row (prefill: every row writes the same positions); `decode` runs
+one token per slot, each slot writing and attending at its own length (per-slot positions are
+device tensors, so the step is a fixed-shape graph that CUDA graphs can replay while slots
+start and finish at different times).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ovlt.rollout.decode_attention import decode_attention
 
 
 @dataclass
@@ -183,11 +187,41 @@ class LLMDecoder:
             vc.index_copy_(2, slots, v)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn_mask, enable_gqa=G != G * Q)
             a = F.linear(a.transpose(1, 2).reshape(B, S, G * Q * D), L.proj_w)
-            a = self._reduce(a)
-            if L.proj_b is not None:
-                a = a + L.proj_b
-            x = x + a
-            h = self._rms(x, L.ln2)
-            gate, up = F.linear(h, L.fc1_w).chunk(2, dim=-1)
-            x = x + self._reduce(F.linear(F.silu(gate) * up, L.fc2_w))
+            x = self._mlp(self._attn_out(x, a, L), L)
         return self._rms(x, self.final_norm)
+
+    def _attn_out(self, x, a, L: _Layer):
+        a = self._reduce(a)
+        if L.proj_b is not None:
+            a = a + L.proj_b
+        return x + a
+
+    def _mlp(self, x, L: _Layer):
+        h = self._rms(x, L.ln2)
+        gate, up = F.linear(h, L.fc1_w).chunk(2, dim=-1)
+        return x + self._reduce(F.linear(F.silu(gate) * up, L.fc2_w))
+
+    @torch.no_grad()
+    def decode(self, tok: torch.Tensor, write_pos: torch.Tensor, rope_pos: torch.Tensor,
+               cache: torch.Tensor) -> torch.Tensor:
+        """One token per cache slot: tok, write_pos, rope_pos [B] int64 (B = the cache's slots).
+        Slot b's token is written at cache position write_pos[b] and attends positions
+        [0, write_pos[b]]; its rotary position is rope_pos[b] (the same on the three MRoPE
+        axes: generated tokens are text). Returns fp32 logits [B, vocab]."""
+        B = tok.shape[0]
+        G, Q, D = self.n_groups, self.q_per_group, self.head_dim
+        x = self.embed_tokens(tok[:, None])                              # [B, 1, H]
+        cos, sin = self.rope(rope_pos[None, :, None].expand(3, -1, -1))  # [B, 1, D]
+        rows = torch.arange(B, device=tok.device)
+        lengths = write_pos + 1
+        for li, L in enumerate(self.layers):
+            h = self._rms(x, L.ln1)
+            qkv = F.linear(h, L.qkv_w, L.qkv_b).view(B, G, Q + 2, D)
+            q = self._rotate(qkv[:, :, :Q].reshape(B, G * Q, D), cos, sin)
+            k = self._rotate(qkv[:, :, Q], cos, sin)
+            kc, vc = cache[li, 0], cache[li, 1]                          # [B, G, S_max, D]
+            kc[rows, :, write_pos] = k
+            vc[rows, :, write_pos] = qkv[:, :, Q + 1]
+            a = decode_attention(q, kc, vc, lengths)                      # [B, G*Q, D]
+            x = self._mlp(self._attn_out(x, F.linear(a.reshape(B, 1, G * Q * D), L.proj_w), L), L)
+        return self.logits(self._rms(x, self.final_norm)[:, 0])

@@ -49,3 +49,69 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: flo
     race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
     tok = (probs / race).argmax(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------- per-row seeded sampling
+# The engines decode many sequences together, each with its own seed: a sequence's tokens must
+# not depend on its batch. One torch.Generator cannot give that (its stream is shared by the
+# rows), so each row draws its uniforms from a counter-based hash of (row seed, token index):
+# splitmix64 in wrapping int64 arithmetic (the same on CPU and CUDA), no generator state, no
+# host sync, capturable in a CUDA graph. One uniform per row and token drives an inverse-CDF
+# draw over the filtered distribution (one cumsum instead of a [B, V] noise tensor).
+_M64 = 1 << 64
+
+
+def _s64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - _M64 if c >= 1 << 63 else c
+
+
+_GOLDEN, _C1, _C2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic on signed ints)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (bit-identical to `ovlt.rollout.base._mix64`)."""
+    x = x + _GOLDEN
+    x = (x ^ _srl(x, 30)) * _C1
+    x = (x ^ _srl(x, 27)) * _C2
+    return x ^ _srl(x, 31)
+
+
+def row_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) (24 random bits, exact in fp32) per row: a hash of the row's seed
+    and counter (int64 tensors of one shape)."""
+    h = mix64(mix64(seeds) ^ counters)
+    return _srl(h, 40).float() * (1.0 / (1 << 24))
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0,
+                seeds: Optional[torch.Tensor] = None, counters: Optional[torch.Tensor] = None,
+                banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` with a seed and a token counter per row instead of a shared generator:
+    logits [B, V] fp32, seeds / counters [B] int64 -> (tokens [B], logprobs [B]). Row b's
+    draw depends only on its logits, seeds[b] and counters[b]. The log-prob is the policy's,
+    as in `sample`."""
+    ban = banned is not None and banned.numel() > 0
+    if temperature <= 0:
+        tok = (logits.index_fill(-1, banned, float("-inf")) if ban else logits).argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    if seeds is None or counters is None:
+        raise ValueError("sample_rows at temperature > 0 needs seeds and counters")
+    scaled = logits / temperature
+    logp = scaled.log_softmax(-1)
+    if ban:
+        scaled.index_fill_(-1, banned, float("-inf"))
+    kept = filter_logits(scaled, top_k, top_p)
+    cdf = kept.softmax(-1).cumsum_(-1)
+    total = cdf[:, -1:]
+    # u * total < total strictly, so the draw lands on a token of positive probability
+    # (a filtered token has a zero-width interval: searchsorted(right) skips it).
+    u = torch.minimum(row_uniform(seeds, counters)[:, None] * total,
+                      torch.nextafter(total, torch.zeros_like(total)))
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
