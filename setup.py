@@ -24,6 +24,10 @@ setup(
         "tqdm",
         "triton>=3.0",
         "math-verify>=0.7",
+        # the openvlthinker / easyr1 reward styles reproduce rewards graded by mathruler 0.1.0
+        # (which imports pylatexenc without declaring it)
+        "mathruler==0.1.0",
+        "pylatexenc>=2.10",
         "sympy",
         "einops",
         "matplotlib",

@@ -207,7 +207,8 @@ class GRPOConfig:
     ref_mode: Literal["memory", "swap", "cpu"] = "memory"
     # Keep a reference policy for the KL *metric* even when kl_coef = 0.
     track_kl: bool = False
-    # "module:function" replacing the math reward: fn(response, ground_truth, **kw) -> float.
+    # "module:function" replacing the math reward: fn(response, ground_truth, **kw) -> float
+    # (kw: rewards.partial_credit, fallback and style, as math_reward takes them).
     reward_fn: str = ""
     filter_zero_advantage: bool = True
     overlong: Literal["none", "mask", "penalty"] = "mask"
@@ -242,10 +243,16 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    # ovlt (default) | openvlthinker (its GRPO reward and RL prompt, quirks included) | easyr1
+    # (EasyR1's math.py reward and prompt); docs/REWARDS.md compares them.
+    style: Literal["ovlt", "openvlthinker", "easyr1"] = "ovlt"
+    # ovlt style only (the reference styles refuse it): credit for a partly right collection.
     partial_credit: float = 0.0
-    format_weight: float = 0.0
+    # (1 - w) * accuracy + w * format; None = the style's own w (0.1 for easyr1, else 0).
+    format_weight: Optional[float] = None
     timeout_s: float = 5.0
     num_workers: int = 2
+    # ovlt style only: what to grade when there is no <answer> tag or box.
     fallback: Literal["none", "last_number", "last_line"] = "none"
 
 
@@ -640,6 +647,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} > data.max_pixels="
                           f"{cfg.data.max_pixels}")
+    rw = cfg.rewards
+    if rw.style != "ovlt" and (rw.partial_credit or rw.fallback != "none"):
+        raise ConfigError(f"rewards.style={rw.style} reproduces its reference as is; "
+                          "rewards.partial_credit and rewards.fallback need rewards.style=ovlt")
     r = cfg.rollout
     if not 0.0 < r.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={r.top_p}: must be in (0, 1]")

@@ -1,15 +1,18 @@
 """Rule-based answer extraction for benchmark scoring (no LLM by default).
 
-Which text is searched: the text after the last `</think>`; when that is empty (a response that
-is all thinking, e.g. cut at max tokens or a model that answers inside the thinking) the whole
-response. Then, first hit wins:
+Which text is searched: the text after the last `</think>`; when that is empty (a model that
+answers inside its thinking) the whole response. A response cut inside its thinking (`<think>`
+without `</think>`, e.g. at max tokens) has no answer unless it holds an `<answer>` pair: the last
+number of unfinished reasoning is not an answer (OpenVLThinker scores truncation 0 as well).
+Then, first hit wins:
   1. `<answer>...</answer>`  — the last non-empty pair;
   2. `\\boxed{...}` / `\\fbox{...}` — the last closed one (nested braces);
   3. "the answer is X" / "final answer: X" / "answer: X" — the last such phrase; X runs to the end
      of its line (a trailing period is dropped);
   4. multiple choice: the last standalone option letter ("(B)", "B.", "option B", or a lone
      capital letter within the options' range); free form: the last number.
-Returns (answer or None, source) with source in answer_tag | boxed | phrase | letter | number | none.
+Returns (answer or None, source) with source in answer_tag | boxed | phrase | letter | number |
+truncated | none.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import re
 from typing import Optional
 
 from ovlt.rewards.extract import (MAX_RESPONSE_CHARS, after_think, extract_answer_tag,
-                                  extract_boxed, extract_last_number)
+                                  extract_boxed, extract_last_number, thinking_unfinished)
 
 _PHRASE_RE = re.compile(
     r"(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
@@ -56,6 +59,9 @@ def extract_letter(text: str, n_options: int) -> Optional[str]:
 def extract_eval_answer(response: str, multiple_choice: bool = False,
                         n_options: int = 5) -> tuple[Optional[str], str]:
     text = response[-MAX_RESPONSE_CHARS:] if len(response) > MAX_RESPONSE_CHARS else response
+    if thinking_unfinished(text):
+        ans = extract_answer_tag(text)
+        return (ans, "answer_tag") if ans else (None, "truncated")
     tail = after_think(text)
     if not tail.strip():
         tail = text.replace("<think>", " ").replace("</think>", " ")

@@ -2,8 +2,13 @@
 
   ovlt eval run    --benchmark B --data PATH --model DIR [--engine auto|vllm|builtin] [--limit N] --out DIR
   ovlt eval score  --benchmark B --data PATH --predictions FILE --out DIR [--judge-url URL]
+                   [--style ovlt|official|openvlthinker] [--split testmini|test]
   ovlt eval report --scores DIR [DIR ...] --out DIR [--model-name NAME]
-`run` generates (resumable), then scores like `score`. Both print the overall accuracy.
+`run` generates (resumable), then scores like `score`. Both print the overall accuracy in
+`--style` (ovlt: ovlt's grader; official: each benchmark's own rule scorer, for comparing with
+published numbers; openvlthinker: OpenVLThinker's evaluation script) and beside it the other
+styles' (all are in scores.json). Under `run`, --style openvlthinker also asks MathVision with
+OpenVLThinker's prompt.
 `score` never opens the benchmark's images (they need not be present). `run` refuses an --out
 whose predictions another model (or other settings) made. Bad input exits 2 with one line
 naming the file, line/record and field.
@@ -16,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from ovlt.config import ConfigError
-from ovlt.eval.readers import BENCHMARKS, BenchmarkError, load_benchmark
+from ovlt.eval.readers import BENCHMARKS, SPLITS, BenchmarkError, load_benchmark, prompt_for
+from ovlt.eval.scoring import STYLES
 from ovlt.logging import get_logger
 
 logger = get_logger(__name__)
@@ -43,6 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", default="gpt-4o-mini")
     p.add_argument("--judge-mode", choices=("fallback", "always"), default="fallback",
                    help="fallback: only when the rules find no answer")
+    p.add_argument("--style", choices=STYLES, default="ovlt",
+                   help="scoring reported as the accuracy (every style is computed)")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="split to read when --data holds both testmini and test")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +93,11 @@ def _job_config(path: Optional[str]):
 
 
 def _print_scores(scores: dict, out: Path) -> None:
+    others = "".join(f" | {s} {v['accuracy']:.2f}%" for s, v in scores.get("styles", {}).items()
+                     if s != scores.get("style"))
     print(f"{scores['benchmark']}: accuracy {scores['accuracy']:.2f}% "
-          f"({scores['correct']}/{scores['n']}) -> {out / 'scores.json'}")
+          f"({scores['correct']}/{scores['n']}) -> {out / 'scores.json'}"
+          + (f" [{scores.get('style', 'ovlt')}{others}]" if others else ""))
 
 
 def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None) -> int:
@@ -109,15 +122,18 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
     out = Path(args.out)
     try:
         items = load_benchmark(args.benchmark, args.data, limit=args.limit or None,
-                               image_root=args.image_root, images=args.cmd == "run")
+                               image_root=args.image_root, images=args.cmd == "run",
+                               split=args.split)
         if args.cmd == "run":
+            for it in items:
+                it.prompt = prompt_for(it, args.style)
             cfg = _job_config(args.config)
             from ovlt.eval.runner import claim_out_dir, model_fingerprint
             claim_out_dir(out, {  # before the engine is built: a refusal costs nothing
                 "model": str(Path(args.model).resolve()),
                 "model_fingerprint": model_fingerprint(args.model),
                 "benchmark": args.benchmark, "max_new_tokens": args.max_new_tokens,
-                "prompt_suffix": args.prompt_suffix,
+                "prompt_suffix": args.prompt_suffix, "prompt_style": args.style,
                 "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels})
             if engine is None:
                 from ovlt.eval.engine import build_engine
@@ -137,7 +153,8 @@ def main(argv: Optional[list[str]] = None, *, engine=None, request_builder=None)
         if out.exists() and not out.is_dir():
             raise BenchmarkError(f"--out {out} is a file, expected a directory")
         scores = score_predictions(args.benchmark, items, predictions, out, judge=_judge(args),
-                                   judge_mode=args.judge_mode, source=str(pred_path))
+                                   judge_mode=args.judge_mode, source=str(pred_path),
+                                   style=args.style)
     except (BenchmarkError, ConfigError, OSError) as e:
         print(f"ovlt eval {args.cmd}: {e}", file=sys.stderr)
         return 2

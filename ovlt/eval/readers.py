@@ -1,12 +1,13 @@
 """Read MathVista / MathVerse / MathVision from their released layouts into `EvalItem`s.
 
-Accepted inputs (`--data PATH`): a parquet, JSON or JSONL file, or a directory holding one
-(the first of `testmini.parquet`, `test.parquet`, `testmini.json`, `test.jsonl`, ..., else the
-shards of the testmini split, else of test, as HF stores them: `data/testmini-00000-of-00001-x.parquet`,
-else the only data file under it). JSON may be a list of records or a dict mapping id ->
-record (MathVista's `testmini.json`). Images may be embedded (`{"bytes": ..., "path": ...}`
-structs as HF parquet stores them, or raw bytes) or relative paths, resolved against the data
-file's directory, its parent, and `image_root` when given.
+Accepted inputs (`--data PATH`): a parquet, JSON or JSONL file, or a directory holding one split:
+`testmini.parquet|jsonl|json` / `test.*`, or the split's shards as HF stores them
+(`data/testmini-00000-of-00001-x.parquet`), else the only data file under it. A directory with
+both splits needs `--split` (MathVista reads testmini: its test answers are not public).
+JSON may be a list of records or a dict mapping id -> record (MathVista's `testmini.json`).
+Images may be embedded (`{"bytes": ..., "path": ...}` structs as HF parquet stores them, or raw
+bytes) or relative paths, resolved against the data file's directory, its parent, and
+`image_root` when given.
 
 Field layouts (the released ones):
   MathVista : pid, question, image / decoded_image, choices, unit, precision, answer,
@@ -15,6 +16,9 @@ Field layouts (the released ones):
   MathVerse : sample_index, problem_index, problem_version, question, image, answer,
               question_type (multi-choice | free-form), query_cot (the prompt)
   MathVision: id, question, options, image / decoded_image, answer, level, subject
+Prompts (`prompt_for`): the benchmark's own (MathVista's `query`, or MathVista's query builder
+when records lack it; MathVerse's `query_cot`); MathVision has none: the question and its
+options, or under the openvlthinker style OpenVLThinker's "correct option letter" hint.
 A missing field or image raises `BenchmarkError` naming the file, record number, id and field;
 so do an unreadable file (not UTF-8, not JSON, corrupt parquet), a file without records and a
 field of the wrong type (an answer that is a list or an object, choices that are not a list,
@@ -89,25 +93,50 @@ class EvalItem:
 
 
 # --------------------------------------------------------------------------- files
-def find_data_files(path: str | os.PathLike) -> list[Path]:
-    """The data file(s) of a benchmark: `path` itself, or in a directory (and `data/`) the first
-    of DATA_NAMES, else the shards of the `testmini` split, else of `test` (HF layout
-    `data/testmini-00000-of-00001-*.parquet`), else the only data file there is."""
+SPLITS = ("testmini", "test")
+
+
+def find_data_files(path: str | os.PathLike, split: Optional[str] = None,
+                    default_split: Optional[str] = None) -> list[Path]:
+    """The data file(s) of a benchmark: `path` itself, or in a directory (and `data/`) a split's
+    file (`testmini.parquet|jsonl|json`, `test.*`) or its shards (HF layout
+    `data/testmini-00000-of-00001-*.parquet`), else the only data file there is. A directory
+    holding both splits needs `split` (or a `default_split`): they are different benchmarks'
+    worth of items and published numbers name one."""
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise BenchmarkError(f"{p}: no such file or directory")
-    for name in DATA_NAMES:
-        for cand in (p / name, p / "data" / name):
-            if cand.is_file():
-                return [cand]
+    if split is not None and split not in SPLITS:
+        raise BenchmarkError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     found = sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".json", ".jsonl")
                    and q.is_file())
-    for split in ("testmini", "test"):
-        shards = [q for q in found if re.match(rf"{split}[-_.]", q.name)]
-        if shards and len({q.suffix for q in shards}) == 1:
-            return shards
+    by_split: dict[str, list[Path]] = {}
+    for sp in SPLITS:
+        named = [c for ext in (".parquet", ".jsonl", ".json")
+                 for c in (p / f"{sp}{ext}", p / "data" / f"{sp}{ext}") if c.is_file()]
+        shards = [q for q in found if re.match(rf"{sp}[-_.]", q.name)]
+        if named:
+            by_split[sp] = named[:1]
+        elif shards and len({q.suffix for q in shards}) == 1:
+            by_split[sp] = shards
+    if split is not None:
+        if split not in by_split:
+            raise BenchmarkError(f"{p}: no {split} split here (found splits: "
+                                 f"{', '.join(by_split) or 'none'})")
+        return by_split[split]
+    if len(by_split) > 1:
+        if default_split in by_split:
+            log_once(logger, f"split-{p}", "%s holds the testmini and test splits; reading %s",
+                     p, default_split)
+            return by_split[default_split]
+        raise BenchmarkError(
+            f"{p}: holds both the testmini and the test split ("
+            + "; ".join(f"{sp}: {', '.join(q.name for q in fs[:2])}" for sp, fs in by_split.items())
+            + "); choose one with --split testmini|test, or pass the file itself")
+    if by_split:
+        return next(iter(by_split.values()))
     if len(found) == 1:
         return found
     raise BenchmarkError(f"{p}: expected one of {', '.join(DATA_NAMES)}, testmini-*/test-* "
@@ -326,9 +355,9 @@ _INLINE_CHOICE_RE = re.compile(r"(?:^|\n)\s*\(?([A-H])\)?\s*[:.)]\s*(.+?)\s*(?=\
 
 def parse_inline_choices(question: str) -> Optional[list[str]]:
     """Options written inside the question text ("Choices:\\nA:30°\\nB:40°"), as MathVerse does."""
-    i = question.rfind("Choices")
+    i = question.rfind("Choice")  # "Choices:" and "Choice:" both occur in MathVerse
     if i < 0:
-        i = question.rfind("Options")
+        i = question.rfind("Option")
     if i < 0:
         return None
     found = _INLINE_CHOICE_RE.findall(question[i:])
@@ -356,11 +385,11 @@ def _mathvista(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
     meta = _metadata(r)
     prompt = r.text("query", required=False)
     if not prompt:
-        log_once(logger, "mathvista-query", "MathVista records lack 'query'; building the prompt "
-                 "from question + choices")
-        prompt = r.text("question")
-        if choices:
-            prompt += "\nChoices:\n" + "\n".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(choices))
+        log_once(logger, "mathvista-query", "MathVista records lack 'query'; building MathVista's "
+                 "own query (hint, question, unit, choices)")
+        prompt = mathvista_query(r.text("question"), r.text("unit", required=False), choices, qtype,
+                                 r.text("answer_type", required=False),
+                                 _precision(r, r.opt("precision")))
     precision = r.opt("precision")
     answer_type = r.text("answer_type", required=qtype == "free_form")
     if qtype == "free_form" and answer_type.lower() not in ("integer", "float", "text", "list"):
@@ -400,6 +429,66 @@ def mathvision_prompt(question: str, options: Optional[list[str]]) -> str:
     return q
 
 
+_MATHVISTA_FLOAT_PLACES = {1: ("one decimal place", "1.2, 1.3, 1.4"),
+                           2: ("two decimal places", "1.23, 1.34, 1.45"),
+                           3: ("three decimal places", "1.234, 1.345, 1.456")}
+
+
+def mathvista_hint(question_type: str, answer_type: Optional[str], precision: Optional[int]) -> str:
+    """The task instruction MathVista's released `query` starts with (its README's table)."""
+    if question_type == "multi_choice":
+        return ("Hint: Please answer the question and provide the correct option letter, e.g., "
+                "A, B, C, D, at the end.")
+    atype = (answer_type or "").lower()
+    if atype == "integer":
+        return ("Hint: Please answer the question requiring an integer answer and provide the "
+                "final value, e.g., 1, 2, 3, at the end.")
+    if atype == "float" and precision in _MATHVISTA_FLOAT_PLACES:
+        places, examples = _MATHVISTA_FLOAT_PLACES[precision]
+        return (f"Hint: Please answer the question requiring a floating-point number with {places} "
+                f"and provide the final value, e.g., {examples}, at the end.")
+    if atype == "list":
+        return ("Hint: Please answer the question requiring a Python list as an answer and provide "
+                "the final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.")
+    return "Hint: Please answer the question and provide the final answer at the end."
+
+
+def mathvista_query(question: str, unit: Optional[str], choices: Optional[list[str]],
+                    question_type: str, answer_type: Optional[str], precision: Optional[int]) -> str:
+    """MathVista's zero-shot query as its `query` field holds it: the hint, "Question: ..." with
+    "(Unit: ...)", then "Choices:" and "(A) ..." lines."""
+    lines = [mathvista_hint(question_type, answer_type, precision),
+             f"Question: {question}" + (f" (Unit: {unit})" if unit else "")]
+    if choices:
+        lines += ["Choices:"] + [f"({chr(ord('A') + k)}) {c}" for k, c in enumerate(choices)]
+    return "\n".join(lines)
+
+
+def openvlthinker_mathvision_prompt(question: str, options: Optional[list[str]]) -> str:
+    """OpenVLThinker's MathVision instruction (evaluation/eval_openvlthinker.py): the "correct
+    option letter" hint with the options as "(A) ..." lines, else the "requiring an answer" hint;
+    the question verbatim."""
+    if options:
+        return ("Hint: Please answer the question and provide the correct option letter, e.g., "
+                f"A, B, C, D, E, at the end.\nQuestion: {question}\nChoices:\n"
+                + "\n".join(f"({chr(65 + k)}) {o}" for k, o in enumerate(options)))
+    return f"Hint: Please answer the question requiring an answer.\nQuestion: {question}"
+
+
+PROMPT_STYLES = ("ovlt", "official", "openvlthinker")
+
+
+def prompt_for(item: "EvalItem", style: str = "ovlt") -> str:
+    """The item's prompt under a scoring style: the benchmark's own prompt (MathVista's query,
+    MathVerse's query_cot, ovlt's MathVision layout), except that the openvlthinker style asks
+    MathVision with OpenVLThinker's hint."""
+    if style not in PROMPT_STYLES:
+        raise BenchmarkError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
+    if style == "openvlthinker" and item.benchmark == "mathvision":
+        return openvlthinker_mathvision_prompt(item.question, item.choices)
+    return item.prompt
+
+
 def _mathvision(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
     options = _as_list(r, "options")
     question = r.text("question")
@@ -414,16 +503,22 @@ def _mathvision(r: _Rec, roots: Optional[list[Path]]) -> EvalItem:
 _PARSERS = {"mathvista": _mathvista, "mathverse": _mathverse, "mathvision": _mathvision}
 
 
+# MathVista's test split has no public answers: a directory with both splits means testmini.
+DEFAULT_SPLIT = {"mathvista": "testmini"}
+
+
 def load_benchmark(name: str, path: str | os.PathLike, limit: Optional[int] = None,
-                   image_root: Optional[str] = None, images: bool = True) -> list[EvalItem]:
+                   image_root: Optional[str] = None, images: bool = True,
+                   split: Optional[str] = None) -> list[EvalItem]:
     """All items of benchmark `name` from `path` (file or directory), in file order (the first
     `limit` when given). images=False: image paths are kept as written, not looked up (for
-    scoring, which never opens them). A file set without any record is an error."""
+    scoring, which never opens them). A file set without any record is an error. `split`
+    (testmini | test) picks one where `path` holds both (`find_data_files`)."""
     if name not in _PARSERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if limit is not None and limit < 0:
         raise BenchmarkError(f"limit must be >= 0 (0 or None = all items), got {limit}")
-    files = find_data_files(path)
+    files = find_data_files(path, split, DEFAULT_SPLIT.get(name))
     items, seen = [], set()
     for f in files:
         if limit and len(items) >= limit:

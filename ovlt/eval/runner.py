@@ -228,8 +228,9 @@ def run_generation(benchmark: str, items: Sequence[EvalItem], engine: RolloutEng
 
 def score_predictions(benchmark: str, items: Sequence[EvalItem], predictions: dict[str, str],
                       out_dir: str | os.PathLike, judge: Optional[Judge] = None,
-                      judge_mode: str = "fallback", source: str = "") -> dict:
-    """Judge every item that has a prediction; write `scores.json` and `judgements.jsonl`.
+                      judge_mode: str = "fallback", source: str = "", style: str = "ovlt") -> dict:
+    """Judge every item that has a prediction; write `scores.json` and `judgements.jsonl`
+    (`style`: the scoring reported as `accuracy`; every style's is in `styles`).
     Predictions matching no item (none at all, or ids from another benchmark / split) are an
     error naming `source` (the predictions file), not an accuracy over zero items."""
     by_id = {it.id: it for it in items}
@@ -243,8 +244,8 @@ def score_predictions(benchmark: str, items: Sequence[EvalItem], predictions: di
     if unknown:
         logger.warning("%d predictions have ids not in the benchmark data (skipped), e.g. %s",
                        len(unknown), unknown[:5])
-    judgements = [judge_response(it, predictions[it.id], judge=judge, judge_mode=judge_mode)
-                  for it in items if it.id in predictions]
+    judgements = [judge_response(it, predictions[it.id], judge=judge, judge_mode=judge_mode,
+                                 style=style) for it in items if it.id in predictions]
     missing = len(items) - len(judgements)
     if missing:
         logger.warning("%d of %d items have no prediction; accuracy is over the %d predicted",

@@ -1,5 +1,7 @@
-"""Reports: `report.md` (our accuracy next to the published numbers) + a PNG bar chart, and
-`plot_rounds` for accuracy across the iterate loop's rounds. matplotlib runs headless (Agg)."""
+"""Reports: `report.md` (our accuracy next to the published numbers, and the same predictions
+under every scoring style: ovlt, the benchmarks' official scorers, OpenVLThinker's) + a PNG bar
+chart, and `plot_rounds` for accuracy across the iterate loop's rounds. matplotlib runs headless
+(Agg)."""
 from __future__ import annotations
 
 import io
@@ -66,6 +68,11 @@ def check_scores(s, f) -> None:
     for k in ("n", "correct"):
         if not _count(s.get(k)):
             raise ValueError(f"{f}: {k!r} is {s.get(k)!r}, expected a count >= 0")
+    styles = s.get("styles", {})
+    if not isinstance(styles, dict) or not all(
+            isinstance(v, dict) and _percent(v.get("accuracy")) for v in styles.values()):
+        raise ValueError(f"{f}: 'styles' is {styles!r}, expected {{style: {{'accuracy': "
+                         f"percentage, ...}}}}")
     by = s.get("by", {})
     if not isinstance(by, dict):
         raise ValueError(f"{f}: 'by' is a {type(by).__name__}, expected an object")
@@ -103,6 +110,33 @@ def bar_chart(ours: Mapping[str, float], out_png: str | os.PathLike, model_name:
     return out
 
 
+STYLE_NOTES = {
+    "ovlt": "ovlt's extraction and grader (mathruler + math-verify)",
+    "official": "each benchmark's own rule scorer: compare this row with published numbers",
+    "openvlthinker": "OpenVLThinker's evaluation script (answer tag, mathruler)",
+}
+
+
+def style_table(scores: Mapping[str, dict], benches: Sequence[str]) -> list[str]:
+    """The same predictions' accuracy under every scoring style, one row per style (empty
+    when the scores carry no per-style accuracies)."""
+    styles = [st for st in STYLE_NOTES if any(st in scores[b].get("styles", {}) for b in benches)]
+    if not styles:
+        return []
+    lines = ["", "Accuracy (%) of the same predictions under each scoring style "
+             "(`ovlt eval score --style`; **bold**: the row above):", "",
+             "| scoring | " + " | ".join(BENCH_TITLE.get(b, b) for b in benches) + " | what |",
+             "|---|" + "---|" * (len(benches) + 1)]
+    for st in styles:
+        cells = []
+        for b in benches:
+            v = scores[b].get("styles", {}).get(st)
+            txt = "–" if v is None else f"{v['accuracy']:.1f}"
+            cells.append(f"**{txt}**" if v is not None and scores[b].get("style") == st else txt)
+        lines.append(f"| {st} | " + " | ".join(cells) + f" | {STYLE_NOTES[st]} |")
+    return lines
+
+
 def write_report(scores: Mapping[str, dict], out_dir: str | os.PathLike, model_name: str = "ours",
                  title: str = "ovlt evaluation") -> tuple[Path, Path]:
     """`report.md` + `accuracy.png` in out_dir. `scores`: benchmark -> scores.json dict."""
@@ -110,7 +144,9 @@ def write_report(scores: Mapping[str, dict], out_dir: str | os.PathLike, model_n
     ours = {b: float(s["accuracy"]) for b, s in scores.items()}
     png = bar_chart(ours, out / "accuracy.png", model_name)
     benches = [b for b in BENCH_ORDER if b in scores] + [b for b in scores if b not in BENCH_ORDER]
-    lines = [f"# {title}", "", "Accuracy (%); published numbers from the OpenVLThinker paper.", "",
+    used = sorted({s.get("style", "ovlt") for s in scores.values()})
+    lines = [f"# {title}", "", "Accuracy (%); published numbers from the OpenVLThinker paper; "
+             f"ours scored in the {' / '.join(used)} style.", "",
              "| model | " + " | ".join(BENCH_TITLE.get(b, b) for b in benches) + " |",
              "|---|" + "---|" * len(benches)]
     lines.append(f"| **{model_name}** | " + " | ".join(
@@ -118,6 +154,7 @@ def write_report(scores: Mapping[str, dict], out_dir: str | os.PathLike, model_n
     for name, accs in PUBLISHED.items():
         lines.append(f"| {name} | " + " | ".join(
             f"{accs[b]:.1f}" if b in accs else "–" for b in benches) + " |")
+    lines += style_table(scores, benches)
     lines += ["", f"![accuracy]({png.name})", ""]
     for b in benches:
         s = scores[b]

@@ -1,7 +1,7 @@
-"""Rewards to advantages: each rollout scored through the reward pool (math reward +
-format_weight x format reward), overlong responses masked or penalised, advantages normalised
-per prompt group (`ovlt.kernels.grpo_advantages`), and groups whose rewards are all equal
-dropped (`filter_zero_advantage`): they carry no signal."""
+"""Rewards to advantages: each rollout scored through the reward pool in `rewards.style`
+(accuracy, weighted with the format reward), overlong responses masked or penalised, advantages
+normalised per prompt group (`ovlt.kernels.grpo_advantages`), and groups whose rewards are all
+equal dropped (`filter_zero_advantage`): they carry no signal."""
 from __future__ import annotations
 
 import torch
@@ -10,14 +10,17 @@ from ovlt.grpo.batch import Rollout
 
 
 def score(pool, rollouts: list[Rollout], rcfg) -> tuple[list[float], list[float]]:
-    """(rewards, accuracy) per rollout: math reward (+ format_weight x format reward)."""
-    from ovlt.rewards.math_reward import format_reward
+    """(rewards, accuracy) per rollout in `rewards.style`: the accuracy from the pool, then
+    (1 - w) * accuracy + w * format reward (EasyR1's weighting; w = rewards.format_weight or the
+    style's own)."""
+    from ovlt.rewards.math_reward import combine, format_reward, resolve_format_weight
+    from ovlt.rewards.pool import accuracy_kwargs
     acc = pool.score([r.text for r in rollouts], [r.answer for r in rollouts],
-                     partial_credit=rcfg.partial_credit, fallback=rcfg.fallback)
-    rewards = list(acc)
-    if rcfg.format_weight:
-        rewards = [a + rcfg.format_weight * format_reward(r.text) for a, r in zip(acc, rollouts)]
-    return rewards, acc
+                     **accuracy_kwargs(rcfg))
+    w = resolve_format_weight(rcfg.style, rcfg.format_weight)
+    if not w:
+        return list(acc), acc
+    return [combine(a, format_reward(r.text, rcfg.style), w) for a, r in zip(acc, rollouts)], acc
 
 
 def assign_advantages(rollouts: list[Rollout], gcfg) -> dict:

@@ -87,14 +87,17 @@ class PromptStream:
         return chosen[dp_rank::dp], PromptPosition(stage, pos.epoch, pos.index + n)
 
 
-def encode_record(rec, tokenizer, image_loader, suffix: str, merge_size: int):
-    """(prompt ids, pixel_values | None, grid_thw | None) of one RL record."""
+def encode_record(rec, tokenizer, image_loader, suffix: str, merge_size: int, style: str = "ovlt"):
+    """(prompt ids, pixel_values | None, grid_thw | None) of one RL record; the prompt text is
+    `ovlt.rewards.rl_prompt` of the reward style (`suffix` = rollout.prompt_suffix)."""
     import torch
 
     from ovlt.data.chat_template import encode_prompt
+    from ovlt.rewards.prompts import rl_prompt
     imgs = image_loader.load(rec.images) if rec.images else []
     grids = [tuple(int(x) for x in g) for _, g in imgs]
-    ids = encode_prompt(rec.problem + suffix, grids, merge_size=merge_size, tokenizer=tokenizer)
+    ids = encode_prompt(rl_prompt(rec.problem, style, suffix), grids, merge_size=merge_size,
+                        tokenizer=tokenizer)
     if not imgs:
         return ids, None, None
     return ids, torch.cat([pv for pv, _ in imgs]), torch.tensor(grids, dtype=torch.long)

@@ -130,7 +130,7 @@ class GRPOTrainer:
         out = []
         for i, rec in enumerate(recs):
             ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
-                                          mcfg.vision.spatial_merge_size)
+                                          mcfg.vision.spatial_merge_size, self.cfg.rewards.style)
             if len(ids) > rc.max_prompt_length:
                 log.warning("prompt %s (%s:%d) has %d tokens > rollout.max_prompt_length=%d; "
                             "truncated from the left", rec.id, rec.file, rec.index, len(ids),

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     cfg, info, sdir = parse_stage_args("ovlt.iterate.stage_data", argv)
     from ovlt.data.formats import SkipReport, read_rl
     from ovlt.iterate import generation as gen
-    from ovlt.rewards import format_reward, math_reward
+    from ovlt.rewards import format_reward, math_reward, rl_prompt
     it, rnd = cfg.iterate, int(info["round"])
     dist = gen.init_dp(cfg)
     setup_logging(str(sdir / "logs"))
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         captions = [""] * len(mine)
         engine = gen.open_engine(cfg, info["inputs"]["model"])
         sa = it.self_answer
-        reqs = [gen.make_request(r.problem + suffix, gen.load_images(r.images), cfg, r.id)
-                for r in mine]
+        reqs = [gen.make_request(rl_prompt(r.problem, cfg.rewards.style, suffix),
+                                 gen.load_images(r.images), cfg, r.id) for r in mine]
         cands = gen.generate_texts(engine, reqs, sa.samples, sa.temperature, sa.top_p,
                                    sa.max_new_tokens, seed, sa.batch_size)
 
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
             "candidate_format": sum(x["format"] for x in allrows) / max(1, n_c),
             "solved_problems": sum(1 for x in allrows if x["verified"]),
             "solved_fraction": sum(1 for x in allrows if x["verified"]) / max(1, len(allrows)),
-            "kept": len(kept), "carried_over": carried, "cut_at_wait": sum(1 for x in allrows if x["cut"] and "sft" in x),
+            "kept": len(kept), "carried_over": carried,
+            "cut_at_wait": sum(1 for x in allrows if x["cut"] and "sft" in x),
             "mean_chain_chars": sum(len(k["messages"][1]["content"]) for k in kept) / len(kept),
             "kept_by_difficulty": dict(sorted(Counter(k["difficulty"] for k in kept).items())),
         }

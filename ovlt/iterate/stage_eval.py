@@ -1,8 +1,8 @@
 """Stage rK.eval: greedy held-out accuracy per difficulty (heldout.json) + configured benchmarks.
 
-Held-out: the prepare stage's split, prompt = problem + rollout.prompt_suffix (the format the
-model is trained on), greedy, `iterate.heldout_max_new_tokens`; accuracy by math_reward and the
-format rate by format_reward, overall and per `difficulty`. Benchmarks: `ovlt eval run` for each
+Held-out: the prepare stage's split, prompted as GRPO prompts it (`ovlt.rewards.rl_prompt` of
+rewards.style), greedy, `iterate.heldout_max_new_tokens`; accuracy by math_reward and the format
+rate by format_reward in rewards.style, overall and per `difficulty`. Benchmarks: `ovlt eval run` for each
 `eval.benchmarks` entry into benchmarks/<name>/ (scores.json).
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     cfg, info, sdir = parse_stage_args("ovlt.iterate.stage_eval", argv)
     from ovlt.data.formats import SkipReport, read_rl
     from ovlt.iterate import generation as gen
-    from ovlt.rewards import format_reward, math_reward
+    from ovlt.rewards import format_reward, math_reward, rl_prompt
+    from ovlt.rewards.pool import accuracy_kwargs
     dist = gen.init_dp(cfg)
     setup_logging(str(sdir / "logs"))
     report = SkipReport()
@@ -50,15 +51,15 @@ def main(argv=None) -> int:
     rows = []
     if mine:
         engine = gen.open_engine(cfg, info["inputs"]["model"])
-        reqs = [gen.make_request(r.problem + cfg.rollout.prompt_suffix, gen.load_images(r.images),
-                                 cfg, r.id) for r in mine]
+        reqs = [gen.make_request(rl_prompt(r.problem, cfg.rewards.style, cfg.rollout.prompt_suffix),
+                                 gen.load_images(r.images), cfg, r.id) for r in mine]
         outs = gen.generate_texts(engine, reqs, 1, 0.0, 1.0, cfg.iterate.heldout_max_new_tokens,
                                   cfg.data.seed, cfg.eval.batch_size)
         for r, (resp,) in zip(mine, outs):
             rows.append({"id": r.id, "difficulty": r.difficulty, "answer": r.answer,
                          "response": resp,
-                         "reward": math_reward(resp, r.answer, fallback=cfg.rewards.fallback),
-                         "format": format_reward(resp)})
+                         "reward": math_reward(resp, r.answer, **accuracy_kwargs(cfg.rewards)),
+                         "format": format_reward(resp, cfg.rewards.style)})
     atomic_write_text(sdir / f"heldout-part-{dist.rank:04d}.jsonl",
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
     if dist.world_size > 1:
@@ -88,8 +89,11 @@ def main(argv=None) -> int:
         args = ["run", "--benchmark", b.name, "--data", b.data, "--model", info["inputs"]["model"],
                 "--out", str(bdir), "--engine", cfg.eval.engine, "--config", str(sdir / "config.yaml"),
                 "--max-new-tokens", str(cfg.eval.max_new_tokens),
-                "--batch-size", str(cfg.eval.batch_size), "--no-progress",
-                "--prompt-suffix", cfg.rollout.prompt_suffix]
+                "--batch-size", str(cfg.eval.batch_size), "--no-progress"]
+        if cfg.rewards.style == "openvlthinker":  # its evaluation: its prompts, no suffix
+            args += ["--style", "openvlthinker"]
+        else:
+            args += ["--prompt-suffix", cfg.rollout.prompt_suffix]
         if b.limit:
             args += ["--limit", str(b.limit)]
         rc = eval_cli.main(args, engine=engine)

@@ -1,19 +1,22 @@
-"""Find the final answer in a model response.
+"""Find the final answer in a model response (the `ovlt` reward style; the reference styles
+extract their own way, see `ovlt.rewards.styles`).
 
 Everything is searched in the text after the last `</think>` when the response has one (an
 answer that appears only inside the thinking is not an answer), else in the whole response.
 Order (first that yields a non-empty answer wins):
   1. the LAST well-formed `<answer>...</answer>` pair (content stripped; an empty pair is skipped);
-  2. the LAST `\\boxed{...}` / `\\fbox{...}` (braces matched, nesting allowed);
+  2. the LAST `\\boxed{...}` (mathruler's `extract_boxed_content`; `\\fbox` counts as `\\boxed`);
   3. the configurable fallback: "none" (no answer), "last_number" (the last number in the text
      after `</think>`), "last_line" (the last non-empty line after `</think>`).
-All scanning is linear in the input; inputs longer than `MAX_RESPONSE_CHARS` are cut to their tail
-(the final answer sits at the end) so a pathological response can't make extraction slow.
+Inputs longer than `MAX_RESPONSE_CHARS` are cut to their tail (the final answer sits at the end)
+so a pathological response can't make extraction slow.
 """
 from __future__ import annotations
 
 import re
 from typing import Literal, Optional
+
+from mathruler.grader import extract_boxed_content
 
 Fallback = Literal["none", "last_number", "last_line"]
 
@@ -21,7 +24,6 @@ MAX_RESPONSE_CHARS = 200_000
 MAX_ANSWER_CHARS = 2_000  # an "answer" longer than this is not an answer
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER_RE = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+\u2212]?\.\d+")
 
 
@@ -31,13 +33,19 @@ def after_think(text: str) -> str:
     return text if i < 0 else text[i + len("</think>"):]
 
 
+def thinking_unfinished(text: str) -> bool:
+    """A `<think>` with no `</think>` after it: the response was cut inside its thinking."""
+    low = text.lower()
+    return low.rfind("<think>") > low.rfind("</think>")
+
+
 def extract_answer_tag(text: str) -> Optional[str]:
     """Content of the last non-empty `<answer>...</answer>`; nested opening tags inside the
     pair make it malformed, in which case the text after the innermost `<answer>` is used."""
     found = None
     for m in _ANSWER_RE.finditer(text):
         body = m.group(1)
-        # "<answer> a <answer> b </answer>" -> the regex pairs the first open with the close;
+        # "<answer> a <answer> b </answer>": the regex pairs the first open with the close;
         # the well-formed pair is the innermost one.
         j = body.lower().rfind("<answer>")
         if j >= 0:
@@ -48,38 +56,12 @@ def extract_answer_tag(text: str) -> Optional[str]:
     return found
 
 
-def _matching_braces(text: str) -> dict[int, int]:
-    """Map the index of each '{' to the index of its matching '}' (one linear pass; escaped
-    braces \\{ \\} are content, not structure)."""
-    match: dict[int, int] = {}
-    stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\" and i + 1 < n and text[i + 1] in "{}":
-            i += 2
-            continue
-        if c == "{":
-            stack.append(i)
-        elif c == "}" and stack:
-            match[stack.pop()] = i
-        i += 1
-    return match
-
-
 def extract_boxed(text: str) -> Optional[str]:
-    """Content of the last closed, non-empty `\\boxed{...}` or `\\fbox{...}` (nested braces)."""
-    starts = [m.end() - 1 for m in _BOX_RE.finditer(text)]  # index of the opening brace
-    if not starts:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` (None when absent, unclosed or empty)."""
+    if "box" not in text:
         return None
-    match = _matching_braces(text)
-    for start in reversed(starts):
-        end = match.get(start)
-        if end is not None:
-            body = text[start + 1:end].strip()
-            if body:
-                return body
-    return None
+    body = extract_boxed_content(text.replace("\\fbox{", "\\boxed{"))
+    return body if body and body != "None" else None
 
 
 def extract_last_number(text: str) -> Optional[str]:

@@ -11,7 +11,7 @@ stopped by `close()` / the context manager / interpreter exit, so the pool leaks
     with RewardPool(num_workers=2, timeout_s=5.0) as pool:
         rewards = pool.score(responses, ground_truths, partial_credit=0.5)
 
-    # from the job config (accuracy + weighted format reward, RewardConfig's settings):
+    # from the job config (accuracy + weighted format reward in `rewards.style`):
     with RewardPool.from_config(cfg.rewards) as pool:
         rewards = pool.score(responses, ground_truths, **reward_kwargs(cfg.rewards))
 """
@@ -77,10 +77,15 @@ def _worker_main(conn, fn_spec: str) -> None:
             conn.send((idx, False, f"{type(e).__name__}: {e}"))
 
 
+def accuracy_kwargs(reward_cfg) -> dict:
+    """`math_reward` keyword arguments from `RewardConfig` (style and its options)."""
+    return {"partial_credit": reward_cfg.partial_credit, "fallback": reward_cfg.fallback,
+            "style": reward_cfg.style}
+
+
 def reward_kwargs(reward_cfg) -> dict:
     """`total_reward` keyword arguments from `RewardConfig`."""
-    return {"partial_credit": reward_cfg.partial_credit, "fallback": reward_cfg.fallback,
-            "format_weight": reward_cfg.format_weight}
+    return {**accuracy_kwargs(reward_cfg), "format_weight": reward_cfg.format_weight}
 
 
 class _Worker:

@@ -39,44 +39,82 @@ YN = ["Yes", "No"]
 C234 = ["2", "3", "4"]
 # (question_type, answer_type, answer, choices, precision, task, skills, response, correct)
 MATHVISTA = [
-    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"], "<answer>B</answer>", True),
-    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"], "<answer>(B) 4</answer>", True),
-    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"], "<answer>(B) 3</answer>", True),  # letter wins
-    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"], "<answer>4</answer>", True),  # option text
-    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"], "<answer>3</answer>", False),
-    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"], "Thus the answer is C.", False),
-    ("multi_choice", "text", "4", C345, None, "math word problem", ["arithmetic reasoning"], "so the correct option is (B).", True),
-    ("multi_choice", "text", "145°", ANG, None, "geometry problem solving", ["geometry reasoning", "algebraic reasoning"], "\\boxed{145^\\circ}", True),
-    ("multi_choice", "text", "Yes", YN, None, "figure question answering", ["logical reasoning"], "<answer>no</answer>", False),
-    ("multi_choice", "text", "No", YN, None, "figure question answering", ["logical reasoning"], "<answer>No</answer>", True),
-    ("free_form", "integer", "3", None, None, "visual question answering", ["numeric commonsense"], "<answer>3.0</answer>", True),
-    ("free_form", "integer", "3", None, None, "visual question answering", ["numeric commonsense"], "<answer>3.5</answer>", False),
-    ("free_form", "integer", "12", None, None, "textbook question answering", ["arithmetic reasoning"], "The answer is 12 cm.", True),
-    ("free_form", "integer", "1000", None, None, "textbook question answering", ["arithmetic reasoning"], "\\boxed{1,000}", True),
-    ("free_form", "float", "3.0", None, 1, "figure question answering", ["statistical reasoning"], "<answer>3</answer>", True),
-    ("free_form", "float", "2.5", None, 1, "figure question answering", ["statistical reasoning"], "<answer>2.54</answer>", True),
-    ("free_form", "float", "2.54", None, 2, "figure question answering", ["statistical reasoning"], "<answer>2.5</answer>", False),
-    ("free_form", "float", "0.5", None, 1, "math word problem", ["arithmetic reasoning"], "<answer>\\frac{1}{2}</answer>", True),
-    ("free_form", "float", "1.33", None, 2, "math word problem", ["arithmetic reasoning"], "<answer>4/3</answer>", True),
-    ("free_form", "float", "3.0", None, 1, "math word problem", ["arithmetic reasoning"], "<answer>2.96</answer>", True),
-    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"], "<answer>[1, 2, 3]</answer>", True),
-    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"], "<answer>1, 2, 3</answer>", True),
-    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"], "<answer>[3, 2, 1]</answer>", False),
-    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"], "<answer>[1, 2]</answer>", False),
-    ("free_form", "text", "cube", None, None, "visual question answering", ["logical reasoning"], "<answer>Cube.</answer>", True),
-    ("free_form", "text", "cube", None, None, "visual question answering", ["logical reasoning"], "<answer>sphere</answer>", False),
-    ("free_form", "integer", "7", None, None, "visual question answering", ["numeric commonsense"], "<think>Counting the dots gives 7.</think>", True),  # only in thinking, nothing after
-    ("free_form", "integer", "7", None, None, "visual question answering", ["numeric commonsense"], "<think>it is 7</think> The answer is 8", False),
-    ("free_form", "integer", "2", None, None, "visual question answering", ["numeric commonsense"], "I cannot tell from the image.", False),
-    ("free_form", "integer", "5", None, None, "geometry problem solving", ["geometry reasoning"], "\\boxed{5\\text{ m}}", True),
-    ("free_form", "integer", "50", None, None, "math word problem", ["arithmetic reasoning"], "<answer>50\\%</answer>", True),
-    ("free_form", "integer", "-2", None, None, "math word problem", ["algebraic reasoning"], "<answer>\u22122</answer>", True),
-    ("multi_choice", "text", "3", C234, None, "math word problem", ["algebraic reasoning"], "<answer>(B) 3</answer>", True),
-    ("multi_choice", "text", "3", C234, None, "math word problem", ["algebraic reasoning"], "<answer>(C) 3</answer>", False),  # C is "4"
-    ("free_form", "float", "1.5", None, 1, "geometry problem solving", ["geometry reasoning"], "The area is approximately 1.5 square units", True),
-    ("free_form", "integer", "3", None, None, "geometry problem solving", ["geometry reasoning"], "\\boxed{3} ... wait, recount: \\boxed{4}", False),
-    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"], "The answer is 12 because 3 × 4 = 12.", True),
-    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"], "Final answer: about 13 apples", False),
+    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"],
+     "<answer>B</answer>", True),
+    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"],
+     "<answer>(B) 4</answer>", True),
+    ("multi_choice", "text", "4", C345, None, "geometry problem solving", ["geometry reasoning"],
+     "<answer>(B) 3</answer>", True),  # letter wins
+    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"],
+     "<answer>4</answer>", True),  # option text
+    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"],
+     "<answer>3</answer>", False),
+    ("multi_choice", "text", "4", C345, None, "figure question answering", ["arithmetic reasoning"],
+     "Thus the answer is C.", False),
+    ("multi_choice", "text", "4", C345, None, "math word problem", ["arithmetic reasoning"],
+     "so the correct option is (B).", True),
+    ("multi_choice", "text", "145°", ANG, None, "geometry problem solving",
+     ["geometry reasoning", "algebraic reasoning"], "\\boxed{145^\\circ}", True),
+    ("multi_choice", "text", "Yes", YN, None, "figure question answering", ["logical reasoning"],
+     "<answer>no</answer>", False),
+    ("multi_choice", "text", "No", YN, None, "figure question answering", ["logical reasoning"],
+     "<answer>No</answer>", True),
+    ("free_form", "integer", "3", None, None, "visual question answering", ["numeric commonsense"],
+     "<answer>3.0</answer>", True),
+    ("free_form", "integer", "3", None, None, "visual question answering", ["numeric commonsense"],
+     "<answer>3.5</answer>", False),
+    ("free_form", "integer", "12", None, None, "textbook question answering", ["arithmetic reasoning"],
+     "The answer is 12 cm.", True),
+    ("free_form", "integer", "1000", None, None, "textbook question answering", ["arithmetic reasoning"],
+     "\\boxed{1,000}", True),
+    ("free_form", "float", "3.0", None, 1, "figure question answering", ["statistical reasoning"],
+     "<answer>3</answer>", True),
+    ("free_form", "float", "2.5", None, 1, "figure question answering", ["statistical reasoning"],
+     "<answer>2.54</answer>", True),
+    ("free_form", "float", "2.54", None, 2, "figure question answering", ["statistical reasoning"],
+     "<answer>2.5</answer>", False),
+    ("free_form", "float", "0.5", None, 1, "math word problem", ["arithmetic reasoning"],
+     "<answer>\\frac{1}{2}</answer>", True),
+    ("free_form", "float", "1.33", None, 2, "math word problem", ["arithmetic reasoning"],
+     "<answer>4/3</answer>", True),
+    ("free_form", "float", "3.0", None, 1, "math word problem", ["arithmetic reasoning"],
+     "<answer>2.96</answer>", True),
+    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"],
+     "<answer>[1, 2, 3]</answer>", True),
+    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"],
+     "<answer>1, 2, 3</answer>", True),
+    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"],
+     "<answer>[3, 2, 1]</answer>", False),
+    ("free_form", "list", "[1, 2, 3]", None, None, "figure question answering", ["statistical reasoning"],
+     "<answer>[1, 2]</answer>", False),
+    ("free_form", "text", "cube", None, None, "visual question answering", ["logical reasoning"],
+     "<answer>Cube.</answer>", True),
+    ("free_form", "text", "cube", None, None, "visual question answering", ["logical reasoning"],
+     "<answer>sphere</answer>", False),
+    ("free_form", "integer", "7", None, None, "visual question answering", ["numeric commonsense"],
+     "<think>Counting the dots gives 7.</think>", True),  # only in thinking, nothing after
+    ("free_form", "integer", "7", None, None, "visual question answering", ["numeric commonsense"],
+     "<think>it is 7</think> The answer is 8", False),
+    ("free_form", "integer", "2", None, None, "visual question answering", ["numeric commonsense"],
+     "I cannot tell from the image.", False),
+    ("free_form", "integer", "5", None, None, "geometry problem solving", ["geometry reasoning"],
+     "\\boxed{5\\text{ m}}", True),
+    ("free_form", "integer", "50", None, None, "math word problem", ["arithmetic reasoning"],
+     "<answer>50\\%</answer>", True),
+    ("free_form", "integer", "-2", None, None, "math word problem", ["algebraic reasoning"],
+     "<answer>\u22122</answer>", True),
+    ("multi_choice", "text", "3", C234, None, "math word problem", ["algebraic reasoning"],
+     "<answer>(B) 3</answer>", True),
+    ("multi_choice", "text", "3", C234, None, "math word problem", ["algebraic reasoning"],
+     "<answer>(C) 3</answer>", False),  # C is "4"
+    ("free_form", "float", "1.5", None, 1, "geometry problem solving", ["geometry reasoning"],
+     "The area is approximately 1.5 square units", True),
+    ("free_form", "integer", "3", None, None, "geometry problem solving", ["geometry reasoning"],
+     "\\boxed{3} ... wait, recount: \\boxed{4}", False),
+    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"],
+     "The answer is 12 because 3 × 4 = 12.", True),
+    ("free_form", "integer", "12", None, None, "math word problem", ["arithmetic reasoning"],
+     "Final answer: about 13 apples", False),
 ]
 
 
@@ -84,7 +122,8 @@ def mathvista_record(pid, row, image_path):
     qtype, atype, answer, choices, precision, task, skills, _, _ = row
     q = f"Question {pid}?"
     query = "Hint: Please answer the question and provide the final answer at the end.\n" + \
-        f"Question: {q}" + ("\nChoices:\n" + "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(choices)) if choices else "")
+        f"Question: {q}" + ("\nChoices:\n" + "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(choices))
+                            if choices else "")
     return {"pid": pid, "question": q, "image": image_path, "decoded_image": None,
             "choices": choices, "unit": None, "precision": precision, "answer": answer,
             "question_type": qtype, "answer_type": atype,
@@ -321,7 +360,7 @@ def test_prediction_without_response_and_unknown_benchmark(tmp_path, capsys):
         load_benchmark("mmmu", tmp_path)
 
 
-def test_hf_sharded_layout_prefers_testmini_shards(tmp_path):
+def test_hf_sharded_layout_needs_a_split_when_both_are_there(tmp_path):
     d = tmp_path / "MathVision" / "data"
     d.mkdir(parents=True)
 
@@ -334,9 +373,19 @@ def test_hf_sharded_layout_prefers_testmini_shards(tmp_path):
     shard("testmini-00000-of-00002-aa.parquet", ["1", "2"])
     shard("testmini-00001-of-00002-bb.parquet", ["3"])
     shard("test-00000-of-00001-cc.parquet", ["100", "101"])
-    assert [it.id for it in load_benchmark("mathvision", tmp_path / "MathVision")] == ["1", "2", "3"]
-    assert [it.id for it in load_benchmark("mathvision", tmp_path / "MathVision", limit=2)] == ["1", "2"]
+    # both splits there: MathVision's published numbers name one, so it is never picked silently
+    with pytest.raises(BenchmarkError, match="holds both the testmini and the test split.*--split"):
+        load_benchmark("mathvision", tmp_path / "MathVision")
+    root = tmp_path / "MathVision"
+    assert [it.id for it in load_benchmark("mathvision", root, split="testmini")] == ["1", "2", "3"]
+    assert [it.id for it in load_benchmark("mathvision", root, split="test")] == ["100", "101"]
+    assert [it.id for it in load_benchmark("mathvision", root, limit=2, split="testmini")] == ["1", "2"]
     assert [it.id for it in load_benchmark("mathvision", d / "test-00000-of-00001-cc.parquet")] == ["100", "101"]
+    (d / "test-00000-of-00001-cc.parquet").rename(d / "only.parquet.bak")
+    assert [it.id for it in load_benchmark("mathvision", root)] == ["1", "2", "3"]  # one split: fine
+    with pytest.raises(BenchmarkError, match="no test split here"):
+        load_benchmark("mathvision", root, split="test")
+    (d / "only.parquet.bak").rename(d / "test-00000-of-00001-cc.parquet")
     (d / "extra.json").write_text("[]")
     (d / "other.jsonl").write_text("")
     for f in d.glob("test*.parquet"):

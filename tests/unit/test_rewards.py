@@ -1,13 +1,13 @@
-"""Table-driven tests of answer extraction, grading and the format reward.
+"""Table-driven tests of answer extraction, grading and the format reward of the `ovlt` style.
 
 Every expected value is worked out by hand from the grading rules in
-`ovlt/rewards/{extract,normalize,math_reward}.py` docstrings.
+`ovlt/rewards/{extract,grading,math_reward}.py` docstrings.
 """
 import time
 
 import pytest
 
-from ovlt.rewards import format_reward, grade_answer, math_reward, normalize_answer
+from ovlt.rewards import answers_equal, format_reward, math_reward
 from ovlt.rewards.extract import extract_boxed, extract_final_answer
 
 
@@ -178,7 +178,8 @@ def test_table_is_large_enough():
     ("totals: 3 then 1,234", "1234", {"fallback": "last_number"}, 1.0),
     ("<think>7</think> no number here", "7", {"fallback": "last_number"}, 0.0),
     ("work\n\n  42  \n", "42", {"fallback": "last_line"}, 1.0),
-    ("work\n42 apples\n", "42", {"fallback": "last_line"}, 0.0),
+    ("work\n42 + 1\n", "42", {"fallback": "last_line"}, 0.0),     # the whole line is graded
+    ("work\n42 apples\n", "42", {"fallback": "last_line"}, 1.0),   # a number with its unit word
     ("<answer>9</answer> 7", "9", {"fallback": "last_number"}, 1.0),  # tags outrank fallback
     (A("3"), "B", {"choices": ["2", "3", "4"]}, 1.0),    # option text for a letter truth
     (A("4"), "B", {"choices": ["2", "3", "4"]}, 0.0),
@@ -217,20 +218,20 @@ def test_format_reward(response, expected):
     assert format_reward(response) == expected
 
 
-@pytest.mark.parametrize("raw,norm", [
-    ("\\dfrac{1}{2}", "\\frac{1}{2}"),
-    ("\\frac12", "\\frac{1}{2}"),
-    ("\\sqrt2", "\\sqrt{2}"),
-    ("3.50", "3.5"),
-    ("1,000", "1000"),
-    ("(1, 2)", "(1,2)"),
-    ("\\text{Yes}", "yes"),
-    ("5 cm", "5"),
-    ("x", "x"),                  # a lone variable is not a unit
-    ("cm", "cm"),                # nor is a lone unit word stripped
+@pytest.mark.parametrize("a,b,equal", [
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("\\sqrt2", "\\sqrt{2}", True),
+    ("3.50", "3.5", True),
+    ("1,000", "1000", True),
+    ("(1, 2)", "(1,2)", True),
+    ("\\text{Yes}", "yes", True),
+    ("5 cm", "5", True),
+    ("x", "cm", False),          # a lone variable is not a unit
+    ("cm", "5", False),          # nor is a lone unit word a number
 ])
-def test_normalize_answer(raw, norm):
-    assert normalize_answer(raw) == norm
+def test_answers_equal_forms(a, b, equal):
+    assert answers_equal(a, b) is equal and answers_equal(b, a) is equal
 
 
 def test_extract_boxed_is_linear_on_unclosed_boxes():
@@ -247,9 +248,9 @@ def test_extract_sources():
     assert extract_final_answer("so 3") == (None, "none")
 
 
-def test_grade_answer_symmetric_rules():
-    assert grade_answer("0.5", "\\frac{1}{2}") and grade_answer("\\frac{1}{2}", "0.5")
-    assert not grade_answer(None, "1")
+def test_answers_equal_symmetric_rules():
+    assert answers_equal("0.5", "\\frac{1}{2}") and answers_equal("\\frac{1}{2}", "0.5")
+    assert not answers_equal(None, "1")
 
 
 @pytest.mark.parametrize("response,truth,w,expected", [
@@ -262,3 +263,93 @@ def test_grade_answer_symmetric_rules():
 def test_total_reward_weighting(response, truth, w, expected):
     from ovlt.rewards import total_reward
     assert total_reward(response, truth, format_weight=w) == pytest.approx(expected, abs=1e-12)
+
+
+# --- the ovlt style's grading bugs that were (issue list), each graded right now
+@pytest.mark.parametrize("given,truth,expected", [
+    # two unbraced exponents are not an exponent tower: math-verify must run
+    ("1+x+x^2+x^3+x^4+x^5+x^6+x^7+x^8", "x^8+x^7+x^6+x^5+x^4+x^3+x^2+x+1", 1.0),
+    ("x^2/16+y^2/12=1/4", "x^2/4+y^2/3=1", 1.0),           # the same ellipse, scaled
+    ("y^2+x^2", "x^2+y^2", 1.0),
+    ("x^2+y^2", "x^2+y^3", 0.0),
+    # matrices are math, not words
+    ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1.0),
+    ("\\begin{pmatrix}\\frac{2}{4}&1\\end{pmatrix}", "\\begin{pmatrix}\\frac12&1\\end{pmatrix}", 1.0),
+    ("\\left[\\begin{array}{cc}1&0\\\\0&1\\end{array}\\right]", "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}", 1.0),
+    ("\\begin{pmatrix}1&2\\end{pmatrix}", "\\begin{pmatrix}2&1\\end{pmatrix}", 0.0),
+    # word answers
+    ("6,8", "6 \\text{ and } 8", 1.0),
+    ("125\\textnormal{ miles}", "125", 1.0),
+    ("28 pct", "28", 1.0),
+    ("8 kg", "$8 \\mathrm{~kg}$", 1.0),
+    ("113.1", "Area $=113.1$", 1.0),
+    ("x = 5", "y = 5", 0.0),                                 # a variable is not a label
+    ("no", "on", 0.0),                                       # sympy: n*o == o*n
+    ("A and B", "B", 0.0),
+    # ratios are not their first number (math-verify reads "2:1" as 2)
+    ("2:1", "2", 0.0),
+    ("2:1", "2:1", 1.0),
+    # documented choices of the ovlt style (docs/REWARDS.md): value equality
+    ("2/4", "1/2", 1.0),                                     # unreduced fractions count
+    ("\\frac{6}{8}", "\\frac34", 1.0),
+    ("10, 4, -2", "4, 10, -2", 1.0),                          # a bare comma list is a set
+    ("(10, 4)", "(4, 10)", 0.0),                              # a tuple is ordered
+    # Hendrycks MATH equivalence tests (their labels)
+    ("\\tfrac{1}{2} +\\! \\frac1{72}", "\\dfrac{1}{2} +\\frac{1}{72}", 1.0),
+    ("10\\text{ units}", "10 ", 1.0),
+    ("10\\text{ units}", "100 ", 0.0),
+    ("10", "\\$10", 1.0),
+    ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", 1.0),
+    ("0.1", ".1", 1.0),
+    ("10\\%", "10", 1.0),
+    ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", 1.0),
+    ("\\frac34i", "\\frac{3}{4}i", 1.0),
+    ("\\tfrac83", "\\frac{8}{3}", 1.0),
+    ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", 0.0),
+])
+def test_ovlt_grading_bugs_fixed(given, truth, expected):
+    assert math_reward(A(given), truth) == expected
+
+
+def test_reference_styles_decide_differently_where_documented():
+    # mathruler refuses unreduced fractions and reads a bare list in order
+    assert math_reward("<think>r</think> so <answer>2/4</answer>", "1/2", style="openvlthinker") == 0.0
+    assert math_reward("<think>r</think> so <answer>3, 2, 1</answer>", "1,2,3", style="openvlthinker") == 0.0
+    assert math_reward(A("2/4"), "1/2") == 1.0 and math_reward(A("3, 2, 1"), "1,2,3") == 1.0
+
+
+# --- why the hand-written pieces stay: what the libraries do without them
+def test_why_partial_credit_is_ours():
+    from ovlt.rewards.grading import collection_match, math_verify_equal
+    assert not math_verify_equal("(1, 3)", "(1, 2)")          # the library: right or wrong only
+    assert collection_match("(1, 3)", "(1, 2)") == 0.5
+    assert collection_match("\\{2, 1\\}", "\\{1, 2, 3\\}") == pytest.approx(2 / 3)
+    assert collection_match("[1, 3)", "(1, 3)") == 0.0        # other interval kind: nothing
+
+
+def test_why_the_guard_is_ours():
+    import threading
+
+    from math_verify import parse, verify
+
+    from ovlt.rewards.grading import math_verify_equal, mathruler_equal
+    from ovlt.rewards.guard import is_text, main_thread_timeout, safe_for_sympy
+    # words: both libraries call different words equal
+    assert math_verify_equal("blue", "bleu") and mathruler_equal("no", "on")
+    assert is_text("blue") and not answers_equal("blue", "bleu") and not answers_equal("no", "on")
+    # big integers: mathruler compares through float
+    big, other = "9" * 20, "9" * 19 + "8"
+    assert mathruler_equal(big, other) and not answers_equal(big, other)
+    # exponent towers: math-verify grinds until its own timeout ...
+    t = time.monotonic()
+    assert not verify(parse("$1$"), parse("$10^{10^{10}}$", parsing_timeout=1), timeout_seconds=1)
+    assert time.monotonic() - t >= 0.9
+    # ... which it only has on the main thread (a reward worker thread would hang for good)
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(main_thread_timeout()))
+    th.start()
+    th.join()
+    assert seen == [None] and main_thread_timeout() == 5
+    t = time.monotonic()
+    assert not safe_for_sympy("10^{10^{10}}") and not answers_equal("10^{10^{10}}", "1")
+    assert time.monotonic() - t < 0.5
