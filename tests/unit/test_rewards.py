@@ -265,7 +265,7 @@ def test_total_reward_weighting(response, truth, w, expected):
     assert total_reward(response, truth, format_weight=w) == pytest.approx(expected, abs=1e-12)
 
 
-# --- the ovlt style's grading bugs that were (issue list), each graded right now
+# --- grading cases the ovlt style once got wrong, graded right
 @pytest.mark.parametrize("given,truth,expected", [
     # two unbraced exponents are not an exponent tower: math-verify must run
     ("1+x+x^2+x^3+x^4+x^5+x^6+x^7+x^8", "x^8+x^7+x^6+x^5+x^4+x^3+x^2+x+1", 1.0),
