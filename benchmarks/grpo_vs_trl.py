@@ -17,7 +17,7 @@ numbers; each side writes its JSON after every step):
   (`prompt` conversational + `image` column, TRL's VLM format). Prompt token ids are identical
   on both sides (checked on CPU: ovlt `encode_prompt` == HF processor's chat template).
 - settings (both): `--prompts` prompts x `--samples` samples per step, `--new` new tokens with EOS
-  suppressed (ovlt: the engine's EOS list emptied; TRL: `min_new_tokens=--new`), so every response
+  suppressed (ovlt: `SamplingParams.ignore_eos`; TRL: `min_new_tokens=--new`), so every response
   has exactly `--new` tokens and both sides do equal work; vision placeholders are never
   sampled (ovlt's engine bans them, TRL suppresses image_token_id itself); temperature 1.0, top-p 0.99, one
   optimizer update per step over all P x n samples in micro-batches of `--micro-batch` samples,
@@ -31,8 +31,11 @@ numbers; each side writes its JSON after every step):
 - ovlt: the real trainer (`ovlt.grpo.train.GRPOTrainer`, built-in rollout engine sharing the
   weights, CUDA-graph decode, fused log-prob / GRPO-loss kernels, mcore DDP + distributed
   optimizer with fp32 master weights), driven step by step as `GRPOTrainer.run` does (without
-  checkpointing/export). Its own per-phase timers: rollout / reward / logprob (old + ref; split
-  here by timing `logprob_pass`) / update / sync.
+  checkpointing/export). Its own per-phase timers: rollout / reward / logprob / update / sync,
+  and each log-prob pass's own GPU time and tokens (old vs reference cost per token). One
+  update per step: the update is on-policy, so ovlt runs no old-log-prob pass (as TRL).
+  Per step also: peak allocated memory per phase and over the step, what stays allocated after
+  it, torch.compile graphs built, host syncs inside the log-prob and update phases.
 - TRL: `trl.GRPOTrainer` (HF `generate` path, `use_vllm=False`), bf16 params with torch AdamW
   (no fp32 master copy: TRL's/HF Trainer's usual bf16 set-up), `per_device_train_batch_size =
   --micro-batch`, `gradient_accumulation_steps = P*n / micro-batch` (one generation per optimizer
@@ -48,6 +51,7 @@ vs EasyR1's published ~145 s per step; the formula is written next to the number
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -86,6 +90,66 @@ def _write(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+class PhaseMemory:
+    """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
+    wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
+    wrapped call, so the step's own peak is kept here: the largest of the phase peaks, what
+    accrued between them, and the trainer's own meter (`mem_gb`: it resets the counter at the
+    step's end). `end_step` also reads what the step left allocated (the caller drops the
+    step's result first). Nothing on the CPU."""
+
+    def __init__(self, dev: str):
+        self.on = dev == "cuda"
+        self.peaks: dict = {}
+        self.between = 0.0
+
+    def _read_reset(self) -> float:
+        import torch
+        v = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
+        return v
+
+    def start_step(self) -> None:
+        self.peaks, self.between = {}, 0.0
+        if self.on:
+            self._read_reset()
+
+    def wrap(self, name: str, fn):
+        if not self.on:
+            return fn
+
+        def wrapped(*a, **k):
+            self.between = max(self.between, self._read_reset())
+            try:
+                return fn(*a, **k)
+            finally:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), self._read_reset())
+        return wrapped
+
+    def end_step(self, trainer_peak_gib=None) -> dict:
+        if not self.on:
+            return {}
+        import gc
+
+        import torch
+        gc.collect()
+        tail = self._read_reset()
+        peak = max([tail, self.between, trainer_peak_gib or 0.0, *self.peaks.values()])
+        return {"peak_mem_gib": peak, "phase_peak_mem_gib": dict(self.peaks),
+                "mem_after_step_gib": torch.cuda.memory_allocated() / 2 ** 30}
+
+
+def steady_state(per_step_peaks: list) -> dict:
+    """Whether per-step peak memory holds from step 2 on: each step's peak within 2 % of the
+    step before it."""
+    later = [p for p in per_step_peaks[1:] if p]
+    if len(later) < 2:
+        return {}
+    return {"steady_state_peak_spread": (max(later) - min(later)) / min(later),
+            "steady_state_within_2pct": all(abs(b - a) <= 0.02 * a
+                                            for a, b in zip(later, later[1:]))}
 
 
 def model_cfg(args):
@@ -187,8 +251,6 @@ def prepare(args, wd: Path) -> dict:
 
 # ---------------------------------------------------------------------------------- ovlt side
 def run_ovlt(args, wd: Path, res: dict, save):
-    import torch
-
     from ovlt.config import load_config
     from ovlt.distributed import destroy_distributed, init_distributed
     from ovlt.logging import setup_logging
@@ -235,34 +297,32 @@ def run_ovlt(args, wd: Path, res: dict, save):
         from ovlt.grpo.train import GRPOTrainer
         from ovlt.grpo.data import PromptPosition
 
-        lp_times: dict = {}
-        orig_lp = grpo_mod.logprob_pass
-
         host_syncs: dict = {}  # phase -> messages of the synchronizing CUDA calls it made
 
-        def counting_syncs(phase, fn, *a, **k):
+        def counting_syncs(phase, fn):
             """`fn` with every call that makes the host wait for the GPU recorded against
             `phase` (`with_host_syncs`)."""
             if dev != "cuda":
-                return fn(*a, **k)
-            return with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
+                return fn
+            return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
 
-        def timed_lp(chunks, mbs, field, *a, **k):
-            _sync(dev)
-            t = _now()
-            out = counting_syncs(field, orig_lp, chunks, mbs, field, *a, **k)
-            _sync(dev)
-            lp_times[field] = lp_times.get(field, 0.0) + _now() - t
-            return out
-        grpo_mod.logprob_pass = timed_lp
-        orig_update = grpo_mod.queue_update
-        grpo_mod.queue_update = lambda *a, **k: counting_syncs("update", orig_update, *a, **k)
+        mem = PhaseMemory(dev)
+        # the log-prob passes and the updates are queued: a host sync inside them is one
+        # inside the phase (each phase reads its numbers once, at its end, outside these)
+        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
+            "logprob", grpo_mod.queue_logprob_pass))
+        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
 
         t0 = _now()
         trainer = GRPOTrainer(cfg)
         trainer.setup(0)
         trainer.sync_weights()
-        trainer.engine.eos = []  # EOS suppressed: every response has exactly max_new_tokens
+        real_generate = trainer.engine.generate
+
+        def generate(reqs, sp, on_complete=None):  # every response exactly --new tokens
+            return real_generate(reqs, dataclasses.replace(sp, ignore_eos=True),
+                                 on_complete=on_complete)
+        trainer.engine.generate = mem.wrap("rollout", generate)
         _sync(dev)
         res["init_seconds"] = _now() - t0
         res["engine"] = type(trainer.engine).__name__
@@ -270,10 +330,8 @@ def run_ovlt(args, wd: Path, res: dict, save):
         pos = PromptPosition()
         res["steps"] = []
         for step in range(args.steps):
-            lp_times.clear()
             host_syncs.clear()
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            mem.start_step()
             try:
                 _sync(dev)
                 t = _now()
@@ -286,21 +344,29 @@ def run_ovlt(args, wd: Path, res: dict, save):
                 break
             gen = sum(len(r.response_ids) for r in rollouts)
             tot = sum(r.length for r in rollouts)
+            n = len(rollouts)
+            del rollouts  # what the step leaves allocated is read without it
             phases = {k[5:]: v for k, v in rec.items() if k.startswith("time/")}
-            phases["old_logprob"] = lp_times.get("old_logprobs")
-            phases["ref_logprob"] = lp_times.get("ref_logprobs")
-            # queue_update should make none (its numbers are read after the last one is
-            # queued); a log-prob pass reads its stats once at its end
+            # each pass's own GPU time (the trainer's StepClock): old vs reference per token
+            phases["old_logprob"] = rec.get("logprob_old_s")
+            phases["ref_logprob"] = rec.get("logprob_ref_s")
             s_sync = {k: {"count": len(v), "first": v[:3]} for k, v in host_syncs.items()}
             s = {"step": step + 1, "step_s": dt, "phases": phases, "generated_tokens": gen,
-                 "total_tokens": tot, "prompt_tokens": tot - gen, "samples": len(rollouts),
+                 "total_tokens": tot, "prompt_tokens": tot - gen, "samples": n,
                  "samples_trained": rec.get("samples_trained"), "updates": rec.get("updates"),
                  "response_length_mean": rec.get("response_length_mean"),
                  "loss": rec.get("loss"), "kl": rec.get("kl"), "grad_norm": rec.get("grad_norm"),
                  "reward_mean": rec.get("reward_mean"), "trainer_step_time_s": rec.get("step_time_s"),
+                 "logprob_old_tokens": rec.get("logprob_old_tokens"),
+                 "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
+                 "torch_compiles": rec.get("torch_compiles"),
+                 "reward_batches": rec.get("reward_batches"),
                  "host_syncs": s_sync}
-            if dev == "cuda":
-                s["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            for k in ("old", "ref"):
+                if rec.get(f"logprob_{k}_s") and rec.get(f"logprob_{k}_tokens"):
+                    s[f"logprob_{k}_us_per_token"] = \
+                        1e6 * rec[f"logprob_{k}_s"] / rec[f"logprob_{k}_tokens"]
+            s.update(mem.end_step(rec.get("mem_gb")))
             res["steps"].append(s)
             print("ovlt step", json.dumps(s), flush=True)
             save()
@@ -499,6 +565,15 @@ def summarize(side: dict) -> dict | None:
     mem = [s.get("peak_mem_gib") for s in timed if s.get("peak_mem_gib")]
     if mem:
         out["peak_mem_gib"] = max(mem)
+    out["per_step_peak_mem_gib"] = [s.get("peak_mem_gib") for s in steps]
+    out.update(steady_state(out["per_step_peak_mem_gib"]))
+    for k in ("old", "ref"):
+        v = [s[f"logprob_{k}_us_per_token"] for s in timed if s.get(f"logprob_{k}_us_per_token")]
+        if v:
+            out[f"logprob_{k}_us_per_token"] = med(v)
+    comp = [s.get("torch_compiles") for s in timed if s.get("torch_compiles") is not None]
+    if comp:
+        out["torch_compiles_after_step_1"] = sum(comp)
     return out
 
 
@@ -619,10 +694,11 @@ def main(argv=None) -> int:
                "--new tokens (EOS suppressed on both sides), same P x n, one optimizer update per step.",
                "Differences that are part of each trainer: ovlt keeps fp32 master weights + fp32 grads "
                "+ fp32 Adam moments (mcore distributed optimizer); TRL/HF Trainer trains bf16 params "
-               "with bf16 Adam moments. ovlt always runs an old-log-prob pass (TRL skips it when one "
-               "generation feeds exactly one optimizer step). ovlt recaptures its decode CUDA graph "
-               "every step (the engine sleeps to free memory for the update). ovlt grades rewards in "
-               "worker processes, TRL in-process.",
+               "with bf16 Adam moments. Neither side runs an old-log-prob pass here (one "
+               "generation feeds exactly one optimizer step: the update is on-policy). ovlt "
+               "recaptures its decode CUDA graph every step (the engine sleeps to free memory for "
+               "the update). ovlt grades rewards in worker processes as they stream from the "
+               "engine, TRL in-process.",
                "step 1 includes compilation / graph capture / lazy init; summaries are medians of "
                "steps 2..N; phases are each trainer's own timers (TRL: wrapped methods)."]}
     out = Path(args.out)

@@ -3,11 +3,17 @@
 Both run through `ovlt.engine.train_step.train_step` (megatron-core schedules, TP/PP/DP), with the
 model returning final hidden states and the LM head applied by the fused kernels, so the
 [tokens x vocab] logits are never built:
-- `logprob_pass`: forward only; per-token log p(target) at the sampling temperature, stored on
-  each micro-batch (`old_logprobs` / `ref_logprobs`).
-- `update`: one optimizer step with `ovlt.kernels.fused_grpo_loss` (PPO clip + dual clip + KL).
-  train_step normalises by the token count of the whole global batch, so the loss function
-  returns token_mean x tokens (a per-token sum) and the update is the token-mean GRPO loss.
+- `logprob_pass` / `queue_logprob_pass`: forward only; per-token log p(target) at the sampling
+  temperature, stored on each micro-batch (`old_logprobs` / `ref_logprobs`). The policy and
+  the reference run the same kernels (`forward_only_kernels`, `Reference` copies the policy's
+  fusion switches): no torch.compile'd training-only fusion runs here, so a forward-only pass
+  compiles nothing and the two passes cost the same per token.
+- `update` / `queue_update`: one optimizer step with `ovlt.kernels.fused_grpo_loss` (PPO clip +
+  dual clip + KL). train_step normalises by the token count of the whole global batch, so the
+  loss function returns token_mean x tokens (a per-token sum) and the update is the token-mean
+  GRPO loss. A micro-batch without `old_logprobs` is on-policy (the first update after
+  sampling): its own detached log-prob is the old one (ratio exactly 1), and is stored as
+  `old_logprobs` for the KL metric.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 
 from ovlt.grpo.batch import RLMicroBatch
 from ovlt.engine.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
-from ovlt.engine.train_step import PendingStep, StepResult, train_step, train_step_async
+from ovlt.engine.train_step import PendingStep, StepResult, train_step_async
 from ovlt.utils.device import to_device_async
 
 
@@ -48,10 +54,82 @@ def rl_forward(model, mb: RLMicroBatch):
                  return_hidden=True, **host_side_inputs(unwrap(model), mb))
 
 
-def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
-                 temperature: float, device) -> dict:
-    """Fill `mb.<field>` ([1, T] fp32, on the model's device: the update reads it there) with
-    log p(target), 0 off the loss tokens; returns the mean entropy."""
+# Kernel switches of megatron-core's TransformerConfig that `Reference` copies from the policy,
+# so both forward-only passes run the same kernels.
+KERNEL_SWITCHES = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion",
+                   "masked_softmax_fusion")
+
+
+def transformer_configs(chunks) -> list:
+    """The distinct megatron-core TransformerConfigs of `chunks` (modules or a list), in
+    module order (the LLM's and the vision tower's)."""
+    seen: dict = {}
+    for chunk in (chunks if isinstance(chunks, (list, tuple)) else [chunks]):
+        for mod in chunk.modules():
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "bias_dropout_fusion"):
+                seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def _compiled_activation(cfg) -> bool:
+    """Whether mcore's MLP would run a torch.compile'd activation under `cfg`: its fused SwiGLU /
+    GeLU, unless the CUDA fast paths replaced the bias-free SwiGLU by ovlt's Triton kernel
+    (`ovlt.compat.cuda_fastpaths.bias_swiglu_impl`, the LLM's case)."""
+    if not getattr(cfg, "bias_activation_fusion", False):
+        return False
+    import torch.nn.functional as F
+    from megatron.core.transformer import mlp
+
+    from ovlt.compat import cuda_fastpaths
+    triton = (mlp.bias_swiglu_impl is cuda_fastpaths.bias_swiglu_impl and not cfg.add_bias_linear
+              and cfg.gated_linear_unit and cfg.activation_func is F.silu
+              and not cfg.activation_func_fp8_input_store)
+    return not triton
+
+
+@contextlib.contextmanager
+def forward_only_kernels(chunks):
+    """Within the block the models of `chunks` run no torch.compile'd mcore fusion.
+
+    The CUDA fast paths switch mcore's fusions on for trained layers: bias-dropout-add
+    (`bias_dropout_fusion`) is a torch.compile'd function, in eval mode a different one from
+    training's, and so is the activation of an MLP with biases (`bias_activation_fusion`
+    outside ovlt's Triton SwiGLU). The first forward-only pass compiled them inside the timed
+    step (inductor's pattern passes, host syncs and all) and a new shape could recompile them.
+    With dropout off (eval) the unfused bias-dropout-add is one in-place add, so a
+    forward-only pass loses nothing without them; the Triton SwiGLU and the fused RoPE (no
+    compile) stay."""
+    cfgs = transformer_configs(chunks)
+    saved = [(c, c.bias_dropout_fusion, c.bias_activation_fusion) for c in cfgs]
+    for c in cfgs:
+        if _compiled_activation(c):
+            c.bias_activation_fusion = False
+        c.bias_dropout_fusion = False
+    try:
+        yield
+    finally:
+        for c, bdf, baf in saved:
+            c.bias_dropout_fusion, c.bias_activation_fusion = bdf, baf
+
+
+def copy_kernel_switches(dst, src) -> None:
+    """The fusion switches of `src`'s TransformerConfigs set on `dst`'s (same architecture,
+    configs paired in module order)."""
+    a, b = transformer_configs(dst), transformer_configs(src)
+    if len(a) != len(b):
+        raise ValueError(f"copy_kernel_switches: {len(a)} configs vs {len(b)}")
+    for d, s in zip(a, b):
+        for k in KERNEL_SWITCHES:
+            if hasattr(s, k):
+                setattr(d, k, getattr(s, k))
+
+
+def queue_logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
+                       temperature: float, device) -> PendingStep:
+    """Queue a forward-only pass that fills `mb.<field>` ([1, T] fp32 on the model's device,
+    where the update reads it) with log p(target), 0 off the loss tokens; nothing is read on
+    the host (`PendingStep.result()`: tokens, and the mean entropy in `stats`)."""
     from ovlt.kernels import fused_logprob
 
     model = unwrap(chunks[0])
@@ -62,17 +140,27 @@ def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
         lp_rows, ent = fused_logprob(h.index_select(0, rows), model.output_weight(),
                                      pick(mb.targets), temperature=temperature,
                                      return_entropy=True, tp_group=tp_group())
-        lp = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        lp[rows] = lp_rows.detach().float()
-        setattr(mb, field, lp.view(1, -1))
+        setattr(mb, field, scatter_rows(lp_rows, rows, h.shape[0]))
         n = mb.loss_mask.sum()  # a host scalar, as in `sft_loss`
         ent_sum = (ent.detach() * pick(mb.loss_mask)).sum()
         return (lp_rows.detach() * 0).sum(), n, {"entropy": ent_sum}
 
-    with torch.no_grad():
-        res = train_step(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
-                         forward_only=True)
-    return res.stats
+    with torch.no_grad(), forward_only_kernels(chunks):
+        return train_step_async(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
+                                forward_only=True)
+
+
+def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
+                 temperature: float, device) -> dict:
+    """`queue_logprob_pass`, read: returns the mean entropy (`{"entropy": ...}`)."""
+    return queue_logprob_pass(chunks, micro_batches, field, temperature, device).result().stats
+
+
+def scatter_rows(lp_rows: torch.Tensor, rows: torch.Tensor, T: int) -> torch.Tensor:
+    """[1, T] fp32: `lp_rows` at `rows`, 0 elsewhere (detached)."""
+    lp = torch.zeros(T, dtype=torch.float32, device=lp_rows.device)
+    lp[rows] = lp_rows.detach().float()
+    return lp.view(1, -1)
 
 
 def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, temperature: float,
@@ -84,7 +172,9 @@ def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, tem
 def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg,
                  temperature: float, device) -> PendingStep:
     """`update` queued without a host sync (`train_step_async`): a GRPO step's optimizer steps
-    run back to back and their numbers are read after the last one is queued."""
+    run back to back and their numbers are read after the last one is queued. A micro-batch
+    whose `old_logprobs` is None is on-policy: the loss takes its own detached log-prob as the
+    old one and stores it in `old_logprobs` (for the KL metric)."""
     from ovlt.kernels import fused_grpo_loss
 
     model = unwrap(chunks[0])
@@ -93,14 +183,19 @@ def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcf
     def loss_fn(mb, hidden):
         h = flat_hidden(hidden)
         rows, pick = loss_rows_picker(mb, h.device)  # token_mean over the loss tokens == rows
-        loss, m = fused_grpo_loss(
+        on_policy = mb.old_logprobs is None
+        loss, m, lp_rows = fused_grpo_loss(
             h.index_select(0, rows), model.output_weight(), pick(mb.targets),
-            pick(mb.old_logprobs), pick(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
+            None if on_policy else pick(mb.old_logprobs),
+            pick(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
             pick(mb.advantages), pick(mb.loss_mask),
             clip_low=gcfg.clip_low, clip_high=gcfg.clip_high,
             dual_clip=gcfg.dual_clip if gcfg.dual_clip else None,
             kl_coef=gcfg.kl_coef if use_ref else 0.0, kl_type=gcfg.kl_type,
-            temperature=temperature, loss_agg="token_mean", tp_group=tp_group())
+            temperature=temperature, loss_agg="token_mean", tp_group=tp_group(),
+            return_logprobs=True)
+        if on_policy:
+            mb.old_logprobs = scatter_rows(lp_rows, rows, h.shape[0])
         n = mb.loss_mask.sum()  # a host scalar, as in `sft_loss`
         stats = {k: v * n for k, v in m.items()}
         return loss * n, n, stats
@@ -108,11 +203,12 @@ def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcf
     return train_step_async(chunks, optimizer, micro_batches, rl_forward, loss_fn, device=device)
 
 
-def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[float, float]:
+def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[torch.Tensor | None, float]:
     """(sum, token count) of the k3 estimate of KL(policy || ref), exp(ref - logp) -
     (ref - logp) - 1, over the loss tokens, at the sampling policy (`old_logprobs`). Reported
-    whatever kl_coef is (the loss's own KL term is only computed when kl_coef != 0). Summed
-    where the log-probs are; one read at the end."""
+    whatever kl_coef is (the loss's own KL term is only computed when kl_coef != 0). The sum
+    stays where the log-probs are (a 0-d fp64 tensor, None without any pair): the caller
+    reads it once, with the step's other numbers."""
     tot, n = None, 0.0
     for mb in micro_batches:
         if mb.ref_logprobs is None or mb.old_logprobs is None:
@@ -122,13 +218,15 @@ def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[float, float]:
         s = (k3 * to_device_async(mb.loss_mask, d.device).double()).sum()
         tot = s if tot is None else tot + s
         n += float(mb.loss_mask.double().sum())
-    return (0.0 if tot is None else float(tot)), n
+    return tot, n
 
 
 class Reference:
     """Reference policy for the KL term / metric.
 
-    memory: a frozen copy of the initial weights as a second model in device memory (fastest).
+    memory: a frozen copy of the initial weights as a second model in device memory (fastest),
+    running the policy's kernels (`copy_kernel_switches`; call after the policy's wrap, which
+    switches the CUDA fast paths on).
     swap / cpu: the initial weights kept in host memory (pinned for `swap`) and swapped into
     the policy's own parameters for the reference pass, then swapped back (no second model).
     """
@@ -142,6 +240,7 @@ class Reference:
             from megatron.core.enums import ModelType
             self.model = build_fn()
             self.model.load_state_dict(policy.state_dict(), strict=False)
+            copy_kernel_switches(self.model, policy)  # the policy's kernels, so equal cost
             if not hasattr(self.model, "model_type"):  # read by mcore's schedules
                 self.model.model_type = ModelType.encoder_or_decoder
             self.model.eval()

@@ -6,13 +6,18 @@ Outputs under `grpo.train.save_dir`: `metrics.jsonl` (one record per step), `rol
 Re-running the same command resumes from `latest` (model, optimizer, RNG, prompt position);
 the reference policy is always the *initial* weights (taken before the checkpoint is loaded).
 
-One step with P prompts x n samples on this DP rank: the engine samples; rewards run in
-worker processes with timeouts; `ovlt.kernels.grpo_advantages` normalises per prompt group;
-groups whose rewards are all equal carry no signal and are dropped (`filter_zero_advantage`);
+One step with P prompts x n samples on this DP rank: the engine samples, and each completion
+goes to the reward workers (processes with timeouts) as it finishes (`RewardStream`), so
+grading overlaps decoding; `ovlt.kernels.grpo_advantages` normalises per prompt group; groups
+whose rewards are all equal carry no signal and are dropped (`filter_zero_advantage`);
 responses cut at `max_new_tokens` are masked out of the loss or penalised (`overlong`). The
 kept samples are split into ceil(N / global_batch_size) optimizer updates (the same count on
-every DP rank), each packed into token-budget micro-batches; the first update of a step runs
-exactly at the sampling policy (ratio 1).
+every DP rank), each packed into token-budget micro-batches without padding. The first update
+runs exactly at the sampling policy: its own detached log-prob is its old one (ratio 1), so the
+old-log-prob pass covers the later updates' samples only (none with one update per step); the
+reference pass covers every micro-batch. Each phase queues its GPU work and reads it once at
+its end. The grad buffers are released from the end of the updates to the start of the next
+(`ovlt.grpo.memory`), so the rollout and the log-prob passes have that memory too.
 """
 from __future__ import annotations
 
@@ -20,21 +25,26 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ovlt.config import ConfigError
+from ovlt.data.formats import DataError
+from ovlt.data.image_loader import ImageError
 from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
 from ovlt.rollout.base import GenerationRequest, SamplingParams
 from ovlt.engine.gc_schedule import GCSchedule
 from ovlt.engine.loop import TrainLoop
 from ovlt.engine.metrics_logger import memory_gb
-from ovlt.grpo.advantages import assign_advantages, score
+from ovlt.grpo.advantages import assign_advantages
 from ovlt.grpo.batch import Rollout, pack_rollouts, split_updates
 from ovlt.grpo.data import PromptPosition, PromptStream, encode_record
-from ovlt.grpo.passes import Reference, kl_to_reference, logprob_pass, queue_update
+from ovlt.grpo.memory import release_grads, restore_grads
+from ovlt.grpo.passes import Reference, kl_to_reference, queue_logprob_pass, queue_update
+from ovlt.grpo.reward_stream import RewardStream
 from ovlt.utils.device import default_device
 from ovlt.utils.io import append_jsonl
 
@@ -56,6 +66,25 @@ def cut_at_vision_tokens(ids: list, lps: list, model_cfg) -> tuple[list, list]:
         if t in bad:
             return list(ids[:i]), list(lps[:i])
     return ids, lps
+
+
+def torch_compiles() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's counter): a step that
+    compiles after the first shows up in its `torch_compiles` metric."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _entropy(old_pass, first_update) -> float | None:
+    """Mean entropy of the sampling policy over the loss tokens: the old-log-prob pass's
+    samples and the first update's (whose forward is at the sampling policy), token-weighted."""
+    parts = [(r.stats.get("entropy"), r.tokens) for r in (old_pass, first_update)
+             if r is not None and r.tokens and r.stats.get("entropy") is not None]
+    n = sum(t for _, t in parts)
+    return sum(e * t for e, t in parts) / n if n else None
 
 
 class GRPOTrainer:
@@ -99,11 +128,12 @@ class GRPOTrainer:
     def build(self, freeze: list[str], from_module=None):
         from ovlt.rollout import make_engine
         from ovlt.engine.lr_schedule import LRSchedule
-        from ovlt.engine.model_setup import build_vl_model, wrap_model
+        from ovlt.engine.model_setup import build_vl_model, configure_fp8, wrap_model
         from ovlt.engine.optimizer import build_optimizer
 
         t, o = self.cfg.grpo.train, self.cfg.grpo.optimizer
         model = build_vl_model(self.cfg, t.precision)
+        configure_fp8(model, self.cfg.model)  # model.fp8: FP8 GEMMs in the passes and update
         if from_module is not None:  # curriculum boundary: carry the current weights over
             model.load_state_dict(from_module.state_dict(), strict=False)
         self.bundle = wrap_model(model, dataclasses.replace(t, freeze=freeze),
@@ -125,12 +155,21 @@ class GRPOTrainer:
                          build_fn=lambda: build_vl_model(self.cfg, self.cfg.grpo.train.precision))
 
     # ------------------------------------------------------------------ one step
-    def build_requests(self, recs) -> list[GenerationRequest]:
+    def build_requests(self, recs, skipped: Optional[list] = None) -> list[GenerationRequest]:
+        """One request per record; a record whose image cannot be used (truncated, corrupt,
+        missing) is a logged skip, left out and appended to `skipped`. Every record of the
+        batch unusable is a DataError naming them."""
         rc, mcfg = self.cfg.rollout, self.cfg.model
-        out = []
+        out, bad = [], []
         for i, rec in enumerate(recs):
-            ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
-                                          mcfg.vision.spatial_merge_size, self.cfg.rewards.style)
+            try:
+                ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
+                                              mcfg.vision.spatial_merge_size)
+            except (ImageError, OSError) as e:
+                log.warning("skipping prompt %s (%s: record %d): unusable image: %s", rec.id,
+                            rec.file, rec.index, e)
+                bad.append((rec, e))
+                continue
             if len(ids) > rc.max_prompt_length:
                 log.warning("prompt %s (%s:%d) has %d tokens > rollout.max_prompt_length=%d; "
                             "truncated from the left", rec.id, rec.file, rec.index, len(ids),
@@ -147,44 +186,66 @@ class GRPOTrainer:
                           for src in rec.images]
             out.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
                                          images=images, request_id=rec.id))
+        if bad and not out:
+            raise DataError("no usable prompt in this step's batch: " + "; ".join(
+                f"{r.file}: record {r.index}: {e}" for r, e in bad[:4]))
+        if skipped is not None:
+            skipped += [r for r, _ in bad]
         return out
 
     def step(self, step: int, pos: PromptPosition):
+        """One GRPO step; returns (metrics record, next prompt position, rollouts). Nothing the
+        step puts in device memory outlives it (the caller's rollouts hold host tensors only;
+        the grad buffers are released from the end of the updates to the next update)."""
         cfg, g, rc = self.cfg, self.cfg.grpo, self.cfg.rollout
+        chunks, temp = self.bundle.chunks, rc.temperature or 1.0
         tm = {}
+        compiles0 = torch_compiles()
+        release_grads(chunks)  # the first step's: later steps release them after the update
         t0 = time.perf_counter()
         recs, pos = self.stream.next_batch(pos, step, self.dp_rank, self.dp)
-        reqs = self.build_requests(recs)
+        skipped: list = []
+        reqs = self.build_requests(recs, skipped)
+        if skipped:  # keep recs aligned with reqs
+            recs = [r for r in recs if all(r is not b for b in skipped)]
         sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                             max_new_tokens=rc.max_new_tokens, stop=list(rc.stop),
                             n=g.samples_per_prompt,
                             seed=cfg.grpo.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
         self.bundle.module.eval()
-        comps = self.engine.generate(reqs, sp)
-        # Free the engine's GPU memory for the update (vLLM: weights + KV cache; built-in:
-        # its KV cache and CUDA graph, recaptured at the next rollout).
-        self.engine.sleep()
-        tm["rollout"] = time.perf_counter() - t0
+        # Completions stream into the reward pool as they finish: grading overlaps decoding.
+        rewards = RewardStream(self.pool, cfg.rewards)
+        try:
+            def on_complete(i, c):
+                text = self._graded(c)[2]
+                rewards.submit((i, text), text, recs[i].answer)
+            comps = self.engine.generate(reqs, sp, on_complete=on_complete)
+            # Free the engine's GPU memory for the update (vLLM: weights + KV cache; built-in:
+            # its KV cache and CUDA graph, recaptured at the next rollout).
+            self.engine.sleep()
+            tm["rollout"] = time.perf_counter() - t0
 
-        t1 = time.perf_counter()
-        rollouts, self._vision_cuts = [], 0
+            t1 = time.perf_counter()
+            scores = rewards.results()  # the grading left after the last completion
+        finally:
+            rewards.close()
+        rollouts, acc, self._vision_cuts = [], [], 0
         for gi, (rec, req, cs) in enumerate(zip(recs, reqs, comps)):
             for c in cs:
-                ids, lps = self._cut_vision_tokens(c.token_ids, c.logprobs)
-                text = c.text if len(ids) == len(c.token_ids) else \
-                    self.tok.decode(ids, skip_special_tokens=True)  # graded as trained
+                ids, lps, text = self._graded(c)
+                self._vision_cuts += len(ids) < len(c.token_ids)
+                rw, a = scores[(gi, text)]
                 rollouts.append(Rollout(prompt_ids=req.prompt_ids, response_ids=ids or [self.tok.eos_id],
                                         group=gi, pixel_values=req.pixel_values,
                                         image_grid_thw=req.image_grid_thw,
                                         engine_logprobs=lps, finish_reason=c.finish_reason,
-                                        source=rec.source, answer=rec.answer, text=text))
-        rewards, acc = score(self.pool, rollouts, cfg.rewards)
-        for r, rw in zip(rollouts, rewards):
-            r.reward = rw
+                                        source=rec.source, answer=rec.answer, text=text,
+                                        reward=rw))
+                acc.append(a)
         adv_stats = assign_advantages(rollouts, g)
         tm["reward"] = time.perf_counter() - t1
 
-        # ---- old / reference log-probs over every kept sample
+        # ---- old / reference log-probs
         t2 = time.perf_counter()
         kept = [r for r in rollouts if r.train]
         n_kept = torch.tensor([len(kept)], dtype=torch.float64, device=self.device)
@@ -193,33 +254,41 @@ class GRPOTrainer:
         n_kept = n_kept.item()  # one read: it sizes the updates
         n_updates = max(1, math.ceil(n_kept / gbs))
         # Token budget per micro-batch: grpo.max_tokens_per_micro_batch, else the data's
-        # packing budget (a longer sample gets a micro-batch of its own).
+        # packing budget (a longer sample gets a micro-batch of its own). No padding.
         budget = (g.max_tokens_per_micro_batch or cfg.data.pack_tokens
                   or max(cfg.data.max_length, max(r.length for r in rollouts)))
         rope = rope_positions_fn(self.cfg.model)
-        chunks = split_updates(kept, n_updates, rollouts[0])
-        mb_per_update = [pack_rollouts(c, budget, rope) for c in chunks]
-        if self.device.type == "cuda":  # pinned once for the three passes that move them
+        mb_per_update = [pack_rollouts(c, budget, rope)
+                         for c in split_updates(kept, n_updates, rollouts[0])]
+        if self.device.type == "cuda":  # pinned once for the passes that move them
             mb_per_update = [[mb.pin_memory() for mb in u] for u in mb_per_update]
         all_mbs = [mb for u in mb_per_update for mb in u]
-        lp_stats = logprob_pass(self.bundle.chunks, all_mbs, "old_logprobs", rc.temperature or 1.0,
-                                self.device)
+        # The first update runs at the sampling policy: its own forward gives its old
+        # log-probs (ratio exactly 1), so only the later updates' samples need this pass.
+        need_old = [mb for u in mb_per_update[1:] for mb in u] if n_kept > 0 else all_mbs
+        passes = {}
+        if need_old:
+            passes["old"] = queue_logprob_pass(chunks, need_old, "old_logprobs", temp,
+                                               self.device)
         if self.ref is not None:
-            with self.ref.weights_in(self.bundle.chunks) as ref_chunks:
-                logprob_pass(ref_chunks, all_mbs, "ref_logprobs", rc.temperature or 1.0, self.device)
-            kl_sum, kl_n = kl_to_reference(all_mbs)
-            lp_stats = dict(lp_stats, kl_sum=kl_sum, kl_n=kl_n)
+            with self.ref.weights_in(chunks) as ref_chunks:
+                passes["ref"] = queue_logprob_pass(ref_chunks, all_mbs, "ref_logprobs", temp,
+                                                   self.device)
+        passes = {k: p.result() for k, p in passes.items()}  # one read for both passes
+        lp_tokens = {"old": sum(mb.num_tokens for mb in need_old),
+                     "ref": sum(mb.num_tokens for mb in all_mbs) if self.ref else 0}
         tm["logprob"] = time.perf_counter() - t2
 
         # ---- policy updates
         t3 = time.perf_counter()
+        restore_grads(chunks)
         self.bundle.module.train()
         lr = self.sched.apply(self.optimizer, step)
         # Nothing to learn from on any rank (every group flat): skip the update, whose
         # per-token normalisation would divide by zero.
-        queued = [queue_update(self.bundle.chunks, self.optimizer, mbs, g,
-                               rc.temperature or 1.0, self.device)
+        queued = [queue_update(chunks, self.optimizer, mbs, g, temp, self.device)
                   for mbs in mb_per_update] if n_kept > 0 else []
+        release_grads(chunks)  # behind the queued optimizer steps (stream order)
         ups = [q.result() for q in queued]  # read once all are queued: no sync in between
         self.bundle.module.eval()
         tm["update"] = time.perf_counter() - t3
@@ -228,14 +297,24 @@ class GRPOTrainer:
         t4 = time.perf_counter()
         self.sync_weights()
         tm["sync"] = time.perf_counter() - t4
+        # KL at the sampling policy, now that the first update has written its old log-probs
+        kl = kl_to_reference(all_mbs) if self.ref is not None else None
+        lp_stats = {"entropy": _entropy(passes.get("old"), ups[0] if ups else None),
+                    "kl": kl, "passes": passes, "tokens": lp_tokens}
         rec = self._metrics(rollouts, acc, adv_stats, lp_stats, ups, tm, lr)
         rec["prompt_position"] = pos.as_dict()
+        rec["skipped_prompts"] = len(skipped)
+        rec["torch_compiles"] = torch_compiles() - compiles0
+        rec["reward_batches"] = rewards.batches
         return rec, pos, rollouts
 
-    def _cut_vision_tokens(self, ids: list, lps: list) -> tuple[list, list]:
-        ids2, lps2 = cut_at_vision_tokens(ids, lps, self.cfg.model)
-        self._vision_cuts += len(ids2) < len(ids)
-        return ids2, lps2
+    def _graded(self, c) -> tuple[list, list, str]:
+        """(token ids, log-probs, text) of a completion as it is trained and graded: cut
+        before any vision placeholder, the text decoded again where cut."""
+        ids, lps = cut_at_vision_tokens(c.token_ids, c.logprobs, self.cfg.model)
+        text = c.text if len(ids) == len(c.token_ids) else \
+            self.tok.decode(ids, skip_special_tokens=True)
+        return ids, lps, text
 
     def _dp_group(self):
         from megatron.core import parallel_state as ps
@@ -297,11 +376,19 @@ class GRPOTrainer:
             rec[f"reward_std/{s}"] = math.sqrt(max(v[f"{s}:reward_sq"] / ns - ms ** 2, 0.0))
             rec[f"accuracy/{s}"] = v[f"{s}:acc"] / ns
         rec["entropy"] = lp_stats.get("entropy")
-        if "kl_sum" in lp_stats:
-            kv = torch.tensor([lp_stats["kl_sum"], lp_stats["kl_n"]], dtype=torch.float64,
-                              device=self.device)
+        if lp_stats.get("kl") is not None:
+            kl_sum, kl_n = lp_stats["kl"]
+            kv = torch.stack([kl_sum.to(self.device, torch.float64).reshape(()) if kl_sum is not None
+                              else torch.zeros((), dtype=torch.float64, device=self.device),
+                              torch.tensor(kl_n, dtype=torch.float64, device=self.device)])
             dist.all_reduce(kv, group=self._dp_group())
-            rec["kl"] = kv[0].item() / max(kv[1].item(), 1.0)
+            kv = kv.tolist()
+            rec["kl"] = kv[0] / max(kv[1], 1.0)
+        for k, res in lp_stats.get("passes", {}).items():
+            # each pass's own GPU time (its StepClock) and the tokens it ran: the cost per
+            # token of the old and the reference pass, side by side
+            rec[f"logprob_{k}_s"] = res.time_s
+            rec[f"logprob_{k}_tokens"] = lp_stats["tokens"][k]
         if ups:
             rec["loss"] = sum(u.loss for u in ups) / len(ups)
             rec["grad_norm"] = sum(u.grad_norm for u in ups) / len(ups)
@@ -371,6 +458,7 @@ class GRPOTrainer:
                     logger.log(step + 1, rec)
                 if self.rank == 0 and g.rollout_log_samples:
                     self._log_rollouts(step + 1, rollouts[: g.rollout_log_samples])
+                del rollouts  # not held through the next step
                 last = rec
                 if loop.save_due(step + 1):
                     loop.save(step + 1, state(step + 1))

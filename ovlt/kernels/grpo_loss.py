@@ -89,7 +89,9 @@ class _FusedGRPO(torch.autograd.Function):
         loss_tok = torch.zeros(T, dtype=torch.float32, device=hidden.device)
 
         def grad_fn(sl, lse, logp, ent):
-            lt, d, *_ = token_terms(logp, old[sl], adv[sl], None if ref is None else ref[sl], cfg)
+            # old None: on-policy, the chunk's own (detached) log-prob is the old one
+            lt, d, *_ = token_terms(logp, logp if old is None else old[sl], adv[sl],
+                                    None if ref is None else ref[sl], cfg)
             loss_tok[sl] = lt
             return w[sl] * d, None
 
@@ -98,7 +100,7 @@ class _FusedGRPO(torch.autograd.Function):
                                           grad_fn=grad_fn if grad else None,
                                           need_dh=need_dh, need_dw=need_dw)
         if not grad:
-            loss_tok = token_terms(logp, old, adv, ref, cfg)[0]
+            loss_tok = token_terms(logp, logp if old is None else old, adv, ref, cfg)[0]
         loss = (w * loss_tok).sum()
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype, ctx.done = weight.dtype, False
@@ -113,12 +115,16 @@ class _FusedGRPO(torch.autograd.Function):
 
 def fused_grpo_loss(hidden, weight, targets, old_logprobs, ref_logprobs, advantages, loss_mask,
                     clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.01,
-                    kl_type="low_var_kl", temperature=1.0, loss_agg="token_mean", tp_group=None):
+                    kl_type="low_var_kl", temperature=1.0, loss_agg="token_mean", tp_group=None,
+                    return_logprobs=False):
     """GRPO loss (scalar fp32) and metrics, with the log-prob computed by the fused LM head.
 
     hidden [T, H] or [B, S, H]; weight [V(_local), H]; targets / old_logprobs / ref_logprobs /
     advantages / loss_mask per token ([T] or [B, S]; the seq_* `loss_agg` modes need [B, S]).
     old/ref log-probs and advantages are constants (no gradient flows into them);
+    `old_logprobs=None` means on-policy: the old log-prob is this forward's own, detached
+    (ratio exactly 1: the first update after sampling needs no separate old-log-prob pass);
+    `return_logprobs=True` also returns that log-prob ([T] fp32, detached) as a third output;
     `ref_logprobs` may be None when kl_coef == 0; `dual_clip=None` disables the dual clip.
     kl_type: low_var_kl|k3, kl|k1, mse|k2, abs. loss_agg: token_mean, seq_mean_token_sum,
     seq_mean_token_mean, seq_mean_token_sum_norm (hyphens accepted).
@@ -162,10 +168,12 @@ def fused_grpo_loss(hidden, weight, targets, old_logprobs, ref_logprobs, advanta
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
-    old, adv, ref = flat["old_logprobs"], flat["advantages"], flat.get("ref_logprobs")
+    old, adv, ref = flat.get("old_logprobs"), flat["advantages"], flat.get("ref_logprobs")
     loss, logp, ent = _FusedGRPO.apply(hidden2, weight, flat["targets"], old, ref, adv, w, cfg,
                                        tp_group, need_dh, need_dw)
     with torch.no_grad():
+        if old is None:
+            old = logp
         _, _, pg, kl, clipped, dual = token_terms(logp, old, adv, ref, cfg)
         m = loss_mask.reshape(-1).float()
         den = m.sum() + _EPS
@@ -178,4 +186,4 @@ def fused_grpo_loss(hidden, weight, targets, old_logprobs, ref_logprobs, advanta
             "approx_kl": (0.5 * (logp - old) ** 2 * m).sum() / den,
             "entropy": (ent * m).sum() / den,
         }
-    return loss, metrics
+    return (loss, metrics, logp) if return_logprobs else (loss, metrics)

@@ -41,7 +41,7 @@ def _worker(rank, world, hf_dir, rl, out):
             mb.old_logprobs = mb.old_logprobs + 0.3 * torch.randn(mb.old_logprobs.shape, generator=g)
         res = update(tr.bundle.chunks, tr.optimizer, mbs, cfg.grpo, 1.0, cpu)
         tr.pool.close()
-        return {"loss": res.loss, "kl": kl[0] / kl[1], "clip": res.stats["clip_frac"],
+        return {"loss": res.loss, "kl": float(kl[0]) / kl[1], "clip": res.stats["clip_frac"],
                 "greedy": [o[0].token_ids for o in greedy]}
     finally:
         destroy_distributed()

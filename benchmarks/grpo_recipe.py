@@ -1,0 +1,829 @@
+"""One GPU doing one eighth of an OpenVLThinker GRPO step (512 prompts x 5 samples on 8 GPUs),
+end to end, with the recipe's shapes; variants side by side, and the 8xH100 step extrapolated.
+
+    python3 benchmarks/grpo_recipe.py                                      # GPU: all variants
+    python3 benchmarks/grpo_recipe.py --tiny --device cpu --out /tmp/r.json  # CPU smoke run
+
+The workload (every variant the same):
+- 64 prompts x 5 samples per step, one image per prompt at the recipe's max_pixels (a 512x512
+  noise PNG, smart-resized to 504x504: 324 image tokens), a short math question + the recipe's
+  prompt suffix; distinct questions every step, the 64 images reused (the vision tower's cost
+  does not depend on the pixels).
+- response lengths: lognormal with median 500 tokens and sigma 0.6 (mean ~600, p95 ~1340),
+  capped at 2048 (the recipe's max response). Why: R1-style chains of a 7B VLM early in GRPO
+  average ~400-700 tokens with a long right tail, and the cap binds for ~1 % of responses.
+  Drawn stratified (the 64 quantiles (k+0.5)/64 of the capped law, assigned to the prompts in
+  a seeded random order), the same assignment every step, so steps do equal work and per-step
+  peak memory is a steady-state check. One cap per request (the n=5 samples of a prompt share
+  it and their prefill, as the recipe's requests do; `--length-unit sample` gives every
+  sample its own request and length). Decoded to exactly that length: per-request
+  `max_new_tokens`, `SamplingParams.ignore_eos`, so random weights give the real workload.
+- model: Qwen2.5-VL-7B widths and vocab (hidden 3584, 28 heads / 4 KV groups, FFN 18944, vocab
+  152064 untied; vision 32 layers x 1280, frozen with the merger as in the recipe's first
+  stage), random init (std 0.02), bf16, with `--llm-layers` LLM layers: by default 8 on an
+  80 GB GPU, 16 on a 141 GB one (what fits beside fp32 grads + fp32 Adam master/moments, the
+  reference model in memory and the rollout's KV cache; the file records which).
+- recipe settings: temperature 1.0, top-p 0.99; update batch 128 prompts x 5 = 640 samples on
+  8 GPUs = 80 per GPU, so a step has 320 / 80 = 4 optimizer updates (old log-probs needed for
+  updates 2-4); AdamW lr 1e-6, wd 0.01, clip 1.0; PPO clip 0.2 / 0.3, dual clip 3; low-var KL
+  0.01 to a reference held in GPU memory; token-mean loss; selective recompute; micro-batches
+  packed to `--micro-batch-tokens` without padding. Every response ends at its cap, so the
+  overlong mask is off (`grpo.overlong=none`). Reward: `grpo_vs_trl.bench_reward` (the math
+  grader + a hash of the text: non-flat groups, so the weights change every step).
+
+Variants (each in its own subprocess, one after the other, same data and model):
+- `ovlt_builtin`: the real trainer (`GRPOTrainer.step`) with the built-in engine (continuous
+  batching, weights shared with the trainer);
+- `ovlt_vllm`: the same trainer with vLLM colocated (sleep / wake, weights from the reshard
+  stream each step);
+- `trl_vllm`: TRL's `GRPOTrainer`, vLLM colocated (`vllm_mode="colocate"`, sleep mode), bf16,
+  4 optimizer steps per generation (`steps_per_generation`), per-request lengths passed to
+  vLLM as per-prompt `SamplingParams` (max_tokens, ignore_eos). Its weights come from an HF
+  directory written through the project's export path (only when this variant can run).
+A variant whose packages are missing is recorded with the reason and not started.
+
+Per step: wall time (device synced at both ends), the trainer's phases (rollout, reward, logprob,
+update, sync; the old and reference passes' own GPU times and tokens), peak allocated memory
+(per phase and per step: the proof that steps 2..N hold a steady state), memory left allocated
+after the step, torch.compile graphs built, host syncs inside the log-prob and update phases.
+Summary: medians of steps 2..N. `recipe_extrapolation`: the 8xH100 recipe step from the
+measured phases (see its `formula`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.grpo_vs_trl import (ANSWER, PROBLEM, PhaseMemory, _err, _now,  # noqa: E402
+                                    _suffix, _sync, _write, steady_state)
+
+VARIANTS = ("ovlt_builtin", "ovlt_vllm", "trl_vllm")
+GiB = float(1 << 30)
+
+
+# ---------------------------------------------------------------------------------- workload
+def response_lengths(n: int, median: float, sigma: float, cap: int, seed: int,
+                     floor: int = 1) -> list[int]:
+    """`n` lengths of lognormal(log median, sigma) capped at `cap`: the n quantiles
+    (k + 0.5) / n of the capped law, in a seeded random order."""
+    import random
+    from statistics import NormalDist
+    z = NormalDist()
+    qs = [min(cap, max(floor, int(round(median * math.exp(sigma * z.inv_cdf((k + 0.5) / n))))))
+          for k in range(n)]
+    random.Random(seed).shuffle(qs)
+    return qs
+
+
+def model_cfg(args):
+    from ovlt.config import CONFIG_ROOT, load_config
+    m = load_config(CONFIG_ROOT / "model" / ("tiny.yaml" if args.tiny else "qwen2_5_vl_7b.yaml")).model
+    if not args.tiny:
+        m.num_layers = args.llm_layers
+        m.vision.depth = args.vision_layers
+        m.vision.fullatt_block_indexes = ([i for i in range(args.vision_layers) if i % 8 == 7]
+                                          or [args.vision_layers - 1])
+    m.transformer_impl = "local"
+    m.params_dtype = "bf16" if args.device == "cuda" else "fp32"
+    return m
+
+
+def gpu_info() -> tuple[str, float]:
+    """(name, total GiB) of GPU 0 from nvidia-smi, so the parent process never creates a CUDA
+    context (it would hold GPU memory while the variants run); torch as the fallback."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader,nounits", "-i", "0"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip().splitlines()[0]
+        name, mib = out.rsplit(",", 1)
+        return name.strip(), float(mib) / 1024
+    except Exception:  # noqa: BLE001 - no nvidia-smi: ask torch
+        import torch
+        return torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / GiB
+
+
+def default_llm_layers(device: str, total_gib: float | None = None) -> int:
+    """LLM layers that fit one GPU beside the trainer's state and the engine (see docstring)."""
+    if device != "cuda":
+        return 4
+    total = total_gib if total_gib is not None else gpu_info()[1]
+    return 16 if total > 120 else 8
+
+
+def prepare(args, wd: Path) -> dict:
+    """Images, the RL parquet (steps x prompts distinct questions) and the length table."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ovlt.data.chat_template import encode_prompt
+    from ovlt.data.image_processing import preprocess
+
+    wd.mkdir(parents=True, exist_ok=True)
+    img_dir = wd / "images"
+    img_dir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(args.prompts):
+        p = img_dir / f"img_{i:03d}.png"
+        Image.fromarray((rng.random((args.image, args.image, 3)) * 255).astype("uint8")).save(p)
+        paths.append(p)
+    m = model_cfg(args)
+    _, grid = preprocess(Image.open(paths[0]).convert("RGB"), args.min_pixels, args.max_pixels)
+    rows = {"problem": [], "answer": [], "images": [], "id": [], "source": []}
+    lens = []
+    for i in range(args.prompts * args.steps):
+        prob = PROBLEM.format(i=i)
+        rows["problem"].append(prob)
+        rows["answer"].append(ANSWER)
+        rows["images"].append([str(paths[i % args.prompts])])
+        rows["id"].append(f"p{i}")
+        rows["source"].append("bench")
+        if i < args.prompts:
+            lens.append(len(encode_prompt(prob + _suffix(), [grid],
+                                          merge_size=m.vision.spatial_merge_size)))
+    pq.write_table(pa.table(rows), wd / "rl.parquet")
+    per = args.prompts if args.length_unit == "prompt" else args.prompts * args.samples
+    caps = response_lengths(per, args.len_median, args.len_sigma, args.len_cap, seed=17)
+    if args.length_unit == "prompt":
+        caps = [[c] * args.samples for c in caps]
+    else:
+        caps = [caps[i * args.samples:(i + 1) * args.samples] for i in range(args.prompts)]
+    flat = [c for cs in caps for c in cs]
+    return {"image_grid": [int(x) for x in grid], "prompt_tokens_mean": sum(lens) / len(lens),
+            "prompt_tokens_max": max(lens), "lengths": caps,
+            "response_tokens_per_step": sum(flat), "response_tokens_mean": sum(flat) / len(flat),
+            "response_tokens_max": max(flat),
+            "response_tokens_median": statistics.median(flat)}
+
+
+# ---------------------------------------------------------------------------------- exact lengths
+class ExactLengths:
+    """Wraps an engine's `generate` so prompt i of a step decodes exactly its drawn lengths:
+    per-request `max_new_tokens` and `ignore_eos` (unit "prompt": the request keeps its n
+    samples; unit "sample": one request per sample, seed s + j as vLLM's n would give).
+    A completion longer than its length (an engine that ignores per-request caps decodes to
+    the largest) is cut to it before anyone sees it, and counted in `truncated` (the work is
+    then not the workload: the results say so); one shorter (EOS honoured anyway) is counted
+    in `mismatches`."""
+
+    def __init__(self, engine, lengths, unit: str, tokenizer=None):
+        self.engine, self.lengths, self.unit, self.tok = engine, lengths, unit, tokenizer
+        self.real = engine.generate
+        self.mismatches = self.truncated = 0
+        engine.generate = self.generate
+
+    def _fit(self, c, cap):
+        if len(c.token_ids) <= cap:
+            self.mismatches += len(c.token_ids) < cap
+            return c
+        self.truncated += 1
+        ids = list(c.token_ids[:cap])
+        text = self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else c.text
+        return dataclasses.replace(c, token_ids=ids, logprobs=list(c.logprobs[:cap]), text=text,
+                                   finish_reason="length")
+
+    def generate(self, requests, params, on_complete=None):
+        from ovlt.rollout.base import request_seeds
+        P, n = len(self.lengths), params.n
+        params = dataclasses.replace(params, ignore_eos=True,
+                                     max_new_tokens=max(c for cs in self.lengths for c in cs))
+        if self.unit == "prompt":
+            caps = [[self.lengths[i % P][0]] * n for i in range(len(requests))]
+            reqs = [dataclasses.replace(r, max_new_tokens=caps[i][0])
+                    for i, r in enumerate(requests)]
+
+            def cb(i, c):
+                if on_complete is not None:
+                    on_complete(i, self._fit(c, caps[i][0]))
+            got = self.real(reqs, params, on_complete=cb)
+            self.mismatches = self.truncated = 0  # counted again on the returned lists
+            return [[self._fit(c, caps[i][0]) for c in cs] for i, cs in enumerate(got)]
+        caps = [self.lengths[i % P][:n] for i in range(len(requests))]
+        seeds = request_seeds(requests, params)
+        reqs = [dataclasses.replace(r, max_new_tokens=caps[i][j], seed=seeds[i] + j)
+                for i, r in enumerate(requests) for j in range(n)]
+
+        def cb1(k, c):
+            if on_complete is not None:
+                on_complete(k // n, self._fit(dataclasses.replace(c, index=k % n),
+                                              caps[k // n][k % n]))
+        flat = self.real(reqs, dataclasses.replace(params, n=1), on_complete=cb1)
+        self.mismatches = self.truncated = 0
+        return [[self._fit(dataclasses.replace(flat[i * n + j][0], index=j), caps[i][j])
+                 for j in range(n)] for i in range(len(requests))]
+
+
+# ---------------------------------------------------------------------------------- ovlt variants
+def ovlt_overrides(args, wd: Path, engine: str) -> list[str]:
+    dev = args.device
+    prec = "bf16" if dev == "cuda" else "fp32"
+    m = model_cfg(args)
+    n = args.prompts * args.samples
+    ov = ["model.hf_path=", "model.transformer_impl=local", f"model.params_dtype={prec}",
+          "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+          f"data.rl_files=[{wd / 'rl.parquet'}]", f"data.min_pixels={args.min_pixels}",
+          f"data.max_pixels={args.max_pixels}", "data.num_workers=0",
+          "grpo.curriculum=[]", "grpo.train.freeze=[vision, merger]",
+          f"grpo.train.recompute={args.recompute}",
+          f"grpo.train.global_batch_size={args.update_samples}",
+          f"grpo.train.max_steps={args.steps}", f"grpo.train.save_dir={wd / ('run_' + engine)}",
+          f"grpo.train.precision={prec}", "grpo.train.export_hf=false", "grpo.train.save_interval=0",
+          "grpo.optimizer.lr=1e-6", "grpo.optimizer.weight_decay=0.01",
+          "grpo.optimizer.clip_grad=1.0", "grpo.optimizer.lr_schedule=constant",
+          "grpo.optimizer.warmup_ratio=0.0",
+          f"grpo.prompts_per_step={args.prompts}", f"grpo.samples_per_prompt={args.samples}",
+          "grpo.clip_low=0.2", "grpo.clip_high=0.3", "grpo.dual_clip=3.0",
+          f"grpo.kl_coef={args.kl}", "grpo.kl_type=low_var_kl", "grpo.loss_agg=token_mean",
+          "grpo.ref_mode=memory", "grpo.filter_zero_advantage=false", "grpo.overlong=none",
+          f"grpo.max_tokens_per_micro_batch={args.micro_batch_tokens}",
+          "grpo.rollout_log_samples=0", f"rollout.engine={engine}", "rollout.temperature=1.0",
+          "rollout.top_p=0.99", "rollout.top_k=-1", f"rollout.max_new_tokens={args.len_cap}",
+          "rollout.tensor_parallel=1", f"rollout.max_batch_size={n}",
+          f"rollout.gpu_memory_utilization={args.vllm_mem}",
+          f"rollout.cuda_graphs={'true' if dev == 'cuda' else 'false'}",
+          f"rewards.num_workers={args.reward_workers}",
+          "grpo.reward_fn=benchmarks.grpo_vs_trl:bench_reward"]
+    if not args.tiny:
+        ov += [f"model.num_layers={m.num_layers}", f"model.vision.depth={m.vision.depth}",
+               f"model.vision.fullatt_block_indexes={m.vision.fullatt_block_indexes}"]
+    return ov
+
+
+def run_ovlt(args, wd: Path, res: dict, save, engine: str):
+    import torch
+
+    from ovlt.config import CONFIG_ROOT, load_config
+    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.logging import setup_logging
+
+    dev = args.device
+    prep = json.loads((wd / "prep.json").read_text())
+    base = CONFIG_ROOT / "grpo" / ("tiny_cpu.yaml" if args.tiny else "openvlthinker_7b.yaml")
+    ov = ovlt_overrides(args, wd, engine)
+    cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
+    res["config_overrides"] = ov
+    setup_logging(str(wd / f"run_{engine}" / "logs"))
+    init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
+    trainer = None
+    try:
+        import ovlt.grpo.train as grpo_mod
+        import ovlt.rollout as rollout_mod
+        from benchmarks._bench_util import with_host_syncs
+        from ovlt.grpo.data import PromptPosition
+        from ovlt.grpo.train import GRPOTrainer
+
+        if engine == "vllm":  # vLLM reads config + tokenizer from a directory, weights come
+            hf_dir = wd / "hf_config"  # from the trainer (load_format dummy)
+            real_make = rollout_mod.make_engine
+            rollout_mod.make_engine = lambda *a, **k: real_make(*a, **dict(k, hf_dir=str(hf_dir)))
+
+        host_syncs: dict = {}
+
+        def counting_syncs(name, fn):
+            if dev != "cuda" or not args.count_syncs:
+                return fn
+            return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(name, []), *a, **k)
+
+        mem = PhaseMemory(dev)
+        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
+            "logprob", grpo_mod.queue_logprob_pass))
+        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
+
+        t0 = _now()
+        torch.manual_seed(0)
+        trainer = GRPOTrainer(cfg)
+        trainer.setup(0)
+        trainer.sync_weights()
+        lengths = ExactLengths(trainer.engine, prep["lengths"], args.length_unit, trainer.tok)
+        trainer.engine.generate = mem.wrap("rollout", trainer.engine.generate)
+        _sync(dev)
+        res["init_seconds"] = _now() - t0
+        res["engine"] = type(trainer.engine).__name__
+        res["llm_layers"] = cfg.model.num_layers
+        res["vision_layers"] = cfg.model.vision.depth
+        res["steps"] = []
+        pos = PromptPosition()
+        for step in range(args.steps):
+            host_syncs.clear()
+            mem.start_step()
+            try:
+                _sync(dev)
+                t = _now()
+                rec, pos, rollouts = trainer.step(step, pos)
+                _sync(dev)
+                dt = _now() - t
+            except Exception as e:  # noqa: BLE001
+                res["steps"].append({"step": step + 1, "error": _err(e)})
+                save()
+                break
+            gen = sum(len(r.response_ids) for r in rollouts)
+            tot = sum(r.length for r in rollouts)
+            n = len(rollouts)
+            del rollouts  # what the step leaves allocated is read without it
+            phases = {k[5:]: v for k, v in rec.items() if k.startswith("time/")}
+            s = {"step": step + 1, "step_s": dt, "phases": phases, "generated_tokens": gen,
+                 "total_tokens": tot, "samples": n, "updates": rec.get("updates"),
+                 "logprob_old_gpu_s": rec.get("logprob_old_s"),
+                 "logprob_old_tokens": rec.get("logprob_old_tokens"),
+                 "logprob_ref_gpu_s": rec.get("logprob_ref_s"),
+                 "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
+                 "torch_compiles": rec.get("torch_compiles"),
+                 "reward_batches": rec.get("reward_batches"),
+                 "length_mismatches": lengths.mismatches,
+                 "lengths_truncated_by_benchmark": lengths.truncated,
+                 "loss": rec.get("loss"), "kl": rec.get("kl"), "grad_norm": rec.get("grad_norm"),
+                 "reward_mean": rec.get("reward_mean"),
+                 "host_syncs": {k: {"count": len(v), "first": v[:3]}
+                                for k, v in host_syncs.items()}}
+            for k in ("old", "ref"):
+                if s[f"logprob_{k}_gpu_s"] and s[f"logprob_{k}_tokens"]:
+                    s[f"logprob_{k}_us_per_token"] = \
+                        1e6 * s[f"logprob_{k}_gpu_s"] / s[f"logprob_{k}_tokens"]
+            s.update(mem.end_step(rec.get("mem_gb")))
+            res["steps"].append(s)
+            print(f"{engine} step", json.dumps(s), flush=True)
+            save()
+    finally:
+        if trainer is not None:
+            trainer.pool.close()
+        destroy_distributed()
+
+
+# ---------------------------------------------------------------------------------- TRL + vLLM
+def run_trl_vllm(args, wd: Path, res: dict, save):
+    """TRL's GRPOTrainer, vLLM colocated (TRL's documented fast set-up for one node), on the
+    same HF weights, prompts and lengths. A TRL step = one generation of 320 samples and its
+    4 optimizer steps (timed between generations)."""
+    import datasets
+    import pyarrow.parquet as pq
+    import torch
+    import transformers
+    import trl
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
+
+    from benchmarks.grpo_vs_trl import make_processor, math_reward_fn
+
+    dev = args.device
+    prep = json.loads((wd / "prep.json").read_text())
+    res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__}
+    hf_dir = str(wd / "hf")
+    t0 = _now()
+    proc = make_processor(hf_dir, args.min_pixels, args.max_pixels)
+    tab = pq.read_table(wd / "rl.parquet").to_pylist()
+    ds = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["problem"] + _suffix()}],
+         "image": Image.open(r["images"][0]).convert("RGB"), "answer": r["answer"]} for r in tab])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=dev)
+    (getattr(model, "visual", None) or model.model.visual).requires_grad_(False)
+    n_gen = args.prompts * args.samples
+    micro = args.trl_micro_batch
+    if args.update_samples % micro:
+        raise ValueError(f"--update-samples {args.update_samples} must be a multiple of "
+                         f"--trl-micro-batch {micro}")
+    cfg = trl.GRPOConfig(
+        output_dir=str(wd / "trl_run"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.update_samples // micro,
+        steps_per_generation=n_gen // args.update_samples, num_generations=args.samples,
+        max_completion_length=args.len_cap, temperature=1.0, top_p=0.99, top_k=0,
+        learning_rate=1e-6, weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=1.0, beta=args.kl, epsilon=0.2, epsilon_high=0.3, loss_type="dapo",
+        scale_rewards="group", num_iterations=1, use_vllm=True, vllm_mode="colocate",
+        vllm_gpu_memory_utilization=args.vllm_mem, vllm_enable_sleep_mode=True,
+        bf16=True, gradient_checkpointing=args.recompute != "none",
+        max_steps=args.steps * (n_gen // args.update_samples), logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, remove_unused_columns=False, mask_truncated_completions=False)
+    res["steps"] = []
+    cur: dict = {"gen_start": None}
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, a, s, c, **kw):
+            _sync(dev)
+            torch.cuda.reset_peak_memory_stats()
+
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[math_reward_fn], args=cfg,
+                              train_dataset=ds, processing_class=proc, callbacks=[StepTimer()])
+    res["init_seconds"] = _now() - t0
+    flat = [c for cs in prep["lengths"] for c in cs]
+    llm = trainer.llm
+    real_gen = llm.generate
+
+    def gen(prompts, sampling_params=None, **kw):
+        """Each prompt entry its drawn length, EOS ignored (the entries are the prompts
+        repeated num_generations times, in order)."""
+        sps = [dataclasses.replace(sampling_params) if dataclasses.is_dataclass(sampling_params)
+               else sampling_params.clone() for _ in prompts]
+        for k, sp in enumerate(sps):
+            sp.max_tokens = flat[k % len(flat)]
+            sp.ignore_eos = True
+            sp.min_tokens = 0
+        return real_gen(prompts, sampling_params=sps, **kw)
+    llm.generate = gen
+
+    def close_generation(now):
+        if cur["gen_start"] is None:
+            return
+        st = {"step": len(res["steps"]) + 1, "step_s": now - cur["gen_start"],
+              "phases": {k: v for k, v in cur.items() if k not in ("gen_start",)},
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / GiB}
+        torch.cuda.reset_peak_memory_stats()
+        res["steps"].append(st)
+        print("trl step", json.dumps(st), flush=True)
+        save()
+
+    def wrap(name):
+        orig = getattr(trainer, name)
+
+        def w(*a, **k):
+            _sync(dev)
+            t = _now()
+            if name == "_generate_and_score_completions":
+                close_generation(t)
+                cur.clear()
+                cur["gen_start"] = t
+            out = orig(*a, **k)
+            _sync(dev)
+            cur[name] = cur.get(name, 0.0) + _now() - t
+            return out
+        setattr(trainer, name, w)
+    for name in ("_generate_and_score_completions", "_generate", "_calculate_rewards"):
+        wrap(name)
+    trainer.train()
+    _sync(dev)
+    close_generation(_now())
+    for st in res["steps"]:  # TRL's phases in the trainer's names
+        ph = st["phases"]
+        gs = ph.pop("_generate_and_score_completions", 0.0)
+        ph["rollout"] = ph.pop("_generate", 0.0)
+        ph["reward"] = ph.pop("_calculate_rewards", 0.0)
+        ph["logprob"] = max(0.0, gs - ph["rollout"] - ph["reward"])
+        ph["update"] = st["step_s"] - gs
+        ph["sync"] = 0.0  # inside TRL's generate (vLLM weight load): counted in rollout
+    save()
+
+
+# ---------------------------------------------------------------------------------- summary
+def summarize(side: dict, prep: dict) -> dict | None:
+    steps = [s for s in side.get("steps", []) if "error" not in s and s.get("step_s")]
+    if not steps:
+        return None
+    timed = steps[1:] if len(steps) > 1 else steps
+    med = statistics.median
+    keys = ("rollout", "reward", "logprob", "update", "sync")
+    out = {"timed_steps": [s["step"] for s in timed], "first_step_s": steps[0]["step_s"],
+           "step_s": med([s["step_s"] for s in timed]),
+           "phases": {k: med([s["phases"].get(k) or 0.0 for s in timed]) for k in keys}}
+    tot = [s.get("total_tokens") for s in timed if s.get("total_tokens")]
+    gen = [s.get("generated_tokens") for s in timed if s.get("generated_tokens")]
+    if not tot:  # TRL: the same prompts and lengths
+        n = sum(len(x) for x in prep["lengths"])
+        gen = [prep["response_tokens_per_step"]]
+        tot = [gen[0] + n * prep["prompt_tokens_mean"]]
+    out["generated_tokens"], out["total_tokens"] = med(gen), med(tot)
+    out["tokens_per_s_per_gpu"] = out["total_tokens"] / out["step_s"]
+    out["generated_tokens_per_s_per_gpu"] = out["generated_tokens"] / out["step_s"]
+    if out["phases"]["rollout"]:
+        out["rollout_generated_tokens_per_s"] = out["generated_tokens"] / out["phases"]["rollout"]
+    per_step = [s.get("peak_mem_gib") for s in steps]
+    out["per_step_peak_mem_gib"] = per_step
+    later = [p for p in per_step[1:] if p]
+    if later:
+        out["peak_mem_gib"] = max(later)
+    out.update(steady_state(per_step))
+    for k in ("old", "ref"):
+        v = [s.get(f"logprob_{k}_us_per_token") for s in timed if s.get(f"logprob_{k}_us_per_token")]
+        if v:
+            out[f"logprob_{k}_us_per_token"] = med(v)
+    if out.get("logprob_old_us_per_token") and out.get("logprob_ref_us_per_token"):
+        out["logprob_old_over_ref_per_token"] = \
+            out["logprob_old_us_per_token"] / out["logprob_ref_us_per_token"]
+    comp = [s.get("torch_compiles") for s in timed if s.get("torch_compiles") is not None]
+    if comp:
+        out["torch_compiles_after_step_1"] = sum(comp)
+    cut = sum(s.get("lengths_truncated_by_benchmark") or 0 for s in steps)
+    if cut:
+        out["WARNING"] = (f"{cut} completions were longer than their drawn length (the engine "
+                          "ignores per-request max_new_tokens) and were cut by the benchmark: "
+                          "the rollout decoded more than the workload")
+    return out
+
+
+def extrapolate(args, prep: dict, summ: dict, device: str, layers: int) -> dict:
+    """The 8xH100 recipe step from one GPU's eighth (see `formula`)."""
+    from ovlt.config import CONFIG_ROOT, load_config
+    from ovlt.engine.flops import llm_forward_flops, vision_forward_flops
+    rm = load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
+    L, R = layers, rm.num_layers
+    h, f, v = rm.hidden_size, rm.ffn_hidden_size, rm.vocab_size
+    kv = rm.num_query_groups * (h // rm.num_attention_heads)
+    P = prep["prompt_tokens_mean"]
+    lens = [int(round(P)) + c for cs in prep["lengths"] for c in cs]
+    resp = sum(c for cs in prep["lengths"] for c in cs)
+    n = len(lens)
+    # forward FLOPs: per LLM layer over all tokens; LM head over response tokens (the fused
+    # kernels apply it to the loss rows only); frozen vision tower once per sample's image
+    one = dataclasses.replace(rm, num_layers=1)
+    mm1, att1 = llm_forward_flops(one, lens)
+    layer_f = (mm1 - 2 * h * v * sum(lens)) + att1
+    head_f = 2 * h * v * resp
+    pe, vmm, vatt, mg = vision_forward_flops(rm.vision, h, [prep["image_grid"]] * n)
+    vis_f = pe + vmm + vatt + mg
+    r_lp = (vis_f + head_f + R * layer_f) / (vis_f + head_f + L * layer_f)
+    r_up = (vis_f + 3 * head_f + 3 * R * layer_f) / (vis_f + 3 * head_f + 3 * L * layer_f)
+    # decode: bytes read per step; per layer its weights + the live KV of every slot
+    slots = min(n, args.engine_slots or n)
+    ctx = P + prep["response_tokens_mean"] / 2
+    layer_b = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f) + slots * ctx * 2 * kv * 2
+    head_b = 2 * h * v + slots * v * 4
+    r_ro = (head_b + R * layer_b) / (head_b + L * layer_b)
+    bw = 1.0
+    if "H200" in device:  # decode is memory-bound: H100 HBM3 3.35 TB/s vs H200 HBM3e 4.8 TB/s
+        bw = 4.8 / 3.35
+    ph = summ["phases"]
+    layer_p = h * (h + 2 * kv) + h * h + 3 * h * f
+    params_R, params_L = R * layer_p + 2 * v * h, L * layer_p + 2 * v * h  # trained: the LLM
+    n_gpu = args.recipe_gpus
+    updates = math.ceil(n / args.update_samples)
+    comm = updates * (4 + 2) * params_R * (n_gpu - 1) / n_gpu / (args.nccl_busbw * 1e9)
+    est = {"rollout": ph["rollout"] * r_ro * bw, "reward": ph["reward"],
+           "logprob": ph["logprob"] * r_lp, "update": ph["update"] * r_up,
+           "sync": ph["sync"] * params_R / params_L,
+           "dp_grad_reduce_scatter_param_all_gather": comm}
+    total = sum(est.values())
+    return {
+        "ESTIMATE": True, "step_s_8xh100": total, "phases_s": est,
+        "easyr1_step_s": args.easyr1_step_s, "ratio": total / args.easyr1_step_s,
+        "target_ratio": 0.5, "measured_on": device, "measured_llm_layers": L,
+        "factors": {"rollout_bytes_ratio": r_ro, "rollout_h200_to_h100_bandwidth": bw,
+                    "logprob_flops_ratio": r_lp, "update_flops_ratio": r_up,
+                    "updates_per_step": updates, "trained_params_28_layers": params_R,
+                    "nccl_busbw_gbs": args.nccl_busbw, "gpus": n_gpu},
+        "formula": (
+            "step_8xh100 = rollout x (B_head + 28 B_layer) / (B_head + L B_layer) x bw + reward "
+            "+ logprob x (F_vis + F_head + 28 F_layer) / (F_vis + F_head + L F_layer) "
+            "+ update x (F_vis + 3 F_head + 3x28 F_layer) / (F_vis + 3 F_head + 3 L F_layer) "
+            "+ sync x params(28) / params(L) + updates x (4 + 2) bytes x params(28) x (N-1)/N / "
+            "busbw. The recipe's 512 x 5 samples on 8 GPUs give each GPU exactly this run's 320 "
+            "samples, so only depth and communication are scaled. B_layer = one layer's bf16 "
+            "weights + the KV of every decode slot at the mean context (prompt + half the mean "
+            "response), B_head = LM head weights + the fp32 logits of every slot (decode is "
+            "memory-bound: bytes read per step); F_* = forward FLOPs of the measured samples "
+            "(layer over all tokens, LM head over response tokens only, frozen vision tower "
+            "forward); 3x = forward + backward of the trained LLM; bw = 4.8/3.35 when measured "
+            "on an H200 (HBM bandwidth, decode only; compute phases taken as equal). DP: a ZeRO-1 "
+            "reduce-scatter of fp32 grads (4 B/param) and an all-gather of bf16 params "
+            "(2 B/param) per optimizer update at the stated NCCL bus bandwidth (2-8 H100s "
+            "measured ~330-360 GB/s), not overlapped. Assumes TP=1 x DP=8, the same MFU at 28 "
+            "layers as at L, and the reward tail unchanged (same samples per GPU).")}
+
+
+# ---------------------------------------------------------------------------------- driver
+def unavailable(variant: str, device: str) -> str | None:
+    """Why `variant` cannot run here (None: it can)."""
+    need = {"ovlt_builtin": [], "ovlt_vllm": ["vllm"],
+            "trl_vllm": ["trl", "vllm", "datasets"]}[variant]
+    missing = [p for p in need if importlib.util.find_spec(p) is None]
+    if missing:
+        return (f"not run: {', '.join(missing)} not installed on this machine (the GPU image "
+                f"has none of vllm / trl / datasets; they must be carried as wheels)")
+    if need and device != "cuda":
+        return "not run: vLLM needs a CUDA device"
+    return None
+
+
+def side_main(args) -> int:
+    wd = Path(args.workdir)
+    out = wd / f"variant_{args.variant}.json"
+    res: dict = {"variant": args.variant}
+    save = lambda: _write(out, res)  # noqa: E731
+    try:
+        if args.variant == "trl_vllm":
+            run_trl_vllm(args, wd, res, save)
+        else:
+            run_ovlt(args, wd, res, save, "builtin" if args.variant == "ovlt_builtin" else "vllm")
+    except BaseException as e:  # noqa: BLE001 - recorded; the parent reads it
+        res["error"] = _err(e)
+        print(res["error"], file=sys.stderr, flush=True)
+    save()
+    return 0 if "error" not in res else 1
+
+
+def write_hf(args, wd: Path, weights: bool) -> dict:
+    """The model as an HF directory: config + tokenizer (+ preprocessor) always, random bf16
+    weights through the project's export path only when a variant loads them (TRL)."""
+    from benchmarks.grpo_vs_trl import write_hf_dir
+    from ovlt.data.tokenizer import save_hf_tokenizer
+    from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
+    m = model_cfg(args)
+    cfg_dir = wd / "hf_config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    hc = to_hf_config(m)
+    hc.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    hc.save_pretrained(cfg_dir)
+    save_hf_tokenizer(cfg_dir)
+    try:
+        from transformers import Qwen2VLImageProcessor
+        Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels) \
+            .save_pretrained(cfg_dir)
+    except Exception as e:  # noqa: BLE001 - vLLM then uses its defaults; recorded
+        return {"preprocessor_error": _err(e)}
+    info = {}
+    if weights:
+        t0 = _now()
+        info = write_hf_dir(m, wd / "hf", args.device)
+        info["seconds"] = _now() - t0
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model and workload (CPU smoke run)")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--llm-layers", type=int, default=None,
+                    help="default: 8 on an 80 GB GPU, 16 on a 141 GB one")
+    ap.add_argument("--vision-layers", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--image", type=int, default=512)
+    ap.add_argument("--min-pixels", type=int, default=3136)
+    ap.add_argument("--max-pixels", type=int, default=262144)
+    ap.add_argument("--len-median", type=float, default=500.0)
+    ap.add_argument("--len-sigma", type=float, default=0.6)
+    ap.add_argument("--len-cap", type=int, default=2048)
+    ap.add_argument("--length-unit", default="prompt", choices=["prompt", "sample"])
+    ap.add_argument("--update-samples", type=int, default=80,
+                    help="samples per optimizer update on this GPU (recipe: 128 prompts x 5 / 8)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=8192)
+    ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
+    ap.add_argument("--kl", type=float, default=0.01)
+    ap.add_argument("--reward-workers", type=int, default=8)
+    ap.add_argument("--vllm-mem", type=float, default=0.3,
+                    help="vLLM gpu_memory_utilization (weights + KV) beside the trainer")
+    ap.add_argument("--trl-micro-batch", type=int, default=4)
+    ap.add_argument("--engine-slots", type=int, default=0,
+                    help="decode slots for the extrapolation's KV estimate (0: every sample)")
+    ap.add_argument("--count-syncs", type=int, default=1)
+    ap.add_argument("--recipe-gpus", type=int, default=8)
+    ap.add_argument("--nccl-busbw", type=float, default=340.0, help="GB/s")
+    ap.add_argument("--easyr1-step-s", type=float, default=145.0)
+    ap.add_argument("--variant-timeout", type=float, default=420.0)
+    ap.add_argument("--time-budget", type=float, default=570.0,
+                    help="the whole run is cut here (the running variant is killed, its "
+                         "finished steps kept)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--variant", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None,
+                    help="default: benchmarks/results/grpo_recipe_<device>.json")
+    args = ap.parse_args(argv)
+    import torch
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_name, dev_gib = gpu_info() if args.device == "cuda" else ("cpu", None)
+    if args.llm_layers is None:
+        args.llm_layers = default_llm_layers(args.device, dev_gib)
+    if args.tiny:
+        args.prompts, args.samples = min(args.prompts, 4), min(args.samples, 2)
+        args.len_median, args.len_cap = min(args.len_median, 6.0), min(args.len_cap, 12)
+        args.image, args.reward_workers = min(args.image, 56), 1
+        args.max_pixels, args.update_samples = min(args.max_pixels, 3136), min(args.update_samples, 4)
+        args.micro_batch_tokens, args.llm_layers = min(args.micro_batch_tokens, 1024), 4
+        args.recompute = "none"
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.variant:
+        return side_main(args)
+
+    import shutil
+    import tempfile
+    start = _now()
+    tag = "h200" if "H200" in dev_name else "h100" if "H100" in dev_name else \
+        ("cpu" if args.device == "cpu" else "gpu")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"grpo_recipe_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wd = Path(args.workdir or tempfile.mkdtemp(prefix="ovlt_grpo_recipe_"))
+    res = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
+           "device": dev_name, "config": vars(args), "what": __doc__, "variants": {}}
+    if dev_gib:
+        res["gpu_memory_gib"] = dev_gib
+    if args.tiny:
+        res["NOTE"] = "tiny smoke run: meaningless numbers"
+    save = lambda: _write(out, res)  # noqa: E731
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; one of {', '.join(VARIANTS)}")
+    why = {v: unavailable(v, args.device) for v in variants}
+    try:
+        t0 = _now()
+        res["prep"] = prepare(args, wd)
+        res["prep"].update(write_hf(args, wd, weights=why.get("trl_vllm", "x") is None))
+        res["prep"]["seconds"] = _now() - t0
+        _write(wd / "prep.json", res["prep"])
+        print("prep", json.dumps({k: v for k, v in res["prep"].items() if k != "lengths"}),
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["prep_error"] = _err(e)
+        print(res["prep_error"], file=sys.stderr)
+        save()
+        return 1
+    save()
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    for v in variants:
+        if why[v]:
+            res["variants"][v] = {"skipped": why[v]}
+            print(f"---- {v}: {why[v]}", flush=True)
+            save()
+            continue
+        left = args.time_budget - (_now() - start) - 5.0
+        if left < 30:
+            res["variants"][v] = {"skipped": f"not run: the time budget ({args.time_budget:.0f} s) "
+                                             "was spent by the variants before it"}
+            save()
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--variant", v,
+               "--workdir", str(wd), "--device", args.device, "--llm-layers", str(args.llm_layers)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        t0 = _now()
+        log_path = wd / f"variant_{v}.log"
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+            try:
+                rc = p.wait(timeout=max(5.0, min(args.variant_timeout, left)))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                rc = "timeout"
+        vj = wd / f"variant_{v}.json"
+        side = json.loads(vj.read_text()) if vj.exists() else {}
+        side["rc"], side["wall_seconds"] = rc, _now() - t0
+        tail = log_path.read_text()[-4000:]
+        if rc != 0:
+            side["log_tail"] = tail
+        print(f"---- {v} (rc={rc}, {side['wall_seconds']:.1f} s), log tail:\n{tail[-2000:]}",
+              flush=True)
+        summ = None
+        try:
+            summ = summarize(side, res["prep"])
+        except Exception as e:  # noqa: BLE001
+            side["summary_error"] = _err(e)
+        if summ:
+            side.update(summ)
+            if v.startswith("ovlt"):
+                try:
+                    side["recipe_extrapolation"] = extrapolate(args, res["prep"], summ, dev_name,
+                                                               side.get("llm_layers") or args.llm_layers)
+                except Exception as e:  # noqa: BLE001
+                    side["extrapolation_error"] = _err(e)
+        res["variants"][v] = side
+        save()
+    ext = [(k, s["recipe_extrapolation"]) for k, s in res["variants"].items()
+           if s.get("recipe_extrapolation")]
+    if ext:
+        best, e = min(ext, key=lambda kv: kv[1]["step_s_8xh100"])
+        res["recipe_extrapolation"] = dict(e, from_variant=best)
+        if args.tiny:
+            res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
+    done = {k: s for k, s in res["variants"].items() if s.get("step_s")}
+    if "trl_vllm" in done:
+        res["comparison_vs_trl_vllm"] = {
+            k: {"tokens_per_s_ratio": s["tokens_per_s_per_gpu"] / done["trl_vllm"]["tokens_per_s_per_gpu"]}
+            for k, s in done.items() if k != "trl_vllm"}
+    save()
+    for k, s in res["variants"].items():
+        print(k, json.dumps({x: s.get(x) for x in ("skipped", "step_s", "phases",
+                                                      "tokens_per_s_per_gpu", "peak_mem_gib",
+                                                      "per_step_peak_mem_gib")
+                             if s.get(x) is not None}), (s.get("error") or "")[:300])
+    if res.get("recipe_extrapolation"):
+        e = res["recipe_extrapolation"]
+        print(f"recipe step on 8xH100 (estimate): {e['step_s_8xh100']:.1f} s = "
+              f"{e['ratio']:.2f} x EasyR1's {e['easyr1_step_s']:.0f} s")
+    print(f"wrote {out}")
+    if not args.keep_workdir:
+        shutil.rmtree(wd, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""CPU tests of `benchmarks/grpo_recipe.py`: the response-length law, the exact-length engine
+wrapper (per-request caps, EOS ignored, per-sample seeds), the 8xH100 extrapolation against
+hand-computed numbers, and (slow) the whole --tiny run and its results file."""
+import importlib.util
+import json
+import math
+import os
+import statistics
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "grpo_recipe", os.path.join(ROOT, "benchmarks", "grpo_recipe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_response_lengths_follow_the_capped_lognormal():
+    b = _bench()
+    n = 640
+    lens = b.response_lengths(n, 500.0, 0.6, 2048, seed=17)
+    assert lens == b.response_lengths(n, 500.0, 0.6, 2048, seed=17)  # the same draw every time
+    assert lens != sorted(lens) and max(lens) <= 2048 and min(lens) >= 1
+    assert abs(statistics.median(lens) - 500) <= 3
+    # mean of the capped law: 500 e^(s^2/2) minus what the cap removes (~1 % above 2048)
+    assert 585 < sum(lens) / n < 600
+    p95 = sorted(lens)[int(0.95 * n)]
+    assert abs(p95 - 500 * math.exp(0.6 * 1.6449)) < 25
+    # P(X > 2048) = 1 - Phi(ln(2048 / 500) / 0.6) = 0.0094: those responses sit at the cap
+    assert abs(sum(x == 2048 for x in lens) - n * 0.0094) <= 1.5
+
+
+class _FakeEngine:
+    """Completions of exactly each request's cap (as an engine that honours it), or of the
+    call's cap (`per_request=False`: one that ignores per-request caps)."""
+
+    def __init__(self, per_request=True):
+        self.calls, self.per_request = [], per_request
+
+    def generate(self, requests, params, on_complete=None):
+        from ovlt.rollout.base import Completion
+        self.calls.append((requests, params))
+        out = []
+        for i, r in enumerate(requests):
+            cap = r.max_new_tokens if self.per_request else params.max_new_tokens
+            out.append([Completion(request_id=r.request_id, token_ids=[7] * cap,
+                                   logprobs=[0.0] * cap, text="x", finish_reason="length",
+                                   index=j) for j in range(params.n)])
+            for c in out[-1]:
+                if on_complete:
+                    on_complete(i, c)
+        return out
+
+
+def _reqs(k):
+    from ovlt.rollout.base import GenerationRequest
+    return [GenerationRequest(prompt_ids=[1, 2, 3], request_id=f"p{i}") for i in range(k)]
+
+
+def test_exact_lengths_per_prompt_and_per_sample():
+    from ovlt.rollout.base import SamplingParams, request_seeds
+    b = _bench()
+    lengths = [[5, 5], [9, 9], [3, 3]]
+    eng = _FakeEngine()
+    w = b.ExactLengths(eng, lengths, "prompt")
+    seen = []
+    sp = SamplingParams(n=2, max_new_tokens=50, seed=11)
+    out = eng.generate(_reqs(3), sp, on_complete=lambda i, c: seen.append((i, len(c.token_ids))))
+    reqs, params = eng.calls[-1]
+    assert [r.max_new_tokens for r in reqs] == [5, 9, 3] and params.ignore_eos and params.n == 2
+    assert [[len(c.token_ids) for c in cs] for cs in out] == lengths and w.mismatches == 0
+    assert sorted(seen) == sorted((i, lengths[i][0]) for i in range(3) for _ in range(2))
+
+    lengths = [[4, 6], [8, 2]]
+    eng = _FakeEngine()
+    w = b.ExactLengths(eng, lengths, "sample")
+    seen = []
+    out = eng.generate(_reqs(2), sp, on_complete=lambda i, c: seen.append((i, c.index)))
+    reqs, params = eng.calls[-1]
+    base = request_seeds(_reqs(2), sp)
+    assert params.n == 1 and params.ignore_eos
+    assert [r.max_new_tokens for r in reqs] == [4, 6, 8, 2]
+    assert [r.seed for r in reqs] == [base[0], base[0] + 1, base[1], base[1] + 1]
+    assert [[len(c.token_ids) for c in cs] for cs in out] == lengths
+    assert [[c.index for c in cs] for cs in out] == [[0, 1], [0, 1]]
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)] and w.mismatches == 0
+    assert w.truncated == 0
+
+    eng = _FakeEngine(per_request=False)  # decodes everything to the largest length
+    w = b.ExactLengths(eng, lengths, "sample")
+    seen = []
+    out = eng.generate(_reqs(2), sp, on_complete=lambda i, c: seen.append(len(c.token_ids)))
+    assert eng.calls[-1][1].max_new_tokens == 8
+    assert [[len(c.token_ids) for c in cs] for cs in out] == lengths
+    assert sorted(seen) == [2, 4, 6, 8] and w.truncated == 3 and w.mismatches == 0
+
+
+def test_extrapolation_at_full_depth_is_measured_plus_communication():
+    """Measured at 28 layers on an H100: every scaling ratio is 1, so the estimate is the
+    measured phases plus the DP reduce-scatter / all-gather, computed here by hand."""
+    b = _bench()
+    args = SimpleNamespace(engine_slots=0, recipe_gpus=8, nccl_busbw=340.0, update_samples=80,
+                           easyr1_step_s=145.0)
+    prep = {"prompt_tokens_mean": 450.0, "lengths": [[600] * 5] * 64, "image_grid": [1, 36, 36],
+            "response_tokens_mean": 600.0}
+    summ = {"phases": {"rollout": 20.0, "reward": 0.5, "logprob": 6.0, "update": 15.0,
+                       "sync": 0.0}}
+    e = b.extrapolate(args, prep, summ, "NVIDIA H100 80GB HBM3", 28)
+    h, f, v, kv = 3584, 18944, 152064, 512
+    params = 28 * (h * (h + 2 * kv) + h * h + 3 * h * f) + 2 * v * h
+    comm = 4 * 6 * params * 7 / 8 / 340e9
+    assert e["phases_s"]["dp_grad_reduce_scatter_param_all_gather"] == pytest.approx(comm)
+    assert e["step_s_8xh100"] == pytest.approx(41.5 + comm)
+    assert e["ratio"] == pytest.approx((41.5 + comm) / 145.0)
+    for k in ("rollout_bytes_ratio", "logprob_flops_ratio", "update_flops_ratio"):
+        assert e["factors"][k] == pytest.approx(1.0)
+    # at 8 layers every depth-scaled phase grows, by less than 28 / 8 (fixed LM head, tower)
+    e8 = b.extrapolate(args, prep, summ, "NVIDIA H100 80GB HBM3", 8)
+    for k in ("rollout_bytes_ratio", "logprob_flops_ratio", "update_flops_ratio"):
+        assert 1.5 < e8["factors"][k] < 3.5
+    eh = b.extrapolate(args, prep, summ, "NVIDIA H200", 8)
+    assert eh["phases_s"]["rollout"] == pytest.approx(e8["phases_s"]["rollout"] * 4.8 / 3.35)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_variant(tmp_path):
+    out = tmp_path / "r.json"
+    assert _bench().main(["--tiny", "--device", "cpu", "--steps", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    v = res["variants"]
+    assert set(v) == {"ovlt_builtin", "ovlt_vllm", "trl_vllm"}
+    b = v["ovlt_builtin"]
+    assert "error" not in b and len(b["steps"]) == 2 and b["step_s"] > 0
+    assert set(b["phases"]) == {"rollout", "reward", "logprob", "update", "sync"}
+    assert len(b["per_step_peak_mem_gib"]) == 2 and b["tokens_per_s_per_gpu"] > 0
+    for s in b["steps"]:
+        assert s["updates"] == 2 and s["length_mismatches"] == 0
+        assert s["generated_tokens"] == res["prep"]["response_tokens_per_step"]
+        assert 0 < s["logprob_old_tokens"] < s["logprob_ref_tokens"]
+    for k in ("ovlt_vllm", "trl_vllm"):  # no vLLM / TRL here: recorded, with the reason
+        assert "not run" in v[k].get("skipped", "") or "error" in v[k] or v[k].get("step_s")
+    e = res["recipe_extrapolation"]
+    assert {"step_s_8xh100", "easyr1_step_s", "ratio", "formula"} <= set(e)
