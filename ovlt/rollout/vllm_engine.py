@@ -35,13 +35,25 @@ Checked against the vLLM 0.26.0 source (file references below are inside the `vl
   to the contract when top-p = 1 and top-k is off. The trainer recomputes the old log-probs
   itself in any case. vLLM's logits are bf16 before the fp32 log-softmax (as the built-in
   engine's), so expect ~1e-1 absolute differences to an fp32-logit recomputation.
+- Requests: every request of a call goes to ONE `LLM.generate` (vLLM's scheduler batches them
+  continuously), with one `vllm.SamplingParams` per request (`LLM.generate` takes a list):
+  the request's own cap (`max_tokens`) and seed (`ovlt.rollout.base.request_seeds`; vLLM
+  seeds sample j of an n-sample request with seed + j, `v1/engine/parallel_sampling.py`), and
+  `n` for the samples of a prompt, which share its prefill through prefix caching (on) and its
+  image through the encoder cache. `on_complete` is called when `LLM.generate` returns (the
+  offline API returns everything at once), in request order.
+- Memory: `rollout.gpu_memory_utilization: 0` sizes vLLM's share from the memory the trainer
+  leaves free, measured when the engine starts (`gpu_memory_utilization_for`); vLLM 0.26
+  refuses a share larger than the free memory at start (`v1/worker/gpu_worker.py`).
 - Stopping: EOS = `eos_token_ids` (default `<|im_end|>` and `<|endoftext|>`, as the built-in
   engine) passed as `stop_token_ids` (kept in `token_ids`, like EOS); `eos_token_ids=[]`
-  disables EOS entirely (`ignore_eos`, for benchmarks). Stop strings are kept in the text.
+  disables EOS entirely, as does `SamplingParams.ignore_eos` (benchmarks). Stop strings are
+  kept in the text.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterable, Optional
 
@@ -49,7 +61,7 @@ import torch
 
 from ovlt.logging import get_logger, log_once
 from ovlt.rollout.base import (Completion, GenerationRequest, OnComplete, RolloutEngine,
-                               SamplingParams, report_all)
+                               SamplingParams, report_all, request_caps, request_seeds)
 
 log = get_logger(__name__)
 
@@ -103,10 +115,58 @@ def optional_package_fallbacks() -> dict:
     return done
 
 
-def llm_kwargs(cfg, hf_dir: str, load_format: str = "dummy") -> dict:
+GIB = 1 << 30
+RESERVE_BYTES = 2 * GIB   # beside vLLM's share: NCCL / cuBLAS workspaces, weight-update buckets
+MAX_UTILIZATION = 0.95
+
+
+def gpu_memory_utilization_for(free_bytes: int, total_bytes: int, reserve_bytes: int = RESERVE_BYTES,
+                               pending_bytes: int = 0, need_bytes: int = 0) -> float:
+    """vLLM's `gpu_memory_utilization` (its share of the whole GPU: weights + activations + KV
+    cache) from what the trainer leaves free: (free - reserve - pending) / total, rounded down
+    to 1/1000, at most MAX_UTILIZATION. `free_bytes`: measured with the trainer resident (its
+    allocator cache emptied); `pending_bytes`: memory the trainer will still take while vLLM
+    holds its share (e.g. optimizer states created at the first update); `need_bytes`: the
+    least vLLM can work with (its weights and some KV cache): less is an error."""
+    if total_bytes <= 0 or free_bytes < 0 or free_bytes > total_bytes:
+        raise ValueError(f"GPU memory: free {free_bytes} of total {total_bytes} bytes is not a "
+                         "measurement")
+    budget = free_bytes - reserve_bytes - pending_bytes
+    if budget <= max(need_bytes, 0) or budget <= 0:
+        raise ValueError(
+            f"vLLM would get {budget / GIB:.2f} GiB: the GPU has {free_bytes / GIB:.2f} of "
+            f"{total_bytes / GIB:.2f} GiB free, less {reserve_bytes / GIB:.2f} GiB reserve and "
+            f"{pending_bytes / GIB:.2f} GiB the trainer still allocates"
+            + (f"; it needs at least {need_bytes / GIB:.2f} GiB" if need_bytes > 0 else "")
+            + " (free memory for the trainer: fewer layers per GPU, more parallelism, or the "
+              "built-in engine)")
+    return min(MAX_UTILIZATION, math.floor(1000 * budget / total_bytes) / 1000)
+
+
+def measured_gpu_memory_utilization(pending_bytes: int = 0, reserve_bytes: int = RESERVE_BYTES,
+                                    need_bytes: int = 0) -> float:
+    """`gpu_memory_utilization_for` of this process's GPU now (its allocator cache emptied
+    first: cached blocks would count as used)."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    util = gpu_memory_utilization_for(free, total, reserve_bytes, pending_bytes, need_bytes)
+    log.info("vLLM gpu_memory_utilization=%.3f: %.1f of %.1f GiB free, %.1f GiB reserved, "
+             "%.1f GiB pending for the trainer", util, free / GIB, total / GIB, reserve_bytes / GIB,
+             pending_bytes / GIB)
+    return util
+
+
+def llm_kwargs(cfg, hf_dir: str, load_format: str = "dummy",
+               gpu_memory_utilization: Optional[float] = None) -> dict:
     """The `vllm.LLM(...)` keyword arguments for this job config (every name exists in vLLM
-    0.26's `LLM.__init__` / `EngineArgs`)."""
+    0.26's `LLM.__init__` / `EngineArgs`). `gpu_memory_utilization` overrides the config's
+    (needed when the config says 0: measured)."""
     rc, m = cfg.rollout, cfg.model
+    util = float(rc.gpu_memory_utilization if gpu_memory_utilization is None
+                 else gpu_memory_utilization)
+    if not 0 < util <= 1:
+        raise ValueError(f"gpu_memory_utilization={util}: give a share in (0, 1] (the config's 0 "
+                         "means: measure it, which VLLMEngine does)")
     if m.params_dtype == "fp16":
         dtype = "float16"
     else:  # the rollout runs in bf16 whatever the trainer's master dtype
@@ -114,7 +174,7 @@ def llm_kwargs(cfg, hf_dir: str, load_format: str = "dummy") -> dict:
     return dict(
         model=str(hf_dir), load_format=load_format, dtype=dtype, seed=int(cfg.grpo.train.seed),
         tensor_parallel_size=int(rc.tensor_parallel),
-        gpu_memory_utilization=float(rc.gpu_memory_utilization), enable_sleep_mode=True,
+        gpu_memory_utilization=util, enable_sleep_mode=True,
         max_model_len=int(rc.max_prompt_length + rc.max_new_tokens),
         enforce_eager=not rc.cuda_graphs, enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 8, "video": 0},
@@ -130,11 +190,13 @@ def llm_kwargs(cfg, hf_dir: str, load_format: str = "dummy") -> dict:
 class VLLMEngine(RolloutEngine):
     """`load_format`: "dummy" (weights from `update_weights`) or "auto" (vLLM reads `hf_dir`).
     `eos_token_ids`: None = `<|im_end|>`, `<|endoftext|>`; [] = never stop on EOS.
-    `extra_llm_kwargs`: merged last into the `vllm.LLM` arguments (benchmarks)."""
+    `extra_llm_kwargs`: merged last into the `vllm.LLM` arguments (benchmarks).
+    `pending_bytes`: GPU memory the trainer will still allocate after this engine starts
+    (used when `rollout.gpu_memory_utilization` is 0: measured)."""
 
     def __init__(self, cfg, tokenizer=None, hf_dir: str | None = None, load_format: str = "dummy",
                  eos_token_ids: Optional[list[int]] = None,
-                 extra_llm_kwargs: Optional[dict[str, Any]] = None):
+                 extra_llm_kwargs: Optional[dict[str, Any]] = None, pending_bytes: int = 0):
         prev = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if prev not in (None, "0"):
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine "
@@ -159,7 +221,10 @@ class VLLMEngine(RolloutEngine):
         if rc.temperature not in (0.0, 1.0) and (rc.top_p < 1.0 or rc.top_k > 0):
             log.warning("rollout.temperature=%s with top-p/top-k: vLLM's log-probs are renormalised "
                         "over the kept tokens (the trainer recomputes them anyway)", rc.temperature)
-        kw = llm_kwargs(cfg, self.hf_dir, load_format)
+        util = None
+        if float(rc.gpu_memory_utilization) == 0 and "gpu_memory_utilization" not in (extra_llm_kwargs or {}):
+            util = measured_gpu_memory_utilization(pending_bytes=pending_bytes)
+        kw = llm_kwargs(cfg, self.hf_dir, load_format, gpu_memory_utilization=util)
         rank, world, local_rank = _dist_world()
         if world > 1:
             tp = int(rc.tensor_parallel)
@@ -217,23 +282,32 @@ class VLLMEngine(RolloutEngine):
         kw.update(overrides)
         return vllm.SamplingParams(**kw)
 
+    def request_sampling_params(self, requests: list[GenerationRequest], params: SamplingParams,
+                                **overrides) -> list:
+        """One `vllm.SamplingParams` per request: its cap and seed; greedy n > 1 as n = 1
+        (vLLM refuses it, sampling_params.py _verify_greedy_sampling; `generate` copies the
+        one greedy completion)."""
+        caps = request_caps(requests, params)
+        seeds = request_seeds(requests, params)
+        n = 1 if params.temperature <= 0 else params.n
+        return [self.sampling_params(params, n=n, max_tokens=cap, seed=seed, **overrides)
+                for cap, seed in zip(caps, seeds)]
+
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  on_complete: Optional[OnComplete] = None, **sampling_overrides) -> list[list[Completion]]:
         if self._weights_asleep:
             raise RuntimeError("VLLMEngine.generate after sleep(): call wake() and update_weights() first")
-        if self._kv_asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self._kv_asleep = False
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
+        sps = self.request_sampling_params(requests, params, **sampling_overrides)
         if not requests:
             return []
         prompts = [self._prompt(r) for r in requests]
-        # vLLM refuses n > 1 with greedy decoding (sampling_params.py _verify_greedy_sampling);
-        # the n greedy completions are identical, so decode once and copy.
+        if self._kv_asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_asleep = False
         copies = params.n if params.temperature <= 0 and params.n > 1 else 1
-        sp = self.sampling_params(params, **({"n": 1} if copies > 1 else {}), **sampling_overrides)
-        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
         if len(outs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(requests)} prompts")
         result = []

@@ -207,10 +207,11 @@ class _FakeLLM:
             engine_core=type("InprocClient", (), {})(),
             reset_encoder_cache=lambda: self.calls.append(("reset_encoder_cache",)))
 
-    def generate(self, prompts, sp, use_tqdm=True):
-        self.calls.append(("generate", prompts, sp))
+    def generate(self, prompts, sps, use_tqdm=True):
+        self.calls.append(("generate", prompts, sps))
+        assert isinstance(sps, list) and len(sps) == len(prompts)  # one per request
         outs = []
-        for i, p in enumerate(prompts):
+        for i, (p, sp) in enumerate(zip(prompts, sps)):
             comps = []
             for j in range(sp.kw["n"]):
                 ids = [10 + i, 20 + j, 151645]
@@ -303,27 +304,46 @@ def test_engine_generate_update_sleep_plumbing(fake_vllm, tmp_path):
     reqs = [GenerationRequest(prompt_ids=[1, 151652, P, P, P, P, 151653, 2], images=[img],
                               pixel_values=torch.zeros(16, 1176), request_id="a"),
             GenerationRequest(prompt_ids=[3, 4], request_id="b")]
+    reqs[1].max_new_tokens, reqs[1].seed = 3, 99
+    seen = []
     out = eng.generate(reqs, SamplingParams(temperature=1.0, top_p=0.9, n=2, max_new_tokens=5,
-                                            seed=7, stop=["</answer>"]))
-    _, prompts, sp = llm.calls[-1]
+                                            seed=7, stop=["</answer>"]),
+                       on_complete=lambda i, c: seen.append((i, c.index, c)))
+    _, prompts, sps = llm.calls[-1]
+    assert len(llm.calls) == 1  # every request in one generate call
     assert prompts[0] == {"prompt_token_ids": [1, 151652, P, 151653, 2],
                           "multi_modal_data": {"image": [img]}}
     assert prompts[1] == {"prompt_token_ids": [3, 4]}
-    assert sp.kw == dict(n=2, temperature=1.0, top_p=0.9, top_k=0, max_tokens=5,
-                         stop=["</answer>"], include_stop_str_in_output=True, seed=7, logprobs=0,
-                         skip_special_tokens=True, stop_token_ids=[151645, 151643])
+    from ovlt.rollout.base import derived_seed
+    assert sps[0].kw == dict(n=2, temperature=1.0, top_p=0.9, top_k=0, max_tokens=5,
+                             stop=["</answer>"], include_stop_str_in_output=True,
+                             seed=derived_seed(7, 0), logprobs=0, skip_special_tokens=True,
+                             stop_token_ids=[151645, 151643])
+    # the request's own cap and seed
+    assert sps[1].kw == {**sps[0].kw, "max_tokens": 3, "seed": 99}
+    assert [(i, j) for i, j, _ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(out[i][j] is c for i, j, c in seen)
     assert [[c.token_ids for c in cs] for cs in out] == [[[10, 20, 151645], [10, 21, 151645]],
                                                          [[11, 20, 151645], [11, 21, 151645]]]
     assert out[0][0].logprobs == [-0.5, -1.0, -1.5] and out[0][1].request_id == "a"
     assert [cs[0].finish_reason for cs in out] == ["stop", "length"]
     # no log-probs asked: none returned; overrides reach vLLM
     out = eng.generate(reqs[1:], SamplingParams(logprobs=False, max_new_tokens=3), min_tokens=3)
-    assert out[0][0].logprobs == [] and llm.calls[-1][2].kw["min_tokens"] == 3
+    assert out[0][0].logprobs == [] and llm.calls[-1][2][0].kw["min_tokens"] == 3
     # greedy with n > 1: vLLM refuses it, so the engine decodes once and copies
-    out = eng.generate(reqs[1:], SamplingParams(temperature=0.0, n=3, max_new_tokens=3))
-    assert llm.calls[-1][2].kw["n"] == 1 and llm.calls[-1][2].kw["temperature"] == 0.0
+    seen.clear()
+    out = eng.generate(reqs[1:], SamplingParams(temperature=0.0, n=3, max_new_tokens=3),
+                       on_complete=lambda i, c: seen.append((i, c.index)))
+    assert llm.calls[-1][2][0].kw["n"] == 1 and llm.calls[-1][2][0].kw["temperature"] == 0.0
     assert [c.token_ids for c in out[0]] == [[10, 20, 151645]] * 3
     assert out[0][0].logprobs is not out[0][1].logprobs
+    assert [c.index for c in out[0]] == [0, 1, 2] and seen == [(0, 0), (0, 1), (0, 2)]
+    # ignore_eos: no EOS ids, vLLM's ignore_eos
+    eng.generate(reqs[1:], SamplingParams(ignore_eos=True, max_new_tokens=4))
+    kw = llm.calls[-1][2][0].kw
+    assert kw["ignore_eos"] is True and "stop_token_ids" not in kw and kw["max_tokens"] == 3
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        eng.generate([GenerationRequest(prompt_ids=[1], max_new_tokens=0)], SamplingParams())
     with pytest.raises(ValueError, match="PIL images"):
         eng.generate([GenerationRequest(prompt_ids=[P], pixel_values=torch.zeros(4, 1176))],
                      SamplingParams())
@@ -402,6 +422,38 @@ def test_make_engine_reuses_the_process_vllm_engine(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="cannot host a second"):
         rollout.make_engine(cfg2)
     assert made == ["dummy"]
+
+
+def test_gpu_memory_utilization_from_free_memory():
+    from ovlt.rollout.vllm_engine import GIB, gpu_memory_utilization_for
+    # 80 GiB card, trainer resident leaves 50 GiB: 50 - 2 reserve = 48 -> 0.6
+    assert gpu_memory_utilization_for(50 * GIB, 80 * GIB) == 0.6
+    # 8 GiB of optimizer states still to come: (50 - 2 - 8) / 80
+    assert gpu_memory_utilization_for(50 * GIB, 80 * GIB, pending_bytes=8 * GIB) == 0.5
+    # rounded down: (40.5 - 1) / 80 = 0.49375 -> 0.493
+    assert gpu_memory_utilization_for(int(40.5 * GIB), 80 * GIB, reserve_bytes=GIB) == 0.493
+    # an empty card is capped
+    assert gpu_memory_utilization_for(80 * GIB, 80 * GIB, reserve_bytes=0) == 0.95
+    with pytest.raises(ValueError, match=r"vLLM would get 1.00 GiB.*needs at least 15.00 GiB"):
+        gpu_memory_utilization_for(3 * GIB, 80 * GIB, need_bytes=15 * GIB)
+    with pytest.raises(ValueError, match="vLLM would get -1.00 GiB"):
+        gpu_memory_utilization_for(GIB, 80 * GIB)
+    with pytest.raises(ValueError, match="not a measurement"):
+        gpu_memory_utilization_for(90 * GIB, 80 * GIB)
+
+
+def test_engine_measures_its_share_when_config_says_zero(fake_vllm, tmp_path, monkeypatch):
+    from ovlt.rollout.vllm_engine import GIB, VLLMEngine, llm_kwargs
+    cfg = _cfg(tmp_path, gpu_memory_utilization=0.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (42 * GIB, 80 * GIB))
+    eng = VLLMEngine(cfg, pending_bytes=10 * GIB)
+    assert eng.llm.kw["gpu_memory_utilization"] == 0.375   # (42 - 2 - 10) / 80
+    cfg.rollout.gpu_memory_utilization = 0.3                # an explicit share is kept
+    assert VLLMEngine(cfg).llm.kw["gpu_memory_utilization"] == 0.3
+    cfg.rollout.gpu_memory_utilization = 0.0
+    with pytest.raises(ValueError, match="means: measure it"):
+        llm_kwargs(cfg, str(tmp_path))
 
 
 # --------------------------------------------------------------------------- worker extension
