@@ -164,7 +164,8 @@ class GRPOTrainer:
         for i, rec in enumerate(recs):
             try:
                 ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
-                                              mcfg.vision.spatial_merge_size)
+                                              mcfg.vision.spatial_merge_size,
+                                              self.cfg.rewards.style)
             except (ImageError, OSError) as e:
                 log.warning("skipping prompt %s (%s: record %d): unusable image: %s", rec.id,
                             rec.file, rec.index, e)
