@@ -1,6 +1,8 @@
-"""Rollout throughput: ovlt built-in engine vs HF `generate`, and trainer -> engine weight update.
+"""Rollout throughput: ovlt built-in engine vs HF `generate`, the recipe-like length mix
+(static batches vs continuous batching), and trainer -> engine weight update.
 
-    python benchmarks/rollout.py --out benchmarks/results/rollout_h100.json
+    python benchmarks/rollout.py --layers 28 --new 512 --out benchmarks/results/rollout_h100.json
+    python benchmarks/rollout.py --tiny --out /tmp/rollout_tiny.json        # CPU smoke run
 
 Same random-init model for both engines: Qwen2.5-VL with the 7B LLM shape cut to `--layers`
 layers (the vision tower is irrelevant to text decoding and kept tiny), bf16. Prompts: `--batch`
@@ -13,17 +15,36 @@ Weight update: a full 7B-shaped mcore state dict (LLM + vision, bf16, on the GPU
 HF names through `mcore_to_hf` (the resharding path at TP=1) into `BuiltinEngine.update_weights`
 (adapter -> in-place copy). In the trainer the built-in engine shares the parameters, so its
 per-step sync is zero; this number is for loading weights from elsewhere.
+
+Recipe-like length mix (`recipe_mix` in the results; `--mix-only` runs just this): one GPU's
+share of an OpenVLThinker GRPO step, 64 prompts x 5 samples (temperature 1.0, top-p 0.99).
+Response lengths: lognormal with median 500 tokens and sigma 0.6 (mean ~600, p95 ~1340),
+capped at 2048 (the recipe's max response): R1-style chains of a 7B VLM early in GRPO
+average ~400-700 tokens with a long right tail; drawn stratified (the quantiles
+(k + 0.5) / 64, in a seeded order), one per prompt (the 5 samples of a prompt share it and
+their prefill; `--length-unit sample` gives every sample its own request and length), the
+same law as benchmarks/grpo_recipe.py. Each request decodes exactly its length (per-request
+`max_new_tokens`, `ignore_eos`), so random weights give the real workload. Prompts: random
+text of `--mix-prompt` tokens (448: the recipe's 324 image tokens at max_pixels + ~120 text;
+the vision tower's cost is not measured here). Variants, same model and requests:
+`static@S` (S slots, a batch waits for its longest sequence: the engine's old schedule) and
+`continuous@S` (a finished sample's slot takes the next waiting one at once); each reports
+new tokens/s, decode steps, ms per step, slot occupancy and peak memory. The KV cache and
+the CUDA graph are set up before the timed call (`BuiltinEngine.reserve`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported (tests)
 from _bench_util import wall_time  # noqa: E402
 
 
@@ -57,29 +78,43 @@ def mcore_module(named: dict) -> torch.nn.Module:
     return root
 
 
-def bench_generate(args, res):
+def model_cfg(args, layers=None):
+    """The 7B shape cut to `layers` LLM layers (vision tower tiny: text decoding only), or
+    the tiny test model with --tiny."""
     from ovlt.config import CONFIG_ROOT, load_config
-    from ovlt.models.qwen2_5_vl.state_dict_adapter import hf_to_mcore
-    from ovlt.rollout.base import GenerationRequest, SamplingParams
-    from ovlt.rollout.builtin import BuiltinEngine
-
+    if args.tiny:
+        return load_config(CONFIG_ROOT / "model" / "tiny.yaml").model
     cfg = load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
-    cfg.num_layers = args.layers
-    cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.intermediate_size = 1, 64, 128
-    cfg.vision.num_heads, cfg.vision.fullatt_block_indexes = 1, [0]
-    hf = build_hf(cfg, args.device)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 150000, (args.batch, args.prompt), generator=g)
-    eos_never = 151645  # suppressed by min_new_tokens; sampled runs decode full length
+    if layers is not None:
+        cfg.num_layers = layers
+        cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.intermediate_size = 1, 64, 128
+        cfg.vision.num_heads, cfg.vision.fullatt_block_indexes = 1, [0]
+    return cfg
 
+
+def build_models(args):
+    """(HF model, mcore-named module of its LLM weights, config): the same tensors."""
+    from ovlt.models.qwen2_5_vl.state_dict_adapter import hf_to_mcore
+    cfg = model_cfg(args, args.layers)
+    hf = build_hf(cfg, args.device)
     sd = {k: v for k, v in hf.state_dict().items()}
     named = hf_to_mcore(sd, cfg, 0, 1, 0, 1)
     named = {k: v.contiguous() for k, v in named.items() if k.startswith("language_model.")}
-    module = mcore_module(named)
+    return hf, mcore_module(named), cfg
+
+
+def bench_generate(args, res, hf, module, cfg):
+    from ovlt.rollout.base import GenerationRequest, SamplingParams
+    from ovlt.rollout.builtin import BuiltinEngine
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 150000, (args.batch, args.prompt), generator=g)
+    eos_never = 151645  # suppressed by min_new_tokens; sampled runs decode full length
     reqs = [GenerationRequest(prompt_ids=p.tolist()) for p in prompts]
     sp = SamplingParams(temperature=1.0, top_p=0.99, max_new_tokens=args.new, seed=0)
     for graphs in (True, False):
-        eng = BuiltinEngine(module, cfg, eos_token_ids=[], max_batch_size=args.batch, cuda_graphs=graphs)
+        eng = BuiltinEngine(module, cfg, eos_token_ids=[], max_batch_size=args.batch, cuda_graphs=graphs,
+                            check_every=args.check_every)
         t_first, _ = wall_time(lambda: eng.generate(reqs, sp))  # includes graph capture
         dt, outs = wall_time(lambda: eng.generate(reqs, sp))
         n = sum(len(c.token_ids) for o in outs for c in o)
@@ -118,17 +153,96 @@ def bench_generate(args, res):
                               "ms_per_step": 1000 * dt / args.new}
         print("hf_generate", res["hf_generate"], flush=True)
         res["speedup_vs_hf"] = res["builtin_cuda_graphs"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"]
-    del hf, module, named, sd
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- length mix
+def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
+    """`n` lengths of lognormal(log median, sigma) capped at `cap`: the quantiles (k + 0.5) / n
+    of the capped law, in a seeded random order (every run decodes the same work)."""
+    from statistics import NormalDist
+    z = NormalDist()
+    qs = [min(cap, max(1, int(round(median * math.exp(sigma * z.inv_cdf((k + 0.5) / n))))))
+          for k in range(n)]
+    random.Random(seed).shuffle(qs)
+    return qs
+
+
+def mix_requests(args):
+    """(requests, n per request, caps per sample) of the recipe-like mix."""
+    from ovlt.rollout.base import GenerationRequest
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 150000, (args.mix_prompts, args.mix_prompt), generator=g).tolist()
+    if args.length_unit == "prompt":
+        caps = lognormal_lengths(args.mix_prompts, args.len_median, args.len_sigma, args.len_cap, 17)
+        reqs = [GenerationRequest(prompt_ids=p, max_new_tokens=c, request_id=f"p{i}")
+                for i, (p, c) in enumerate(zip(prompts, caps))]
+        return reqs, args.mix_samples, [c for c in caps for _ in range(args.mix_samples)]
+    caps = lognormal_lengths(args.mix_prompts * args.mix_samples, args.len_median, args.len_sigma,
+                             args.len_cap, 17)
+    reqs = [GenerationRequest(prompt_ids=prompts[k // args.mix_samples], max_new_tokens=c,
+                              request_id=f"p{k // args.mix_samples}s{k % args.mix_samples}")
+            for k, c in enumerate(caps)]
+    return reqs, 1, caps
+
+
+def bench_mix(args, res, module, cfg):
+    from ovlt.rollout.base import SamplingParams
+    from ovlt.rollout.builtin import BuiltinEngine
+    reqs, n, caps = mix_requests(args)
+    total = sum(caps)
+    sp = SamplingParams(temperature=1.0, top_p=0.99, n=n, seed=0, ignore_eos=True,
+                        max_new_tokens=max(caps))
+    out = {"prompts": args.mix_prompts, "samples_per_prompt": args.mix_samples,
+           "prompt_tokens": args.mix_prompt, "length_unit": args.length_unit,
+           "lengths": {"law": "lognormal, capped", "median": args.len_median,
+                       "sigma": args.len_sigma, "cap": args.len_cap,
+                       "mean": total / len(caps), "max": max(caps),
+                       "p95": sorted(caps)[int(0.95 * (len(caps) - 1))],
+                       "capped_fraction": sum(c == args.len_cap for c in caps) / len(caps)},
+           "new_tokens": total, "sampling": {"temperature": 1.0, "top_p": 0.99},
+           "check_every": args.check_every, "variants": {}}
+    for v in args.mix_variants.split(","):
+        schedule, slots = v.split("@")
+        slots = int(slots)
+        eng = BuiltinEngine(module, cfg, max_batch_size=slots, schedule=schedule,
+                            check_every=args.check_every)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        used = eng.reserve(len(caps), args.mix_prompt + max(caps))
+        dt, outs = wall_time(lambda e=eng: e.generate(reqs, sp))
+        got = [len(c.token_ids) for o in outs for c in o]
+        if got != caps:
+            raise RuntimeError(f"{v}: completions of {sum(got)} tokens, the caps ask {total} "
+                               "(ignore_eos / per-request caps not honoured)")
+        st = eng.last_stats
+        r = {"schedule": schedule, "slots": used, "seconds": dt, "tokens_per_s": total / dt,
+             "steps": st["steps"], "ms_per_step": 1000 * dt / max(1, st["steps"]),
+             "slot_occupancy": st["slot_steps_busy"] / max(1, st["steps"] * used),
+             "min_steps_at_full_occupancy": -(-total // used), "prefills": st["prefills"],
+             "prefill_prompts": st["prefill_prompts"], "kv_copies": st["kv_copies"],
+             "host_syncs": st["syncs"]}
+        if torch.cuda.is_available():
+            r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["variants"][v] = r
+        print("recipe_mix", v, r, flush=True)
+        eng.sleep()
+        del eng, outs
+    vs = out["variants"]
+    stat = [k for k in vs if k.startswith("static")]
+    cont = [k for k in vs if k.startswith("continuous")]
+    if stat and cont:
+        best = max(cont, key=lambda k: vs[k]["tokens_per_s"])
+        out["best_continuous"] = best
+        out["speedup_best_continuous_vs_" + stat[0]] = vs[best]["tokens_per_s"] / vs[stat[0]]["tokens_per_s"]
+    res["recipe_mix"] = out
 
 
 def bench_update(args, res):
-    from ovlt.config import CONFIG_ROOT, load_config
     from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
     from ovlt.rollout.builtin import BuiltinEngine
 
-    cfg = load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
+    cfg = model_cfg(args)  # the full 7B (the tiny model with --tiny)
     shapes = mcore_shapes(cfg, 1, 1, 0)
     sd = {n: torch.empty(s, dtype=torch.bfloat16, device=args.device).normal_(0, 0.02) for n, s in shapes.items()}
     n_params = sum(t.numel() for t in sd.values())
@@ -138,11 +252,12 @@ def bench_update(args, res):
     for _ in range(2):
         dt, _ = wall_time(lambda: eng.update_weights(mcore_to_hf({(0, 0): src}, cfg, 1, 1)))
     ok = all(torch.equal(sd[n], src[n]) for n in sd)
-    res["weight_update_7b"] = {"params": n_params, "bytes": 2 * n_params, "seconds": dt,
-                               "GB_per_s": 2 * n_params / dt / 1e9, "roundtrip_exact": ok,
-                               "path": "mcore_to_hf (TP=1) -> BuiltinEngine.update_weights",
-                               "trainer_sync_seconds_shared": 0.0}
-    print("weight_update_7b", res["weight_update_7b"], flush=True)
+    key = "weight_update_tiny" if args.tiny else "weight_update_7b"
+    res[key] = {"params": n_params, "bytes": 2 * n_params, "seconds": dt,
+                "GB_per_s": 2 * n_params / dt / 1e9, "roundtrip_exact": ok,
+                "path": "mcore_to_hf (TP=1) -> BuiltinEngine.update_weights",
+                "trainer_sync_seconds_shared": 0.0}
+    print("weight_update", n_params, "params", dt, "s", flush=True)
 
 
 def main(argv=None):
@@ -152,16 +267,48 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--check-every", type=int, default=8, help="decode steps between host checks")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-update", action="store_true")
+    ap.add_argument("--skip-mix", action="store_true")
+    ap.add_argument("--mix-only", action="store_true", help="only the recipe-like length mix")
+    ap.add_argument("--mix-prompts", type=int, default=64)
+    ap.add_argument("--mix-samples", type=int, default=5)
+    ap.add_argument("--mix-prompt", type=int, default=448, help="prompt tokens per request")
+    ap.add_argument("--mix-variants", default="static@64,continuous@64,continuous@128,continuous@192",
+                    help="comma-separated schedule@slots")
+    ap.add_argument("--len-median", type=float, default=500.0)
+    ap.add_argument("--len-sigma", type=float, default=0.6)
+    ap.add_argument("--len-cap", type=int, default=2048)
+    ap.add_argument("--length-unit", choices=("prompt", "sample"), default="prompt")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke run: the tiny model, a few short requests")
     ap.add_argument("--out", default="benchmarks/results/rollout.json")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.device = "cpu"
+        args.batch, args.prompt, args.new = 4, 16, 8
+        args.mix_prompts, args.mix_samples, args.mix_prompt = 6, 3, 24
+        args.len_median, args.len_cap = 8.0, 20
+        args.mix_variants = "static@4,continuous@4,continuous@8"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny (CPU) or on a GPU")
     res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
            "config": vars(args)}
     import transformers
     res["transformers"] = transformers.__version__
-    bench_generate(args, res)
-    if not args.skip_update:
+    hf, module, cfg = build_models(args)
+    if not args.mix_only:
+        bench_generate(args, res, hf, module, cfg)
+    del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not args.skip_mix:
+        bench_mix(args, res, module, cfg)
+    del module
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not (args.skip_update or args.mix_only):
         bench_update(args, res)
     from ovlt.utils.io import atomic_write_json
     atomic_write_json(args.out, res)

@@ -139,6 +139,12 @@ class BuiltinEngine(RolloutEngine):
         with torch.no_grad():
             return self._run(prompts, params, caps, seeds, st, on_complete)
 
+    def reserve(self, samples: int, max_len: int) -> int:
+        """Allocate the KV cache and capture the decode step now for a call of `samples`
+        samples whose prompt + cap is at most `max_len` tokens (the next such `generate`
+        reuses them: no allocation or capture inside a timed phase). Returns the slot count."""
+        return self._decode_state(min(self.max_batch_size, max(1, int(samples))), int(max_len)).slots
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Weights from outside the trainer (HF names, full tensors: an eval of another
         checkpoint), converted by the state-dict adapter to this rank's mcore shards and copied

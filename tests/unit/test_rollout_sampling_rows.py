@@ -124,6 +124,16 @@ def test_decode_attention_matches_plain_softmax(monkeypatch, shape, interpret):
         assert torch.equal(decode_attention(q, k2, v2, lens, split=32, block=16), got)
 
 
+def test_choose_split_and_default(monkeypatch):
+    from ovlt.rollout.decode_attention import choose_split, decode_attention
+    assert choose_split(256, 4, 3072) == 3072          # 1024 programs already: whole slots
+    assert choose_split(8, 4, 3072) == 128              # 32 splits per slot
+    assert choose_split(1, 1, 100) == 64                # never below one block
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, lens = _attn_inputs(2, 4, 2, 300, 16, torch.float32, seed=3)
+    assert torch.allclose(decode_attention(q, k, v, lens), _attn_plain(q, k, v, lens), atol=2e-6)
+
+
 def test_decode_attention_bf16_interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from ovlt.rollout.decode_attention import decode_attention
