@@ -58,8 +58,8 @@ def _partial_fn(Q, K, V, LENS, ACC, M, LS, sq_b, sq_h, sk_b, sk_g, sk_l, sv_b, s
         if UPCAST:  # Triton's CPU interpreter multiplies bf16 wrongly in tl.dot
             q = q.to(tl.float32)
         m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        lsum = tl.zeros([BLOCK_Q], tl.float32)
-        acc = tl.zeros([BLOCK_Q, D], tl.float32)
+        lsum = tl.full([BLOCK_Q], 0.0, tl.float32)  # not tl.zeros: a jit function, see triton_ops
+        acc = tl.full([BLOCK_Q, D], 0.0, tl.float32)
         kbase = K + b.to(tl.int64) * sk_b + g.to(tl.int64) * sk_g + start.to(tl.int64) * sk_l
         vbase = V + b.to(tl.int64) * sv_b + g.to(tl.int64) * sv_g + start.to(tl.int64) * sv_l
         for off in range(0, n_here, BLOCK):
