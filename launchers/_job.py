@@ -1,49 +1,120 @@
-"""What the trainer launchers share: load + validate the config for one trainer, set up
-rank-tagged logging, the CUDA allocator's settings and the process groups, save the resolved
-config, run, tear down."""
+"""What the trainer launchers share: load + validate the config for one trainer, check the
+inputs it names, set up rank-tagged logging, the CUDA allocator's settings and the process
+groups, save the resolved config, run, tear down.
+
+Errors end the job as `ovlt.distributed.report_error` says: bad input (a config key, a missing
+or wrong file, a bad record or checkpoint) is one line from rank 0 naming what and where, exit
+code 2 for the config, 1 otherwise; an unexpected exception (a bug) prints its traceback. The
+other ranks stay quiet, and every rank's log file holds the full traceback.
+"""
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Optional
+
+
+def _check_path(key: str, path, kind: str) -> None:
+    from ovlt.config import ConfigError
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: {p} does not exist")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(f"{key}: {p} is not a file")
+    if kind == "dir" and not p.is_dir():
+        raise ConfigError(f"{key}: {p} is not a directory")
+
+
+def check_inputs(cfg, trainer: str) -> None:
+    """The files and folders the job reads exist and are of the right kind, and its output
+    cannot land on them; ConfigError naming the key otherwise (before any process group)."""
+    from ovlt.config import ConfigError
+    from ovlt.engine.hf_io import export_dir_is_free
+    from ovlt.models.qwen2_5_vl.hf_config import read_hf_config
+    from ovlt.utils.outdir import overlaps
+
+    m, d = cfg.model, cfg.data
+    train = getattr(cfg, trainer).train
+    if m.hf_path:
+        _check_path("model.hf_path", m.hf_path, "dir")
+        try:
+            read_hf_config(m.hf_path)  # present, valid JSON, a Qwen2.5-VL
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"model.hf_path: {e}") from None
+    files = [("data.sft_files", d.sft_files)] if trainer == "sft" else (
+        [("data.rl_files", d.rl_files)]
+        + [(f"grpo.curriculum[{i}].rl_files", st.rl_files)
+           for i, st in enumerate(cfg.grpo.curriculum)])
+    for key, paths in files:
+        for i, f in enumerate(paths):
+            _check_path(f"{key}[{i}]", f, "file")
+            if os.path.getsize(f) == 0:
+                raise ConfigError(f"{key}[{i}]: {f} is empty")
+            if trainer == "grpo" and not str(f).endswith(".parquet"):
+                raise ConfigError(f"{key}[{i}]: {f} is not a .parquet file; GRPO reads RL "
+                                  "prompts from parquet (problem, answer, images); an SFT "
+                                  ".json/.jsonl goes to data.sft_files")
+    if d.registry:
+        _check_path("data.registry", d.registry, "file")
+    if d.image_root:
+        _check_path("data.image_root", d.image_root, "dir")
+    save_dir = Path(train.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ConfigError(f"{trainer}.train.save_dir: {save_dir} is a file")
+    final = save_dir / "final_hf"
+    if m.hf_path and train.export_hf and overlaps(m.hf_path, final):
+        raise ConfigError(f"model.hf_path {m.hf_path} overlaps {final}, where this run exports "
+                          f"its model: it would replace its own input; use another "
+                          f"{trainer}.train.save_dir")
+    if train.export_hf and not export_dir_is_free(final):
+        raise ConfigError(f"{trainer}.train.save_dir: {final} holds files ovlt did not write; "
+                          "the export would not replace them: move them or use another save_dir")
 
 
 def run_job(trainer: str, config: str, overrides: list[str], run: Callable,
             check: Optional[Callable] = None) -> int:
     """`trainer` names the config section ("sft" or "grpo"); `run(cfg)` returns a summary dict
-    that rank 0 prints as JSON. Exit code 2 on a config error (message names the key)."""
+    that rank 0 prints as JSON. Returns the exit code (see the module docstring)."""
     from ovlt.config import ConfigError, load_config, save_config
+    from ovlt.distributed import report_error
     from ovlt.logging import setup_logging
+    prog = f"ovlt {trainer}"
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
         cfg = load_config(config, overrides, world_size=world, trainers=(trainer,))
         if check is not None:
             check(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    train = getattr(cfg, trainer).train
-    save_dir = Path(train.save_dir)
-    setup_logging(str(save_dir / "logs"))
+    except Exception as e:  # noqa: BLE001 - the same on every rank: rank 0 says it
+        return report_error(e, prog, same_on_all_ranks=True)
+    try:
+        check_inputs(cfg, trainer)
+        train = getattr(cfg, trainer).train
+        save_dir = Path(train.save_dir)
+        setup_logging(str(save_dir / "logs"))
 
-    from ovlt.utils.cuda_alloc import apply_alloc_conf, may_host_vllm
-    try:  # before the first CUDA allocation, so it governs all of the process's memory
-        apply_alloc_conf(train.cuda_alloc_conf, trainer,
-                         may_host_vllm(trainer, cfg.rollout.engine))
-    except ValueError as e:  # expandable segments asked for where vLLM may run
-        print(f"config error: {trainer}.train.cuda_alloc_conf: {e}", file=sys.stderr)
-        return 2
+        from ovlt.utils.cuda_alloc import apply_alloc_conf, may_host_vllm
+        try:  # before the first CUDA allocation, so it governs all of the process's memory
+            apply_alloc_conf(train.cuda_alloc_conf, trainer,
+                             may_host_vllm(trainer, cfg.rollout.engine))
+        except ValueError as e:  # expandable segments asked for where vLLM may run
+            raise ConfigError(f"{trainer}.train.cuda_alloc_conf: {e}") from None
 
-    from ovlt.distributed import destroy_distributed, init_distributed
-    info = init_distributed(cfg.parallel, seed=train.seed)
+        from ovlt.distributed import destroy_distributed, init_distributed
+        info = init_distributed(cfg.parallel, seed=train.seed)
+    except Exception as e:  # noqa: BLE001
+        return report_error(e, prog)
     try:
         if info.rank == 0:
             save_config(cfg, save_dir / "config.yaml")
         summary = run(cfg)
-    finally:
-        destroy_distributed()
+    except Exception as e:  # noqa: BLE001
+        code = report_error(e, prog)
+        if info.world_size == 1:
+            destroy_distributed()
+        # else: no teardown, other ranks may still sit in a collective; the process exits
+        return code
+    destroy_distributed()
     if info.rank == 0:
         print(json.dumps(summary))
     return 0

@@ -8,12 +8,16 @@
 Each stage runs as its own torchrun (per-stage world size from `iterate.nproc_*`/`nnodes_*`),
 its log in `runs/<name>/<stage>/stage.log`; `runs/<name>/manifest.json` records every stage and
 `runs/<name>/report.md` sums the rounds up.
+
+Errors: bad input (config, files) and a failed stage are one line (`ovlt iterate: error: ...`,
+exit code 2 for the config, 1 otherwise); an unexpected exception prints its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python launchers/iterate.py` from anywhere
@@ -44,11 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.launcher:
         overrides.append(f"iterate.launcher={args.launcher}")
+    from ovlt.distributed import log_to_files, report_error
+    from ovlt.errors import error_line
+    prog = "ovlt iterate"
+
+    def one_line(e: BaseException) -> int:
+        line = f"{prog}: error: {error_line(e)}"
+        log_to_files(line + "\n" + "".join(traceback.format_exception(e)))
+        print(line, file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001
+        return report_error(e, prog, same_on_all_ranks=True)
 
     from ovlt.iterate.loop import IterateError, run_dir_of, run_loop
     from ovlt.iterate.report import write_report
@@ -61,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in build_plan(cfg, run_dir):
                 stage_config(cfg, p)  # validates the stage's config for its world size
                 print(f"{p.sid:<12} {p.nnodes}x{p.nproc}  {p.program}")
-        except (ValueError, ConfigError) as e:
-            print(f"iterate: {e}", file=sys.stderr)
-            return 1
+        except ValueError as e:  # ConfigError included: the plan's own checks name the key
+            return one_line(e)
+        except Exception as e:  # noqa: BLE001
+            return report_error(e, prog)
         return 0
     setup_logging(str(run_dir / "logs"))
 
@@ -77,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                        stop_after=stop,
                        on_stage_done=lambda m, p: write_report(m, run_dir)
                        if p.stage == "eval" else None)
-    except (IterateError, ValueError, ConfigError) as e:
-        log.error("%s", e)
-        print(f"iterate: {e}", file=sys.stderr)
-        return 1
+    except (IterateError, ValueError) as e:  # a failed stage names its log; bad input
+        return one_line(e)
+    except Exception as e:  # noqa: BLE001
+        return report_error(e, prog)
     report = write_report(man, run_dir)
     print(f"run finished: {run_dir / 'manifest.json'}\nreport: {report}")
     return 0

@@ -1,7 +1,8 @@
 """`ovlt` console script. Sub-commands are loaded lazily so `ovlt --help` is instant.
 
 Each entry maps a sub-command to `module:function`; the function takes the remaining argv
-and returns an exit code.
+and returns an exit code. An exception it lets through ends the command as
+`ovlt.distributed.report_error` says: one line for bad input, a traceback for a bug.
 """
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     target = COMMANDS[name][0]
     mod_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(mod_name), fn_name)
-    rc = fn(argv)
+    try:
+        rc = fn(argv)
+    except Exception as e:  # noqa: BLE001 - what a sub-command did not handle itself
+        from ovlt.distributed import report_error
+        return report_error(e, f"ovlt {name}")
     return int(rc or 0)
 
 

@@ -11,6 +11,7 @@ what is allowed. Sections may be extended by their owners: add a typed field wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -450,11 +451,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "5e-6" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(f"{key}: expected a number, got NaN")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -498,6 +501,35 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first on line {first})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load(text: str):
+    """Parse YAML safely, refusing duplicate keys (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -505,9 +537,25 @@ def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: circular 'defaults' include")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml_load(text)
+    except yaml.MarkedYAMLError as e:  # one line: where and what
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -534,7 +582,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = yaml_load(raw) if raw.strip() != "" else ""
+    except yaml.constructor.ConstructorError as e:  # e.g. a duplicate key in {a: 1, a: 2}
+        raise ConfigError(f"override {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -592,9 +642,109 @@ def check_layer_choice(m: ModelConfig) -> None:
                           f"{m.transformer_impl}); the local layers take flash, sdpa or auto")
 
 
+# Value ranges, by key: (lowest, highest, whether the lowest itself is allowed). None = open.
+# Floats must also be finite unless the highest is math.inf.
+_AT_LEAST_1 = (1, None, True)
+_AT_LEAST_0 = (0, None, True)
+_POSITIVE = (0, None, False)
+_UNIT = (0.0, 1.0, True)
+_RANGES: dict[str, tuple] = {
+    **{f"model.{k}": _AT_LEAST_1 for k in (
+        "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+        "ffn_hidden_size", "max_position_embeddings")},
+    "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
+    **{f"model.vision.{k}": _AT_LEAST_1 for k in (
+        "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
+        "temporal_patch_size", "spatial_merge_size", "window_size", "in_channels")},
+    "parallel.timeout_minutes": _POSITIVE,
+    "data.min_pixels": _AT_LEAST_1, "data.max_pixels": _AT_LEAST_1,
+    "data.max_length": _AT_LEAST_1, "data.pack_tokens": _AT_LEAST_0,
+    "data.num_workers": _AT_LEAST_0,
+    **{f"{sec}.train.{k}": r for sec in ("sft", "grpo") for k, r in (
+        ("epochs", _AT_LEAST_0), ("max_steps", _AT_LEAST_0), ("save_interval", _AT_LEAST_0),
+        ("exit_interval", _AT_LEAST_0), ("keep_last", _AT_LEAST_0),
+        ("log_interval", _AT_LEAST_1))},
+    **{f"{sec}.optimizer.{k}": r for sec in ("sft", "grpo") for k, r in (
+        ("lr", _AT_LEAST_0), ("min_lr", _AT_LEAST_0), ("weight_decay", _AT_LEAST_0),
+        ("adam_beta1", (0.0, 1.0, True)), ("adam_beta2", (0.0, 1.0, True)),
+        ("adam_eps", _POSITIVE), ("clip_grad", _AT_LEAST_0), ("warmup_ratio", _UNIT),
+        ("warmup_steps", _AT_LEAST_0))},
+    "grpo.prompts_per_step": _AT_LEAST_1, "grpo.kl_coef": _AT_LEAST_0,
+    "grpo.overlong_penalty": _AT_LEAST_0, "grpo.max_tokens_per_micro_batch": _AT_LEAST_0,
+    "grpo.rollout_log_samples": _AT_LEAST_0,
+    "rollout.max_new_tokens": _AT_LEAST_1, "rollout.max_prompt_length": _AT_LEAST_1,
+    "rollout.tensor_parallel": _AT_LEAST_1, "rollout.gpu_memory_utilization": (0.0, 1.0, False),
+    "rollout.weight_bucket_mb": _AT_LEAST_1, "rollout.max_batch_size": _AT_LEAST_1,
+    "rewards.timeout_s": _POSITIVE, "rewards.num_workers": _AT_LEAST_0,
+    "rewards.partial_credit": _UNIT, "rewards.format_weight": _UNIT,
+    "eval.max_new_tokens": _AT_LEAST_1, "eval.batch_size": _AT_LEAST_1,
+    "iterate.rounds": _AT_LEAST_1, "iterate.sft_examples_per_round": _AT_LEAST_0,
+    "iterate.heldout_max_new_tokens": _AT_LEAST_1, "iterate.master_port": (1, 65535, True),
+    **{f"iterate.{k}_{st}": _AT_LEAST_1 for k in ("nproc", "nnodes")
+       for st in ("data", "sft", "grpo", "eval")},
+    "iterate.teacher.samples": _AT_LEAST_1, "iterate.teacher.max_tokens": _AT_LEAST_1,
+    "iterate.teacher.temperature": _AT_LEAST_0, "iterate.teacher.top_p": (0.0, 1.0, False),
+    "iterate.teacher.timeout_s": _POSITIVE, "iterate.teacher.retries": _AT_LEAST_0,
+    "iterate.teacher.retry_backoff_s": _AT_LEAST_0, "iterate.teacher.concurrency": _AT_LEAST_1,
+    "iterate.teacher.synthetic_wrong": _AT_LEAST_0,
+    "iterate.caption.max_new_tokens": _AT_LEAST_1,
+    "iterate.self_answer.samples": _AT_LEAST_1, "iterate.self_answer.temperature": _AT_LEAST_0,
+    "iterate.self_answer.top_p": (0.0, 1.0, False),
+    "iterate.self_answer.max_new_tokens": _AT_LEAST_1,
+    "iterate.self_answer.batch_size": _AT_LEAST_1, "iterate.self_answer.problems": _AT_LEAST_0,
+    **{f"iterate.prepare.{k}": _AT_LEAST_0 for k in ("synth_n", "heldout_n", "pool_per_round")},
+}
+
+
+def _get_path(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: JobConfig) -> None:
+    """Every key of `_RANGES` within its range (ConfigError naming the key and the range)."""
+    for key, (lo, hi, lo_ok) in _RANGES.items():
+        v = _get_path(cfg, key)
+        if v is None:
+            continue
+        bad = (isinstance(v, float) and not math.isfinite(v)) or (
+            lo is not None and (v < lo or (v == lo and not lo_ok))) or (
+            hi is not None and v > hi)
+        if bad:
+            lo_s = "" if lo is None else (f">= {lo}" if lo_ok else f"> {lo}")
+            hi_s = "" if hi is None else f"<= {hi}"
+            rng = " and ".join(x for x in (lo_s, hi_s) if x)
+            raise ConfigError(f"{key}={v!r}: must be {rng}" + ("" if math.isfinite(float(v))
+                                                                   else " (a finite number)"))
+    for lst, sub in (("eval.benchmarks", "limit"), ("grpo.curriculum", "epochs")):
+        for i, item in enumerate(_get_path(cfg, lst)):
+            if getattr(item, sub) < 0 or not math.isfinite(getattr(item, sub)):
+                raise ConfigError(f"{lst}[{i}].{sub}={getattr(item, sub)!r}: must be >= 0")
+
+
+def _check_combinations(cfg: JobConfig) -> None:
+    """Checks across keys that assume each key is within its range."""
+    for sec in ("sft", "grpo"):
+        t, o = getattr(cfg, sec).train, getattr(cfg, sec).optimizer
+        if t.max_steps == 0 and t.epochs == 0:
+            raise ConfigError(f"{sec}.train.epochs=0 with {sec}.train.max_steps=0: nothing to "
+                              "train; set one of them above 0")
+        if o.min_lr > o.lr:
+            raise ConfigError(f"{sec}.optimizer.min_lr={o.min_lr} exceeds {sec}.optimizer.lr="
+                              f"{o.lr}")
+    v = cfg.model.vision
+    unit = (v.patch_size * v.spatial_merge_size) ** 2
+    if cfg.data.max_pixels < unit:
+        raise ConfigError(f"data.max_pixels={cfg.data.max_pixels}: must be >= {unit}, one "
+                          f"{v.patch_size * v.spatial_merge_size}x"
+                          f"{v.patch_size * v.spatial_merge_size} merged patch")
+
+
 def validate(cfg: JobConfig, world_size: Optional[int] = None,
              trainers: tuple[str, ...] = ("sft", "grpo")) -> None:
     """Cross-field checks; each names the keys involved and the allowed values."""
+    check_ranges(cfg)
     from ovlt.utils.cuda_alloc import resolve_alloc_conf
     p, m = cfg.parallel, cfg.model
     for k in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
@@ -661,6 +811,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         raise ConfigError("grpo.samples_per_prompt must be >= 1")
     if g.clip_low < 0 or g.clip_high < 0 or (g.dual_clip and g.dual_clip <= 1.0):
         raise ConfigError("grpo.clip_low/clip_high must be >= 0 and grpo.dual_clip > 1 (or 0 = off)")
+    _check_combinations(cfg)
     if world_size is not None:
         mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
         if world_size % mp:

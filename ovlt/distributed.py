@@ -7,12 +7,29 @@ falls back to a single process when neither is set, picks nccl on GPU / gloo on 
 mcore's TP/PP/CP/DP groups and seeds python/numpy/torch plus mcore's tensor-parallel RNG
 tracker. Failures are re-raised tagged with the rank, so a hang or crash in a 64-process job
 says which process it was.
+
+`report_error(exc, prog)` is how a command ends on an exception (launchers, `ovlt` CLI):
+  * bad user input (`ovlt.errors.is_input_error`: a config key, a missing / corrupt file, a bad
+    record or checkpoint) prints ONE line, `prog: error: <what and where>`, no traceback;
+  * anything else is a bug: the traceback is printed;
+  * either way every rank's log file (`<save_dir>/logs/rank<r>.log`) gets the full traceback,
+    and torchrun's failure summary shows the line (its error file is written).
+Under torchrun rank 0 reports at once and says so in the process group's store; another rank
+with an error waits up to `OVLT_ERROR_GRACE_S` (10 s) for that word and then exits quietly; only
+when rank 0 has not reported (the error was that rank's alone) does it print its line, tagged
+`[rank R/W]`. An error raised before the process groups exist (config, input files: the same on
+every rank) ends the other ranks at once, silently.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import re
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -178,3 +195,92 @@ def destroy_distributed(barrier: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- error reporting
+def log_to_files(text: str) -> None:
+    """`text` into the rank's log file(s) only (not the console)."""
+    root = logging.getLogger()
+    rec = logging.LogRecord("ovlt.error", logging.ERROR, __file__, 0, text, None, None)
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(rec)
+
+
+def _elastic_error_file(line: str) -> None:
+    """torchrun's per-rank error file: its failure summary then shows `line`."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
+
+
+_REPORTED = "ovlt/error_reported"
+
+
+def _store():
+    """The default process group's key-value store (None without one)."""
+    if not dist.is_initialized():
+        return None
+    try:
+        from torch.distributed import distributed_c10d
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: fall back to reporting from every rank
+        return None
+
+
+def _rank0_reported(store, grace_s: float) -> bool:
+    """Whether rank 0 says (within `grace_s`) that it reported an error. A store that is gone
+    means rank 0 has exited: it reported, or torchrun shows why it died."""
+    if store is None:
+        return False
+    end = time.monotonic() + grace_s
+    while True:
+        try:
+            if store.check([_REPORTED]):
+                return True
+        except Exception:  # noqa: BLE001 - rank 0 (the store's host) is gone
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
+
+
+def report_error(exc: BaseException, prog: str, same_on_all_ranks: bool = False) -> int:
+    """Report `exc` as the module docstring says; returns the exit code (2: config error,
+    1: anything else). `same_on_all_ranks`: the error cannot differ between ranks (raised
+    before any rank-specific work), so only rank 0 says anything."""
+    from ovlt.config import ConfigError
+    from ovlt.errors import error_line, is_input_error
+
+    try:
+        le = read_launch_env()
+        rank, world = le.rank, le.world_size
+    except DistributedError:
+        rank, world = 0, 1
+    user = is_input_error(exc)
+    code = 2 if isinstance(exc, ConfigError) else 1
+    what = "error" if user else f"internal error ({type(exc).__name__})"
+    tag = f"[rank {rank}/{world}] " if rank else ""
+    line = f"{tag}{prog}: {what}: {error_line(exc)}"
+    tb = "".join(traceback.format_exception(exc))
+    log_to_files(f"{line}\n{tb}")
+    _elastic_error_file(line)
+    store = _store()
+    if rank == 0 and store is not None:
+        try:
+            store.set(_REPORTED, "1")
+        except Exception:  # noqa: BLE001 - nobody to tell
+            pass
+    if rank != 0 and (same_on_all_ranks or not dist.is_initialized() or _rank0_reported(
+            store, float(os.environ.get("OVLT_ERROR_GRACE_S", "10")))):
+        return code
+    if not user:
+        sys.stderr.write(tb)
+    print(line, file=sys.stderr, flush=True)
+    return code

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ovlt.data import image_processing as ip
 from ovlt.data.batch import PackedBatch
 from ovlt.data.chat_template import encode_sft
-from ovlt.data.formats import SFTRecord, SkipReport, read_rl, read_sft
+from ovlt.data.formats import DataError, SFTRecord, SkipReport, read_rl, read_sft
 from ovlt.data.image_loader import ImageError, image_size, load_image_pil
 from ovlt.data.packing import balanced_plan, collate, empty_batch, make_sample
 from ovlt.data.tokenizer import load_tokenizer
@@ -43,6 +43,14 @@ def _load_images(images, min_pixels, max_pixels):
         pvs.append(pv)
         grids.append(g)
     return (torch.cat(pvs) if pvs else None), grids
+
+
+def skips_in_brief(report: Optional[SkipReport], n: int = 3) -> str:
+    """"; N skipped, e.g. <file: record i: reason>; ..." for a one-line error ('' if none)."""
+    if report is None or not report.skips:
+        return ""
+    first = "; ".join(str(s) for s in report.skips[:n])
+    return f"; {report.num_skipped} skipped, e.g. {first}"
 
 
 def _report_for(records: Sequence, report: Optional[SkipReport]) -> SkipReport:
@@ -147,8 +155,8 @@ class SFTLoader:
             raise ValueError(f"token budget {token_budget} is not a multiple of "
                              f"pad_to_multiple {pad_to_multiple}")
         if len(dataset) < global_batch_size:
-            raise ValueError(f"dataset has {len(dataset)} usable samples, fewer than one global "
-                             f"batch ({global_batch_size}); see the skip report")
+            raise DataError(f"dataset has {len(dataset)} usable samples, fewer than one global "
+                            f"batch ({global_batch_size}){skips_in_brief(dataset.report)}")
         self.ds, self.gbs, self.budget = dataset, global_batch_size, token_budget
         self.rank, self.dp, self.workers, self.seed = dp_rank, dp_size, num_workers, seed
         self.pad = pad_to_multiple
@@ -195,8 +203,8 @@ def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
     if data_cfg.registry and files is None:
         recs += read_registry(data_cfg.registry, kind, report, seed=data_cfg.seed)
     if not recs:
-        raise ValueError(f"no {kind} records: set data.{kind}_files or data.registry "
-                         f"({report.num_skipped} skipped)")
+        raise DataError(f"no {kind} records in {', '.join(map(str, paths)) or '(no files)'}: "
+                        f"set data.{kind}_files or data.registry{skips_in_brief(report)}")
     return recs
 
 

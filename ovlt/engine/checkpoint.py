@@ -1,10 +1,12 @@
-"""Training checkpoints: megatron-core dist-checkpointing (model + DistributedOptimizer state,
-reshardable: save at TP=2, load at TP=1) plus the trainer state (step, data position, LR
-schedule) and every rank's RNG streams.
+"""Training checkpoints: model + DistributedOptimizer state as mcore sharded state dicts in
+safetensors + JSON (`engine.sharded_store`: reshardable, save at TP=2, load at TP=1), plus the
+trainer state (step, data position, LR schedule) and every rank's RNG streams. No file of a
+checkpoint is a pickle, and loading one never unpickles anything: a checkpoint is a file users
+pass around.
 
 Layout of `<save_dir>`:
     step_0000030/
-        dist/                 mcore dist checkpoint (torch_dist format)
+        state/                model + optimizer (`sharded_store`: common.json, r*.safetensors)
         trainer_state.json    step, consumed samples, epoch position, schedule, parallel sizes
         rng/rank00003.json    python / numpy RNG of rank 3
         rng/rank00003.safetensors   torch CPU (+CUDA) RNG and mcore's TP-RNG tracker states
@@ -14,6 +16,8 @@ Atomicity: everything is written into `.tmp-step_XXXXXXX/`; only after all ranks
 (barrier) does rank 0 rename it to `step_XXXXXXX/` and then atomically rewrite `latest`. A kill
 at any point leaves either the old or the new checkpoint complete; `find_latest` never returns a
 `.tmp-*` directory. Old checkpoints beyond `keep_last` are deleted after the commit.
+
+A checkpoint of torch's DCP format (`dist/.metadata`, a pickle) is refused, unread.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ from safetensors.torch import load_file, save_file
 
 from ovlt.logging import get_logger
 from ovlt.compat.mcore_cpu import cuda_free_mode
+from ovlt.engine import sharded_store
 from ovlt.engine.optimizer import ensure_optimizer_state
+from ovlt.engine.sharded_store import CheckpointError
 from ovlt.utils.io import atomic_write_json, atomic_write_text
 
 log = get_logger(__name__)
@@ -88,17 +94,24 @@ def _rng_load(dirpath: Path, rank: int) -> bool:
     st_path, js_path = dirpath / f"rank{rank:05d}.safetensors", dirpath / f"rank{rank:05d}.json"
     if not st_path.exists() or not js_path.exists():
         return False
-    t = load_file(str(st_path))
+    try:
+        t = load_file(str(st_path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError: truncated / not safetensors
+        raise CheckpointError(f"{st_path}: unreadable (truncated or not a safetensors file: "
+                              f"{e})") from None
     torch.set_rng_state(t["torch_cpu"])
     if torch.cuda.is_available() and "torch_cuda" in t:
         torch.cuda.set_rng_state(t["torch_cuda"])
     tracker = {k[len("tracker."):]: v for k, v in t.items() if k.startswith("tracker.")}
     if tracker:
         get_cuda_rng_tracker().set_states(tracker)
-    j = json.loads(js_path.read_text())
-    random.setstate((j["python"][0], tuple(j["python"][1]), j["python"][2]))
-    n = j["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    try:
+        j = json.loads(js_path.read_text(encoding="utf-8"))
+        random.setstate((j["python"][0], tuple(j["python"][1]), j["python"][2]))
+        n = j["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{js_path}: not a valid RNG state ({e!r})") from None
     return True
 
 
@@ -118,10 +131,12 @@ def find_latest(save_dir) -> Optional[Path]:
     d = Path(save_dir)
     ptr = d / "latest"
     if ptr.is_file():
-        cand = d / ptr.read_text().strip()
-        if _STEP_RE.match(cand.name) and (cand / "trainer_state.json").is_file():
+        name = ptr.read_text(encoding="utf-8", errors="replace").strip()
+        cand = d / name
+        if _STEP_RE.match(name) and (cand / "trainer_state.json").is_file():
             return cand
-        log.warning("%s names %s, which is not a complete checkpoint; scanning", ptr, cand)
+        log.warning("%s names %r, which is not a complete checkpoint in %s; scanning", ptr,
+                    name[:80], d)
     ckpts = list_checkpoints(d)
     return ckpts[-1] if ckpts else None
 
@@ -149,8 +164,6 @@ def save_checkpoint(save_dir, step: int, chunks: list, optimizer, trainer_state:
                     keep_last: int = 2,
                     _before_commit: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective: every rank calls it. Returns the committed directory."""
-    from megatron.core import dist_checkpointing
-
     save_dir = Path(save_dir)
     rank = _rank()
     final = save_dir / step_dir_name(step)
@@ -159,12 +172,12 @@ def save_checkpoint(save_dir, step: int, chunks: list, optimizer, trainer_state:
         save_dir.mkdir(parents=True, exist_ok=True)
         for stale in save_dir.glob(".tmp-step_*"):  # leftovers of a killed save
             shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "dist").mkdir(parents=True)
+        (tmp / "state").mkdir(parents=True)
         (tmp / "rng").mkdir()
     _barrier()
     with cuda_free_mode():
         state = _sharded_state(chunks, optimizer, is_loading=False)
-        dist_checkpointing.save(state, str(tmp / "dist"))
+        sharded_store.save(state, tmp / "state")
     _rng_save(tmp / "rng", rank)
     _barrier()
     if rank == 0:
@@ -216,24 +229,44 @@ def _load_optimizer(optimizer, state) -> None:
                 torch_state[p]["step"] = st.clone()
 
 
+def read_trainer_state(path) -> dict:
+    """The `trainer_state.json` of checkpoint `path` (CheckpointError naming the file when it
+    is missing or not a JSON object with an integer step)."""
+    ts_path = Path(path) / "trainer_state.json"
+    if not ts_path.is_file():
+        raise CheckpointError(f"{ts_path}: missing (not a complete ovlt checkpoint)")
+    try:
+        st = json.loads(ts_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ts_path}: not valid JSON ({e})") from None
+    if not isinstance(st, dict) or not isinstance(st.get("step"), int) or st["step"] < 0:
+        raise CheckpointError(f"{ts_path}: expected a JSON object with a non-negative integer "
+                              "'step'")
+    return st
+
+
 def load_checkpoint(path, chunks: list, optimizer, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Collective. Loads model (+ optimizer) state, resharding to the current TP/PP/DP as
     needed, restores this rank's RNG when the world size is unchanged, returns the trainer
-    state dict."""
-    from megatron.core import dist_checkpointing
-
+    state dict. A missing, corrupt or foreign checkpoint is a CheckpointError naming the
+    file."""
     path = Path(path)
-    ts_path = path / "trainer_state.json"
-    if not ts_path.is_file():
-        raise FileNotFoundError(f"{path}: not a complete ovlt checkpoint (no trainer_state.json)")
-    trainer_state = json.loads(ts_path.read_text())
+    trainer_state = read_trainer_state(path)
+    store = path / "state"
+    if not store.is_dir():
+        old = path / "dist" / ".metadata"
+        if old.exists():
+            raise CheckpointError(f"{old}: a torch DCP checkpoint, whose metadata is a pickle; "
+                                  "ovlt does not load pickles (checkpoints are safetensors + "
+                                  "JSON); start the run afresh or from an HF export")
+        raise CheckpointError(f"{store}: missing (not a complete ovlt checkpoint)")
     with cuda_free_mode():
         if load_optimizer:
             state = _sharded_state(chunks, optimizer, is_loading=True)
         else:
             state = {"model": chunks[0].module.sharded_state_dict()}
-        loaded = dist_checkpointing.load(state, str(path / "dist"))
+        loaded = sharded_store.load(state, store)
         chunks[0].module.load_state_dict(loaded["model"], strict=True)
         if load_optimizer:
             _load_optimizer(optimizer, loaded["optimizer"])

@@ -5,14 +5,14 @@ stage, every TP rank) send their shard to global rank 0, which merges it and han
 sharded HF writer, so rank 0 never holds more than one full tensor plus one output shard."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ovlt.logging import get_logger
+from ovlt.models.qwen2_5_vl.checkpoint_io import looks_like_hf_export
+from ovlt.utils import outdir
 from ovlt.utils.device import default_device
 
 log = get_logger(__name__)
@@ -22,6 +22,33 @@ def load_hf_weights(model, model_cfg) -> None:
     from ovlt.models.qwen2_5_vl.provider import load_hf_weights as _load
     log.info("loading base weights from %s", model_cfg.hf_path)
     _load(model, model_cfg.hf_path)
+
+
+EXPORT_KIND = "hf_model"
+
+
+def export_dir_is_free(out_dir) -> bool:
+    """`out_dir` is absent, empty or an earlier export (one `export_hf` may replace)."""
+    d = Path(out_dir)
+    return not d.exists() or (d.is_dir() and (not any(d.iterdir()) or outdir.is_own(
+        d, EXPORT_KIND, looks_like_hf_export)))
+
+
+def _free_export_dir(out_dir: Path) -> Path:
+    if export_dir_is_free(out_dir) and not _foreign_partial(out_dir):
+        return out_dir
+    for i in range(1, 1000):
+        alt = out_dir.with_name(f"{out_dir.name}-{i}")
+        if export_dir_is_free(alt) and not _foreign_partial(alt):
+            log.error("%s holds files ovlt did not write; the export goes to %s instead",
+                      out_dir, alt)
+            return alt
+    raise outdir.OutputDirError(f"{out_dir}: no free export directory next to it")
+
+
+def _foreign_partial(out_dir: Path) -> bool:
+    p = outdir.partial_of(out_dir)
+    return p.exists() and not (p.is_dir() and outdir.is_own(p, EXPORT_KIND))
 
 
 def _rank_table() -> dict:
@@ -38,7 +65,9 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
               max_shard_bytes: int = 4 * 1024 ** 3) -> Path | None:
     """Collective. Writes `out_dir` (config.json, sharded safetensors + index, the tokenizer
     files of `model.hf_path`, else ovlt's own Qwen2.5 tokenizer) atomically via
-    `<out_dir>.tmp`. Returns the path on rank 0, None elsewhere."""
+    `<out_dir>.partial` (`ovlt.utils.outdir`: an earlier export there is replaced, a folder ovlt
+    did not write is not: the export then goes to the first free `<out_dir>-N`, with an error
+    logged). Returns the path on rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
     from ovlt.models.qwen2_5_vl import state_dict_adapter as sda
@@ -72,9 +101,10 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
 
     comm_dev = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out_dir = _free_export_dir(out_dir)
+        tmp = outdir.stage(out_dir, EXPORT_KIND, force=True, out_name="export",
+                           looks_like_ours=looks_like_hf_export)
         writer = HFCheckpointWriter(tmp, max_shard_bytes=max_shard_bytes)
         # The adapter walks the export plan in order, asking `get` for each parameter.
         for name, full in sda.mcore_to_hf(get, model_cfg, tp, pp):
@@ -95,9 +125,7 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
     if "tokenizer.json" not in copied and "vocab.json" not in copied:
         from ovlt.data.tokenizer import save_hf_tokenizer
         save_hf_tokenizer(tmp)  # ovlt's offline Qwen2.5 tokenizer: the directory is complete
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    outdir.commit(tmp, out_dir)
     log.info("exported HF model to %s", out_dir)
     dist.barrier()
     return out_dir

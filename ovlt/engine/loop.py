@@ -14,11 +14,11 @@ HF export). A trainer's loop reads
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from ovlt.engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from ovlt.engine.checkpoint import (find_latest, load_checkpoint, read_trainer_state,
+                                    save_checkpoint)
 from ovlt.engine.metrics_logger import trim_jsonl
 from ovlt.logging import get_logger
 from ovlt.utils.device import dtype_of
@@ -36,7 +36,7 @@ class TrainLoop:
         # the trainer state of the latest checkpoint ({} on a fresh start)
         self.saved_state: dict = {}
         if self.latest is not None:
-            self.saved_state = json.loads((self.latest / "trainer_state.json").read_text())
+            self.saved_state = read_trainer_state(self.latest)  # a clear error if corrupt
             self.start_step = int(self.saved_state["step"])
         # the last step a checkpoint holds (-1: none); a resumed run holds its start
         self.saved_at = self.start_step if self.latest is not None else -1

@@ -38,6 +38,8 @@ def build_engine(model_dir: str, engine: str = "auto", cfg=None):
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json (eval run needs an HF model "
                                 f"directory; export an mcore checkpoint with `ovlt convert mcore2hf`)")
+    from ovlt.models.qwen2_5_vl.checkpoint_io import HFCheckpointReader
+    HFCheckpointReader(model_dir).close()  # a Qwen2.5-VL in safetensors (never a pickle), early
     cfg = copy.deepcopy(cfg) if cfg is not None else JobConfig()
     cfg.model = model_config_for(model_dir, cfg.model)
     cfg.rollout.engine = engine

@@ -30,7 +30,8 @@ class PromptPosition:
 
 class PromptStream:
     def __init__(self, cfg, prompts_per_step: int):
-        from ovlt.data.formats import SkipReport, read_rl
+        from ovlt.data.datasets import skips_in_brief
+        from ovlt.data.formats import DataError, SkipReport, read_rl
         g, d = cfg.grpo, cfg.data
         stages = list(g.curriculum) or [CurriculumStage(name="all", rl_files=list(d.rl_files),
                                                         epochs=cfg.grpo.train.epochs,
@@ -38,15 +39,16 @@ class PromptStream:
         self.stages, self.records = [], []
         for st in stages:
             if not st.rl_files:
-                raise ValueError(f"grpo curriculum stage {st.name!r}: no rl_files (set "
-                                 "data.rl_files or grpo.curriculum[i].rl_files)")
+                raise DataError(f"grpo curriculum stage {st.name!r}: no rl_files (set "
+                                "data.rl_files or grpo.curriculum[i].rl_files)")
             report = SkipReport(strict=d.strict)
             recs = [r for f in st.rl_files for r in read_rl(f, image_root=d.image_root,
                                                              report=report, source=st.name)]
             if report.num_skipped:
                 log.warning("stage %s: %s", st.name, report.summary())
             if not recs:
-                raise ValueError(f"grpo stage {st.name!r}: no valid records in {st.rl_files}")
+                raise DataError(f"grpo stage {st.name!r}: no usable records in "
+                                f"{', '.join(map(str, st.rl_files))}{skips_in_brief(report)}")
             self.stages.append(st)
             self.records.append(recs)
         self.n = prompts_per_step

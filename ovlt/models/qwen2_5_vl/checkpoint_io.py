@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ovlt.errors import InputError
 from ovlt.models.qwen2_5_vl.state_dict_adapter import MissingTensorError, canonical_hf_name
 from ovlt.utils.io import atomic_write_json
 
@@ -41,6 +42,17 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def open_safetensors(f):
+    """`safe_open` of `f`; a truncated or non-safetensors file is an InputError naming it."""
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError / OSError: the file is unusable
+        raise InputError(f"{f}: not a readable safetensors file (truncated or another format: "
+                         f"{e})") from None
+
+
 # --------------------------------------------------------------------------- reading
 class SafetensorsDir(Mapping):
     """Lazy Mapping over every tensor of the `*.safetensors` files listed (name -> file)."""
@@ -53,14 +65,18 @@ class SafetensorsDir(Mapping):
     def _handle(self, f: Path):
         h = self._handles.get(f)
         if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            h = self._handles[f] = open_safetensors(f)
         return h
 
     def __getitem__(self, key: str) -> torch.Tensor:
         f = self._where.get(key)
         if f is None:
             raise KeyError(key)
-        return self._handle(f).get_tensor(self._orig.get(key, key))
+        h = self._handle(f)
+        try:
+            return h.get_tensor(self._orig.get(key, key))
+        except Exception as e:  # noqa: BLE001 - data past the end of a truncated file
+            raise InputError(f"{f}: cannot read tensor {key!r} ({e})") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(self._where[key]).get_slice(self._orig.get(key, key)).get_shape())
@@ -95,25 +111,22 @@ class HFCheckpointReader(SafetensorsDir):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: not a directory (expected an HF model directory)")
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"{self.path}: no config.json (is this an HF model directory?)")
+        from ovlt.models.qwen2_5_vl.hf_config import read_hf_config
+        read_hf_config(self.path)  # present, valid JSON, and a Qwen2.5-VL
         index = self.path / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-            files = {n: self.path / f for n, f in weight_map.items()}
+            files = {n: self.path / f for n, f in read_index(index).items()}
             for f in set(files.values()):
                 if not f.is_file():
                     raise FileNotFoundError(f"{index} lists {f.name}, which does not exist")
         elif (self.path / "model.safetensors").is_file():
-            with safe_open(str(self.path / "model.safetensors"), framework="pt") as h:
-                files = {n: self.path / "model.safetensors" for n in h.keys()}
+            f = self.path / "model.safetensors"
+            files = {n: f for n in open_safetensors(f).keys()}
         else:
-            if any(self.path.glob("*.bin")):
-                raise ValueError(f"{self.path}: only pickle (*.bin) weights found; convert them to "
-                                 "safetensors first (ovlt never unpickles checkpoints)")
+            if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt*")):
+                raise InputError(f"{self.path}: only pickle (*.bin / *.pt) weights found; convert "
+                                 "them to safetensors first (ovlt never unpickles checkpoints), "
+                                 "e.g. save_pretrained(..., safe_serialization=True)")
             raise FileNotFoundError(f"{self.path}: no {INDEX_NAME} and no model.safetensors")
         where, orig = {}, {}
         for n, f in files.items():
@@ -131,6 +144,25 @@ class HFCheckpointReader(SafetensorsDir):
             return super().__getitem__(key)
         except KeyError:
             raise MissingTensorError(f"{self.path}: missing tensor {key!r}") from None
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a safetensors index file: tensor name -> file name in its folder."""
+    try:
+        body = json.loads(index.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{index}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{index}: not valid JSON ({e})") from None
+    wm = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise InputError(f"{index}: not a safetensors index (expected an object whose "
+                         "'weight_map' maps tensor names to file names)")
+    for v in set(wm.values()):
+        if Path(v).name != v or v in (".", ".."):
+            raise InputError(f"{index}: weight_map names {v!r}, not a file in the same folder")
+    return wm
 
 
 # --------------------------------------------------------------------------- writing
@@ -301,6 +333,13 @@ def copy_side_files(src, dst, skip=("config.json",)) -> list[str]:
         shutil.copyfile(f, dst / f.name)
         copied.append(f.name)
     return copied
+
+
+def looks_like_hf_export(d: Path) -> bool:
+    """An HF model directory written by ovlt before its outputs were marked
+    (`ovlt.utils.outdir`): config.json and safetensors, no sub-directories."""
+    return ((d / "config.json").is_file() and any(d.glob("*.safetensors"))
+            and not any(p.is_dir() for p in d.iterdir()))
 
 
 def iter_safetensors(path) -> Iterator[tuple[str, torch.Tensor]]:

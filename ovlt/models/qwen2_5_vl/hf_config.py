@@ -1,10 +1,47 @@
 """ModelConfig <-> HF `Qwen2_5_VLConfig` (config.json of an official Qwen2.5-VL directory)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from ovlt.config import ModelConfig, VisionConfig
+from ovlt.errors import InputError
+
+MODEL_TYPE = "qwen2_5_vl"
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+
+
+def read_hf_config(src) -> dict:
+    """`config.json` of an HF directory (or the file itself) as a dict, checked to describe a
+    Qwen2.5-VL; InputError / FileNotFoundError naming the file otherwise."""
+    p = Path(src)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no config.json (is this an HF model directory?)")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    check_architecture(d, p)
+    return d
+
+
+def check_architecture(d: dict, where) -> None:
+    """ovlt's model, conversion and weight adapter are Qwen2.5-VL's: refuse any other model
+    before its tensors are looked at (a Llama or BERT would fail later on a missing tensor)."""
+    mt, archs = d.get("model_type"), d.get("architectures") or []
+    ours = mt == MODEL_TYPE or (mt is None and any("Qwen2_5_VL" in str(a) for a in archs))
+    if not ours:
+        what = f"model_type {mt!r}" if mt is not None else "no model_type"
+        if archs:
+            what += f" ({', '.join(map(str, archs))})"
+        raise InputError(f"{where}: {what} is not Qwen2.5-VL; ovlt trains and converts "
+                         f"Qwen2.5-VL models only (model_type {MODEL_TYPE!r}, {ARCHITECTURE})")
 
 
 def to_hf_config(m: ModelConfig):
@@ -37,42 +74,52 @@ def from_hf_config(src) -> ModelConfig:
     (`text_config`) layout and the older flat layout of the official repos."""
     if isinstance(src, (str, Path)):
         p = Path(src)
-        p = p / "config.json" if p.is_dir() else p
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no config.json (is this an HF model directory?)")
-        d = json.loads(p.read_text())
+        where = p / "config.json" if p.is_dir() else p
+        d = read_hf_config(p)
     else:
+        where = "HF config"
         d = dict(src)
+    try:
+        m = _model_config(d)
+    except KeyError as e:
+        raise InputError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{where}: a field has the wrong type ({e})") from None
+    from ovlt.config import ConfigError, from_dict
+    try:  # the same type checks as a YAML model section
+        return from_dict(ModelConfig, dataclasses.asdict(m), "model")
+    except ConfigError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _model_config(d: dict) -> ModelConfig:
     t = dict(d)
     t.update(d.get("text_config") or {})
     vd = d.get("vision_config") or {}
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     theta = rope.get("rope_theta", t.get("rope_theta", 1000000.0))
     section = rope.get("mrope_section", [16, 24, 24])
-    try:
-        vision = VisionConfig(
-            depth=vd.get("depth", 32), hidden_size=vd.get("hidden_size", 1280),
-            num_heads=vd.get("num_heads", 16), intermediate_size=vd.get("intermediate_size", 3420),
-            patch_size=vd.get("patch_size", 14), temporal_patch_size=vd.get("temporal_patch_size", 2),
-            spatial_merge_size=vd.get("spatial_merge_size", 2), window_size=vd.get("window_size", 112),
-            fullatt_block_indexes=list(vd.get("fullatt_block_indexes", [7, 15, 23, 31])),
-            in_channels=vd.get("in_channels", vd.get("in_chans", 3)))
-        return ModelConfig(
-            name=d.get("_name_or_path") or "qwen2_5_vl", vocab_size=t["vocab_size"],
-            hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
-            num_attention_heads=t["num_attention_heads"],
-            num_query_groups=t.get("num_key_value_heads") or t["num_attention_heads"],
-            ffn_hidden_size=t["intermediate_size"], rope_theta=float(theta),
-            mrope_section=list(section), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-            max_position_embeddings=t.get("max_position_embeddings", 128000),
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
-            vision=vision)
-    except KeyError as e:
-        raise ValueError(f"HF config is missing field {e.args[0]!r}") from None
+    vision = VisionConfig(
+        depth=vd.get("depth", 32), hidden_size=vd.get("hidden_size", 1280),
+        num_heads=vd.get("num_heads", 16), intermediate_size=vd.get("intermediate_size", 3420),
+        patch_size=vd.get("patch_size", 14), temporal_patch_size=vd.get("temporal_patch_size", 2),
+        spatial_merge_size=vd.get("spatial_merge_size", 2), window_size=vd.get("window_size", 112),
+        fullatt_block_indexes=list(vd.get("fullatt_block_indexes", [7, 15, 23, 31])),
+        in_channels=vd.get("in_channels", vd.get("in_chans", 3)))
+    return ModelConfig(
+        name=d.get("_name_or_path") or "qwen2_5_vl", vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_query_groups=t.get("num_key_value_heads") or t["num_attention_heads"],
+        ffn_hidden_size=t["intermediate_size"], rope_theta=float(theta),
+        mrope_section=list(section), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+        image_token_id=d.get("image_token_id", 151655),
+        video_token_id=d.get("video_token_id", 151656),
+        vision_start_token_id=d.get("vision_start_token_id", 151652),
+        vision_end_token_id=d.get("vision_end_token_id", 151653),
+        vision=vision)
 
 
 def save_tiny_hf_model(out_dir, model_cfg: ModelConfig | None = None, seed: int = 0,
