@@ -28,8 +28,9 @@ same law as benchmarks/grpo_recipe.py. Each request decodes exactly its length (
 text of `--mix-prompt` tokens (448: the recipe's 324 image tokens at max_pixels + ~120 text;
 the vision tower's cost is not measured here). Variants, same model and requests:
 `static@S` (S slots, a batch waits for its longest sequence: the engine's old schedule) and
-`continuous@S` (a finished sample's slot takes the next waiting one at once); each reports
-new tokens/s, decode steps, ms per step, slot occupancy and peak memory. The KV cache and
+`continuous@S` (a finished sample's slot takes the next waiting one at once, and the tail runs
+narrower steps once nothing waits); each reports new tokens/s, decode steps, ms per step, slot
+occupancy, slot-steps run and peak memory. The KV cache and
 the CUDA graph are set up before the timed call (`BuiltinEngine.reserve`).
 """
 from __future__ import annotations
@@ -185,12 +186,12 @@ def mix_requests(args):
     return reqs, 1, caps
 
 
-def bench_mix(args, res, module, cfg):
+def bench_mix(args, res, module, cfg, save=lambda: None):
     from ovlt.rollout.base import SamplingParams
     from ovlt.rollout.builtin import BuiltinEngine
     reqs, n, caps = mix_requests(args)
     total = sum(caps)
-    sp = SamplingParams(temperature=1.0, top_p=0.99, n=n, seed=0, ignore_eos=True,
+    sp = SamplingParams(temperature=1.0, top_p=args.mix_top_p, n=n, seed=0, ignore_eos=True,
                         max_new_tokens=max(caps))
     out = {"prompts": args.mix_prompts, "samples_per_prompt": args.mix_samples,
            "prompt_tokens": args.mix_prompt, "length_unit": args.length_unit,
@@ -199,13 +200,13 @@ def bench_mix(args, res, module, cfg):
                        "mean": total / len(caps), "max": max(caps),
                        "p95": sorted(caps)[int(0.95 * (len(caps) - 1))],
                        "capped_fraction": sum(c == args.len_cap for c in caps) / len(caps)},
-           "new_tokens": total, "sampling": {"temperature": 1.0, "top_p": 0.99},
+           "new_tokens": total, "sampling": {"temperature": 1.0, "top_p": args.mix_top_p},
            "check_every": args.check_every, "variants": {}}
     for v in args.mix_variants.split(","):
         schedule, slots = v.split("@")
         slots = int(slots)
         eng = BuiltinEngine(module, cfg, max_batch_size=slots, schedule=schedule,
-                            check_every=args.check_every)
+                            check_every=args.check_every, min_width=args.min_width)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -219,12 +220,16 @@ def bench_mix(args, res, module, cfg):
         r = {"schedule": schedule, "slots": used, "seconds": dt, "tokens_per_s": total / dt,
              "steps": st["steps"], "ms_per_step": 1000 * dt / max(1, st["steps"]),
              "slot_occupancy": st["slot_steps_busy"] / max(1, st["steps"] * used),
-             "min_steps_at_full_occupancy": -(-total // used), "prefills": st["prefills"],
+             "min_steps_at_full_occupancy": -(-total // used),
+             "slot_steps_run": st["slot_steps_run"], "narrowed_tail": st["compactions"],
+             "prefills": st["prefills"],
              "prefill_prompts": st["prefill_prompts"], "kv_copies": st["kv_copies"],
              "host_syncs": st["syncs"]}
         if torch.cuda.is_available():
             r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["variants"][v] = r
+        res["recipe_mix"] = out
+        save()  # a run cut short keeps its finished variants
         print("recipe_mix", v, r, flush=True)
         eng.sleep()
         del eng, outs
@@ -277,6 +282,9 @@ def main(argv=None):
     ap.add_argument("--mix-prompt", type=int, default=448, help="prompt tokens per request")
     ap.add_argument("--mix-variants", default="static@64,continuous@64,continuous@128,continuous@192",
                     help="comma-separated schedule@slots")
+    ap.add_argument("--mix-top-p", type=float, default=0.99)
+    ap.add_argument("--min-width", type=int, default=8,
+                    help="narrowest decode step of a call's tail (continuous batching)")
     ap.add_argument("--len-median", type=float, default=500.0)
     ap.add_argument("--len-sigma", type=float, default=0.6)
     ap.add_argument("--len-cap", type=int, default=2048)
@@ -291,6 +299,7 @@ def main(argv=None):
         args.mix_prompts, args.mix_samples, args.mix_prompt = 6, 3, 24
         args.len_median, args.len_cap = 8.0, 20
         args.mix_variants = "static@4,continuous@4,continuous@8"
+        args.min_width = 1
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny (CPU) or on a GPU")
     res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
@@ -303,14 +312,14 @@ def main(argv=None):
     del hf
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    from ovlt.utils.io import atomic_write_json
     if not args.skip_mix:
-        bench_mix(args, res, module, cfg)
+        bench_mix(args, res, module, cfg, save=lambda: atomic_write_json(args.out, res))
     del module
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not (args.skip_update or args.mix_only):
         bench_update(args, res)
-    from ovlt.utils.io import atomic_write_json
     atomic_write_json(args.out, res)
     print(json.dumps(res, indent=1))
     return 0

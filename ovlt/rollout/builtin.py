@@ -10,20 +10,24 @@ order; `max_batch_size` slots decode one sample each, one token per slot per ste
 samples that hit EOS / a stop string / their cap, and hands their slots to the next waiting
 samples at once (`ovlt.rollout.slots`). The `n` samples of a prompt share one prefill: the
 prompt (image included) is encoded once, its KV prefix copied into (or kept in) its samples'
-slots. `schedule="static"` refills only when every slot is free (batches wait for their
-longest sequence: the old behaviour, kept as the benchmark's baseline).
+slots. Once no sample waits, the live slots move to the front (their KV copied) and the step
+narrows to the first w slots (w: a power of two, one CUDA graph each), so the call's last long
+samples do not pay for a full-width step. `schedule="static"` refills only when every slot is
+free and never narrows (batches wait for their longest sequence: the old behaviour, kept as
+the benchmark's baseline).
 
 KV cache: one buffer per slot, sized for the call's longest prompt + largest cap (rounded up),
 not paged. Why: a slot's keys are contiguous, so the decode attention kernel
 (`ovlt.rollout.decode_attention`) reads exactly the live tokens with plain strides and a
 refill is one copy, with no page table to keep in step with the CUDA graph; the cost is the
-memory reserved for the cap, which bounds the slot count (at 7B: 57 KiB per token, ~0.17 GiB
+memory reserved for the cap, which bounds the slot count (at 7B: 56 KiB per token, ~0.16 GiB
 per slot of 3k tokens), and the slot count is cut to what free memory holds.
 
 Prefill runs the prompt minus its last token (images through the model's own vision tower);
 the last prompt token is the first token a slot decodes, so every sampled token — the first
 included — comes out of the one decode step, which is captured once as a CUDA graph (static
-slot count; per-slot token, positions, count live in device tensors the graph reads).
+slot count — and each narrower width; per-slot token, positions, count live in device
+tensors the graphs read).
 
 Sampling: each sample draws from its own seed (`ovlt.rollout.base.request_seeds`, sample j of
 a request with seed s uses s + j) with a counter-based generator (`sampling.sample_rows`),
@@ -84,7 +88,9 @@ class _DecodeState:
     cache: torch.Tensor      # [layers, 2, slots, groups, length, head_dim]
     ints: torch.Tensor       # [slots, 6] int64 (columns TOK .. SEED)
     active: torch.Tensor     # [slots] bool: decoding (not finished, not idle)
-    step: Callable[[], torch.Tensor]   # -> logits [slots, vocab] fp32
+    # decode step over the first `w` slots, for each width w (the slot count, and smaller
+    # widths for the tail of a call): -> logits [w, vocab] fp32
+    steps: dict[int, Callable[[], torch.Tensor]]
 
 
 class BuiltinEngine(RolloutEngine):
@@ -95,7 +101,8 @@ class BuiltinEngine(RolloutEngine):
                  cuda_graphs: bool = True, tp_group=None, check_every: int = 8,
                  image_embedder: Optional[Callable] = None, rope_fn: Optional[Callable] = None,
                  pad_token_id: int = ENDOFTEXT_ID, schedule: str = "continuous",
-                 prefill_tokens: int = 16384, kv_memory_fraction: float = 0.9):
+                 prefill_tokens: int = 16384, kv_memory_fraction: float = 0.9,
+                 compact: bool = True, min_width: int = 8):
         if schedule not in ("continuous", "static"):
             raise ValueError(f"schedule must be 'continuous' or 'static', got {schedule!r}")
         self.model = model
@@ -112,6 +119,11 @@ class BuiltinEngine(RolloutEngine):
         self.schedule = schedule
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.kv_memory_fraction = float(kv_memory_fraction)
+        # Tail of a call (no sample waiting, few decoding): move the live slots to the front
+        # and step only the first w slots (w: the slot count or a power of two >= min_width),
+        # so the last long samples do not pay for a full-width step.
+        self.compact = bool(compact) and schedule == "continuous"
+        self.min_width = max(1, int(min_width))
         # Vision placeholders exist only in prompts: a sampled <|image_pad|> would not match
         # any image features when the trainer re-reads the response.
         self.banned_ids = sorted({model_cfg.image_token_id, model_cfg.video_token_id,
@@ -236,38 +248,47 @@ class BuiltinEngine(RolloutEngine):
         st.cache = self.decoder.new_cache(slots, length)
         st.ints = torch.zeros(slots, 6, dtype=torch.long, device=dev)
         st.active = torch.zeros(slots, dtype=torch.bool, device=dev)
-        st.step = self._make_step(st)
+        widths = [slots] + [w for w in (2 ** i for i in range(12)) if self.min_width <= w < slots]
+        if not self.compact:
+            widths = [slots]
+        st.steps = self._make_steps(st, sorted(widths, reverse=True))
         self._state = st
         return st
 
-    def _make_step(self, st: _DecodeState) -> Callable[[], torch.Tensor]:
+    def _make_steps(self, st: _DecodeState, widths: list[int]) -> dict[int, Callable[[], torch.Tensor]]:
         d = self.decoder
         ints = st.ints
 
-        def eager():
-            count = ints[:, COUNT]
-            return d.decode(ints[:, TOK], ints[:, BASE] + count, ints[:, ROPE] + count, st.cache)
+        def eager(w: int):
+            count = ints[:w, COUNT]
+            return d.decode(ints[:w, TOK], ints[:w, BASE] + count, ints[:w, ROPE] + count,
+                            st.cache[:, :, :w])
 
         if not (self.use_graphs and d.device.type == "cuda"):
-            return eager
+            return {w: (lambda w=w: eager(w)) for w in widths}
         log_once(log, "builtin_cuda_graphs", "built-in engine: CUDA graphs for decode")
         # Warm up on a side stream (allocator, cuBLAS workspaces, Triton compilation), then
-        # capture. This runs before any prefill of this cache: what it writes (position 0 of
-        # every slot) is overwritten.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                eager()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = eager()
+        # capture, widest first, all graphs in one memory pool (never replayed together).
+        # This runs before any prefill of this cache: what it writes (position 0 of every
+        # slot) is overwritten.
+        pool = torch.cuda.graph_pool_handle()
+        steps = {}
+        for w in widths:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    eager(w)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = eager(w)
 
-        def replay():
-            graph.replay()
-            return out
-        return replay
+            def replay(graph=graph, out=out):
+                graph.replay()
+                return out
+            steps[w] = replay
+        return steps
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, prompts: list[_Prompt], dsts: list[list[int]], cache: torch.Tensor) -> None:
@@ -338,7 +359,7 @@ class BuiltinEngine(RolloutEngine):
         ints = st.ints
         count = ints[:, COUNT]
         stats = {"steps": 0, "prefills": 0, "prefill_prompts": 0, "kv_copies": 0, "syncs": 0,
-                 "slot_steps_busy": 0}
+                 "slot_steps_busy": 0, "slot_steps_run": 0, "compactions": 0}
 
         def finish(s: int):
             i, j = table.release(s)
@@ -395,28 +416,57 @@ class BuiltinEngine(RolloutEngine):
             ints.index_copy_(0, idx, torch.tensor(rows, dtype=torch.long).to(dev))
             st.active.index_fill_(0, idx, True)
 
+        def compact():
+            """No sample waits: move the busy slots to the front, narrow the step."""
+            busy = [s for s, o in enumerate(table.owner) if o is not None]
+            fits = [w for w in st.steps if w >= len(busy)]
+            if table.queue or not fits:
+                return
+            w = min(fits)
+            if w >= width[0]:
+                return
+            moves = list(zip([s for s in busy if s >= w], [s for s in range(w) if table.owner[s] is None]))
+            for src, dst in moves:
+                i = table.owner[src][0]
+                L = prompts[i].ids.numel() - 1 + len(toks[src])  # KV written so far
+                st.cache[:, :, dst, :, :L].copy_(st.cache[:, :, src, :, :L])
+                table.move(src, dst)
+                toks[dst], lps[dst], checked[dst], stop_at[dst] = toks[src], lps[src], checked[src], stop_at[src]
+            if moves:
+                src_i = torch.tensor([m[0] for m in moves], device=dev)
+                dst_i = torch.tensor([m[1] for m in moves], device=dev)
+                ints.index_copy_(0, dst_i, ints.index_select(0, src_i))
+                st.active.index_copy_(0, dst_i, st.active.index_select(0, src_i))
+                st.active.index_fill_(0, src_i, False)
+            stats["compactions"] += 1
+            width[0] = w
+
+        width = [st.slots]
         refill()
         while table.busy():
+            n = width[0]
             # steps until the next check: no more than the longest remaining cap needs
             left = max(caps[o[0]] - len(toks[s]) for s, o in enumerate(table.owner) if o is not None)
             w_steps = max(1, min(k, left))
+            step, ints_n, count_n, active_n = st.steps[n], ints[:n], count[:n], st.active[:n]
             for w in range(w_steps):
-                logits = st.step()
+                logits = step()
                 tok, lp = sample_rows(logits, sp.temperature, sp.top_k, sp.top_p,
-                                      ints[:, SEED], count, banned)
-                act = hist_ok[:, w]
-                act.copy_(st.active)
-                hist_tok[:, w] = tok
-                hist_lp[:, w] = lp
-                count.add_(act)
-                ints[:, TOK] = torch.where(act, tok, ints[:, TOK])
-                done = act & (torch.isin(tok, eos) | (count >= ints[:, CAP]))
-                st.active &= ~done
+                                      ints_n[:, SEED], count_n, banned)
+                act = hist_ok[:n, w]
+                act.copy_(active_n)
+                hist_tok[:n, w] = tok
+                hist_lp[:n, w] = lp
+                count_n.add_(act)
+                ints_n[:, TOK] = torch.where(act, tok, ints_n[:, TOK])
+                done = act & (torch.isin(tok, eos) | (count_n >= ints_n[:, CAP]))
+                active_n &= ~done
             stats["steps"] += w_steps
-            ok = hist_ok[:, :w_steps].cpu()
-            h_tok = hist_tok[:, :w_steps].cpu()
-            h_lp = hist_lp[:, :w_steps].cpu()
-            active = st.active.cpu()
+            stats["slot_steps_run"] += w_steps * n
+            ok = hist_ok[:n, :w_steps].cpu()
+            h_tok = hist_tok[:n, :w_steps].cpu()
+            h_lp = hist_lp[:n, :w_steps].cpu()
+            active = active_n.cpu()
             stats["syncs"] += 1
             stats["slot_steps_busy"] += int(ok.sum())
             ended = []
@@ -438,6 +488,10 @@ class BuiltinEngine(RolloutEngine):
                 for s in ended:
                     finish(s)
                 refill()
+                if table.queue:
+                    width[0] = st.slots
+                elif self.compact:
+                    compact()
         self.last_stats = stats
         return out  # type: ignore[return-value]
 

@@ -49,6 +49,21 @@ class SlotTable:
         self.owner[slot] = None
         return who
 
+    def move(self, src: int, dst: int) -> None:
+        """A decoding sample moved from slot `src` to the free slot `dst` (its KV copied)."""
+        if self.owner[src] is None or self.owner[dst] is not None:
+            raise RuntimeError(f"cannot move slot {src} ({self.owner[src]}) to slot {dst} "
+                               f"({self.owner[dst]})")
+        i = self.owner[src][0]
+        for s, new in ((dst, i), (src, None)):
+            old = self.prefix_of[s]
+            if old is not None:
+                self.homes[old].discard(s)
+            self.prefix_of[s] = new
+            if new is not None:
+                self.homes.setdefault(new, set()).add(s)
+        self.owner[dst], self.owner[src] = self.owner[src], None
+
     def plan(self, free: list[int]) -> RefillPlan:
         """Give free slots to the next waiting samples, and record the new owners."""
         plan = RefillPlan()

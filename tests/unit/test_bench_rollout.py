@@ -46,4 +46,6 @@ def test_tiny_mix_runs_and_reports(tmp_path):
     for r in v.values():
         assert r["prefill_prompts"] == 6 and r["steps"] >= r["min_steps_at_full_occupancy"]
         assert 0 < r["slot_occupancy"] <= 1 and r["tokens_per_s"] > 0
+    assert v["static@4"]["narrowed_tail"] == 0 and v["continuous@8"]["narrowed_tail"] >= 1
+    assert v["continuous@8"]["slot_steps_run"] < 8 * v["continuous@8"]["steps"]
     assert "speedup_best_continuous_vs_static@4" in mix

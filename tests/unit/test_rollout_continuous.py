@@ -51,6 +51,7 @@ def small(tiny_model_cfg):
 def _engine(small, **kw):
     module, cfg = small
     kw.setdefault("eos_token_ids", [EOS])
+    kw.setdefault("min_width", 1)  # narrow the step in the tail down to one slot
     return BuiltinEngine(module, cfg, **kw)
 
 
@@ -106,6 +107,8 @@ def test_each_request_as_if_alone(small, temperature, top_p, top_k):
     outs = eng.generate(reqs, sp)
     assert eng.last_stats["prefill_prompts"] == len(reqs)  # one prefill per prompt
     assert eng.last_stats["kv_copies"] >= 1   # a sibling took a slot another prompt freed
+    assert eng.last_stats["compactions"] >= 1  # the tail ran narrower steps, slots moved
+    assert eng.last_stats["slot_steps_run"] < 3 * eng.last_stats["steps"]
     assert len(outs) == len(reqs) and all(len(o) == 2 for o in outs)
     lengths = set()
     for r, o in zip(reqs, outs):

@@ -188,3 +188,14 @@ def test_slot_table_in_place_first_then_copies():
     p = t.plan(t.free_slots())                  # sample 4 of request 0 in place, then request 1
     assert p.assign[0] == (1, 0, 4) and p.in_place == [1]
     assert p.assign[1] == (3, 1, 0) and p.prefill == {1: [3]}
+
+
+def test_slot_table_move():
+    t = SlotTable(n_slots=4, n_requests=2, n_samples=1)
+    t.plan(t.free_slots())                      # slots 0, 1 <- requests 0, 1
+    t.release(0)
+    t.move(1, 0)
+    assert t.owner == [(1, 0), None, None, None] and t.homes[1] == {0} and t.prefix_of[1] is None
+    assert t.homes[0] == set()
+    with pytest.raises(RuntimeError, match="cannot move"):
+        t.move(2, 3)
