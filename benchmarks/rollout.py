@@ -156,6 +156,42 @@ def bench_generate(args, res, hf, module, cfg):
         res["speedup_vs_hf"] = res["builtin_cuda_graphs"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"]
 
 
+# ---------------------------------------------------------------------------------- sampling
+def bench_sampling(args, res):
+    """One decode step's sampling at T=1 / top-p 0.99 over [slots, vocab] fp32 logits: the
+    engine's sampler (top-p threshold by radix search) vs the same draw after a sort-based
+    top-p filter (`filter_logits`, what the engine did before; vLLM's torch sampler sorts too)."""
+    from ovlt.rollout.sampling import filter_logits, row_uniform, sample_rows
+    V = 152064 if not args.tiny else 4096
+    out = {"vocab": V, "top_p": 0.99}
+    for S in ([64, 192] if not args.tiny else [4]):
+        g = torch.Generator(device=args.device).manual_seed(0)
+        logits = torch.randn(S, V, device=args.device, generator=g) * 2
+        seeds = torch.arange(S, device=args.device)
+        ctr = torch.zeros(S, dtype=torch.long, device=args.device)
+
+        def ours():
+            return sample_rows(logits, 1.0, top_p=0.99, seeds=seeds, counters=ctr)
+
+        def sorted_filter():
+            kept = filter_logits(logits.clone(), top_p=0.99)
+            cdf = kept.softmax(-1).cumsum_(-1)
+            u = row_uniform(seeds, ctr)[:, None] * cdf[:, -1:]
+            return torch.searchsorted(cdf, u, right=True)
+
+        if args.device == "cuda":
+            from _bench_util import cuda_time
+            t_ours, t_sort = cuda_time(ours, iters=20), cuda_time(sorted_filter, iters=20)
+        else:
+            t_ours = 1000 * wall_time(ours)[0]
+            t_sort = 1000 * wall_time(sorted_filter)[0]
+        out[f"slots_{S}"] = {"ms_radix_top_p": t_ours, "ms_sort_top_p": t_sort,
+                             "ms_greedy": (cuda_time(lambda: logits.argmax(-1), iters=20)
+                                           if args.device == "cuda" else None)}
+        print("sampling", S, out[f"slots_{S}"], flush=True)
+    res["sampling_step"] = out
+
+
 # ---------------------------------------------------------------------------------- length mix
 def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
     """`n` lengths of lognormal(log median, sigma) capped at `cap`: the quantiles (k + 0.5) / n
@@ -276,6 +312,7 @@ def main(argv=None):
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-update", action="store_true")
     ap.add_argument("--skip-mix", action="store_true")
+    ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--mix-only", action="store_true", help="only the recipe-like length mix")
     ap.add_argument("--mix-prompts", type=int, default=64)
     ap.add_argument("--mix-samples", type=int, default=5)
@@ -313,6 +350,8 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     from ovlt.utils.io import atomic_write_json
+    if not args.skip_sampling:
+        bench_sampling(args, res)
     if not args.skip_mix:
         bench_mix(args, res, module, cfg, save=lambda: atomic_write_json(args.out, res))
     del module

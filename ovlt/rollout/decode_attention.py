@@ -38,7 +38,7 @@ def choose_split(B: int, G: int, L: int, block: int = BLOCK_N,
 def _partial_fn(Q, K, V, LENS, ACC, M, LS, sq_b, sq_h, sk_b, sk_g, sk_l, sv_b, sv_g, sv_l,
                 scale, H, NSPLIT: tl.constexpr, QPG: tl.constexpr, BLOCK_Q: tl.constexpr,
                 D: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr):
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # program (slot b, kv group g, split s): online softmax over the keys
     # [s*SPLIT_N, s*SPLIT_N + SPLIT_N) that are < lengths[b], for the QPG query heads of group
     # g (rows padded to BLOCK_Q). A split past the slot's length does nothing (the combine
@@ -69,7 +69,10 @@ def _partial_fn(Q, K, V, LENS, ACC, M, LS, sq_b, sq_h, sk_b, sk_g, sk_l, sv_b, s
                         other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+            if IEEE:  # fp32 caches: full-precision products (not TF32)
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
+            else:
+                sc = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             sc = tl.where(km[None, :], sc, float("-inf"))
             # every block has a live key (off < n_here), so m_new is finite
             m_new = tl.maximum(m, tl.reduce(sc, 1, MAX_COMBINE))
@@ -80,7 +83,11 @@ def _partial_fn(Q, K, V, LENS, ACC, M, LS, sq_b, sq_h, sk_b, sk_g, sk_l, sv_b, s
                         other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv.to(tl.float32)
             m = m_new
         part = (b.to(tl.int64) * H + heads) * NSPLIT + s  # index into [B, Hq, NSPLIT]
         tl.store(M + part, m, mask=qm)
@@ -158,7 +165,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         q, k, v, lengths, acc, m, ls, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), scale, Hq, NSPLIT=nsplit, QPG=qpg,
         BLOCK_Q=max(16, triton.next_power_of_2(qpg)), D=D, SPLIT_N=split, BLOCK=block,
-        UPCAST=not q.is_cuda, PREC="ieee" if q.dtype == torch.float32 else "tf32", **kw)
+        UPCAST=not q.is_cuda, IEEE=q.dtype == torch.float32, **kw)
     _combine.on(q)[(B, Hq)](acc, m, ls, lengths, out, out.stride(0), out.stride(1), Hq,
                             NSPLIT=nsplit, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
                             SPLIT_N=split, D=D, OUT_BF16=out.dtype == torch.bfloat16, **kw)

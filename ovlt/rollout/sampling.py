@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ovlt.rollout.top_p import top_p_threshold
+
 
 def filter_logits(scaled: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every token outside the top-k and outside the smallest set whose
@@ -95,7 +97,9 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p
     """`sample` with a seed and a token counter per row instead of a shared generator:
     logits [B, V] fp32, seeds / counters [B] int64 -> (tokens [B], logprobs [B]). Row b's
     draw depends only on its logits, seeds[b] and counters[b]. The log-prob is the policy's,
-    as in `sample`."""
+    as in `sample`. Top-p keeps the tokens at or above the nucleus threshold
+    (`ovlt.rollout.top_p`: no sort of the vocabulary; tokens tied at the threshold are all
+    kept, where `filter_logits` keeps them in sort order)."""
     ban = banned is not None and banned.numel() > 0
     if temperature <= 0:
         tok = (logits.index_fill(-1, banned, float("-inf")) if ban else logits).argmax(-1)
@@ -106,8 +110,10 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p
     logp = scaled.log_softmax(-1)
     if ban:
         scaled.index_fill_(-1, banned, float("-inf"))
-    kept = filter_logits(scaled, top_k, top_p)
-    cdf = kept.softmax(-1).cumsum_(-1)
+    probs = filter_logits(scaled, top_k).softmax(-1)
+    if top_p < 1.0:
+        probs.masked_fill_(probs < top_p_threshold(probs, top_p), 0.0)
+    cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
     # u * total < total strictly, so the draw lands on a token of positive probability
     # (a filtered token has a zero-width interval: searchsorted(right) skips it).
