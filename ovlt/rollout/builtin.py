@@ -35,6 +35,7 @@ so a request's tokens do not depend on the other requests in the call or on slot
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -144,12 +145,28 @@ class BuiltinEngine(RolloutEngine):
             return []
         seeds = request_seeds(requests, params)
         prompts = [self._prompt(i, r) for i, r in enumerate(requests)]
-        n = params.n
-        total = len(requests) * n
+        # greedy: the n samples of a request are the same, decode one and copy it
+        copies = params.n if params.temperature <= 0 and params.n > 1 else 1
+        sp = dataclasses.replace(params, n=1) if copies > 1 else params
+        total = len(requests) * sp.n
         need = max(p.ids.numel() + c for p, c in zip(prompts, caps))
         st = self._decode_state(min(self.max_batch_size, total), need)
+
+        more: dict[int, list[Completion]] = {}
+
+        def report(i, c):
+            cs = [c] + [dataclasses.replace(c, token_ids=list(c.token_ids),
+                                            logprobs=list(c.logprobs), index=j)
+                        for j in range(1, copies)]
+            more[i] = cs[1:]
+            for x in cs if on_complete is not None else ():
+                on_complete(i, x)
+
         with torch.no_grad():
-            return self._run(prompts, params, caps, seeds, st, on_complete)
+            out = self._run(prompts, sp, caps, seeds, st, report if copies > 1 else on_complete)
+        for i, cs in more.items():
+            out[i].extend(cs)
+        return out
 
     def reserve(self, samples: int, max_len: int) -> int:
         """Allocate the KV cache and capture the decode step now for a call of `samples`
