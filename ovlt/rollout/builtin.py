@@ -461,28 +461,28 @@ class BuiltinEngine(RolloutEngine):
         width = [st.slots]
         refill()
         while table.busy():
-            n = width[0]
+            wd = width[0]  # slots stepped
             # steps until the next check: no more than the longest remaining cap needs
             left = max(caps[o[0]] - len(toks[s]) for s, o in enumerate(table.owner) if o is not None)
             w_steps = max(1, min(k, left))
-            step, ints_n, count_n, active_n = st.steps[n], ints[:n], count[:n], st.active[:n]
+            step, ints_n, count_n, active_n = st.steps[wd], ints[:wd], count[:wd], st.active[:wd]
             for w in range(w_steps):
                 logits = step()
                 tok, lp = sample_rows(logits, sp.temperature, sp.top_k, sp.top_p,
                                       ints_n[:, SEED], count_n, banned)
-                act = hist_ok[:n, w]
+                act = hist_ok[:wd, w]
                 act.copy_(active_n)
-                hist_tok[:n, w] = tok
-                hist_lp[:n, w] = lp
+                hist_tok[:wd, w] = tok
+                hist_lp[:wd, w] = lp
                 count_n.add_(act)
                 ints_n[:, TOK] = torch.where(act, tok, ints_n[:, TOK])
                 done = act & (torch.isin(tok, eos) | (count_n >= ints_n[:, CAP]))
                 active_n &= ~done
             stats["steps"] += w_steps
-            stats["slot_steps_run"] += w_steps * n
-            ok = hist_ok[:n, :w_steps].cpu()
-            h_tok = hist_tok[:n, :w_steps].cpu()
-            h_lp = hist_lp[:n, :w_steps].cpu()
+            stats["slot_steps_run"] += w_steps * wd
+            ok = hist_ok[:wd, :w_steps].cpu()
+            h_tok = hist_tok[:wd, :w_steps].cpu()
+            h_lp = hist_lp[:wd, :w_steps].cpu()
             active = active_n.cpu()
             stats["syncs"] += 1
             stats["slot_steps_busy"] += int(ok.sum())
