@@ -230,7 +230,7 @@ class RolloutConfig:
     max_prompt_length: int = 6144
     stop: list[str] = field(default_factory=list)
     tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5  # 0 = sized from the free memory the update leaves
     colocate: bool = True
     weight_bucket_mb: int = 512
     cuda_graphs: bool = True
@@ -673,7 +673,7 @@ _RANGES: dict[str, tuple] = {
     "grpo.overlong_penalty": _AT_LEAST_0, "grpo.max_tokens_per_micro_batch": _AT_LEAST_0,
     "grpo.rollout_log_samples": _AT_LEAST_0,
     "rollout.max_new_tokens": _AT_LEAST_1, "rollout.max_prompt_length": _AT_LEAST_1,
-    "rollout.tensor_parallel": _AT_LEAST_1, "rollout.gpu_memory_utilization": (0.0, 1.0, False),
+    "rollout.tensor_parallel": _AT_LEAST_1, "rollout.gpu_memory_utilization": _UNIT,
     "rollout.weight_bucket_mb": _AT_LEAST_1, "rollout.max_batch_size": _AT_LEAST_1,
     "rewards.timeout_s": _POSITIVE, "rewards.num_workers": _AT_LEAST_0,
     "rewards.partial_credit": _UNIT, "rewards.format_weight": _UNIT,
