@@ -220,10 +220,10 @@ def _elastic_error_file(line: str) -> None:
         pass
 
 
-_REPORTED = "ovlt/error_reported"
+ERROR_REPORTED_KEY = "ovlt/error_reported"  # set in the store by the rank that reported
 
 
-def _store():
+def error_store():
     """The default process group's key-value store (None without one)."""
     if not dist.is_initialized():
         return None
@@ -242,7 +242,7 @@ def _rank0_reported(store, grace_s: float) -> bool:
     end = time.monotonic() + grace_s
     while True:
         try:
-            if store.check([_REPORTED]):
+            if store.check([ERROR_REPORTED_KEY]):
                 return True
         except Exception:  # noqa: BLE001 - rank 0 (the store's host) is gone
             return True
@@ -271,10 +271,10 @@ def report_error(exc: BaseException, prog: str, same_on_all_ranks: bool = False)
     tb = "".join(traceback.format_exception(exc))
     log_to_files(f"{line}\n{tb}")
     _elastic_error_file(line)
-    store = _store()
+    store = error_store()
     if rank == 0 and store is not None:
         try:
-            store.set(_REPORTED, "1")
+            store.set(ERROR_REPORTED_KEY, "1")
         except Exception:  # noqa: BLE001 - nobody to tell
             pass
     if rank != 0 and (same_on_all_ranks or not dist.is_initialized() or _rank0_reported(

@@ -34,7 +34,9 @@ def export_dir_is_free(out_dir) -> bool:
         d, EXPORT_KIND, looks_like_hf_export)))
 
 
-def _free_export_dir(out_dir: Path) -> Path:
+def free_export_dir(out_dir: Path) -> Path:
+    """`out_dir` when the export may write there (absent, or an earlier export of ours), else
+    the first free `<out_dir>-N`: a folder ovlt did not write is never replaced."""
     if export_dir_is_free(out_dir) and not _foreign_partial(out_dir):
         return out_dir
     for i in range(1, 1000):
@@ -102,7 +104,7 @@ def export_hf(model, model_cfg, out_dir, dtype: torch.dtype = torch.bfloat16,
     comm_dev = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     out_dir = Path(out_dir)
     if rank == 0:
-        out_dir = _free_export_dir(out_dir)
+        out_dir = free_export_dir(out_dir)
         tmp = outdir.stage(out_dir, EXPORT_KIND, force=True, out_name="export",
                            looks_like_ours=looks_like_hf_export)
         writer = HFCheckpointWriter(tmp, max_shard_bytes=max_shard_bytes)

@@ -63,7 +63,7 @@ OnComplete = Callable[[int, "Completion"], None]
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(x: int) -> int:
+def splitmix64(x: int) -> int:
     """splitmix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -75,7 +75,7 @@ def derived_seed(base: int, index: int) -> int:
     """The seed of request `index` when it has none: a hash of (base, index) in [0, 2**62), so
     derived seeds of one call are far apart (sample seeds `s + j` of two requests never meet
     in practice) and do not depend on the batch."""
-    return _mix64(_mix64(int(base) & _MASK64) ^ int(index)) >> 2
+    return splitmix64(splitmix64(int(base) & _MASK64) ^ int(index)) >> 2
 
 
 def request_seeds(requests: list["GenerationRequest"], params: "SamplingParams") -> list[int]:

@@ -77,7 +77,7 @@ def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (bit-identical to `ovlt.rollout.base._mix64`)."""
+    """splitmix64's finaliser on int64 tensors (bit-identical to `ovlt.rollout.base.splitmix64`)."""
     x = x + _GOLDEN
     x = (x ^ _srl(x, 30)) * _C1
     x = (x ^ _srl(x, 27)) * _C2

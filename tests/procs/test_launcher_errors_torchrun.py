@@ -47,7 +47,7 @@ def _reporting_worker(rank, world):
     os.environ["OVLT_ERROR_GRACE_S"] = "3"
     import torch.distributed as dist
 
-    from ovlt.distributed import _REPORTED, _store, init_distributed, report_error
+    from ovlt.distributed import ERROR_REPORTED_KEY, error_store, init_distributed, report_error
     from ovlt.errors import InputError
     init_distributed(None)
     results = []
@@ -64,7 +64,7 @@ def _reporting_worker(rank, world):
                     code = report_error(e, "ovlt test")
         dist.barrier()  # rank 0 of "rank1" waits here, as it would in a collective
         if rank == 0:
-            _store().delete_key(_REPORTED)  # the next scenario starts afresh
+            error_store().delete_key(ERROR_REPORTED_KEY)  # the next scenario starts afresh
         dist.barrier()
         results.append((code, buf.getvalue()))
     return results

@@ -95,16 +95,16 @@ def test_eval_run_on_pickle_only_model_names_it(tmp_path, capsys, tiny_hf_dir):
 def test_export_never_replaces_a_folder_it_did_not_write(tmp_path):
     """The HF export at the end of training: an earlier export is replaced, a user's folder
     (or a user's `<out>.partial`) is left alone and the export goes next to it."""
-    from ovlt.engine.hf_io import _free_export_dir
+    from ovlt.engine.hf_io import free_export_dir
     from ovlt.utils.outdir import commit, stage
     out = tmp_path / "final_hf"
-    assert _free_export_dir(out) == out  # absent
+    assert free_export_dir(out) == out  # absent
     done = stage(out, "hf_model", force=True)
     commit(done, out)
-    assert _free_export_dir(out) == out  # an earlier export: replaced
+    assert free_export_dir(out) == out  # an earlier export: replaced
     (tmp_path / "mine" / "sub").mkdir(parents=True)
-    assert _free_export_dir(tmp_path / "mine") == tmp_path / "mine-1"
+    assert free_export_dir(tmp_path / "mine") == tmp_path / "mine-1"
     (tmp_path / "x.partial").mkdir()
     (tmp_path / "x.partial" / "draft").write_text("keep")
-    assert _free_export_dir(tmp_path / "x") == tmp_path / "x-1"
+    assert free_export_dir(tmp_path / "x") == tmp_path / "x-1"
     assert (tmp_path / "x.partial" / "draft").read_text() == "keep"

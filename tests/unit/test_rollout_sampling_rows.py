@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from ovlt.rollout.base import _mix64
+from ovlt.rollout.base import splitmix64
 from ovlt.rollout.sampling import row_uniform, sample_rows
 from ovlt.rollout.slots import SlotTable
 
 
 def _uniform_reference(seed: int, counter: int) -> float:
     """The documented hash, in Python integers: top 24 bits of mix(mix(seed) ^ counter)."""
-    h = _mix64(_mix64(seed % 2 ** 64) ^ (counter % 2 ** 64))
+    h = splitmix64(splitmix64(seed % 2 ** 64) ^ (counter % 2 ** 64))
     return (h >> 40) / 2 ** 24
 
 
