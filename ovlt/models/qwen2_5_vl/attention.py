@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ovlt.logging import get_logger, log_once
+from ovlt.utils.device import to_device_async
 
 log = get_logger(__name__)
 
@@ -63,8 +64,10 @@ def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
     out = []
     for length, starts in by_len.items():
         contiguous = all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
-        idx = None if contiguous else (torch.tensor(starts, device=device)[:, None]
-                                       + torch.arange(length, device=device)[None]).reshape(-1)
+        # built on the host and copied through pinned memory: a list straight to a GPU
+        # tensor is a synchronous copy (the stream drains)
+        idx = None if contiguous else to_device_async(
+            (torch.tensor(starts)[:, None] + torch.arange(length)[None]).reshape(-1), device)
         out.append((length, len(starts), idx, starts[0]))
     return out
 
