@@ -235,7 +235,7 @@ class RolloutConfig:
     weight_bucket_mb: int = 512
     cuda_graphs: bool = True
     # Built-in engine: sequences decoded together (one static KV cache of this many rows).
-    max_batch_size: int = 64
+    max_batch_size: int = 128  # built-in engine decode slots (measured best of 64-192 at 7B)
     prompt_suffix: str = (
         " You FIRST think about the reasoning process as an internal monologue and then provide "
         "the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
