@@ -60,47 +60,24 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.grpo_vs_trl import (ANSWER, PROBLEM, PhaseMemory, _err, _now,  # noqa: E402
-                                    _suffix, _sync, _write, steady_state)
+from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # noqa: E402
+                                    lognormal_lengths, logprob_and_compile_stats, model_cfg,
+                                    noise_images, now, prompt_tokens, recipe_model_cfg,
+                                    record_prep, result_header, run_child, run_ovlt_steps,
+                                    run_recorded, steady_state, trl_inputs, write_hf_config,
+                                    write_hf_dir, write_json, write_rl_parquet)
 
 VARIANTS = ("ovlt_builtin", "ovlt_vllm", "trl_vllm")
 GiB = float(1 << 30)
 
 
 # ---------------------------------------------------------------------------------- workload
-def response_lengths(n: int, median: float, sigma: float, cap: int, seed: int,
-                     floor: int = 1) -> list[int]:
-    """`n` lengths of lognormal(log median, sigma) capped at `cap`: the n quantiles
-    (k + 0.5) / n of the capped law, in a seeded random order."""
-    import random
-    from statistics import NormalDist
-    z = NormalDist()
-    qs = [min(cap, max(floor, int(round(median * math.exp(sigma * z.inv_cdf((k + 0.5) / n))))))
-          for k in range(n)]
-    random.Random(seed).shuffle(qs)
-    return qs
-
-
-def model_cfg(args):
-    from ovlt.config import CONFIG_ROOT, load_config
-    m = load_config(CONFIG_ROOT / "model" / ("tiny.yaml" if args.tiny else "qwen2_5_vl_7b.yaml")).model
-    if not args.tiny:
-        m.num_layers = args.llm_layers
-        m.vision.depth = args.vision_layers
-        m.vision.fullatt_block_indexes = ([i for i in range(args.vision_layers) if i % 8 == 7]
-                                          or [args.vision_layers - 1])
-    m.transformer_impl = "local"
-    m.params_dtype = "bf16" if args.device == "cuda" else "fp32"
-    return m
-
-
 def gpu_info() -> tuple[str, float]:
     """(name, total GiB) of GPU 0 from nvidia-smi, so the parent process never creates a CUDA
     context (it would hold GPU memory while the variants run); torch as the fallback."""
@@ -125,40 +102,18 @@ def default_llm_layers(device: str, total_gib: float | None = None) -> int:
 
 def prepare(args, wd: Path) -> dict:
     """Images, the RL parquet (steps x prompts distinct questions) and the length table."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    from ovlt.data.chat_template import encode_prompt
     from ovlt.data.image_processing import preprocess
 
     wd.mkdir(parents=True, exist_ok=True)
-    img_dir = wd / "images"
-    img_dir.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(args.prompts):
-        p = img_dir / f"img_{i:03d}.png"
-        Image.fromarray((rng.random((args.image, args.image, 3)) * 255).astype("uint8")).save(p)
-        paths.append(p)
+    paths = noise_images(wd / "images", args.prompts, args.image, digits=3)
     m = model_cfg(args)
     _, grid = preprocess(Image.open(paths[0]).convert("RGB"), args.min_pixels, args.max_pixels)
-    rows = {"problem": [], "answer": [], "images": [], "id": [], "source": []}
-    lens = []
-    for i in range(args.prompts * args.steps):
-        prob = PROBLEM.format(i=i)
-        rows["problem"].append(prob)
-        rows["answer"].append(ANSWER)
-        rows["images"].append([str(paths[i % args.prompts])])
-        rows["id"].append(f"p{i}")
-        rows["source"].append("bench")
-        if i < args.prompts:
-            lens.append(len(encode_prompt(prob + _suffix(), [grid],
-                                          merge_size=m.vision.spatial_merge_size)))
-    pq.write_table(pa.table(rows), wd / "rl.parquet")
+    write_rl_parquet(wd / "rl.parquet", args.prompts * args.steps, paths)
+    lens = [prompt_tokens(i, grid, m.vision.spatial_merge_size) for i in range(args.prompts)]
     per = args.prompts if args.length_unit == "prompt" else args.prompts * args.samples
-    caps = response_lengths(per, args.len_median, args.len_sigma, args.len_cap, seed=17)
+    caps = lognormal_lengths(per, args.len_median, args.len_sigma, args.len_cap, seed=17)
     if args.length_unit == "prompt":
         caps = [[c] * args.samples for c in caps]
     else:
@@ -265,11 +220,7 @@ def ovlt_overrides(args, wd: Path, engine: str) -> list[str]:
 
 
 def run_ovlt(args, wd: Path, res: dict, save, engine: str):
-    import torch
-
     from ovlt.config import CONFIG_ROOT, load_config
-    from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.logging import setup_logging
 
     dev = args.device
     prep = json.loads((wd / "prep.json").read_text())
@@ -277,91 +228,27 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
     ov = ovlt_overrides(args, wd, engine)
     cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
     res["config_overrides"] = ov
-    setup_logging(str(wd / f"run_{engine}" / "logs"))
-    init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
-    trainer = None
-    try:
-        import ovlt.grpo.train as grpo_mod
+    if engine == "vllm":  # vLLM reads config + tokenizer from a directory, weights come
         import ovlt.rollout as rollout_mod
-        from benchmarks._bench_util import with_host_syncs
-        from ovlt.grpo.data import PromptPosition
-        from ovlt.grpo.train import GRPOTrainer
+        hf_dir = wd / "hf_config"  # from the trainer (load_format dummy)
+        real_make = rollout_mod.make_engine
+        rollout_mod.make_engine = lambda *a, **k: real_make(*a, **dict(k, hf_dir=str(hf_dir)))
+    lengths = None
 
-        if engine == "vllm":  # vLLM reads config + tokenizer from a directory, weights come
-            hf_dir = wd / "hf_config"  # from the trainer (load_format dummy)
-            real_make = rollout_mod.make_engine
-            rollout_mod.make_engine = lambda *a, **k: real_make(*a, **dict(k, hf_dir=str(hf_dir)))
-
-        host_syncs: dict = {}
-
-        def counting_syncs(name, fn):
-            if dev != "cuda" or not args.count_syncs:
-                return fn
-            return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(name, []), *a, **k)
-
-        mem = PhaseMemory(dev)
-        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
-            "logprob", grpo_mod.queue_logprob_pass))
-        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
-
-        t0 = _now()
-        torch.manual_seed(0)
-        trainer = GRPOTrainer(cfg)
-        trainer.setup(0)
-        trainer.sync_weights()
+    def on_ready(trainer):
+        nonlocal lengths
         lengths = ExactLengths(trainer.engine, prep["lengths"], args.length_unit, trainer.tok)
-        trainer.engine.generate = mem.wrap("rollout", trainer.engine.generate)
-        _sync(dev)
-        res["init_seconds"] = _now() - t0
-        res["engine"] = type(trainer.engine).__name__
-        res["llm_layers"] = cfg.model.num_layers
-        res["vision_layers"] = cfg.model.vision.depth
-        res["steps"] = []
-        pos = PromptPosition()
-        for step in range(args.steps):
-            host_syncs.clear()
-            mem.start_step()
-            try:
-                _sync(dev)
-                t = _now()
-                rec, pos, rollouts = trainer.step(step, pos)
-                _sync(dev)
-                dt = _now() - t
-            except Exception as e:  # noqa: BLE001
-                res["steps"].append({"step": step + 1, "error": _err(e)})
-                save()
-                break
-            gen = sum(len(r.response_ids) for r in rollouts)
-            tot = sum(r.length for r in rollouts)
-            n = len(rollouts)
-            del rollouts  # what the step leaves allocated is read without it
-            phases = {k[5:]: v for k, v in rec.items() if k.startswith("time/")}
-            s = {"step": step + 1, "step_s": dt, "phases": phases, "generated_tokens": gen,
-                 "total_tokens": tot, "samples": n, "updates": rec.get("updates"),
-                 "logprob_old_gpu_s": rec.get("logprob_old_s"),
-                 "logprob_old_tokens": rec.get("logprob_old_tokens"),
-                 "logprob_ref_gpu_s": rec.get("logprob_ref_s"),
-                 "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
-                 "torch_compiles": rec.get("torch_compiles"),
-                 "reward_batches": rec.get("reward_batches"),
-                 "length_mismatches": lengths.mismatches,
-                 "lengths_truncated_by_benchmark": lengths.truncated,
-                 "loss": rec.get("loss"), "kl": rec.get("kl"), "grad_norm": rec.get("grad_norm"),
-                 "reward_mean": rec.get("reward_mean"),
-                 "host_syncs": {k: {"count": len(v), "first": v[:3]}
-                                for k, v in host_syncs.items()}}
-            for k in ("old", "ref"):
-                if s[f"logprob_{k}_gpu_s"] and s[f"logprob_{k}_tokens"]:
-                    s[f"logprob_{k}_us_per_token"] = \
-                        1e6 * s[f"logprob_{k}_gpu_s"] / s[f"logprob_{k}_tokens"]
-            s.update(mem.end_step(rec.get("mem_gb")))
-            res["steps"].append(s)
-            print(f"{engine} step", json.dumps(s), flush=True)
-            save()
-    finally:
-        if trainer is not None:
-            trainer.pool.close()
-        destroy_distributed()
+        return {"llm_layers": cfg.model.num_layers, "vision_layers": cfg.model.vision.depth}
+
+    def step_fields(rec, s):
+        s.update(logprob_old_gpu_s=rec.get("logprob_old_s"),
+                 logprob_ref_gpu_s=rec.get("logprob_ref_s"),
+                 length_mismatches=lengths.mismatches,
+                 lengths_truncated_by_benchmark=lengths.truncated)
+
+    run_ovlt_steps(cfg, dev, res, save, steps=args.steps, log_dir=wd / f"run_{engine}" / "logs",
+                   label=engine, count_syncs=bool(args.count_syncs), torch_seed=0,
+                   on_ready=on_ready, step_fields=step_fields)
 
 
 # ---------------------------------------------------------------------------------- TRL + vLLM
@@ -369,29 +256,18 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
     """TRL's GRPOTrainer, vLLM colocated (TRL's documented fast set-up for one node), on the
     same HF weights, prompts and lengths. A TRL step = one generation of 320 samples and its
     4 optimizer steps (timed between generations)."""
-    import datasets
-    import pyarrow.parquet as pq
     import torch
     import transformers
     import trl
-    from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
+    from transformers import TrainerCallback
 
-    from benchmarks.grpo_vs_trl import make_processor, math_reward_fn
+    from benchmarks.grpo_vs_trl import math_reward_fn
 
     dev = args.device
     prep = json.loads((wd / "prep.json").read_text())
     res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__}
-    hf_dir = str(wd / "hf")
-    t0 = _now()
-    proc = make_processor(hf_dir, args.min_pixels, args.max_pixels)
-    tab = pq.read_table(wd / "rl.parquet").to_pylist()
-    ds = datasets.Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["problem"] + _suffix()}],
-         "image": Image.open(r["images"][0]).convert("RGB"), "answer": r["answer"]} for r in tab])
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=dev)
-    (getattr(model, "visual", None) or model.model.visual).requires_grad_(False)
+    t0 = now()
+    proc, ds, model = trl_inputs(args, wd, torch.bfloat16)
     n_gen = args.prompts * args.samples
     micro = args.trl_micro_batch
     if args.update_samples % micro:
@@ -415,12 +291,12 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, a, s, c, **kw):
-            _sync(dev)
+            device_sync(dev)
             torch.cuda.reset_peak_memory_stats()
 
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[math_reward_fn], args=cfg,
                               train_dataset=ds, processing_class=proc, callbacks=[StepTimer()])
-    res["init_seconds"] = _now() - t0
+    res["init_seconds"] = now() - t0
     flat = [c for cs in prep["lengths"] for c in cs]
     llm = trainer.llm
     real_gen = llm.generate
@@ -437,10 +313,10 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
         return real_gen(prompts, sampling_params=sps, **kw)
     llm.generate = gen
 
-    def close_generation(now):
+    def close_generation(t_end):
         if cur["gen_start"] is None:
             return
-        st = {"step": len(res["steps"]) + 1, "step_s": now - cur["gen_start"],
+        st = {"step": len(res["steps"]) + 1, "step_s": t_end - cur["gen_start"],
               "phases": {k: v for k, v in cur.items() if k not in ("gen_start",)},
               "peak_mem_gib": torch.cuda.max_memory_allocated() / GiB}
         torch.cuda.reset_peak_memory_stats()
@@ -452,22 +328,22 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
         orig = getattr(trainer, name)
 
         def w(*a, **k):
-            _sync(dev)
-            t = _now()
+            device_sync(dev)
+            t = now()
             if name == "_generate_and_score_completions":
                 close_generation(t)
                 cur.clear()
                 cur["gen_start"] = t
             out = orig(*a, **k)
-            _sync(dev)
-            cur[name] = cur.get(name, 0.0) + _now() - t
+            device_sync(dev)
+            cur[name] = cur.get(name, 0.0) + now() - t
             return out
         setattr(trainer, name, w)
     for name in ("_generate_and_score_completions", "_generate", "_calculate_rewards"):
         wrap(name)
     trainer.train()
-    _sync(dev)
-    close_generation(_now())
+    device_sync(dev)
+    close_generation(now())
     for st in res["steps"]:  # TRL's phases in the trainer's names
         ph = st["phases"]
         gs = ph.pop("_generate_and_score_completions", 0.0)
@@ -481,10 +357,9 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
 
 # ---------------------------------------------------------------------------------- summary
 def summarize(side: dict, prep: dict) -> dict | None:
-    steps = [s for s in side.get("steps", []) if "error" not in s and s.get("step_s")]
+    steps, timed = finished_steps(side)
     if not steps:
         return None
-    timed = steps[1:] if len(steps) > 1 else steps
     med = statistics.median
     keys = ("rollout", "reward", "logprob", "update", "sync")
     out = {"timed_steps": [s["step"] for s in timed], "first_step_s": steps[0]["step_s"],
@@ -507,16 +382,10 @@ def summarize(side: dict, prep: dict) -> dict | None:
     if later:
         out["peak_mem_gib"] = max(later)
     out.update(steady_state(per_step))
-    for k in ("old", "ref"):
-        v = [s.get(f"logprob_{k}_us_per_token") for s in timed if s.get(f"logprob_{k}_us_per_token")]
-        if v:
-            out[f"logprob_{k}_us_per_token"] = med(v)
+    out.update(logprob_and_compile_stats(timed))
     if out.get("logprob_old_us_per_token") and out.get("logprob_ref_us_per_token"):
         out["logprob_old_over_ref_per_token"] = \
             out["logprob_old_us_per_token"] / out["logprob_ref_us_per_token"]
-    comp = [s.get("torch_compiles") for s in timed if s.get("torch_compiles") is not None]
-    if comp:
-        out["torch_compiles_after_step_1"] = sum(comp)
     cut = sum(s.get("lengths_truncated_by_benchmark") or 0 for s in steps)
     if cut:
         out["WARNING"] = (f"{cut} completions were longer than their drawn length (the engine "
@@ -527,9 +396,8 @@ def summarize(side: dict, prep: dict) -> dict | None:
 
 def extrapolate(args, prep: dict, summ: dict, device: str, layers: int) -> dict:
     """The 8xH100 recipe step from one GPU's eighth (see `formula`)."""
-    from ovlt.config import CONFIG_ROOT, load_config
     from ovlt.engine.flops import llm_forward_flops, vision_forward_flops
-    rm = load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
+    rm = recipe_model_cfg()
     L, R = layers, rm.num_layers
     h, f, v = rm.hidden_size, rm.ffn_hidden_size, rm.vocab_size
     kv = rm.num_query_groups * (h // rm.num_attention_heads)
@@ -610,45 +478,33 @@ def unavailable(variant: str, device: str) -> str | None:
 
 def side_main(args) -> int:
     wd = Path(args.workdir)
-    out = wd / f"variant_{args.variant}.json"
-    res: dict = {"variant": args.variant}
-    save = lambda: _write(out, res)  # noqa: E731
-    try:
+
+    def body(res, save):
         if args.variant == "trl_vllm":
             run_trl_vllm(args, wd, res, save)
         else:
             run_ovlt(args, wd, res, save, "builtin" if args.variant == "ovlt_builtin" else "vllm")
-    except BaseException as e:  # noqa: BLE001 - recorded; the parent reads it
-        res["error"] = _err(e)
-        print(res["error"], file=sys.stderr, flush=True)
-    save()
-    return 0 if "error" not in res else 1
+    return run_recorded(wd / f"variant_{args.variant}.json", {"variant": args.variant}, body)
 
 
 def write_hf(args, wd: Path, weights: bool) -> dict:
     """The model as an HF directory: config + tokenizer (+ preprocessor) always, random bf16
     weights through the project's export path only when a variant loads them (TRL)."""
-    from benchmarks.grpo_vs_trl import write_hf_dir
-    from ovlt.data.tokenizer import save_hf_tokenizer
-    from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
     m = model_cfg(args)
     cfg_dir = wd / "hf_config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    hc = to_hf_config(m)
-    hc.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    hc.save_pretrained(cfg_dir)
-    save_hf_tokenizer(cfg_dir)
+    write_hf_config(m, cfg_dir, args.device)
     try:
         from transformers import Qwen2VLImageProcessor
         Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels) \
             .save_pretrained(cfg_dir)
     except Exception as e:  # noqa: BLE001 - vLLM then uses its defaults; recorded
-        return {"preprocessor_error": _err(e)}
+        return {"preprocessor_error": error_text(e)}
     info = {}
     if weights:
-        t0 = _now()
+        t0 = now()
         info = write_hf_dir(m, wd / "hf", args.device)
-        info["seconds"] = _now() - t0
+        info["seconds"] = now() - t0
     return info
 
 
@@ -715,36 +571,26 @@ def main(argv=None) -> int:
 
     import shutil
     import tempfile
-    start = _now()
+    start = now()
     tag = "h200" if "H200" in dev_name else "h100" if "H100" in dev_name else \
         ("cpu" if args.device == "cpu" else "gpu")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"grpo_recipe_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="ovlt_grpo_recipe_"))
-    res = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
-           "device": dev_name, "config": vars(args), "what": __doc__, "variants": {}}
+    res = dict(result_header(args, dev_name, __doc__), variants={})
     if dev_gib:
         res["gpu_memory_gib"] = dev_gib
     if args.tiny:
         res["NOTE"] = "tiny smoke run: meaningless numbers"
-    save = lambda: _write(out, res)  # noqa: E731
+    save = lambda: write_json(out, res)  # noqa: E731
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r}; one of {', '.join(VARIANTS)}")
     why = {v: unavailable(v, args.device) for v in variants}
-    try:
-        t0 = _now()
-        res["prep"] = prepare(args, wd)
-        res["prep"].update(write_hf(args, wd, weights=why.get("trl_vllm", "x") is None))
-        res["prep"]["seconds"] = _now() - t0
-        _write(wd / "prep.json", res["prep"])
-        print("prep", json.dumps({k: v for k, v in res["prep"].items() if k != "lengths"}),
-              flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["prep_error"] = _err(e)
-        print(res["prep_error"], file=sys.stderr)
-        save()
+    if not record_prep(res, wd, save, lambda: prepare(args, wd),
+                       lambda: write_hf(args, wd, weights=why.get("trl_vllm", "x") is None),
+                       hidden=("lengths",)):
         return 1
     save()
     passthrough = list(argv if argv is not None else sys.argv[1:])
@@ -754,39 +600,21 @@ def main(argv=None) -> int:
             print(f"---- {v}: {why[v]}", flush=True)
             save()
             continue
-        left = args.time_budget - (_now() - start) - 5.0
+        left = args.time_budget - (now() - start) - 5.0
         if left < 30:
             res["variants"][v] = {"skipped": f"not run: the time budget ({args.time_budget:.0f} s) "
                                              "was spent by the variants before it"}
             save()
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--variant", v,
-               "--workdir", str(wd), "--device", args.device, "--llm-layers", str(args.llm_layers)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        t0 = _now()
-        log_path = wd / f"variant_{v}.log"
-        with open(log_path, "w") as log:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-            try:
-                rc = p.wait(timeout=max(5.0, min(args.variant_timeout, left)))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                rc = "timeout"
-        vj = wd / f"variant_{v}.json"
-        side = json.loads(vj.read_text()) if vj.exists() else {}
-        side["rc"], side["wall_seconds"] = rc, _now() - t0
-        tail = log_path.read_text()[-4000:]
-        if rc != 0:
-            side["log_tail"] = tail
-        print(f"---- {v} (rc={rc}, {side['wall_seconds']:.1f} s), log tail:\n{tail[-2000:]}",
-              flush=True)
+        side = run_child(Path(__file__).resolve(),
+                         [*passthrough, "--variant", v, "--workdir", str(wd), "--device",
+                          args.device, "--llm-layers", str(args.llm_layers)],
+                         wd, f"variant_{v}", v, max(5.0, min(args.variant_timeout, left)), 2000)
         summ = None
         try:
             summ = summarize(side, res["prep"])
         except Exception as e:  # noqa: BLE001
-            side["summary_error"] = _err(e)
+            side["summary_error"] = error_text(e)
         if summ:
             side.update(summ)
             if v.startswith("ovlt"):
@@ -794,7 +622,7 @@ def main(argv=None) -> int:
                     side["recipe_extrapolation"] = extrapolate(args, res["prep"], summ, dev_name,
                                                                side.get("llm_layers") or args.llm_layers)
                 except Exception as e:  # noqa: BLE001
-                    side["extrapolation_error"] = _err(e)
+                    side["extrapolation_error"] = error_text(e)
         res["variants"][v] = side
         save()
     ext = [(k, s["recipe_extrapolation"]) for k, s in res["variants"].items()

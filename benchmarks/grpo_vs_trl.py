@@ -55,195 +55,38 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ANSWER = "42"
-PROBLEM = ("Problem {i}: The figure shows several coloured regions. Count the regions, multiply the "
-           "count by the number of corners of the largest one, and give the result.")
-
-
-# ---------------------------------------------------------------------------------- shared helpers
-def _now():
-    return time.perf_counter()
-
-
-def _sync(dev):
-    import torch
-    if dev == "cuda" or (hasattr(dev, "type") and dev.type == "cuda"):
-        torch.cuda.synchronize()
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:1500] + "\n" + traceback.format_exc()[-3000:]
-
-
-def _write(path, obj):
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-class PhaseMemory:
-    """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
-    wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
-    wrapped call, so the step's own peak is kept here: the largest of the phase peaks, what
-    accrued between them, and the trainer's own meter (`mem_gb`: it resets the counter at the
-    step's end). `end_step` also reads what the step left allocated (the caller drops the
-    step's result first). Nothing on the CPU."""
-
-    def __init__(self, dev: str):
-        self.on = dev == "cuda"
-        self.peaks: dict = {}
-        self.between = 0.0
-
-    def _read_reset(self) -> float:
-        import torch
-        v = torch.cuda.max_memory_allocated() / 2 ** 30
-        torch.cuda.reset_peak_memory_stats()
-        return v
-
-    def start_step(self) -> None:
-        self.peaks, self.between = {}, 0.0
-        if self.on:
-            self._read_reset()
-
-    def wrap(self, name: str, fn):
-        if not self.on:
-            return fn
-
-        def wrapped(*a, **k):
-            self.between = max(self.between, self._read_reset())
-            try:
-                return fn(*a, **k)
-            finally:
-                self.peaks[name] = max(self.peaks.get(name, 0.0), self._read_reset())
-        return wrapped
-
-    def end_step(self, trainer_peak_gib=None) -> dict:
-        if not self.on:
-            return {}
-        import gc
-
-        import torch
-        gc.collect()
-        tail = self._read_reset()
-        peak = max([tail, self.between, trainer_peak_gib or 0.0, *self.peaks.values()])
-        return {"peak_mem_gib": peak, "phase_peak_mem_gib": dict(self.peaks),
-                "mem_after_step_gib": torch.cuda.memory_allocated() / 2 ** 30}
-
-
-def steady_state(per_step_peaks: list) -> dict:
-    """Whether per-step peak memory holds from step 2 on: each step's peak within 2 % of the
-    step before it."""
-    later = [p for p in per_step_peaks[1:] if p]
-    if len(later) < 2:
-        return {}
-    return {"steady_state_peak_spread": (max(later) - min(later)) / min(later),
-            "steady_state_within_2pct": all(abs(b - a) <= 0.02 * a
-                                            for a, b in zip(later, later[1:]))}
-
-
-def model_cfg(args):
-    from ovlt.config import CONFIG_ROOT, load_config
-    m = load_config(CONFIG_ROOT / "model" / ("tiny.yaml" if args.tiny else "qwen2_5_vl_7b.yaml")).model
-    if not args.tiny:
-        m.num_layers = args.llm_layers
-        m.vision.depth = args.vision_layers
-        # the real tower has full attention every 8th layer; keep at least one full layer
-        m.vision.fullatt_block_indexes = ([i for i in range(args.vision_layers) if i % 8 == 7]
-                                          or [args.vision_layers - 1])
-    m.transformer_impl = "local"
-    m.params_dtype = "bf16" if args.device == "cuda" else "fp32"
-    return m
-
-
-def recipe_model_cfg():
-    from ovlt.config import CONFIG_ROOT, load_config
-    return load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
-
-
-def _suffix():
-    from ovlt.config import RolloutConfig
-    return RolloutConfig().prompt_suffix
+from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # noqa: E402
+                                    logprob_and_compile_stats, model_cfg, noise_images, now,
+                                    prompt_tokens, recipe_model_cfg, record_prep, result_header,
+                                    run_child, run_ovlt_steps, run_recorded, steady_state,
+                                    trl_inputs, write_hf_dir, write_json, write_rl_parquet)
 
 
 # ---------------------------------------------------------------------------------- preparation
-def write_hf_dir(m, out: Path, device: str) -> dict:
-    """Random-init weights of `m` streamed through the project's export path into an HF dir."""
-    import torch
-
-    from ovlt.data.tokenizer import save_hf_tokenizer
-    from ovlt.models.qwen2_5_vl.checkpoint_io import HFCheckpointWriter
-    from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
-    from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    sd, n = {}, 0
-    for name, shape in mcore_shapes(m, 1, 1, 0).items():
-        if len(shape) == 1:
-            val = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            t = torch.full(shape, val, dtype=dtype, device=device)
-        else:
-            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
-        sd[name] = t
-        n += t.numel()
-    writer = HFCheckpointWriter(out)
-    for hf_name, full in mcore_to_hf({(0, 0): sd}, m, 1, 1):
-        writer.add(hf_name, full)
-    writer.close()
-    del sd
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    cfg = to_hf_config(m)
-    cfg.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    cfg.save_pretrained(out)
-    save_hf_tokenizer(out)
-    return {"params": n, "dtype": str(dtype)}
-
-
 def prepare(args, wd: Path) -> dict:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    from ovlt.data.chat_template import encode_prompt
     from ovlt.data.image_processing import preprocess
 
     wd.mkdir(parents=True, exist_ok=True)
     m = model_cfg(args)
-    t0 = _now()
+    t0 = now()
     info = write_hf_dir(m, wd / "hf", args.device)
-    info["hf_dir_seconds"] = _now() - t0
-    img_dir = wd / "images"
-    img_dir.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
+    info["hf_dir_seconds"] = now() - t0
     n = args.prompts * args.steps
-    rows = {"problem": [], "answer": [], "images": [], "id": [], "source": []}
+    paths = noise_images(wd / "images", n, args.image, digits=4)
+    write_rl_parquet(wd / "rl.parquet", n, paths)
     lens = []
-    for i in range(n):
-        arr = (rng.random((args.image, args.image, 3)) * 255).astype("uint8")
-        p = img_dir / f"img_{i:04d}.png"
-        Image.fromarray(arr).save(p)
-        prob = PROBLEM.format(i=i)
-        rows["problem"].append(prob)
-        rows["answer"].append(ANSWER)
-        rows["images"].append([str(p)])
-        rows["id"].append(f"p{i}")
-        rows["source"].append("bench")
+    for i, p in enumerate(paths):
         _, grid = preprocess(Image.open(p).convert("RGB"), args.min_pixels, args.max_pixels)
-        lens.append(len(encode_prompt(prob + _suffix(), [grid], merge_size=m.vision.spatial_merge_size)))
-    pq.write_table(pa.table(rows), wd / "rl.parquet")
+        lens.append(prompt_tokens(i, grid, m.vision.spatial_merge_size))
     info.update(prompt_tokens_min=min(lens), prompt_tokens_max=max(lens),
                 prompt_tokens_mean=sum(lens) / len(lens), image_grid=list(grid), n_prompts=n)
     return info
@@ -252,8 +95,6 @@ def prepare(args, wd: Path) -> dict:
 # ---------------------------------------------------------------------------------- ovlt side
 def run_ovlt(args, wd: Path, res: dict, save):
     from ovlt.config import load_config
-    from ovlt.distributed import destroy_distributed, init_distributed
-    from ovlt.logging import setup_logging
 
     dev = args.device
     meta = json.loads((wd / "prep.json").read_text())
@@ -288,114 +129,30 @@ def run_ovlt(args, wd: Path, res: dict, save):
                f"model.vision.fullatt_block_indexes={m.vision.fullatt_block_indexes}"]
     cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
     res["config_overrides"] = ov
-    setup_logging(str(wd / "ovlt_run" / "logs"))
-    init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
-    trainer = None
-    try:
-        import ovlt.grpo.train as grpo_mod
-        from benchmarks._bench_util import with_host_syncs
-        from ovlt.grpo.train import GRPOTrainer
-        from ovlt.grpo.data import PromptPosition
 
-        host_syncs: dict = {}  # phase -> messages of the synchronizing CUDA calls it made
-
-        def counting_syncs(phase, fn):
-            """`fn` with every call that makes the host wait for the GPU recorded against
-            `phase` (`with_host_syncs`)."""
-            if dev != "cuda":
-                return fn
-            return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
-
-        mem = PhaseMemory(dev)
-        # the log-prob passes and the updates are queued: a host sync inside them is one
-        # inside the phase (each phase reads its numbers once, at its end, outside these)
-        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
-            "logprob", grpo_mod.queue_logprob_pass))
-        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
-
-        t0 = _now()
-        trainer = GRPOTrainer(cfg)
-        trainer.setup(0)
-        trainer.sync_weights()
+    def on_ready(trainer):
         real_generate = trainer.engine.generate
 
         def generate(reqs, sp, on_complete=None):  # every response exactly --new tokens
             return real_generate(reqs, dataclasses.replace(sp, ignore_eos=True),
                                  on_complete=on_complete)
-        trainer.engine.generate = mem.wrap("rollout", generate)
-        _sync(dev)
-        res["init_seconds"] = _now() - t0
-        res["engine"] = type(trainer.engine).__name__
-        res["ref_mode"] = trainer.ref.mode if trainer.ref else None
-        pos = PromptPosition()
-        res["steps"] = []
-        for step in range(args.steps):
-            host_syncs.clear()
-            mem.start_step()
-            try:
-                _sync(dev)
-                t = _now()
-                rec, pos, rollouts = trainer.step(step, pos)
-                _sync(dev)
-                dt = _now() - t
-            except Exception as e:  # noqa: BLE001
-                res["steps"].append({"step": step + 1, "error": _err(e)})
-                save()
-                break
-            gen = sum(len(r.response_ids) for r in rollouts)
-            tot = sum(r.length for r in rollouts)
-            n = len(rollouts)
-            del rollouts  # what the step leaves allocated is read without it
-            phases = {k[5:]: v for k, v in rec.items() if k.startswith("time/")}
-            # each pass's own GPU time (the trainer's StepClock): old vs reference per token
-            phases["old_logprob"] = rec.get("logprob_old_s")
-            phases["ref_logprob"] = rec.get("logprob_ref_s")
-            s_sync = {k: {"count": len(v), "first": v[:3]} for k, v in host_syncs.items()}
-            s = {"step": step + 1, "step_s": dt, "phases": phases, "generated_tokens": gen,
-                 "total_tokens": tot, "prompt_tokens": tot - gen, "samples": n,
-                 "samples_trained": rec.get("samples_trained"), "updates": rec.get("updates"),
-                 "response_length_mean": rec.get("response_length_mean"),
-                 "loss": rec.get("loss"), "kl": rec.get("kl"), "grad_norm": rec.get("grad_norm"),
-                 "reward_mean": rec.get("reward_mean"), "trainer_step_time_s": rec.get("step_time_s"),
-                 "logprob_old_tokens": rec.get("logprob_old_tokens"),
-                 "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
-                 "torch_compiles": rec.get("torch_compiles"),
-                 "reward_batches": rec.get("reward_batches"),
-                 "host_syncs": s_sync}
-            for k in ("old", "ref"):
-                if rec.get(f"logprob_{k}_s") and rec.get(f"logprob_{k}_tokens"):
-                    s[f"logprob_{k}_us_per_token"] = \
-                        1e6 * rec[f"logprob_{k}_s"] / rec[f"logprob_{k}_tokens"]
-            s.update(mem.end_step(rec.get("mem_gb")))
-            res["steps"].append(s)
-            print("ovlt step", json.dumps(s), flush=True)
-            save()
-    finally:
-        if trainer is not None:
-            trainer.pool.close()
-        destroy_distributed()
+        trainer.engine.generate = generate
+        return {"ref_mode": trainer.ref.mode if trainer.ref else None}
+
+    def step_fields(rec, s):
+        # each pass's own GPU time (the trainer's StepClock): old vs reference per token
+        s["phases"].update(old_logprob=rec.get("logprob_old_s"),
+                           ref_logprob=rec.get("logprob_ref_s"))
+        s.update(prompt_tokens=s["total_tokens"] - s["generated_tokens"],
+                 samples_trained=rec.get("samples_trained"),
+                 response_length_mean=rec.get("response_length_mean"),
+                 trainer_step_time_s=rec.get("step_time_s"))
+
+    run_ovlt_steps(cfg, dev, res, save, steps=args.steps, log_dir=wd / "ovlt_run" / "logs",
+                   label="ovlt", on_ready=on_ready, step_fields=step_fields)
 
 
 # ---------------------------------------------------------------------------------- TRL side
-def make_processor(hf_dir, min_pixels, max_pixels):
-    """Qwen2.5-VL processor from ovlt's tokenizer + HF's image processor. The video processor
-    needs torchvision, which the device lacks; no video is ever processed, so it is left out."""
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-
-    from ovlt.data.chat_template import QWEN2_5_VL_CHAT_TEMPLATE
-
-    class Processor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
-
-    tok = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
-    ip = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Processor(image_processor=ip, tokenizer=tok, video_processor=None,
-                     chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
-
-
 def bench_reward(response: str, ground_truth: str, **kwargs) -> float:
     """The reward of both sides: ovlt's math reward (the real grading work; 0 for a random
     model) + a deterministic hash of the text in [0, 1), so groups are not flat, advantages are
@@ -423,12 +180,10 @@ def math_reward_fn(completions, answer, **kwargs):
 
 
 def run_trl(args, wd: Path, res: dict, save):
-    import pyarrow.parquet as pq
     import torch
     import transformers
     import trl
-    from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
+    from transformers import TrainerCallback
 
     dev = args.device
     res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__}
@@ -436,21 +191,12 @@ def run_trl(args, wd: Path, res: dict, save):
         import datasets
         res["versions"]["datasets"] = datasets.__version__
     except Exception as e:  # noqa: BLE001
-        res["datasets_error"] = _err(e)
+        res["datasets_error"] = error_text(e)
         raise
-    hf_dir = str(wd / "hf")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     torch.manual_seed(0)
-    t0 = _now()
-    proc = make_processor(hf_dir, args.min_pixels, args.max_pixels)
-    tab = pq.read_table(wd / "rl.parquet").to_pylist()
-    rows = [{"prompt": [{"role": "user", "content": r["problem"] + _suffix()}],
-             "image": Image.open(r["images"][0]).convert("RGB"), "answer": r["answer"]} for r in tab]
-    ds = datasets.Dataset.from_list(rows)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        hf_dir, dtype=dtype, attn_implementation="sdpa", device_map=dev)
-    visual = getattr(model, "visual", None) or model.model.visual
-    visual.requires_grad_(False)  # vision tower + merger frozen, as on the ovlt side
+    t0 = now()
+    proc, ds, model = trl_inputs(args, wd, dtype)
     gbs = args.prompts * args.samples
     if gbs % args.micro_batch:
         raise ValueError(f"prompts x samples = {gbs} must be a multiple of --micro-batch")
@@ -492,32 +238,32 @@ def run_trl(args, wd: Path, res: dict, save):
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, a, s, c, **kw):
-            _sync(dev)
-            state["last"] = _now()
+            device_sync(dev)
+            state["last"] = now()
 
         def on_step_end(self, a, s, c, **kw):
-            _sync(dev)
-            now = _now()
-            close_step(s.global_step, now - state["last"])
-            state["last"] = now
+            device_sync(dev)
+            t = now()
+            close_step(s.global_step, t - state["last"])
+            state["last"] = t
 
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[math_reward_fn], args=cfg, train_dataset=ds,
                               processing_class=proc, callbacks=[StepTimer()])
-    _sync(dev)
-    res["init_seconds"] = _now() - t0
+    device_sync(dev)
+    res["init_seconds"] = now() - t0
     res["eos_token_ids"] = list(trainer.eos_token_ids)
 
     def wrap(name, key_fn, post=None):
         orig = getattr(trainer, name)
 
         def w(*a, **k):
-            _sync(dev)
-            t = _now()
+            device_sync(dev)
+            t = now()
             out = orig(*a, **k)
-            _sync(dev)
+            device_sync(dev)
             key = key_fn(a, k)
             if key:
-                cur[key] = cur.get(key, 0.0) + _now() - t
+                cur[key] = cur.get(key, 0.0) + now() - t
             if post:
                 post(out)
             return out
@@ -547,11 +293,10 @@ def run_trl(args, wd: Path, res: dict, save):
 
 # ---------------------------------------------------------------------------------- summary
 def summarize(side: dict) -> dict | None:
-    steps = [s for s in side.get("steps", []) if "error" not in s and s.get("step_s")]
+    steps, timed = finished_steps(side)
     if not steps:
         return None
-    timed = steps[1:] if len(steps) > 1 else steps
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = statistics.median
     keys = sorted({k for s in timed for k, v in s["phases"].items() if isinstance(v, (int, float))})
     out = {"timed_steps": [s["step"] for s in timed], "first_step_s": steps[0]["step_s"],
            "step_s": med([s["step_s"] for s in timed]),
@@ -567,13 +312,7 @@ def summarize(side: dict) -> dict | None:
         out["peak_mem_gib"] = max(mem)
     out["per_step_peak_mem_gib"] = [s.get("peak_mem_gib") for s in steps]
     out.update(steady_state(out["per_step_peak_mem_gib"]))
-    for k in ("old", "ref"):
-        v = [s[f"logprob_{k}_us_per_token"] for s in timed if s.get(f"logprob_{k}_us_per_token")]
-        if v:
-            out[f"logprob_{k}_us_per_token"] = med(v)
-    comp = [s.get("torch_compiles") for s in timed if s.get("torch_compiles") is not None]
-    if comp:
-        out["torch_compiles_after_step_1"] = sum(comp)
+    out.update(logprob_and_compile_stats(timed))
     return out
 
 
@@ -618,19 +357,10 @@ def extrapolate(args, prep: dict, summ: dict) -> dict:
                         "differences -> under-estimate); update and log-prob assume the same MFU at 7B "
                         "scale and DP=8 with no communication cost. Not a measurement.")}
 
-
 def side_main(args) -> int:
-    wd = Path(args.workdir)
-    out = wd / f"side_{args.side}.json"
-    res: dict = {"side": args.side}
-    save = lambda: _write(out, res)  # noqa: E731
-    try:
-        (run_ovlt if args.side == "ovlt" else run_trl)(args, wd, res, save)
-    except BaseException as e:  # noqa: BLE001 - recorded; the parent reads it
-        res["error"] = _err(e)
-        print(res["error"], file=sys.stderr, flush=True)
-    save()
-    return 0 if "error" not in res else 1
+    body = run_ovlt if args.side == "ovlt" else run_trl
+    return run_recorded(Path(args.workdir) / f"side_{args.side}.json", {"side": args.side},
+                        lambda res, save: body(args, Path(args.workdir), res, save))
 
 
 def main(argv=None) -> int:
@@ -684,12 +414,10 @@ def main(argv=None) -> int:
 
     import shutil
     import tempfile
-    start = _now()
+    start = now()
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="ovlt_grpo_bench_"))
-    res = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "config": vars(args), "what": __doc__, "sides": {},
-           "notes": [
+    res = dict(result_header(args, torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                             __doc__), sides={}, notes=[
                "Equal work: same HF weights, same prompt token ids and pixels, every response exactly "
                "--new tokens (EOS suppressed on both sides), same P x n, one optimizer update per step.",
                "Differences that are part of each trainer: ovlt keeps fp32 master weights + fp32 grads "
@@ -700,47 +428,20 @@ def main(argv=None) -> int:
                "the update). ovlt grades rewards in worker processes as they stream from the "
                "engine, TRL in-process.",
                "step 1 includes compilation / graph capture / lazy init; summaries are medians of "
-               "steps 2..N; phases are each trainer's own timers (TRL: wrapped methods)."]}
+               "steps 2..N; phases are each trainer's own timers (TRL: wrapped methods)."])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save = lambda: _write(out, res)  # noqa: E731
-    try:
-        t0 = _now()
-        res["prep"] = prepare(args, wd)
-        res["prep"]["seconds"] = _now() - t0
-        _write(wd / "prep.json", res["prep"])
-        print("prep", json.dumps(res["prep"]), flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["prep_error"] = _err(e)
-        print(res["prep_error"], file=sys.stderr)
-        save()
+    save = lambda: write_json(out, res)  # noqa: E731
+    if not record_prep(res, wd, save, lambda: prepare(args, wd)):
         return 1
     save()
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     for side in [s for s in args.sides.split(",") if s]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--side", side,
-               "--workdir", str(wd), "--device", args.device]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        t0 = _now()
-        log_path = wd / f"side_{side}.log"
-        rc = None
-        with open(log_path, "w") as log:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-            try:
-                left = args.time_budget - (_now() - start) - 3.0
-                rc = p.wait(timeout=max(5.0, min(args.side_timeout, left)))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                rc = "timeout"
-        sj = wd / f"side_{side}.json"
-        side_res = json.loads(sj.read_text()) if sj.exists() else {}
-        side_res["rc"], side_res["wall_seconds"] = rc, _now() - t0
-        tail = log_path.read_text()[-4000:]
-        if rc != 0:
-            side_res["log_tail"] = tail
-        print(f"---- {side} (rc={rc}, {side_res['wall_seconds']:.1f} s), log tail:\n{tail[-2500:]}", flush=True)
+        left = args.time_budget - (now() - start) - 3.0
+        side_res = run_child(Path(__file__).resolve(),
+                             [*passthrough, "--side", side, "--workdir", str(wd),
+                              "--device", args.device],
+                             wd, f"side_{side}", side, max(5.0, min(args.side_timeout, left)), 2500)
         try:
             side_res["summary"] = summarize(side_res)
             if side_res["summary"]:
@@ -748,7 +449,7 @@ def main(argv=None) -> int:
                 if args.tiny:
                     side_res["recipe_estimate"]["NOTE"] = "tiny smoke run: meaningless numbers"
         except Exception as e:  # noqa: BLE001
-            side_res["summary_error"] = _err(e)
+            side_res["summary_error"] = error_text(e)
         res["sides"][side] = side_res
         save()
     so, st = (res["sides"].get(k, {}).get("summary") for k in ("ovlt", "trl"))

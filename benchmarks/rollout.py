@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported (tests)
 from _bench_util import wall_time  # noqa: E402
+from _grpo_bench import lognormal_lengths  # noqa: E402  (the recipe's length law)
 
 
 def build_hf(cfg, device):
@@ -66,19 +65,6 @@ def build_hf(cfg, device):
     return model.eval()
 
 
-def mcore_module(named: dict) -> torch.nn.Module:
-    root = torch.nn.Module()
-    for name, t in named.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for p in path:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
-    return root
-
-
 def model_cfg(args, layers=None):
     """The 7B shape cut to `layers` LLM layers (vision tower tiny: text decoding only), or
     the tiny test model with --tiny."""
@@ -96,12 +82,13 @@ def model_cfg(args, layers=None):
 def build_models(args):
     """(HF model, mcore-named module of its LLM weights, config): the same tensors."""
     from ovlt.models.qwen2_5_vl.state_dict_adapter import hf_to_mcore
+    from ovlt.rollout.kv_decoder import params_module
     cfg = model_cfg(args, args.layers)
     hf = build_hf(cfg, args.device)
     sd = {k: v for k, v in hf.state_dict().items()}
     named = hf_to_mcore(sd, cfg, 0, 1, 0, 1)
     named = {k: v.contiguous() for k, v in named.items() if k.startswith("language_model.")}
-    return hf, mcore_module(named), cfg
+    return hf, params_module(named), cfg
 
 
 def bench_generate(args, res, hf, module, cfg):
@@ -193,17 +180,6 @@ def bench_sampling(args, res):
 
 
 # ---------------------------------------------------------------------------------- length mix
-def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
-    """`n` lengths of lognormal(log median, sigma) capped at `cap`: the quantiles (k + 0.5) / n
-    of the capped law, in a seeded random order (every run decodes the same work)."""
-    from statistics import NormalDist
-    z = NormalDist()
-    qs = [min(cap, max(1, int(round(median * math.exp(sigma * z.inv_cdf((k + 0.5) / n))))))
-          for k in range(n)]
-    random.Random(seed).shuffle(qs)
-    return qs
-
-
 def mix_requests(args):
     """(requests, n per request, caps per sample) of the recipe-like mix."""
     from ovlt.rollout.base import GenerationRequest
@@ -282,12 +258,13 @@ def bench_mix(args, res, module, cfg, save=lambda: None):
 def bench_update(args, res):
     from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
     from ovlt.rollout.builtin import BuiltinEngine
+    from ovlt.rollout.kv_decoder import params_module
 
     cfg = model_cfg(args)  # the full 7B (the tiny model with --tiny)
     shapes = mcore_shapes(cfg, 1, 1, 0)
     sd = {n: torch.empty(s, dtype=torch.bfloat16, device=args.device).normal_(0, 0.02) for n, s in shapes.items()}
     n_params = sum(t.numel() for t in sd.values())
-    module = mcore_module(sd)
+    module = params_module(sd)
     eng = BuiltinEngine(module, cfg)
     src = {n: t.clone() for n, t in sd.items()}   # "the trainer's" shards
     for _ in range(2):

@@ -37,6 +37,22 @@ class _Layer:
     fc2_w: torch.Tensor
 
 
+def params_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A bare module whose `named_parameters()` are `named` (frozen, submodules made from the
+    dotted names): mcore-named weights for `LLMDecoder` / the built-in engine without building
+    the model."""
+    root = torch.nn.Module()
+    for name, t in named.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for p in path:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+    return root
+
+
 def _find(params: dict, *names: str):
     for n in names:
         if n in params:

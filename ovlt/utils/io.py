@@ -47,6 +47,19 @@ def append_jsonl(path: str | os.PathLike, obj) -> None:
         f.flush()
 
 
+def read_json(path: str | os.PathLike):
+    """The JSON value in the file `path`; an InputError naming the file when it is not UTF-8
+    text or not valid JSON."""
+    from ovlt.errors import InputError
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file, ignoring a torn last line left by a kill."""
     out = []

@@ -6,9 +6,6 @@ each `<|image_pad|>` replaced by grid.prod() // 4 copies with grids from HF's
 `Qwen2VLImageProcessorPil` (what `Qwen2_5_VLProcessor.replace_image_token` does; the processor
 itself can't be built here because its video processor needs torchvision), then HF tokenising.
 """
-import json
-import shutil
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +13,8 @@ from PIL import Image
 from ovlt.data.chat_template import (QWEN2_5_VL_CHAT_TEMPLATE, encode_prompt, encode_sft,
                                      render)
 from ovlt.data.image_processing import preprocess
-from ovlt.data.tokenizer import FILES_DIR, hf_tokenizer_config, load_tokenizer
+from ovlt.data.tokenizer import load_tokenizer
+from tests.unit.test_data_tokenizer import hf_tokenizer_from_files
 
 # Written out independently of ovlt's copy: Qwen2.5-VL-*-Instruct chat_template.json.
 OFFICIAL = (
@@ -37,12 +35,7 @@ OFFICIAL = (
 
 @pytest.fixture(scope="module")
 def hf_tok(tmp_path_factory):
-    from transformers import AutoTokenizer
-    d = tmp_path_factory.mktemp("tok")
-    for n in ("vocab.json", "merges.txt"):
-        shutil.copy(FILES_DIR / n, d / n)
-    (d / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config()))
-    return AutoTokenizer.from_pretrained(str(d))
+    return hf_tokenizer_from_files(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -65,16 +65,20 @@ def ours():
     return load_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def hf_from_files(tmp_path_factory):
-    """transformers builds its own Qwen2 tokenizer from vocab.json + merges.txt + config."""
+def hf_tokenizer_from_files(d):
+    """transformers builds its own Qwen2 tokenizer from vocab.json + merges.txt + config
+    (no tokenizer.json), in the folder `d`."""
     from transformers import AutoTokenizer
     from ovlt.data.tokenizer import hf_tokenizer_config
-    d = tmp_path_factory.mktemp("hf_tok_files")
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(FILES_DIR / name, d / name)
     (d / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config()))
-    tok = AutoTokenizer.from_pretrained(str(d))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.fixture(scope="module")
+def hf_from_files(tmp_path_factory):
+    tok = hf_tokenizer_from_files(tmp_path_factory.mktemp("hf_tok_files"))
     assert type(tok).__name__.startswith("Qwen2Tokenizer")
     return tok
 

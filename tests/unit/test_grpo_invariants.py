@@ -28,13 +28,18 @@ def dist1():
     destroy_distributed()
 
 
+def synth_rl(tmp_path_factory, n: int, seed: int):
+    """The parquet of `n` synthetic visual-math RL records (with images)."""
+    from ovlt.data import synth
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, n=n, seed=seed)
+    return out / "rl.parquet"
+
+
 @pytest.fixture(scope="module")
 def rl_file(tmp_path_factory):
     """A few synthetic visual-math RL records (with images)."""
-    from ovlt.data import synth
-    out = tmp_path_factory.mktemp("synth")
-    synth.generate(out, n=8, seed=3)
-    return out / "rl.parquet"
+    return synth_rl(tmp_path_factory, n=8, seed=3)
 
 
 def _cfg(tmp_path, hf_dir, rl_file, *over):

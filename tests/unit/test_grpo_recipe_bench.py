@@ -24,8 +24,8 @@ def _bench():
 def test_response_lengths_follow_the_capped_lognormal():
     b = _bench()
     n = 640
-    lens = b.response_lengths(n, 500.0, 0.6, 2048, seed=17)
-    assert lens == b.response_lengths(n, 500.0, 0.6, 2048, seed=17)  # the same draw every time
+    lens = b.lognormal_lengths(n, 500.0, 0.6, 2048, seed=17)
+    assert lens == b.lognormal_lengths(n, 500.0, 0.6, 2048, seed=17)  # the same draw every time
     assert lens != sorted(lens) and max(lens) <= 2048 and min(lens) >= 1
     assert abs(statistics.median(lens) - 500) <= 3
     # mean of the capped law: 500 e^(s^2/2) minus what the cap removes (~1 % above 2048)

@@ -11,36 +11,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ovlt.config import CONFIG_ROOT, load_config
-from tests.unit.test_grpo_invariants import _rollout_batches
+from tests.unit import test_grpo_invariants as invariants
+from tests.unit.test_grpo_invariants import _rollout_batches, synth_rl
 
-
-@pytest.fixture(scope="module")
-def dist1():
-    from ovlt.config import ParallelConfig
-    from ovlt.distributed import destroy_distributed, init_distributed
-    destroy_distributed()
-    init_distributed(ParallelConfig(backend="gloo"), seed=1)
-    yield
-    destroy_distributed()
+dist1 = invariants.dist1  # the one gloo process, a module-scoped fixture
 
 
 @pytest.fixture(scope="module")
 def rl_file(tmp_path_factory):
-    from ovlt.data import synth
-    out = tmp_path_factory.mktemp("synth")
-    synth.generate(out, n=12, seed=5)
-    return out / "rl.parquet"
+    return synth_rl(tmp_path_factory, n=12, seed=5)
 
 
 def _cfg(tmp_path, hf_dir, rl_file, *over):
-    return load_config(CONFIG_ROOT / "grpo" / "tiny_cpu.yaml", [
-        f"model.hf_path={hf_dir}", f"data.rl_files=[{rl_file}]",
-        f"grpo.train.save_dir={tmp_path}/out", "grpo.optimizer.use_distributed_optimizer=false",
-        "rollout.max_new_tokens=6", "grpo.overlong=none", "data.max_pixels=3136",
-        "grpo.reward_fn=tests.unit.test_grpo_invariants:hash_reward",
-        "grpo.filter_zero_advantage=false", "grpo.prompts_per_step=2",
-        "grpo.samples_per_prompt=3", *over])
+    return invariants._cfg(tmp_path, hf_dir, rl_file, "grpo.filter_zero_advantage=false",
+                           "grpo.prompts_per_step=2", "grpo.samples_per_prompt=3", *over)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 
 from ovlt.rollout.base import GenerationRequest, SamplingParams
 from ovlt.rollout.builtin import BuiltinEngine
+from ovlt.rollout.kv_decoder import params_module
 
 IMG, VS, VE = 151655, 151652, 151653
 
@@ -39,16 +40,7 @@ def _mcore_module_from_hf(hf, cfg) -> torch.nn.Module:
         out[m + "mlp.linear_fc1.weight"] = torch.cat([sd[h + "mlp.gate_proj.weight"],
                                                       sd[h + "mlp.up_proj.weight"]])
         out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
-    root = torch.nn.Module()
-    for name, t in out.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for p in path:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        mod.register_parameter(leaf, torch.nn.Parameter(t.clone().float(), requires_grad=False))
-    return root
+    return params_module({name: t.clone().float() for name, t in out.items()})
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 
 from ovlt.rollout.base import GenerationRequest, SamplingParams, derived_seed
 from ovlt.rollout.builtin import BuiltinEngine
+from tests.rollout_testlib import llm_params_module
 
 V = 512
 EOS = 7
@@ -28,24 +29,15 @@ class CharTok:
 
 @pytest.fixture(scope="module")
 def small(tiny_model_cfg):
-    from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes
     cfg = copy.deepcopy(tiny_model_cfg)
     cfg.vocab_size = V
     g = torch.Generator().manual_seed(0)
-    root = torch.nn.Module()
-    for name, shape in mcore_shapes(cfg, 1, 1, 0).items():
-        if not name.startswith("language_model."):
-            continue
-        *path, leaf = name.split(".")
-        mod = root
-        for p in path:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        t = (torch.ones(shape) if "norm" in leaf or "layernorm" in name else
-             torch.randn(shape, generator=g) * (0.3 if len(shape) > 1 else 0.1))
-        mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
-    return root, cfg
+
+    def init(name, shape):
+        if "norm" in name.rsplit(".", 1)[-1] or "layernorm" in name:
+            return torch.ones(shape)
+        return torch.randn(shape, generator=g) * (0.3 if len(shape) > 1 else 0.1)
+    return llm_params_module(cfg, init), cfg
 
 
 def _engine(small, **kw):

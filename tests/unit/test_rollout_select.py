@@ -8,23 +8,12 @@ from ovlt.config import CONFIG_ROOT, load_config
 from ovlt.rollout import make_engine, vllm_available
 from ovlt.rollout.builtin import BuiltinEngine
 from ovlt.rollout.vllm_engine import collapse_image_pads
+from tests.rollout_testlib import llm_params_module
 
 
 def _module(cfg):
     """A bare module with the mcore LLM parameter names of the tiny config."""
-    from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes
-    root = torch.nn.Module()
-    for name, shape in mcore_shapes(cfg, 1, 1, 0).items():
-        if not name.startswith("language_model."):
-            continue
-        *path, leaf = name.split(".")
-        mod = root
-        for p in path:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
-    return root
+    return llm_params_module(cfg, lambda name, shape: torch.zeros(shape))
 
 
 @pytest.mark.skipif(vllm_available(), reason="vLLM installed here")

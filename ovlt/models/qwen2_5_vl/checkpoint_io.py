@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ovlt.errors import InputError
 from ovlt.models.qwen2_5_vl.state_dict_adapter import MissingTensorError, canonical_hf_name
-from ovlt.utils.io import atomic_write_json
+from ovlt.utils.io import atomic_write_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -148,12 +148,7 @@ class HFCheckpointReader(SafetensorsDir):
 
 def read_index(index: Path) -> dict[str, str]:
     """The `weight_map` of a safetensors index file: tensor name -> file name in its folder."""
-    try:
-        body = json.loads(index.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{index}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"{index}: not valid JSON ({e})") from None
+    body = read_json(index)
     wm = body.get("weight_map") if isinstance(body, dict) else None
     if not isinstance(wm, dict) or not wm or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):

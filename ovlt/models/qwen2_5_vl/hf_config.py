@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ovlt.config import ModelConfig, VisionConfig
 from ovlt.errors import InputError
+from ovlt.utils.io import read_json
 
 MODEL_TYPE = "qwen2_5_vl"
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
@@ -19,12 +19,7 @@ def read_hf_config(src) -> dict:
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no config.json (is this an HF model directory?)")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"{p}: not valid JSON ({e})") from None
+    d = read_json(p)
     if not isinstance(d, dict):
         raise InputError(f"{p}: expected a JSON object, got {type(d).__name__}")
     check_architecture(d, p)

@@ -1,0 +1,464 @@
+"""What the GRPO step benchmarks (`grpo_vs_trl.py`, `grpo_recipe.py`) share: the workload's
+pieces (the math prompt, noise images, the RL parquet, the recipe's response-length law, the
+model shape and its HF directory, TRL's inputs), the ovlt trainer driven step by step with its
+per-phase memory and host syncs, and the parent's one-subprocess-per-side runner.
+
+Nothing here imports more than the standard library at import time: reward workers import the
+benchmark modules, and the parent process never creates a CUDA context.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ANSWER = "42"
+PROBLEM = ("Problem {i}: The figure shows several coloured regions. Count the regions, multiply the "
+           "count by the number of corners of the largest one, and give the result.")
+
+
+# ---------------------------------------------------------------------------------- small helpers
+def now() -> float:
+    return time.perf_counter()
+
+
+def device_sync(dev) -> None:
+    import torch
+    if dev == "cuda" or (hasattr(dev, "type") and dev.type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:1500] + "\n" + traceback.format_exc()[-3000:]
+
+
+def write_json(path, obj) -> None:
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def result_header(args, device: str, doc: str) -> dict:
+    """The first keys of a results file: when, on what, with which arguments, and what ran."""
+    import torch
+    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
+            "device": device, "config": vars(args), "what": doc}
+
+
+# ---------------------------------------------------------------------------------- workload
+def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
+    """`n` lengths of lognormal(log median, sigma) capped at `cap`: the quantiles (k + 0.5) / n
+    of the capped law, in a seeded random order (every run decodes the same work)."""
+    from statistics import NormalDist
+    z = NormalDist()
+    qs = [min(cap, max(1, int(round(median * math.exp(sigma * z.inv_cdf((k + 0.5) / n))))))
+          for k in range(n)]
+    random.Random(seed).shuffle(qs)
+    return qs
+
+
+def prompt_suffix() -> str:
+    from ovlt.config import RolloutConfig
+    return RolloutConfig().prompt_suffix
+
+
+def prompt_tokens(i: int, grid, merge_size: int) -> int:
+    """Tokens of prompt `i` (the question, the recipe's suffix, one image of `grid`)."""
+    from ovlt.data.chat_template import encode_prompt
+    return len(encode_prompt(PROBLEM.format(i=i) + prompt_suffix(), [grid], merge_size=merge_size))
+
+
+def noise_images(img_dir: Path, count: int, size: int, digits: int) -> list[Path]:
+    """`count` seeded random-noise PNGs of size x size (the vision tower's cost does not depend
+    on the pixels), named img_<i, `digits` wide>.png."""
+    import numpy as np
+    from PIL import Image
+    img_dir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        p = img_dir / f"img_{i:0{digits}d}.png"
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(p)
+        paths.append(p)
+    return paths
+
+
+def write_rl_parquet(path: Path, n: int, images: list[Path]) -> None:
+    """`n` distinct questions (`PROBLEM`, answer `ANSWER`), question i with image i mod len."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"problem": [], "answer": [], "images": [], "id": [], "source": []}
+    for i in range(n):
+        rows["problem"].append(PROBLEM.format(i=i))
+        rows["answer"].append(ANSWER)
+        rows["images"].append([str(images[i % len(images)])])
+        rows["id"].append(f"p{i}")
+        rows["source"].append("bench")
+    pq.write_table(pa.table(rows), path)
+
+
+def model_cfg(args):
+    """The 7B widths cut to `--llm-layers` / `--vision-layers` (the tiny test model with
+    --tiny), local layers, bf16 on CUDA."""
+    from ovlt.config import CONFIG_ROOT, load_config
+    m = load_config(CONFIG_ROOT / "model" / ("tiny.yaml" if args.tiny else "qwen2_5_vl_7b.yaml")).model
+    if not args.tiny:
+        m.num_layers = args.llm_layers
+        m.vision.depth = args.vision_layers
+        # the real tower has full attention every 8th layer; keep at least one full layer
+        m.vision.fullatt_block_indexes = ([i for i in range(args.vision_layers) if i % 8 == 7]
+                                          or [args.vision_layers - 1])
+    m.transformer_impl = "local"
+    m.params_dtype = "bf16" if args.device == "cuda" else "fp32"
+    return m
+
+
+def recipe_model_cfg():
+    """Qwen2.5-VL-7B as the recipe trains it (all layers)."""
+    from ovlt.config import CONFIG_ROOT, load_config
+    return load_config(CONFIG_ROOT / "model" / "qwen2_5_vl_7b.yaml").model
+
+
+def write_hf_config(m, out: Path, device: str) -> None:
+    """HF config (bf16 on CUDA) and ovlt's tokenizer of `m` into `out`."""
+    from ovlt.data.tokenizer import save_hf_tokenizer
+    from ovlt.models.qwen2_5_vl.hf_config import to_hf_config
+    cfg = to_hf_config(m)
+    cfg.dtype = "bfloat16" if device == "cuda" else "float32"
+    cfg.save_pretrained(out)
+    save_hf_tokenizer(out)
+
+
+def write_hf_dir(m, out: Path, device: str) -> dict:
+    """Random-init weights of `m` streamed through the project's export path into an HF dir."""
+    import torch
+
+    from ovlt.models.qwen2_5_vl.checkpoint_io import HFCheckpointWriter
+    from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    sd, n = {}, 0
+    for name, shape in mcore_shapes(m, 1, 1, 0).items():
+        if len(shape) == 1:
+            val = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            t = torch.full(shape, val, dtype=dtype, device=device)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        sd[name] = t
+        n += t.numel()
+    writer = HFCheckpointWriter(out)
+    for hf_name, full in mcore_to_hf({(0, 0): sd}, m, 1, 1):
+        writer.add(hf_name, full)
+    writer.close()
+    del sd
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    write_hf_config(m, out, device)
+    return {"params": n, "dtype": str(dtype)}
+
+
+# ---------------------------------------------------------------------------------- TRL inputs
+def make_processor(hf_dir, min_pixels, max_pixels):
+    """Qwen2.5-VL processor from ovlt's tokenizer + HF's image processor. The video processor
+    needs torchvision, which the device lacks; no video is ever processed, so it is left out."""
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    from ovlt.data.chat_template import QWEN2_5_VL_CHAT_TEMPLATE
+
+    class Processor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    tok = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
+    ip = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Processor(image_processor=ip, tokenizer=tok, video_processor=None,
+                     chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+
+
+def trl_inputs(args, wd: Path, dtype):
+    """(processor, dataset, model) for TRL from what the parent prepared in `wd`: the HF
+    directory `wd/hf`, the RL parquet's rows in TRL's VLM format (conversational `prompt` +
+    `image` column) and the model on `args.device` with its vision tower + merger frozen, as
+    on the ovlt side."""
+    import datasets
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf_dir = str(wd / "hf")
+    proc = make_processor(hf_dir, args.min_pixels, args.max_pixels)
+    tab = pq.read_table(wd / "rl.parquet").to_pylist()
+    ds = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["problem"] + prompt_suffix()}],
+         "image": Image.open(r["images"][0]).convert("RGB"), "answer": r["answer"]} for r in tab])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        hf_dir, dtype=dtype, attn_implementation="sdpa", device_map=args.device)
+    (getattr(model, "visual", None) or model.model.visual).requires_grad_(False)
+    return proc, ds, model
+
+
+# ---------------------------------------------------------------------------------- memory
+class PhaseMemory:
+    """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
+    wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
+    wrapped call, so the step's own peak is kept here: the largest of the phase peaks, what
+    accrued between them, and the trainer's own meter (`mem_gb`: it resets the counter at the
+    step's end). `end_step` also reads what the step left allocated (the caller drops the
+    step's result first). Nothing on the CPU."""
+
+    def __init__(self, dev: str):
+        self.on = dev == "cuda"
+        self.peaks: dict = {}
+        self.between = 0.0
+
+    def _read_reset(self) -> float:
+        import torch
+        v = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
+        return v
+
+    def start_step(self) -> None:
+        self.peaks, self.between = {}, 0.0
+        if self.on:
+            self._read_reset()
+
+    def wrap(self, name: str, fn):
+        if not self.on:
+            return fn
+
+        def wrapped(*a, **k):
+            self.between = max(self.between, self._read_reset())
+            try:
+                return fn(*a, **k)
+            finally:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), self._read_reset())
+        return wrapped
+
+    def end_step(self, trainer_peak_gib=None) -> dict:
+        if not self.on:
+            return {}
+        import gc
+
+        import torch
+        gc.collect()
+        tail = self._read_reset()
+        peak = max([tail, self.between, trainer_peak_gib or 0.0, *self.peaks.values()])
+        return {"peak_mem_gib": peak, "phase_peak_mem_gib": dict(self.peaks),
+                "mem_after_step_gib": torch.cuda.memory_allocated() / 2 ** 30}
+
+
+def steady_state(per_step_peaks: list) -> dict:
+    """Whether per-step peak memory holds from step 2 on: each step's peak within 2 % of the
+    step before it."""
+    later = [p for p in per_step_peaks[1:] if p]
+    if len(later) < 2:
+        return {}
+    return {"steady_state_peak_spread": (max(later) - min(later)) / min(later),
+            "steady_state_within_2pct": all(abs(b - a) <= 0.02 * a
+                                            for a, b in zip(later, later[1:]))}
+
+
+# ---------------------------------------------------------------------------------- ovlt side
+def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label: str,
+                   count_syncs: bool = True, torch_seed: int | None = None, on_ready=None,
+                   step_fields=None) -> None:
+    """The real trainer (`GRPOTrainer`, built from `cfg` in this process) driven step by step
+    as `GRPOTrainer.run` does, without checkpointing or export. Into `res`: `init_seconds`,
+    `engine`, what `on_ready` returns, and `steps`, one record per step (written with `save`
+    after each): wall time with the device synced at both ends, the trainer's phase timers,
+    tokens, its metrics, the log-prob passes' GPU time per token (the trainer's StepClock: old
+    vs reference), peak memory per phase (rollout, log-prob passes, updates) and over the step,
+    what the step leaves allocated, and the host syncs inside the log-prob and update phases
+    (CUDA only; `count_syncs` off skips them).
+
+    `on_ready(trainer)` runs after setup and the first weight sync: it may replace
+    `trainer.engine.generate` (the rollout's memory is read around what it leaves) and returns
+    more fields for `res`. `step_fields(rec, s)` adds a script's own fields to a step's record
+    `s` from the trainer's `rec`. A step that raises is recorded and ends the run."""
+    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.logging import setup_logging
+
+    setup_logging(str(log_dir))
+    init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
+    trainer = None
+    try:
+        import torch
+
+        import ovlt.grpo.train as grpo_mod
+        from benchmarks._bench_util import with_host_syncs
+        from ovlt.grpo.data import PromptPosition
+        from ovlt.grpo.train import GRPOTrainer
+
+        host_syncs: dict = {}  # phase -> messages of the synchronizing CUDA calls it made
+
+        def counting_syncs(phase, fn):
+            """`fn` with every call that makes the host wait for the GPU recorded against
+            `phase` (`with_host_syncs`)."""
+            if dev != "cuda" or not count_syncs:
+                return fn
+            return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
+
+        mem = PhaseMemory(dev)
+        # the log-prob passes and the updates are queued: a host sync inside them is one
+        # inside the phase (each phase reads its numbers once, at its end, outside these)
+        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
+            "logprob", grpo_mod.queue_logprob_pass))
+        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
+
+        t0 = now()
+        if torch_seed is not None:
+            torch.manual_seed(torch_seed)
+        trainer = GRPOTrainer(cfg)
+        trainer.setup(0)
+        trainer.sync_weights()
+        extra = on_ready(trainer) if on_ready is not None else {}
+        trainer.engine.generate = mem.wrap("rollout", trainer.engine.generate)
+        device_sync(dev)
+        res["init_seconds"] = now() - t0
+        res["engine"] = type(trainer.engine).__name__
+        res.update(extra)
+        res["steps"] = []
+        pos = PromptPosition()
+        for step in range(steps):
+            host_syncs.clear()
+            mem.start_step()
+            try:
+                device_sync(dev)
+                t = now()
+                rec, pos, rollouts = trainer.step(step, pos)
+                device_sync(dev)
+                dt = now() - t
+            except Exception as e:  # noqa: BLE001
+                res["steps"].append({"step": step + 1, "error": error_text(e)})
+                save()
+                break
+            gen = sum(len(r.response_ids) for r in rollouts)
+            tot = sum(r.length for r in rollouts)
+            n = len(rollouts)
+            del rollouts  # what the step leaves allocated is read without it
+            s = {"step": step + 1, "step_s": dt,
+                 "phases": {k[5:]: v for k, v in rec.items() if k.startswith("time/")},
+                 "generated_tokens": gen, "total_tokens": tot, "samples": n,
+                 "updates": rec.get("updates"), "loss": rec.get("loss"), "kl": rec.get("kl"),
+                 "grad_norm": rec.get("grad_norm"), "reward_mean": rec.get("reward_mean"),
+                 "logprob_old_tokens": rec.get("logprob_old_tokens"),
+                 "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
+                 "torch_compiles": rec.get("torch_compiles"),
+                 "reward_batches": rec.get("reward_batches")}
+            if step_fields is not None:
+                step_fields(rec, s)
+            s["host_syncs"] = {k: {"count": len(v), "first": v[:3]} for k, v in host_syncs.items()}
+            for k in ("old", "ref"):
+                if rec.get(f"logprob_{k}_s") and rec.get(f"logprob_{k}_tokens"):
+                    s[f"logprob_{k}_us_per_token"] = \
+                        1e6 * rec[f"logprob_{k}_s"] / rec[f"logprob_{k}_tokens"]
+            s.update(mem.end_step(rec.get("mem_gb")))
+            res["steps"].append(s)
+            print(f"{label} step", json.dumps(s), flush=True)
+            save()
+    finally:
+        if trainer is not None:
+            trainer.pool.close()
+        destroy_distributed()
+
+
+# ---------------------------------------------------------------------------------- summaries
+def finished_steps(side: dict) -> tuple[list, list]:
+    """(the steps that finished, the timed ones: steps 2..N, or step 1 when it is alone)."""
+    steps = [s for s in side.get("steps", []) if "error" not in s and s.get("step_s")]
+    return steps, (steps[1:] if len(steps) > 1 else steps)
+
+
+def logprob_and_compile_stats(timed: list) -> dict:
+    """Medians of the log-prob passes' GPU time per token (old, reference), and the
+    torch.compile graphs built in the timed steps."""
+    out = {}
+    for k in ("old", "ref"):
+        v = [s.get(f"logprob_{k}_us_per_token") for s in timed if s.get(f"logprob_{k}_us_per_token")]
+        if v:
+            out[f"logprob_{k}_us_per_token"] = statistics.median(v)
+    comp = [s.get("torch_compiles") for s in timed if s.get("torch_compiles") is not None]
+    if comp:
+        out["torch_compiles_after_step_1"] = sum(comp)
+    return out
+
+
+# ---------------------------------------------------------------------------------- processes
+def run_recorded(out: Path, res: dict, body) -> int:
+    """A side's process: `body(res, save)` with `res` written to `out` at the end (and whenever
+    `save` is called); an exception is recorded in res["error"] for the parent to read."""
+    save = lambda: write_json(out, res)  # noqa: E731
+    try:
+        body(res, save)
+    except BaseException as e:  # noqa: BLE001 - recorded; the parent reads it
+        res["error"] = error_text(e)
+        print(res["error"], file=sys.stderr, flush=True)
+    save()
+    return 0 if "error" not in res else 1
+
+
+def record_prep(res: dict, wd: Path, save, *parts, hidden=()) -> bool:
+    """res["prep"] from each of `parts` in turn (the first's dict updated with the others'),
+    timed, written to wd/prep.json for the sides and printed (without `hidden` keys). False,
+    with res["prep_error"] saved, when one raises."""
+    try:
+        t0 = now()
+        res["prep"] = parts[0]()
+        for part in parts[1:]:
+            res["prep"].update(part())
+        res["prep"]["seconds"] = now() - t0
+        write_json(wd / "prep.json", res["prep"])
+        print("prep", json.dumps({k: v for k, v in res["prep"].items() if k not in hidden}),
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["prep_error"] = error_text(e)
+        print(res["prep_error"], file=sys.stderr)
+        save()
+        return False
+    return True
+
+
+def run_child(script, argv: list, wd: Path, name: str, label: str, timeout: float,
+              shown_tail: int) -> dict:
+    """`script` with `argv` in a subprocess (the repository on its PYTHONPATH, its output in
+    wd/<name>.log), killed after `timeout` s. Returns what it wrote to wd/<name>.json with its
+    `rc` ("timeout" when killed), `wall_seconds` and, when it failed, `log_tail`; prints the
+    last `shown_tail` characters of its log."""
+    cmd = [sys.executable, str(script), *argv]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    t0 = now()
+    log_path = wd / f"{name}.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = "timeout"
+    rj = wd / f"{name}.json"
+    side = json.loads(rj.read_text()) if rj.exists() else {}
+    side["rc"], side["wall_seconds"] = rc, now() - t0
+    tail = log_path.read_text()[-4000:]
+    if rc != 0:
+        side["log_tail"] = tail
+    print(f"---- {label} (rc={rc}, {side['wall_seconds']:.1f} s), log tail:\n{tail[-shown_tail:]}",
+          flush=True)
+    return side
