@@ -13,6 +13,22 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, so a redirect installed
+    after setup (a test's capture, a launcher's tee) is honoured and a closed one never is."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(log_dir: str | None = None, level: int = logging.INFO) -> None:
     """Rank 0 prints INFO to stderr; other ranks print WARNING+; with log_dir every rank also
     writes `rank{r}.log` there."""
@@ -24,7 +40,7 @@ def setup_logging(log_dir: str | None = None, level: int = logging.INFO) -> None
     for h in list(root.handlers):
         if getattr(h, "_ovlt", False):
             root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
+    console = _CurrentStderrHandler()
     console.setLevel(level if rank == 0 else logging.WARNING)
     console.setFormatter(fmt)
     console._ovlt = True

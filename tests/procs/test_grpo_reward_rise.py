@@ -101,7 +101,7 @@ def probe_reward(model_dir, probe_file) -> dict:
     from ovlt.eval.engine import build_engine
     from ovlt.rewards.pool import RewardPool
     from ovlt.rollout.base import GenerationRequest, SamplingParams
-    from ovlt.grpo.train import score
+    from ovlt.grpo.advantages import score
     from ovlt.grpo.batch import Rollout
     from ovlt.grpo.data import encode_record
 

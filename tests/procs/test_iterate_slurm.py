@@ -122,7 +122,7 @@ def test_sbatch_iterate_records_rendezvous_per_stage(tmp_path):
 def test_sbatch_refuses_bad_batch_for_a_stage_world_size(tmp_path):
     # 3 nodes x 8 = 24 GRPO ranks: global batch 48 = micro 2 x dp 24 is fine, 36 is not.
     p = _sbatch(tmp_path, "  nnodes_grpo: 3\n  nproc_grpo: 8\n", "grpo.train.global_batch_size=36")
-    assert p.returncode == 1
+    assert p.returncode == 2  # a config error
     assert ("r1.grpo: grpo.train.global_batch_size=36 must be a multiple of "
             "grpo.train.micro_batch_size=2 x data-parallel size 24") in p.stderr
     assert not (tmp_path / "runs" / "slurmfake" / "manifest.json").exists()
