@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config (e.g. configs/grpo/tiny_cpu.yaml)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides before or after the options
 
     from launchers._job import run_job
     from ovlt.config import require_unpadded_vocab

@@ -7,7 +7,7 @@
 
 Each stage runs as its own torchrun (per-stage world size from `iterate.nproc_*`/`nnodes_*`),
 its log in `runs/<name>/<stage>/stage.log`; `runs/<name>/manifest.json` records every stage and
-`runs/<name>/report.md` sums the rounds up.
+`runs/<name>/summary.json` + `report.md` sum the rounds up.
 
 Errors: bad input (config, files) and a failed stage are one line (`ovlt iterate: error: ...`,
 exit code 2 for the config, 1 otherwise); an unexpected exception prints its traceback.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this stage (e.g. r1.grpo)")
     ap.add_argument("--plan", action="store_true", help="print the stages and exit")
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the options
 
     overrides = list(args.overrides)
     if args.launcher:
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = parse_stage_id(args.stop_after, cfg.iterate.rounds) if args.stop_after else None
         man = run_loop(cfg, runner, resume=args.resume, force_from=args.force_from,
                        stop_after=stop,
-                       on_stage_done=lambda m, p: write_report(m, run_dir)
-                       if p.stage == "eval" else None)
+                       on_stage_done=lambda m, p: write_report(m, run_dir))
     except (IterateError, ValueError) as e:  # a failed stage names its log; bad input
         return one_line(e)
     except Exception as e:  # noqa: BLE001

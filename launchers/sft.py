@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=_steps, nargs="?", const=[2, 3], default=None,
                     help="profile these optimizer steps (default 2,3)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides before or after the options
 
     from launchers._job import run_job
 

@@ -297,6 +297,9 @@ class TeacherConfig:
     # Synthetic teacher only: also emit this many deliberately wrong chains per problem, so the
     # verify filter has something to reject (0 = only the correct solution).
     synthetic_wrong: int = 1
+    # Problems drawn from the pool for the teacher in round 1 (0 = all): the teacher is the
+    # expensive part (a 32B reasoning model per chain), later rounds' self-answers are not.
+    problems: int = 0
 
 
 @dataclass
@@ -314,6 +317,9 @@ class FilterConfig:
     # self-reflection tail at the first `cut_marker` after a correct answer.
     cut_at_wait: bool = True
     cut_marker: str = "Wait,"
+    # Keep a problem only when at least this many of its candidates verify (1 = the recipe);
+    # 2+ drops answers guessed right once behind a wrong chain (ovlt.iterate.filter).
+    min_verified: int = 1
 
 
 @dataclass
@@ -347,6 +353,24 @@ class PrepareConfig:
     # (e.g. [medium, hard]); empty = keep grpo.curriculum / data.rl_files as configured.
     curriculum_difficulties: list[str] = field(default_factory=list)
     curriculum_epochs: list[float] = field(default_factory=list)
+    # Task families of the synthesized pool and held-out split (`ovlt.data.synth.TASKS`);
+    # empty = the five chart/geometry/table families.
+    synth_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProbeConfig:
+    # Does each round's GRPO raise its reward? The first `prompts` held-out problems, sampled
+    # `samples` times each from the SFT model and from the GRPO model with the same seed and
+    # scored like the trainer scores rollouts (ovlt.iterate.probe); 0 prompts = off.
+    prompts: int = 32
+    samples: int = 8
+    seed: int = 1234
+    # Only held-out problems of these difficulties (empty = all), e.g. the GRPO curriculum's.
+    difficulties: list[str] = field(default_factory=list)
+    temperature: Optional[float] = None      # None = rollout.temperature
+    max_new_tokens: Optional[int] = None     # None = rollout.max_new_tokens
+    batch_size: int = 64
 
 
 @dataclass
@@ -359,6 +383,7 @@ class IterateConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     self_answer: SelfAnswerConfig = field(default_factory=SelfAnswerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     # Processes per stage (each stage is its own torchrun).
     nproc_data: int = 1
     nproc_sft: int = 1
@@ -688,7 +713,7 @@ _RANGES: dict[str, tuple] = {
     "iterate.teacher.timeout_s": _POSITIVE, "iterate.teacher.retries": _AT_LEAST_0,
     "iterate.teacher.retry_backoff_s": _AT_LEAST_0, "iterate.teacher.concurrency": _AT_LEAST_1,
     "iterate.teacher.synthetic_wrong": _AT_LEAST_0,
-    "iterate.caption.max_new_tokens": _AT_LEAST_1,
+    "iterate.caption.max_new_tokens": _AT_LEAST_1, "iterate.filter.min_verified": _AT_LEAST_1,
     "iterate.self_answer.samples": _AT_LEAST_1, "iterate.self_answer.temperature": _AT_LEAST_0,
     "iterate.self_answer.top_p": (0.0, 1.0, False),
     "iterate.self_answer.max_new_tokens": _AT_LEAST_1,
@@ -807,6 +832,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         raise ConfigError(f"rollout.top_p={r.top_p}: must be in (0, 1]")
     if r.temperature < 0:
         raise ConfigError(f"rollout.temperature={r.temperature}: must be >= 0 (0 = greedy)")
+    it = cfg.iterate
+    for key, n in (("iterate.teacher.samples", it.teacher.samples),
+                   ("iterate.self_answer.samples", it.self_answer.samples)):
+        if it.filter.min_verified > n:
+            raise ConfigError(f"iterate.filter.min_verified={it.filter.min_verified} exceeds "
+                              f"{key}={n}: no problem could keep a chain")
     g = cfg.grpo
     if g.samples_per_prompt < 1:
         raise ConfigError("grpo.samples_per_prompt must be >= 1")

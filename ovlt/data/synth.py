@@ -3,7 +3,9 @@
 Five task families - bar charts, line charts, shape counting, geometry, tables - each at three
 difficulty levels ("easy": read one value; "medium": compare two / one operation; "hard":
 aggregate or two-step). Every problem has a ground-truth answer (mostly a small integer) and
-a step-by-step solution ending in `<answer>X</answer>`. Images are 112-224 px.
+a step-by-step solution ending in `<answer>X</answer>`. Images are 112-224 px. A sixth family,
+`colour_sum` (the embedded demo's: colour stripes whose values are added), is drawn only when
+asked for (`tasks=`).
 
 `generate(out_dir, n, seed)` writes:
   images/<id>.png
@@ -258,14 +260,51 @@ def table(rng: random.Random, level: str):
     return img, q, ans, steps
 
 
+# --------------------------------------------------------------------------- colour sums
+# The embedded demo's family: a tiny random-init model learns it in minutes on a CPU, because
+# what it must see is coarse (which colours fill the image) while the levels still differ in
+# what it must do with it (read one value / add two / add three).
+STRIPE_COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60),
+                 "yellow": (230, 200, 30), "purple": (140, 60, 180)}
+STRIPE_VALUES = {c: i + 1 for i, c in enumerate(STRIPE_COLORS)}
+STRIPE_LEGEND = "Each colour has a value: " + ", ".join(
+    f"{c} {v}" for c, v in STRIPE_VALUES.items()) + "."
+STRIPE_WIDTHS = {"easy": (112,), "medium": (56, 56), "hard": (28, 28, 56)}
+
+
+def colour_sum(rng: random.Random, level: str):
+    """112 px square of 1 (easy), 2 (medium) or 3 (hard) vertical stripes of distinct colours
+    (widths on the 28 px grid of the vision tokens, each channel jittered by +-20). Easy: the
+    value of the colour; medium / hard: the sum of the values of the colours shown."""
+    widths = list(STRIPE_WIDTHS[level])
+    rng.shuffle(widths)
+    shown = rng.sample(list(STRIPE_COLORS), len(widths))
+    img, d = _canvas(112, 112)
+    x = 0
+    for c, w in zip(shown, widths):
+        rgb = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in STRIPE_COLORS[c])
+        d.rectangle([x, 0, x + w - 1, 111], fill=rgb)
+        x += w
+    order = sorted(shown, key=STRIPE_VALUES.get)
+    vals = [STRIPE_VALUES[c] for c in order]
+    if level == "easy":
+        q = f"{STRIPE_LEGEND} What is the value of the colour in the image?"
+        steps = [f"{order[0]} {vals[0]}"]
+    else:
+        q = f"{STRIPE_LEGEND} What is the sum of the values of the colours in the image?"
+        steps = [" + ".join(f"{c} {v}" for c, v in zip(order, vals)) + f" = {sum(vals)}"]
+    return img, q, sum(vals), steps
+
+
 GENERATORS = {"bar_chart": bar_chart, "line_chart": line_chart, "shape_count": shape_count,
-              "geometry": geometry, "table": table}
+              "geometry": geometry, "table": table, "colour_sum": colour_sum}
 
 
-def make_problem(seed: int, index: int) -> dict:
-    """Problem `index` of the set for `seed` (independent of every other index)."""
+def make_problem(seed: int, index: int, tasks: tuple[str, ...] = TASKS) -> dict:
+    """Problem `index` of the set for `seed` (independent of every other index); `tasks`:
+    the families to cycle through (default the five chart/geometry/table ones)."""
     rng = random.Random(seed * 1_000_003 + index)
-    task = TASKS[index % len(TASKS)]
+    task = tasks[index % len(tasks)]
     level = LEVELS[rng.randrange(3)]
     img, q, ans, steps = GENERATORS[task](rng, level)
     return {"id": f"synth-{seed}-{index:06d}", "task": task, "difficulty": level, "image": img,
@@ -278,11 +317,18 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def generate(out_dir, n: int, seed: int, prompt_suffix: str | None = None) -> dict:
-    """Write images/, sft.jsonl and rl.parquet under `out_dir`; returns counts."""
+def generate(out_dir, n: int, seed: int, prompt_suffix: str | None = None,
+             tasks: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Write images/, sft.jsonl and rl.parquet under `out_dir`; returns counts. `tasks`: the
+    families (keys of GENERATORS; default TASKS)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    counts = write_problems(out_dir, (make_problem(seed, i) for i in range(n)), prompt_suffix)
+    tasks = tuple(tasks or TASKS)
+    unknown = [t for t in tasks if t not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; allowed: {sorted(GENERATORS)}")
+    counts = write_problems(out_dir, (make_problem(seed, i, tasks) for i in range(n)),
+                            prompt_suffix)
     return {"n": n, "seed": seed, "out_dir": str(Path(out_dir)), "by_task_level": counts}
 
 

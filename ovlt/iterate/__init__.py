@@ -7,5 +7,7 @@
   teacher.py   round-1 chain writers: OpenAI-compatible endpoint, in-process engine, synthetic
   filter.py    verify, keep the shortest chain, cut at the first "Wait," after a right answer
   stage_*.py   the loop's own stage programs (prepare, data, eval); SFT/GRPO are launchers/
-  report.py    runs/<name>/report.md + reward / accuracy plots
+  probe.py     a round's GRPO, before vs after, on a fixed probe set (same prompts and seeds)
+  summary.py   runs/<name>/summary.json: the rounds' numbers, baselines, stage times
+  report.py    runs/<name>/report.md + probe / accuracy plots, read from summary.json
 """

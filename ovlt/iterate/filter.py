@@ -5,7 +5,10 @@ For one problem with several candidate chains:
   2. cut the self-reflection tail at the first "Wait," (configurable marker) that follows a point
      where the chain has already stated the correct answer (the cut chain keeps that answer);
   3. keep the chains whose final answer verifies against the ground truth;
-  4. return the shortest one (ties: the earliest candidate).
+  4. return the shortest one (ties: the earliest candidate), when at least `min_verified` of
+     the candidates verify (default 1, the recipe). Above 1 it is a pass-rate filter: an answer
+     guessed right once rarely comes out right again, so the kept chains are ones the model
+     (or teacher) can reproduce, not lucky guesses behind a wrong chain.
 `verify(response, ground_truth) -> bool` is injected (the loop passes `ovlt.rewards.math_reward`)
 so the rules here are testable with hand-made chains.
 """
@@ -104,7 +107,8 @@ class FilterResult:
 
 
 def select_chain(candidates: list[str], ground_truth: str, verify: Verify,
-                 cut_at_wait: bool = True, marker: str = "Wait,") -> FilterResult:
+                 cut_at_wait: bool = True, marker: str = "Wait,",
+                 min_verified: int = 1) -> FilterResult:
     """Normalise, cut, verify, keep the shortest. See the module docstring."""
     best: Optional[tuple[int, int, str, bool]] = None  # (length, index, chain, was_cut)
     n_ok = 0
@@ -119,6 +123,6 @@ def select_chain(candidates: list[str], ground_truth: str, verify: Verify,
         chain = format_chain(reasoning, answer)
         if best is None or len(chain) < best[0]:
             best = (len(chain), i, chain, cut)
-    if best is None:
-        return FilterResult(None, len(candidates), 0, False)
+    if best is None or n_ok < min_verified:
+        return FilterResult(None, len(candidates), n_ok, False)
     return FilterResult(best[2], len(candidates), n_ok, best[3], best[1])

@@ -79,5 +79,11 @@ def collect(stage: str, outputs: dict) -> dict:
                 bench[scores.parent.name] = s.get("overall", s.get("accuracy"))
         if bench:
             out["benchmarks"] = bench
+        probe = _read_json(outputs["probe"]) if outputs.get("probe") else {}
+        if probe.get("prompts"):
+            out["probe"] = {"before": probe["before"]["mean"], "after": probe["after"]["mean"],
+                            "se_before": probe["before"]["se"], "se_after": probe["after"]["se"],
+                            "se_rise": probe["se_rise"], "prompts": probe["prompts"],
+                            "samples_per_prompt": probe["samples_per_prompt"]}
         return out
     return {}

@@ -65,6 +65,10 @@ def main(argv=None) -> int:
         rng = random.Random(cfg.data.seed * 1000 + rnd)
         keep = sorted(rng.sample(range(len(records)), it.prepare.pool_per_round))
         records = [records[i] for i in keep]
+    if rnd == 1 and it.teacher.problems and it.teacher.problems < len(records):
+        rng = random.Random(cfg.data.seed * 1000 + 400 + rnd)
+        keep = sorted(rng.sample(range(len(records)), it.teacher.problems))
+        records = [records[i] for i in keep]
     if rnd > 1 and it.self_answer.problems and it.self_answer.problems < len(records):
         rng = random.Random(cfg.data.seed * 1000 + 500 + rnd)
         keep = sorted(rng.sample(range(len(records)), it.self_answer.problems))
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
     verify = lambda resp, gt: math_reward(resp, gt, fallback=cfg.rewards.fallback) >= 1.0  # noqa
     rows = []
     for r, cap, cs in zip(mine, captions, cands):
-        res = select_chain(cs, r.answer, verify, it.filter.cut_at_wait, it.filter.cut_marker)
+        res = select_chain(cs, r.answer, verify, it.filter.cut_at_wait, it.filter.cut_marker,
+                           it.filter.min_verified)
         row = {"id": r.id, "difficulty": r.difficulty, "n": len(cs), "verified": res.n_verified,
                "format": sum(format_reward(c) for c in cs), "cut": res.was_cut,
                "caption": cap[:2000]}

@@ -99,9 +99,41 @@ def main(argv=None) -> int:
         rc = eval_cli.main(args, engine=engine)
         if rc != 0:
             raise SystemExit(f"ovlt eval run {b.name} failed with exit code {rc}")
+    if info["outputs"].get("probe"):
+        probe = run_probe(cfg, info, records, engine)
+        atomic_write_json(info["outputs"]["probe"], probe)
+        if probe["prompts"]:
+            log.info("probe reward (%d prompts x %d samples): before GRPO %.3f (se %.3f), "
+                     "after %.3f (se %.3f)", probe["prompts"], probe["samples_per_prompt"],
+                     probe["before"]["mean"], probe["before"]["se"], probe["after"]["mean"],
+                     probe["after"]["se"])
     atomic_write_json(info["outputs"]["heldout"], summary)
     print(json.dumps(summary))
     return 0
+
+
+def run_probe(cfg, info, records, engine_after) -> dict:
+    """The probe reward of this round's SFT model (before GRPO) and GRPO model (after): same
+    prompts, same sampling seed (`ovlt.iterate.probe`)."""
+    from ovlt.iterate import generation as gen
+    from ovlt.iterate.probe import diff_se, probe_records, probe_reward, reward_pool
+    recs = probe_records(records, cfg.iterate.probe.prompts, cfg.iterate.probe.difficulties)
+    if not recs:
+        log.warning("probe: no held-out problem of difficulty %s; skipped",
+                    cfg.iterate.probe.difficulties or "any")
+        return {"prompts": 0}
+    pool = reward_pool(cfg)
+    try:
+        after = probe_reward(cfg, engine_after or gen.open_engine(cfg, info["inputs"]["model"]),
+                             recs, pool)
+        before = probe_reward(cfg, gen.open_engine(cfg, info["inputs"]["sft_model"]), recs, pool)
+    finally:
+        pool.close()
+    return {"prompts": len(recs), "samples_per_prompt": cfg.iterate.probe.samples,
+            "seed": cfg.iterate.probe.seed, "before": before, "after": after,
+            "rise": after["mean"] - before["mean"],
+            "se_rise": diff_se(before["se"], after["se"]),
+            "models": {"before": info["inputs"]["sft_model"], "after": info["inputs"]["model"]}}
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         atomic_write_text(out["solutions"], "\n".join(s for s in sols if s) + "\n")
     elif p.synth_n > 0:
         n_pool = synth.generate(pool.parent, p.synth_n, p.synth_seed,
-                                prompt_suffix=cfg.rollout.prompt_suffix)["n"]
+                                prompt_suffix=cfg.rollout.prompt_suffix,
+                                tasks=p.synth_tasks or None)["n"]
     else:
         raise SystemExit("iterate.prepare: set pool_files (RL parquet) or synth_n > 0")
 
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
             raise SystemExit("iterate.prepare.heldout_seed must differ from synth_seed "
                              "(else the held-out split equals the training pool)")
         n_held = synth.generate(held.parent, p.heldout_n, p.heldout_seed,
-                                prompt_suffix=cfg.rollout.prompt_suffix)["n"]
+                                prompt_suffix=cfg.rollout.prompt_suffix,
+                                tasks=p.synth_tasks or None)["n"]
     else:
         _write_rl(held, [])
         n_held = 0

@@ -5,7 +5,8 @@
   rK.data      SFT data of round K (round 1: caption + teacher; K > 1: round K-1's GRPO model)
   rK.sft       SFT from the *base* model on rK.data
   rK.grpo      GRPO from rK.sft's model, with the curriculum
-  rK.eval      held-out accuracy per difficulty + configured benchmarks, greedy
+  rK.eval      held-out accuracy per difficulty + configured benchmarks, greedy; for K > 0 the
+               probe reward of rK.sft's and rK.grpo's models (did this round's GRPO raise it?)
 
 Each stage's config file is the job config with the stage's paths filled in; the part of the job
 config a stage depends on (its `slice`) is hashed into the manifest so a changed config is
@@ -118,15 +119,21 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
                       _pick(d, ["model", "iterate.prepare", "iterate.heldout_files", "data.seed"]),
                       {}, {}, prep_out, list(prep_out.values())))
 
-    def eval_plan(rnd, model_dir):
+    def eval_plan(rnd, model_dir, before_grpo=None):
         sid = f"r{rnd}.eval"
         out = {"heldout": str(run_dir / sid / "heldout.json"),
                "benchmarks": str(run_dir / sid / "benchmarks")}
-        return plan(sid, rnd, "eval",
-                    _pick(d, ["eval", "rewards", "rollout.prompt_suffix",
-                              "iterate.heldout_max_new_tokens", "iterate.heldout_files"]),
-                    {"model.hf_path": model_dir}, {"model": model_dir, "heldout": heldout},
-                    out, [out["heldout"]])
+        keys = ["eval", "rewards", "rollout.prompt_suffix", "iterate.heldout_max_new_tokens",
+                "iterate.heldout_files"]
+        inputs = {"model": model_dir, "heldout": heldout}
+        if before_grpo and it.probe.prompts > 0:
+            # the probe samples the SFT model and the GRPO model like the trainer's rollouts
+            keys += ["iterate.probe", "rollout", "grpo.reward_fn", "data.min_pixels",
+                     "data.max_pixels"]
+            inputs["sft_model"] = before_grpo
+            out["probe"] = str(run_dir / sid / "probe.json")
+        return plan(sid, rnd, "eval", _pick(d, keys), {"model.hf_path": model_dir}, inputs,
+                    out, [out["heldout"]] + ([out["probe"]] if "probe" in out else []))
 
     if it.eval_round0:
         plans.append(eval_plan(0, base_model))
@@ -179,7 +186,7 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
             ov, {"model": sft_hf},
             {"save_dir": str(grpo_save), "model": grpo_hf}, [grpo_hf]))
         prev_model = grpo_hf
-        plans.append(eval_plan(k, grpo_hf))
+        plans.append(eval_plan(k, grpo_hf, before_grpo=sft_hf))
     return plans
 
 

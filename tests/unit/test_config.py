@@ -115,3 +115,11 @@ def test_launcher_checks_only_its_own_batch_size():
     load_config(None, ov, world_size=4, trainers=("grpo",))  # SFT's 6 is not GRPO's concern
     with pytest.raises(ConfigError, match="sft.train.global_batch_size=6"):
         load_config(None, ov, world_size=4, trainers=("sft",))
+
+
+def test_min_verified_above_the_samples_is_refused():
+    with pytest.raises(ConfigError, match=r"iterate.filter.min_verified=3 exceeds "
+                                          r"iterate.self_answer.samples=2"):
+        load_config(CONFIG_ROOT / "iterate" / "tiny_cpu.yaml", ["iterate.filter.min_verified=3"])
+    with pytest.raises(ConfigError, match=r"iterate.filter.min_verified"):
+        load_config(CONFIG_ROOT / "iterate" / "tiny_cpu.yaml", ["iterate.filter.min_verified=0"])

@@ -70,6 +70,14 @@ def test_iterate_plan_refuses(capsys, override, fragment):
     assert rc == 2 and "ovlt iterate: error:" in line and fragment in line, line
 
 
+def test_iterate_overrides_on_both_sides_of_the_options(capsys):
+    """`--config C a=1 --plan b=2` (overrides before and after an option) applies both."""
+    rc = ovlt_main(["iterate", "--config", ITERATE, "iterate.rounds=1", "--plan",
+                    "iterate.eval_round0=false"])
+    stages = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert rc == 0 and stages == ["r0.prepare", "r1.data", "r1.sft", "r1.grpo", "r1.eval"]
+
+
 def test_sft_launcher_config_error_is_one_line(capsys, tmp_path):
     rc = ovlt_main(["sft", "--config", SFT, "data.num_workers=-1",
                     f"sft.train.save_dir={tmp_path / 'run'}"])

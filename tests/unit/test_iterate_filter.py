@@ -73,3 +73,17 @@ def test_select_shortest_verified_with_cut():
     a = "<think>\nx = 7\n</think>\n<answer>7</answer>"
     b = "<think>\ny = 7\n</think>\n<answer>7</answer>"
     assert select_chain([a, b], "7", verify).index == 0
+
+
+def test_min_verified_drops_a_once_right_guess():
+    """A pass-rate filter: with min_verified=2 a problem whose answer verified in only one of its
+    candidates keeps nothing (the lucky guess behind a wrong chain), one verified twice keeps its
+    shortest chain, and n_verified is reported either way."""
+    lucky = "<think>\ngreen 2 + green 4 = 5\n</think>\n<answer>5</answer>"
+    wrong = "<think>\nred 1 + blue 2 = 3\n</think>\n<answer>3</answer>"
+    right_long = "<think>\nred 1 + yellow 4 = 5, both stripes read.\n</think>\n<answer>5</answer>"
+    once = select_chain([lucky, wrong, wrong], "5", verify, min_verified=2)
+    assert once.chain is None and once.n_verified == 1 and once.index == -1
+    twice = select_chain([right_long, wrong, lucky], "5", verify, min_verified=2)
+    assert twice.n_verified == 2 and twice.index == 2 and twice.chain == lucky
+    assert select_chain([lucky, wrong], "5", verify).chain == lucky  # the recipe's default: 1

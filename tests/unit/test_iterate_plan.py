@@ -58,7 +58,7 @@ def test_check_manifest_refuses_and_force_from(tmp_path):
         man.stages[p.sid] = {"status": "done", "config_hash": config_hash(p.slice),
                              "config": p.slice}
     assert check_manifest(man, plans, None) == []
-    plans2 = build_plan(_cfg("sft.optimizer.lr=1e-2"), tmp_path)
+    plans2 = build_plan(_cfg("sft.optimizer.lr=2e-2"), tmp_path)
     with pytest.raises(IterateError, match=r"r1\.sft \(changed: sft\.optimizer\.lr\)"):
         check_manifest(man, plans2, None)
     with pytest.raises(IterateError, match="r1.sft"):
@@ -84,7 +84,7 @@ def test_parse_stage_id():
 def test_stage_batch_divisibility_names_the_stage(tmp_path):
     cfg = _cfg("iterate.nproc_sft=3")
     plans = {p.sid: p for p in build_plan(cfg, tmp_path)}
-    with pytest.raises(ConfigError, match=r"r1\.sft: sft\.train\.global_batch_size=4 .* "
+    with pytest.raises(ConfigError, match=r"r1\.sft: sft\.train\.global_batch_size=8 .* "
                                           r"data-parallel size 3"):
         stage_config(cfg, plans["r1.sft"])
     stage_config(cfg, plans["r1.grpo"])  # GRPO's world size is still 1
