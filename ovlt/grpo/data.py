@@ -3,8 +3,9 @@
 Stages come from `grpo.curriculum` (e.g. medium then hard, each with its own files, epochs
 and vision freezing) or, when empty, one stage over `data.rl_files`. Each stage is shuffled
 per epoch with `data.seed + epoch`; the position (stage, epoch, index) is saved in checkpoints
-so a resumed run draws exactly the prompts the uninterrupted run would have. Every DP rank
-takes a strided slice of the global prompt batch.
+so a resumed run draws exactly the prompts the uninterrupted run would have, and with it the
+prompts' fingerprint (`PromptStream.fingerprint`): a resume on other prompts is refused. Every
+DP rank takes a strided slice of the global prompt batch.
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ class PromptStream:
             self.records.append(recs)
         self.n = prompts_per_step
         self.seed = d.seed
+
+    def fingerprint(self) -> dict:
+        """What a GRPO checkpoint records of its prompts (`ovlt.data.fingerprint`): every
+        stage's name and records (id, problem, answer, image file names) in order."""
+        from ovlt.data.fingerprint import fingerprint, image_key
+        return fingerprint([st.name, r.id, r.problem, r.answer, [image_key(x) for x in r.images]]
+                           for st, recs in zip(self.stages, self.records) for r in recs)
+
+    def sources(self) -> str:
+        """Where the stages' prompts come from, for messages."""
+        return "; ".join(f"{st.name}: {', '.join(map(str, st.rl_files))}" for st in self.stages)
 
     def steps_in_stage(self, s: int) -> int:
         per_epoch = max(1, len(self.records[s]) // self.n)

@@ -3,8 +3,9 @@ updates with the fused GRPO loss -> weight sync, per step; curriculum, checkpoin
 
 Outputs under `grpo.train.save_dir`: `metrics.jsonl` (one record per step), `rollouts.jsonl`
 (a few decoded samples per step), `logs/`, `step_*/` checkpoints + `latest`, `final_hf/`.
-Re-running the same command resumes from `latest` (model, optimizer, RNG, prompt position);
-the reference policy is always the *initial* weights (taken before the checkpoint is loaded).
+Re-running the same command resumes from `latest` (model, optimizer, RNG, prompt position; a
+resume on other prompts is refused, `PromptStream.fingerprint`); the reference policy is always
+the *initial* weights (taken before the checkpoint is loaded).
 
 One step with P prompts x n samples on this DP rank: the engine samples, and each completion
 goes to the reward workers (processes with timeouts) as it finishes (`RewardStream`), so
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ovlt.config import ConfigError
+from ovlt.data.fingerprint import check_same_data
 from ovlt.data.formats import DataError
 from ovlt.data.image_loader import ImageError
 from ovlt.logging import get_logger
@@ -415,6 +417,10 @@ class GRPOTrainer:
 
         g, t = self.cfg.grpo, self.cfg.grpo.train
         loop = TrainLoop(t, self.save_dir, self.total_steps)
+        prompts = self.stream.fingerprint()
+        check_same_data(loop.saved_state, prompts, loop.save_dir, kind="GRPO prompts",
+                        source=f"the curriculum ({self.stream.sources()})",
+                        save_key="grpo.train.save_dir")
         start_step, pos = loop.start_step, PromptPosition()
         self.setup(start_step)  # the reference: initial weights, before a checkpoint is loaded
         st = loop.resume(self.bundle.chunks, self.optimizer,
@@ -433,7 +439,7 @@ class GRPOTrainer:
         def state(step):
             return {"step": step, "prompt_position": pos.as_dict(), "total_steps": self.total_steps,
                     "stage": self.stream.stage_of_step(max(step - 1, 0)),
-                    "world_size": dist.get_world_size(), "dp": self.dp}
+                    "world_size": dist.get_world_size(), "dp": self.dp, "data": prompts}
 
         def summary(steps, final_hf=None, exited_early=False):
             return {"steps": steps, "start_step": start_step, "save_dir": str(self.save_dir),

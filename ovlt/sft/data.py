@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-
+from ovlt.data.fingerprint import fingerprint, image_key
 from ovlt.logging import get_logger
 
 log = get_logger(__name__)
@@ -33,41 +33,10 @@ def build_sft_dataset(data_cfg):
 
 
 def data_fingerprint(ds) -> dict:
-    """What a checkpoint records of the data it was trained on: the usable samples (ids,
-    conversations, image file names, token lengths) hashed in order, and the count. The step
-    plan is a function of these, so a different fingerprint means the saved data position no
-    longer points into the same data. Image paths enter by file name only, so the same data
-    read from another working directory or mount point keeps its fingerprint."""
-    import hashlib
-    import json
-    import os
-
-    h = hashlib.sha256()
-    for r, n in zip(ds.records, ds.lengths):
-        imgs = [os.path.basename(x) if isinstance(x, str) else hashlib.sha256(
-            x if isinstance(x, (bytes, bytearray)) else json.dumps(x, default=str).encode()
-        ).hexdigest() for x in r.images]
-        h.update(json.dumps([r.id, r.messages, imgs, n], ensure_ascii=False,
-                            default=str).encode("utf-8", "surrogatepass"))
-        h.update(b"\n")
-    return {"samples": len(ds.records), "sha256": h.hexdigest()}
-
-
-def check_same_data(saved_state: dict, now: dict, save_dir, files) -> None:
-    """Refuse to resume (or to call finished) a run whose checkpoint was trained on other data:
-    its epoch / step position would index a different sample order. Checkpoints without a
-    fingerprint are accepted as they are."""
-    from ovlt.data.formats import DataError
-    was = saved_state.get("data")
-    if not isinstance(was, dict) or "sha256" not in was or was["sha256"] == now["sha256"]:
-        return
-    raise DataError(
-        f"{save_dir}: its checkpoint (step {saved_state.get('step')}) was trained on different "
-        f"SFT data ({was.get('samples')} usable samples, fingerprint {was['sha256'][:12]}) "
-        f"than data.sft_files={list(files)} holds now ({now['samples']} samples, fingerprint "
-        f"{now['sha256'][:12]}); resuming would continue a data order that no longer exists. "
-        f"Use a new sft.train.save_dir to train on this data, or restore the data the "
-        f"checkpoint was trained on")
+    """What an SFT checkpoint records of its data (`ovlt.data.fingerprint`): the usable samples
+    (ids, conversations, image file names, token lengths) hashed in order, and the count."""
+    return fingerprint([r.id, r.messages, [image_key(x) for x in r.images], n]
+                       for r, n in zip(ds.records, ds.lengths))
 
 
 @dataclass

@@ -17,7 +17,7 @@ Samples whose images fail to decode in a worker are dropped from their micro-bat
 and reason; a step whose global batch lost every sample stops the run with a `DataError`
 naming them (it would train on nothing and log a loss of 0).
 A checkpoint records a fingerprint of the data it was trained on; resuming a save_dir with
-different data is refused (`sft.data.check_same_data`): start a new save_dir instead.
+different data is refused (`ovlt.data.fingerprint.check_same_data`): start a new save_dir instead.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from ovlt.engine.optimizer import build_optimizer
 from ovlt.engine.lm_head import (flat_hidden, host_side_inputs, loss_rows, tp_group,
                                     tp_size, unwrap)
 from ovlt.engine.profiler import StepProfiler
-from ovlt.sft.data import (Position, SFTStream, build_sft_dataset, check_same_data,
-                           data_fingerprint)
+from ovlt.data.fingerprint import check_same_data
+from ovlt.sft.data import Position, SFTStream, build_sft_dataset, data_fingerprint
 from ovlt.engine.train_step import train_step_async
 from ovlt.utils.device import default_device, to_device_async
 
@@ -160,7 +160,9 @@ def run_sft(cfg, profile_steps: Optional[list[int]] = None) -> dict:
     total_steps = t.max_steps or max(1, int(math.ceil(t.epochs * stream.steps_per_epoch)))
     fingerprint = data_fingerprint(ds)
     loop = TrainLoop(t, t.save_dir, total_steps)  # before the model: a refusal costs nothing
-    check_same_data(loop.saved_state, fingerprint, loop.save_dir, cfg.data.sft_files)
+    check_same_data(loop.saved_state, fingerprint, loop.save_dir, kind="SFT data",
+                    source=f"data.sft_files={list(cfg.data.sft_files)}",
+                    save_key="sft.train.save_dir")
     skips = _Skips(ds.report)
 
     model = build_vl_model(cfg, t.precision)
