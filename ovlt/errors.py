@@ -6,7 +6,8 @@ Anything else is a bug and keeps its traceback.
 
 `InputError` is the base for ovlt's own input errors; `input_error_types()` adds the other
 classes the packages raise for bad input (config keys, data records, images, benchmark files,
-missing tensors) and the OS errors about a named path.
+missing tensors), a process group that cannot start (launcher environment, port, world size:
+the rank-tagged message says which) and the OS errors about a named path.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def input_error_types() -> tuple[type[BaseException], ...]:
     from ovlt.config import ConfigError
     from ovlt.data.formats import DataError
     from ovlt.data.image_loader import ImageError
+    from ovlt.distributed import DistributedError
     from ovlt.eval.readers import BenchmarkError
     from ovlt.models.qwen2_5_vl.state_dict_adapter import MissingTensorError
     return (InputError, ConfigError, DataError, ImageError, BenchmarkError, MissingTensorError,
-            FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError)
+            DistributedError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
 
 
 def is_input_error(exc: BaseException) -> bool:

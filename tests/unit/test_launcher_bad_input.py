@@ -108,3 +108,21 @@ def test_export_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "x.partial" / "draft").write_text("keep")
     assert free_export_dir(tmp_path / "x") == tmp_path / "x-1"
     assert (tmp_path / "x.partial" / "draft").read_text() == "keep"
+
+
+def test_process_group_that_cannot_start_is_one_line(capsys, monkeypatch):
+    """A distributed set-up failure (here: the launcher's environment) is the user's to fix:
+    one line naming the rank and the cause, exit code 1, the traceback only in the log files."""
+    from ovlt.distributed import DistributedError, report_error
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    try:
+        raise DistributedError("[rank 0/2] distributed init failed (torchrun, backend=gloo, "
+                               "master=node1:29500): The server socket has failed to listen")
+    except DistributedError as e:
+        code = report_error(e, "ovlt sft")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == ("ovlt sft: error: [rank 0/2] distributed init failed (torchrun, "
+                           "backend=gloo, master=node1:29500): The server socket has failed to "
+                           "listen")
