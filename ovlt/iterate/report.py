@@ -61,6 +61,12 @@ def findings(summary: dict) -> list[str]:
         if len(done) > 1:
             txt += f"; round 1: {_fmt(done[0]['heldout_acc'], True)}"
         out.append(txt + ".")
+    changed = [f"round {r['round']} {_fmt(r['heldout_acc_sft'], True)} → "
+               f"{_fmt(r['heldout_acc'], True)}" for r in rounds
+               if r.get("heldout_acc_sft") is not None and r.get("heldout_acc") is not None]
+    if changed:
+        out.append("Held-out accuracy of the SFT model → after its GRPO: " + "; ".join(changed)
+                   + ".")
     rises = []
     for r in rounds:
         b, a, se = r.get("probe_reward_before"), r.get("probe_reward_after"), r.get("probe_se")
@@ -80,13 +86,14 @@ def render(summary: dict) -> str:
     lv = levels(summary)
     secs = summary.get("stage_seconds", {})
     lines = [f"# ovlt iterate: {summary.get('name', '')}", ""]
-    head = (["round", "SFT kept", "probe reward before → after GRPO (± se)", "held-out acc"]
+    head = (["round", "SFT kept", "probe reward before → after GRPO (± se)", "SFT model acc",
+             "held-out acc"]
             + [f"acc {d}" for d in lv] + ["format"] + [f"t {s}" for s in STAGES])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in summary["rounds"]:
         r = rec["round"]
         row = [str(r) if r else "0 (base)", _fmt(rec.get("sft_kept")), _probe_cell(rec),
-               _fmt(rec.get("heldout_acc"), True)]
+               _fmt(rec.get("heldout_acc_sft"), True), _fmt(rec.get("heldout_acc"), True)]
         row += [_fmt(rec.get("acc_by_level", {}).get(d), True) for d in lv]
         row.append(_fmt(rec.get("format_rate"), True))
         for s in STAGES:
@@ -98,8 +105,9 @@ def render(summary: dict) -> str:
               "samples each at the rollout temperature, from the round's SFT model (before "
               "GRPO) and GRPO model (after), same prompts and sampling seed; ± is the standard "
               "error of the difference given those prompts. Held-out: greedy accuracy on the "
-              "held-out split (per difficulty); format = share of answers in the required "
-              "`<think>`/`<answer>` layout."]
+              "held-out split (per difficulty) of the round's GRPO model; SFT model acc: the "
+              "same for the round's SFT model, before its GRPO; format = share of answers in "
+              "the required `<think>`/`<answer>` layout."]
     base = summary.get("baselines", {})
     if base.get("constant_answer_acc") is not None:
         lines.append(f"Chance level: the best constant answer ({base['constant_answer']!r}, chosen "

@@ -2,8 +2,10 @@
 
 Held-out: the prepare stage's split, prompted as GRPO prompts it (`ovlt.rewards.rl_prompt` of
 rewards.style), greedy, `iterate.heldout_max_new_tokens`; accuracy by math_reward and the format
-rate by format_reward in rewards.style, overall and per `difficulty`. Benchmarks: `ovlt eval run` for each
-`eval.benchmarks` entry into benchmarks/<name>/ (scores.json).
+rate by format_reward in rewards.style, overall and per `difficulty`. Rounds > 0 score the
+round's SFT model the same way (heldout.json's "sft_model": what the round's GRPO changed) and
+run the probe (`ovlt.iterate.probe`). Benchmarks: `ovlt eval run` for each `eval.benchmarks`
+entry into benchmarks/<name>/ (scores.json).
 """
 from __future__ import annotations
 
@@ -34,12 +36,25 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def greedy_rows(cfg, engine, records) -> list[dict]:
+    """Each record answered greedily on `engine`, graded: one row per record."""
+    from ovlt.iterate import generation as gen
+    from ovlt.rewards import format_reward, math_reward, rl_prompt
+    from ovlt.rewards.pool import accuracy_kwargs
+    reqs = [gen.make_request(rl_prompt(r.problem, cfg.rewards.style, cfg.rollout.prompt_suffix),
+                             gen.load_images(r.images), cfg, r.id) for r in records]
+    outs = gen.generate_texts(engine, reqs, 1, 0.0, 1.0, cfg.iterate.heldout_max_new_tokens,
+                              cfg.data.seed, cfg.eval.batch_size)
+    return [{"id": r.id, "difficulty": r.difficulty, "answer": r.answer, "response": resp,
+             "reward": math_reward(resp, r.answer, **accuracy_kwargs(cfg.rewards)),
+             "format": format_reward(resp, cfg.rewards.style)}
+            for r, (resp,) in zip(records, outs)]
+
+
 def main(argv=None) -> int:
     cfg, info, sdir = parse_stage_args("ovlt.iterate.stage_eval", argv)
     from ovlt.data.formats import SkipReport, read_rl
     from ovlt.iterate import generation as gen
-    from ovlt.rewards import format_reward, math_reward, rl_prompt
-    from ovlt.rewards.pool import accuracy_kwargs
     dist = gen.init_dp(cfg)
     setup_logging(str(sdir / "logs"))
     report = SkipReport()
@@ -51,15 +66,7 @@ def main(argv=None) -> int:
     rows = []
     if mine:
         engine = gen.open_engine(cfg, info["inputs"]["model"])
-        reqs = [gen.make_request(rl_prompt(r.problem, cfg.rewards.style, cfg.rollout.prompt_suffix),
-                                 gen.load_images(r.images), cfg, r.id) for r in mine]
-        outs = gen.generate_texts(engine, reqs, 1, 0.0, 1.0, cfg.iterate.heldout_max_new_tokens,
-                                  cfg.data.seed, cfg.eval.batch_size)
-        for r, (resp,) in zip(mine, outs):
-            rows.append({"id": r.id, "difficulty": r.difficulty, "answer": r.answer,
-                         "response": resp,
-                         "reward": math_reward(resp, r.answer, **accuracy_kwargs(cfg.rewards)),
-                         "format": format_reward(resp, cfg.rewards.style)})
+        rows = greedy_rows(cfg, engine, mine)
     atomic_write_text(sdir / f"heldout-part-{dist.rank:04d}.jsonl",
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
     if dist.world_size > 1:
@@ -99,8 +106,19 @@ def main(argv=None) -> int:
         rc = eval_cli.main(args, engine=engine)
         if rc != 0:
             raise SystemExit(f"ovlt eval run {b.name} failed with exit code {rc}")
+    sft_engine = None
+    if info["inputs"].get("sft_model") and records:
+        # the round's SFT model on the same split (rank 0, all records): before its GRPO
+        sft_engine = gen.open_engine(cfg, info["inputs"]["sft_model"])
+        sft_rows = greedy_rows(cfg, sft_engine, records)
+        atomic_write_text(sdir / "heldout-sft-model.jsonl",
+                          "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in sft_rows))
+        s = summarize(sft_rows)
+        summary["sft_model"] = {k: s[k] for k in ("accuracy", "format", "by_difficulty", "n")}
+        log.info("held-out accuracy: SFT model %.3f, after GRPO %.3f", s["accuracy"],
+                 summary["accuracy"])
     if info["outputs"].get("probe"):
-        probe = run_probe(cfg, info, records, engine)
+        probe = run_probe(cfg, info, records, engine, sft_engine)
         atomic_write_json(info["outputs"]["probe"], probe)
         if probe["prompts"]:
             log.info("probe reward (%d prompts x %d samples): before GRPO %.3f (se %.3f), "
@@ -112,9 +130,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_probe(cfg, info, records, engine_after) -> dict:
+def run_probe(cfg, info, records, engine_after, engine_before=None) -> dict:
     """The probe reward of this round's SFT model (before GRPO) and GRPO model (after): same
-    prompts, same sampling seed (`ovlt.iterate.probe`)."""
+    prompts, same sampling seed (`ovlt.iterate.probe`). Engines not given are opened here."""
     from ovlt.iterate import generation as gen
     from ovlt.iterate.probe import diff_se, probe_records, probe_reward, reward_pool
     recs = probe_records(records, cfg.iterate.probe.prompts, cfg.iterate.probe.difficulties)
@@ -126,7 +144,8 @@ def run_probe(cfg, info, records, engine_after) -> dict:
     try:
         after = probe_reward(cfg, engine_after or gen.open_engine(cfg, info["inputs"]["model"]),
                              recs, pool)
-        before = probe_reward(cfg, gen.open_engine(cfg, info["inputs"]["sft_model"]), recs, pool)
+        before = probe_reward(cfg, engine_before or gen.open_engine(cfg, info["inputs"]["sft_model"]),
+                              recs, pool)
     finally:
         pool.close()
     return {"prompts": len(recs), "samples_per_prompt": cfg.iterate.probe.samples,

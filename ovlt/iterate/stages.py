@@ -5,8 +5,9 @@
   rK.data      SFT data of round K (round 1: caption + teacher; K > 1: round K-1's GRPO model)
   rK.sft       SFT from the *base* model on rK.data
   rK.grpo      GRPO from rK.sft's model, with the curriculum
-  rK.eval      held-out accuracy per difficulty + configured benchmarks, greedy; for K > 0 the
-               probe reward of rK.sft's and rK.grpo's models (did this round's GRPO raise it?)
+  rK.eval      held-out accuracy per difficulty + configured benchmarks, greedy; for K > 0 also
+               rK.sft's model's held-out accuracy and the probe reward of rK.sft's and rK.grpo's
+               models (did this round's GRPO raise them?)
 
 Each stage's config file is the job config with the stage's paths filled in; the part of the job
 config a stage depends on (its `slice`) is hashed into the manifest so a changed config is
@@ -126,11 +127,12 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
         keys = ["eval", "rewards", "rollout.prompt_suffix", "iterate.heldout_max_new_tokens",
                 "iterate.heldout_files"]
         inputs = {"model": model_dir, "heldout": heldout}
+        if before_grpo:  # the round's SFT model is scored too: did its GRPO help?
+            inputs["sft_model"] = before_grpo
         if before_grpo and it.probe.prompts > 0:
             # the probe samples the SFT model and the GRPO model like the trainer's rollouts
             keys += ["iterate.probe", "rollout", "grpo.reward_fn", "data.min_pixels",
                      "data.max_pixels"]
-            inputs["sft_model"] = before_grpo
             out["probe"] = str(run_dir / sid / "probe.json")
         return plan(sid, rnd, "eval", _pick(d, keys), {"model.hf_path": model_dir}, inputs,
                     out, [out["heldout"]] + ([out["probe"]] if "probe" in out else []))

@@ -2,11 +2,12 @@
 
     {"name", "rounds": [{"round", "heldout_acc", "heldout_n", "acc_by_level", "format_rate",
                          "sft_kept", "probe_reward_before", "probe_reward_after", "probe_se",
-                         ...}],
+                         "heldout_acc_sft", "acc_by_level_sft", ...}],
      "baselines": {"constant_answer_acc", "constant_answer", "base_model_acc", ...},
      "stage_seconds": {stage_id: seconds, ..., "total": seconds}}
 
-Round 0 is the base model (held-out only). `probe_se` is the standard error of
+Round 0 is the base model (held-out only). `heldout_acc_sft` is the round's SFT model on the
+same split (before its GRPO; `heldout_acc` is after). `probe_se` is the standard error of
 probe_reward_after - probe_reward_before (`ovlt.iterate.probe`); the before/after errors are
 there too. Written atomically after every finished stage; the report and its plots read it.
 """
@@ -38,6 +39,7 @@ def round_record(man: Manifest, r: int) -> dict:
     data, sft, grpo, ev = (_done(man, f"r{r}.{s}").get("metrics", {})
                            for s in ("data", "sft", "grpo", "eval"))
     probe = ev.get("probe") or {}
+    sft_model = ev.get("sft_model") or {}
     rec = {
         "round": r,
         "heldout_acc": ev.get("accuracy"),
@@ -46,6 +48,8 @@ def round_record(man: Manifest, r: int) -> dict:
         "n_by_level": _levels(ev.get("n_by_difficulty") or {}),
         "format_rate": ev.get("format"),
         "sft_kept": data.get("kept"),
+        "heldout_acc_sft": sft_model.get("accuracy"),
+        "acc_by_level_sft": _levels(sft_model.get("by_difficulty") or {}),
         "probe_reward_before": probe.get("before"),
         "probe_reward_after": probe.get("after"),
         "probe_se": probe.get("se_rise"),

@@ -78,9 +78,12 @@ def main() -> int:
                     f.write(json.dumps({"step": step, "reward_mean": round(0.1 * rnd + 0.05 * step, 6)}) + "\n")
     elif stage == "eval":
         acc = {"easy": 0.2 + 0.2 * rnd, "medium": 0.1 + 0.1 * rnd, "hard": 0.05 * rnd}
-        Path(out["heldout"]).write_text(json.dumps({
-            "accuracy": round(sum(acc.values()) / 3, 6), "by_difficulty": acc,
-            "format": min(1.0, 0.3 * rnd), "n": 12}))
+        heldout = {"accuracy": round(sum(acc.values()) / 3, 6), "by_difficulty": acc,
+                   "format": min(1.0, 0.3 * rnd), "n": 12}
+        if info["inputs"].get("sft_model"):  # rounds > 0: the SFT model on the same split
+            heldout["sft_model"] = {"accuracy": 0.25 * rnd, "format": 1.0, "n": 12,
+                                    "by_difficulty": {"easy": 0.5 * rnd}}
+        Path(out["heldout"]).write_text(json.dumps(heldout))
         if out.get("probe"):  # rounds > 0: the probe of the SFT (before) and GRPO (after) models
             before = {"mean": 0.1 * rnd, "se": 0.02}
             after = {"mean": 0.1 * rnd + 0.1, "se": 0.03}

@@ -102,5 +102,6 @@ def test_real_tiny_loop_kill_and_resume(tmp_path):
     for r in summary["rounds"][1:]:  # the probe ran on both models of every round
         assert 0.0 <= r["probe_reward_before"] <= 1.0 and 0.0 <= r["probe_reward_after"] <= 1.0
         assert r["probe_se"] >= 0.0 and r["sft_kept"] > 0
+        assert 0.0 <= r["heldout_acc_sft"] <= 1.0  # the round's SFT model, before its GRPO
     for png in ("probe_reward.png", "accuracy_per_round.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

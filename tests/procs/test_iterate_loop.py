@@ -134,11 +134,13 @@ def test_sigkill_mid_stage_then_resume_matches_clean_run(tmp_path):
     assert comparable(man) == comparable(ref_dir / "fake" / "manifest.json")
     # And the report of the resumed run has its rounds.
     report = (out / "fake" / "report.md").read_text()
-    assert "| 2 | 12 | 0.200 → 0.300 (+0.100 ± 0.036) | 33.3% |" in report
+    assert "| 2 | 12 | 0.200 → 0.300 (+0.100 ± 0.036) | 50.0% | 33.3% |" in report
     assert (out / "fake" / "probe_reward.png").stat().st_size > 1000
     summary = json.loads((out / "fake" / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert summary["rounds"][2]["probe_reward_after"] == pytest.approx(0.3)
+    assert summary["rounds"][2]["heldout_acc_sft"] == pytest.approx(0.5)
+    assert "round 1 25.0% → 21.7%; round 2 50.0% → 33.3%" in report
     assert set(summary["stage_seconds"]) == set(plan) | {"total"}
 
     # A second --resume of a finished run runs nothing.

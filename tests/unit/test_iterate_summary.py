@@ -55,6 +55,8 @@ def _manifest(tmp_path) -> Manifest:
         "by_difficulty": {"hard": 0.2, "easy": 0.7, "medium": 0.3},
         "n_by_difficulty": {"hard": 20, "easy": 20, "medium": 20},
         "constant_answer": "7", "constant_baseline": 0.15,
+        "sft_model": {"accuracy": 0.45, "format": 1.0, "n": 60,
+                      "by_difficulty": {"medium": 0.35, "easy": 0.8, "hard": 0.2}},
         "probe": {"before": 0.55, "after": 0.7, "se_before": 0.03, "se_after": 0.04,
                   "se_rise": 0.05, "prompts": 32, "samples_per_prompt": 8}}, 30.0)
     man.stages["r2.data"] = {"status": "running", "round": 2, "stage": "data", "metrics": {},
@@ -70,8 +72,10 @@ def test_summary_schema_and_values(tmp_path):
     assert r0["heldout_acc"] == 0.0 and r0["sft_kept"] is None and r0["probe_reward_before"] is None
     assert r1 == {**r1, "heldout_acc": 0.4, "heldout_n": 60, "format_rate": 1.0, "sft_kept": 96,
                   "probe_reward_before": 0.55, "probe_reward_after": 0.7, "probe_se": 0.05,
-                  "probe_se_before": 0.03, "probe_se_after": 0.04}
+                  "probe_se_before": 0.03, "probe_se_after": 0.04, "heldout_acc_sft": 0.45}
     assert list(r1["acc_by_level"]) == ["easy", "medium", "hard"]  # difficulty order
+    assert r1["acc_by_level_sft"] == {"easy": 0.8, "medium": 0.35, "hard": 0.2}
+    assert r0["heldout_acc_sft"] is None  # the base model has no SFT model before it
     assert r1["grpo"]["reward_after"] == 0.7 and r1["sft"]["steps"] == 120
     assert r2["heldout_acc"] is None and r2["sft_kept"] is None  # running: nothing yet
     assert s["baselines"] == {"constant_answer_acc": 0.15, "constant_answer": "7",
@@ -89,14 +93,15 @@ def test_report_and_plots_come_from_summary_json(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert text == render(s) + "\n![probe_reward.png](probe_reward.png)\n" \
         "\n![accuracy_per_round.png](accuracy_per_round.png)\n"
-    assert "| 1 | 96 | 0.550 → 0.700 (+0.150 ± 0.050) | 40.0% | 70.0% | 30.0% | 20.0% | 100.0% |" \
-        in text
-    assert "| 0 (base) | – | – | 0.0% |" in text
+    assert ("| 1 | 96 | 0.550 → 0.700 (+0.150 ± 0.050) | 45.0% | 40.0% | 70.0% | 30.0% | "
+            "20.0% | 100.0% |") in text
+    assert "| 0 (base) | – | – | – | 0.0% |" in text
     assert "scores 15.0%" in text and "Total stage time: 194s." in text
     # what a reader checks first: accuracy vs the constant answer (0.40 / 0.15), the probe's
     # rise in standard errors (0.15 / 0.05), the chains kept
     assert "- Held-out accuracy after round 1: 40.0% = 2.7x the best constant answer." in text
     assert "- Probe reward change from GRPO: round 1 +0.150, +3.0 se." in text
+    assert "- Held-out accuracy of the SFT model → after its GRPO: round 1 45.0% → 40.0%." in text
     assert "- Verified SFT chains kept: round 1 96." in text
     for png in ("probe_reward.png", "accuracy_per_round.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
