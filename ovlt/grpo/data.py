@@ -115,3 +115,46 @@ def encode_record(rec, tokenizer, image_loader, suffix: str, merge_size: int, st
     if not imgs:
         return ids, None, None
     return ids, torch.cat([pv for pv, _ in imgs]), torch.tensor(grids, dtype=torch.long)
+
+
+def build_requests(recs, cfg, tokenizer, image_loader, engine, skipped: list | None = None) -> list:
+    """One `GenerationRequest` per record, as the GRPO trainer samples them: the prompt encoded
+    by `encode_record`, cut from the left to `rollout.max_prompt_length` (logged), resized images
+    for an engine with its own weights (vLLM). A record whose image cannot be used (truncated,
+    corrupt, missing) is a logged skip, left out and appended to `skipped`; every record
+    unusable is a DataError naming them."""
+    from ovlt.data.formats import DataError
+    from ovlt.data.image_loader import ImageError
+    from ovlt.rollout.base import GenerationRequest
+    rc = cfg.rollout
+    out, bad = [], []
+    for rec in recs:
+        try:
+            ids, pv, grid = encode_record(rec, tokenizer, image_loader, rc.prompt_suffix,
+                                          cfg.model.vision.spatial_merge_size, cfg.rewards.style)
+        except (ImageError, OSError) as e:
+            log.warning("skipping prompt %s (%s: record %d): unusable image: %s", rec.id,
+                        rec.file, rec.index, e)
+            bad.append((rec, e))
+            continue
+        if len(ids) > rc.max_prompt_length:
+            log.warning("prompt %s (%s:%d) has %d tokens > rollout.max_prompt_length=%d; "
+                        "truncated from the left", rec.id, rec.file, rec.index, len(ids),
+                        rc.max_prompt_length)
+            ids = ids[-rc.max_prompt_length:]
+        images = None
+        if pv is not None and not engine.shares_trainer_weights:  # vLLM: resized images
+            from PIL import Image
+
+            from ovlt.data.image_loader import open_image
+            from ovlt.data.image_processing import resize_rgb
+            images = [Image.fromarray(resize_rgb(open_image(src), cfg.data.min_pixels,
+                                                 cfg.data.max_pixels)) for src in rec.images]
+        out.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
+                                     images=images, request_id=rec.id))
+    if bad and not out:
+        raise DataError("no usable prompt in this step's batch: " + "; ".join(
+            f"{r.file}: record {r.index}: {e}" for r, e in bad[:4]))
+    if skipped is not None:
+        skipped += [r for r, _ in bad]
+    return out

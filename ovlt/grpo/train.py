@@ -33,8 +33,6 @@ import torch.distributed as dist
 
 from ovlt.config import ConfigError
 from ovlt.data.fingerprint import check_same_data
-from ovlt.data.formats import DataError
-from ovlt.data.image_loader import ImageError
 from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
 from ovlt.rollout.base import GenerationRequest, SamplingParams
@@ -43,7 +41,7 @@ from ovlt.engine.loop import TrainLoop
 from ovlt.engine.metrics_logger import memory_gb
 from ovlt.grpo.advantages import assign_advantages
 from ovlt.grpo.batch import Rollout, pack_rollouts, split_updates
-from ovlt.grpo.data import PromptPosition, PromptStream, encode_record
+from ovlt.grpo.data import PromptPosition, PromptStream, build_requests
 from ovlt.grpo.memory import release_grads, restore_grads
 from ovlt.grpo.passes import Reference, kl_to_reference, queue_logprob_pass, queue_update
 from ovlt.grpo.reward_stream import RewardStream
@@ -158,43 +156,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def build_requests(self, recs, skipped: Optional[list] = None) -> list[GenerationRequest]:
-        """One request per record; a record whose image cannot be used (truncated, corrupt,
-        missing) is a logged skip, left out and appended to `skipped`. Every record of the
-        batch unusable is a DataError naming them."""
-        rc, mcfg = self.cfg.rollout, self.cfg.model
-        out, bad = [], []
-        for i, rec in enumerate(recs):
-            try:
-                ids, pv, grid = encode_record(rec, self.tok, self.images, rc.prompt_suffix,
-                                              mcfg.vision.spatial_merge_size,
-                                              self.cfg.rewards.style)
-            except (ImageError, OSError) as e:
-                log.warning("skipping prompt %s (%s: record %d): unusable image: %s", rec.id,
-                            rec.file, rec.index, e)
-                bad.append((rec, e))
-                continue
-            if len(ids) > rc.max_prompt_length:
-                log.warning("prompt %s (%s:%d) has %d tokens > rollout.max_prompt_length=%d; "
-                            "truncated from the left", rec.id, rec.file, rec.index, len(ids),
-                            rc.max_prompt_length)
-                ids = ids[-rc.max_prompt_length:]
-            images = None
-            if pv is not None and not self.engine.shares_trainer_weights:  # vLLM: resized images
-                from PIL import Image
-
-                from ovlt.data.image_loader import open_image
-                from ovlt.data.image_processing import resize_rgb
-                images = [Image.fromarray(resize_rgb(open_image(src), self.cfg.data.min_pixels,
-                                                     self.cfg.data.max_pixels))
-                          for src in rec.images]
-            out.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
-                                         images=images, request_id=rec.id))
-        if bad and not out:
-            raise DataError("no usable prompt in this step's batch: " + "; ".join(
-                f"{r.file}: record {r.index}: {e}" for r, e in bad[:4]))
-        if skipped is not None:
-            skipped += [r for r, _ in bad]
-        return out
+        """This trainer's requests for `recs` (`ovlt.grpo.data.build_requests`)."""
+        return build_requests(recs, self.cfg, self.tok, self.images, self.engine, skipped)
 
     def step(self, step: int, pos: PromptPosition):
         """One GRPO step; returns (metrics record, next prompt position, rollouts). Nothing the

@@ -4,8 +4,8 @@ A fixed set of prompts (the first `iterate.probe.prompts` problems of the held-o
 file order, of `iterate.probe.difficulties` when set) is sampled `iterate.probe.samples` times
 per prompt from the SFT model (before GRPO) and from the GRPO model (after), with the same
 sampling seed, temperature and length cap, the prompts encoded and the responses scored
-exactly as the GRPO trainer does
-(`ovlt.grpo.data.encode_record`, `ovlt.grpo.advantages.score`). Unlike the trainer's per-step
+exactly as the GRPO trainer does (`ovlt.grpo.data.build_requests`, `ovlt.grpo.advantages.score`;
+a record whose image is unusable is the trainer's logged skip). Unlike the trainer's per-step
 rewards, which are measured on different prompts at every step, the two numbers are comparable.
 
 Standard error of the probe mean given its prompts (the sampling noise): with s_i^2 the unbiased
@@ -62,26 +62,16 @@ def probe_reward(cfg, engine, records: list, pool=None) -> dict:
     from ovlt.data.tokenizer import load_tokenizer
     from ovlt.grpo.advantages import score
     from ovlt.grpo.batch import Rollout
-    from ovlt.grpo.data import encode_record
-    from ovlt.rollout.base import GenerationRequest, SamplingParams
+    from ovlt.grpo.data import build_requests
+    from ovlt.rollout.base import SamplingParams
 
     pc, rc = cfg.iterate.probe, cfg.rollout
-    tok = load_tokenizer()
-    loader = ImageLoader(cfg.data.min_pixels, cfg.data.max_pixels, "pil")
-    reqs = []
-    for rec in records:
-        ids, pv, grid = encode_record(rec, tok, loader, rc.prompt_suffix,
-                                      cfg.model.vision.spatial_merge_size, cfg.rewards.style)
-        images = None
-        if pv is not None and not engine.shares_trainer_weights:  # vLLM takes resized images
-            from PIL import Image
-
-            from ovlt.data.image_loader import open_image
-            from ovlt.data.image_processing import resize_rgb
-            images = [Image.fromarray(resize_rgb(open_image(s), cfg.data.min_pixels,
-                                                 cfg.data.max_pixels)) for s in rec.images]
-        reqs.append(GenerationRequest(prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
-                                      images=images, request_id=rec.id))
+    skipped: list = []
+    reqs = build_requests(records, cfg, load_tokenizer(),
+                          ImageLoader(cfg.data.min_pixels, cfg.data.max_pixels, "pil"), engine,
+                          skipped)
+    left_out = {id(r) for r in skipped}
+    records = [r for r in records if id(r) not in left_out]
     temperature = rc.temperature if pc.temperature is None else pc.temperature
     params = SamplingParams(temperature=temperature, top_p=rc.top_p, top_k=rc.top_k,
                             max_new_tokens=pc.max_new_tokens or rc.max_new_tokens,

@@ -49,6 +49,14 @@ def _image_files(rec, sdir: Path) -> list[str]:
     return out
 
 
+def _subsample(records: list, n: int, seed: int) -> list:
+    """`n` of `records` drawn with `seed`, in their order (all of them when n is 0 or >= len)."""
+    if not n or n >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
 def main(argv=None) -> int:
     cfg, info, sdir = parse_stage_args("ovlt.iterate.stage_data", argv)
     from ovlt.data.formats import SkipReport, read_rl
@@ -61,18 +69,12 @@ def main(argv=None) -> int:
     records = list(read_rl(info["inputs"]["pool"], report=report))
     if report.num_skipped:
         log.warning("pool: %s", report.summary())
-    if it.prepare.pool_per_round and it.prepare.pool_per_round < len(records):
-        rng = random.Random(cfg.data.seed * 1000 + rnd)
-        keep = sorted(rng.sample(range(len(records)), it.prepare.pool_per_round))
-        records = [records[i] for i in keep]
-    if rnd == 1 and it.teacher.problems and it.teacher.problems < len(records):
-        rng = random.Random(cfg.data.seed * 1000 + 400 + rnd)
-        keep = sorted(rng.sample(range(len(records)), it.teacher.problems))
-        records = [records[i] for i in keep]
-    if rnd > 1 and it.self_answer.problems and it.self_answer.problems < len(records):
-        rng = random.Random(cfg.data.seed * 1000 + 500 + rnd)
-        keep = sorted(rng.sample(range(len(records)), it.self_answer.problems))
-        records = [records[i] for i in keep]
+    base = cfg.data.seed * 1000 + rnd  # one seed per draw and round
+    records = _subsample(records, it.prepare.pool_per_round, base)
+    if rnd == 1:
+        records = _subsample(records, it.teacher.problems, base + 400)
+    else:
+        records = _subsample(records, it.self_answer.problems, base + 500)
     order = {r.id: i for i, r in enumerate(records)}
     mine = gen.shard(records, dist.rank, dist.world_size)
     seed = cfg.data.seed + 7919 * rnd + dist.rank
