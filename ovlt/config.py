@@ -836,6 +836,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
     if r.temperature < 0:
         raise ConfigError(f"rollout.temperature={r.temperature}: must be >= 0 (0 = greedy)")
     it = cfg.iterate
+    if it.prepare.synth_tasks:
+        from ovlt.data.synth import GENERATORS
+        unknown = [t for t in it.prepare.synth_tasks if t not in GENERATORS]
+        if unknown:
+            raise ConfigError(f"iterate.prepare.synth_tasks: {unknown} not allowed; allowed "
+                              f"values: {sorted(GENERATORS)}")
     for key, n in (("iterate.teacher.samples", it.teacher.samples),
                    ("iterate.self_answer.samples", it.self_answer.samples)):
         if it.filter.min_verified > n:

@@ -33,6 +33,8 @@ def _one_line(err: str) -> str:
     ("iterate.nproc_sft=0", "iterate.nproc_sft=0: must be >= 1"),
     ("iterate.rounds=-1", "iterate.rounds=-1: must be >= 1"),
     ("iterate.probe.samples=0", "iterate.probe.samples=0: must be >= 1"),
+    ("iterate.prepare.synth_tasks=[colour_sum, pie]",
+     "iterate.prepare.synth_tasks: ['pie'] not allowed; allowed values: ['bar_chart', "),
     ("rollout.top_p=0", "rollout.top_p=0"),
     ("sft.optimizer.min_lr=0.1", "sft.optimizer.min_lr=0.1 exceeds sft.optimizer.lr"),
     ("grpo.train.epochs=0", "grpo.train.epochs=0 with grpo.train.max_steps=0: nothing to train"),
