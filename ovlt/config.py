@@ -353,6 +353,10 @@ class PrepareConfig:
     # (e.g. [medium, hard]); empty = keep grpo.curriculum / data.rl_files as configured.
     curriculum_difficulties: list[str] = field(default_factory=list)
     curriculum_epochs: list[float] = field(default_factory=list)
+    # Per stage: is the vision tower frozen? Empty = the recipe's (frozen in the first stage,
+    # trained from the second on). A tiny random tower whose features the SFT model learned to
+    # read is better kept frozen throughout: GRPO's noisy updates move what the LLM reads.
+    curriculum_freeze_vision: list[bool] = field(default_factory=list)
     # Task families of the synthesized pool and held-out split (`ovlt.data.synth.TASKS`);
     # empty = the five chart/geometry/table families.
     synth_tasks: list[str] = field(default_factory=list)
@@ -842,6 +846,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None,
         if unknown:
             raise ConfigError(f"iterate.prepare.synth_tasks: {unknown} not allowed; allowed "
                               f"values: {sorted(GENERATORS)}")
+    ncur = len(it.prepare.curriculum_difficulties)
+    for key in ("curriculum_epochs", "curriculum_freeze_vision"):
+        got = len(getattr(it.prepare, key))
+        if got and got != ncur:
+            raise ConfigError(f"iterate.prepare.{key}: {got} entries for {ncur} "
+                              "iterate.prepare.curriculum_difficulties (one per stage)")
     for key, n in (("iterate.teacher.samples", it.teacher.samples),
                    ("iterate.self_answer.samples", it.self_answer.samples)):
         if it.filter.min_verified > n:

@@ -170,13 +170,13 @@ def build_plan(cfg: JobConfig, run_dir: Path) -> list[StagePlan]:
         grpo_hf = str(grpo_save / it.hf_export_subdir)
         ov: dict[str, Any] = {"model.hf_path": sft_hf, "grpo.train.save_dir": str(grpo_save)}
         if curriculum:
+            # lengths checked at config load (`ovlt.config.validate`)
             epochs = list(it.prepare.curriculum_epochs) or [1.0] * len(curriculum)
-            if len(epochs) != len(curriculum):
-                raise ValueError("iterate.prepare.curriculum_epochs must have one entry per "
-                                 "iterate.prepare.curriculum_difficulties entry")
+            frozen = (list(it.prepare.curriculum_freeze_vision)
+                      or [i == 0 for i in range(len(curriculum))])  # the recipe's
             ov["grpo.curriculum"] = [
-                {"name": n, "rl_files": [p], "epochs": e, "freeze_vision": i == 0}
-                for i, ((n, p), e) in enumerate(zip(curriculum.items(), epochs))]
+                {"name": n, "rl_files": [p], "epochs": e, "freeze_vision": f}
+                for (n, p), e, f in zip(curriculum.items(), epochs, frozen)]
             ov["data.rl_files"] = [curriculum[n] for n in curriculum]
         elif not cfg.data.rl_files and not cfg.grpo.curriculum:
             ov["data.rl_files"] = [pool]

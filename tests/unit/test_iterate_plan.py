@@ -30,9 +30,14 @@ def test_plan_order_and_wiring(tmp_path):
         assert by[f"r{k}.data"].inputs["model"] == prev
         assert by[f"r{k}.sft"].overrides["data.sft_files"] == [by[f"r{k}.data"].outputs["sft"]]
     assert by["r0.eval"].inputs["model"] == base
-    # the curriculum: medium then hard, vision frozen in the first stage only
+    # the curriculum: medium then hard; the demo keeps its tiny vision tower frozen in both
+    # stages, the recipe's default (no curriculum_freeze_vision) trains it from the second on
     cur = by["r1.grpo"].overrides["grpo.curriculum"]
-    assert [(c["name"], c["freeze_vision"]) for c in cur] == [("medium", True), ("hard", False)]
+    assert [(c["name"], c["freeze_vision"]) for c in cur] == [("medium", True), ("hard", True)]
+    recipe = {p.sid: p for p in build_plan(_cfg("iterate.prepare.curriculum_freeze_vision=[]"),
+                                           tmp_path)}
+    assert [c["freeze_vision"] for c in recipe["r1.grpo"].overrides["grpo.curriculum"]] == \
+        [True, False]
     scfg = stage_config(cfg, by["r2.sft"])
     assert scfg.sft.train.save_dir == str(tmp_path.resolve() / "r2.sft" / "ckpt")
     assert scfg.model.hf_path == base
