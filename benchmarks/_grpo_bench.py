@@ -125,6 +125,20 @@ def model_cfg(args):
     return m
 
 
+def gpu_info() -> tuple[str, float]:
+    """(name, total GiB) of GPU 0 from nvidia-smi, so the parent process never creates a CUDA
+    context (it would hold GPU memory while the variants run); torch as the fallback."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader,nounits", "-i", "0"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.strip().splitlines()[0]
+        name, mib = out.rsplit(",", 1)
+        return name.strip(), float(mib) / 1024
+    except Exception:  # noqa: BLE001 - no nvidia-smi: ask torch
+        import torch
+        return torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+
+
 def recipe_model_cfg():
     """Qwen2.5-VL-7B as the recipe trains it (all layers)."""
     from ovlt.config import CONFIG_ROOT, load_config
@@ -142,30 +156,30 @@ def write_hf_config(m, out: Path, device: str) -> None:
 
 
 def write_hf_dir(m, out: Path, device: str) -> dict:
-    """Random-init weights of `m` streamed through the project's export path into an HF dir."""
+    """Random-init weights of `m` streamed through the project's export path into an HF dir
+    (bf16 when the run is on CUDA). Drawn on the CPU: the parent process that writes them then
+    holds no GPU memory while the sides it starts run (a 7B-wide embedding left cached there
+    took 2.6 GiB from the side's card)."""
     import torch
 
     from ovlt.models.qwen2_5_vl.checkpoint_io import HFCheckpointWriter
     from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     sd, n = {}, 0
     for name, shape in mcore_shapes(m, 1, 1, 0).items():
         if len(shape) == 1:
             val = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            t = torch.full(shape, val, dtype=dtype, device=device)
+            t = torch.full(shape, val, dtype=dtype)
         else:
-            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+            t = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
         sd[name] = t
         n += t.numel()
     writer = HFCheckpointWriter(out)
     for hf_name, full in mcore_to_hf({(0, 0): sd}, m, 1, 1):
         writer.add(hf_name, full)
     writer.close()
-    del sd
-    if device == "cuda":
-        torch.cuda.empty_cache()
     write_hf_config(m, out, device)
     return {"params": n, "dtype": str(dtype)}
 
@@ -276,7 +290,7 @@ def steady_state(per_step_peaks: list) -> dict:
 # ---------------------------------------------------------------------------------- ovlt side
 def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label: str,
                    count_syncs: bool = True, torch_seed: int | None = None, on_ready=None,
-                   step_fields=None) -> None:
+                   step_fields=None, isolate_passes: bool = True) -> None:
     """The real trainer (`GRPOTrainer`, built from `cfg` in this process) driven step by step
     as `GRPOTrainer.run` does, without checkpointing or export. Into `res`: `init_seconds`,
     `engine`, what `on_ready` returns, and `steps`, one record per step (written with `save`
@@ -285,6 +299,12 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
     vs reference), peak memory per phase (rollout, log-prob passes, updates) and over the step,
     what the step leaves allocated, and the host syncs inside the log-prob and update phases
     (CUDA only; `count_syncs` off skips them).
+
+    `isolate_passes`: the device is synced before each log-prob pass is queued, so the old and
+    the reference pass both start on an idle GPU and their per-token times compare like with
+    like (queued back to back, the first pass's clock also counts the GPU waiting for the host
+    to queue its first kernels while the second's starts on a busy GPU). It costs the host's
+    lead-in of the second pass, a few milliseconds.
 
     `on_ready(trainer)` runs after setup and the first weight sync: it may replace
     `trainer.engine.generate` (the rollout's memory is read around what it leaves) and returns
@@ -316,8 +336,12 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
         mem = PhaseMemory(dev)
         # the log-prob passes and the updates are queued: a host sync inside them is one
         # inside the phase (each phase reads its numbers once, at its end, outside these)
-        grpo_mod.queue_logprob_pass = mem.wrap("logprob", counting_syncs(
-            "logprob", grpo_mod.queue_logprob_pass))
+        lp_pass = counting_syncs("logprob", grpo_mod.queue_logprob_pass)
+        if isolate_passes and dev == "cuda":
+            def lp_pass(*a, _counted=lp_pass, **k):
+                torch.cuda.synchronize()  # before the pass: not one of its host syncs
+                return _counted(*a, **k)
+        grpo_mod.queue_logprob_pass = mem.wrap("logprob", lp_pass)
         grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
 
         t0 = now()

@@ -58,7 +58,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -67,7 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # noqa: E402
-                                    lognormal_lengths, logprob_and_compile_stats, model_cfg,
+                                    gpu_info, lognormal_lengths, logprob_and_compile_stats, model_cfg,
                                     noise_images, now, prompt_tokens, recipe_model_cfg,
                                     record_prep, result_header, run_child, run_ovlt_steps,
                                     run_recorded, steady_state, trl_inputs, write_hf_config,
@@ -78,20 +77,6 @@ GiB = float(1 << 30)
 
 
 # ---------------------------------------------------------------------------------- workload
-def gpu_info() -> tuple[str, float]:
-    """(name, total GiB) of GPU 0 from nvidia-smi, so the parent process never creates a CUDA
-    context (it would hold GPU memory while the variants run); torch as the fallback."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
-                              "--format=csv,noheader,nounits", "-i", "0"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.strip().splitlines()[0]
-        name, mib = out.rsplit(",", 1)
-        return name.strip(), float(mib) / 1024
-    except Exception:  # noqa: BLE001 - no nvidia-smi: ask torch
-        import torch
-        return torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / GiB
-
-
 def default_llm_layers(device: str, total_gib: float | None = None) -> int:
     """LLM layers that fit one GPU beside the trainer's state and the engine (see docstring)."""
     if device != "cuda":
@@ -248,7 +233,8 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
 
     run_ovlt_steps(cfg, dev, res, save, steps=args.steps, log_dir=wd / f"run_{engine}" / "logs",
                    label=engine, count_syncs=bool(args.count_syncs), torch_seed=0,
-                   on_ready=on_ready, step_fields=step_fields)
+                   on_ready=on_ready, step_fields=step_fields,
+                   isolate_passes=bool(args.isolate_passes))
 
 
 # ---------------------------------------------------------------------------------- TRL + vLLM
@@ -538,6 +524,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-slots", type=int, default=0,
                     help="decode slots for the extrapolation's KV estimate (0: every sample)")
     ap.add_argument("--count-syncs", type=int, default=1)
+    ap.add_argument("--isolate-passes", type=int, default=1,
+                    help="sync before each log-prob pass so old and reference start alike")
     ap.add_argument("--recipe-gpus", type=int, default=8)
     ap.add_argument("--nccl-busbw", type=float, default=340.0, help="GB/s")
     ap.add_argument("--easyr1-step-s", type=float, default=145.0)

@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # noqa: E402
+from benchmarks._grpo_bench import (device_sync, error_text, finished_steps, gpu_info,  # noqa: E402
                                     logprob_and_compile_stats, model_cfg, noise_images, now,
                                     prompt_tokens, recipe_model_cfg, record_prep, result_header,
                                     run_child, run_ovlt_steps, run_recorded, steady_state,
@@ -149,7 +149,8 @@ def run_ovlt(args, wd: Path, res: dict, save):
                  trainer_step_time_s=rec.get("step_time_s"))
 
     run_ovlt_steps(cfg, dev, res, save, steps=args.steps, log_dir=wd / "ovlt_run" / "logs",
-                   label="ovlt", on_ready=on_ready, step_fields=step_fields)
+                   label="ovlt", on_ready=on_ready, step_fields=step_fields,
+                   isolate_passes=bool(args.isolate_passes))
 
 
 # ---------------------------------------------------------------------------------- TRL side
@@ -384,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.99)
     ap.add_argument("--reward-workers", type=int, default=4)
+    ap.add_argument("--isolate-passes", type=int, default=1,
+                    help="sync before each log-prob pass so old and reference start alike")
     ap.add_argument("--sides", default="ovlt,trl")
     ap.add_argument("--side-timeout", type=float, default=300.0, help="max seconds per side subprocess")
     ap.add_argument("--time-budget", type=float, default=320.0,
@@ -416,7 +419,7 @@ def main(argv=None) -> int:
     import tempfile
     start = now()
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="ovlt_grpo_bench_"))
-    res = dict(result_header(args, torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    res = dict(result_header(args, gpu_info()[0] if args.device == "cuda" else "cpu",
                              __doc__), sides={}, notes=[
                "Equal work: same HF weights, same prompt token ids and pixels, every response exactly "
                "--new tokens (EOS suppressed on both sides), same P x n, one optimizer update per step.",
