@@ -71,7 +71,10 @@ def findings(summary: dict) -> list[str]:
     for r in rounds:
         b, a, se = r.get("probe_reward_before"), r.get("probe_reward_after"), r.get("probe_se")
         if b is not None and a is not None:
-            z = f", {(a - b) / se:+.1f} se" if se else ""
+            z = ""
+            if se:
+                z = f", {(a - b) / se:+.1f} se" + (" (within the noise)" if abs(a - b) < 2 * se
+                                                    else "")
             rises.append(f"round {r['round']} {a - b:+.3f}{z}")
     if rises:
         out.append("Probe reward change from GRPO: " + "; ".join(rises) + ".")

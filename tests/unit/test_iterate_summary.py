@@ -101,6 +101,8 @@ def test_report_and_plots_come_from_summary_json(tmp_path):
     # rise in standard errors (0.15 / 0.05), the chains kept
     assert "- Held-out accuracy after round 1: 40.0% = 2.7x the best constant answer." in text
     assert "- Probe reward change from GRPO: round 1 +0.150, +3.0 se." in text
+    s["rounds"][1]["probe_reward_after"] = 0.6  # +0.05 = 1 se: said to be noise
+    assert "round 1 +0.050, +1.0 se (within the noise)." in render(s)
     assert "- Held-out accuracy of the SFT model → after its GRPO: round 1 45.0% → 40.0%." in text
     assert "- Verified SFT chains kept: round 1 96." in text
     for png in ("probe_reward.png", "accuracy_per_round.png"):
