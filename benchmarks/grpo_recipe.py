@@ -73,6 +73,7 @@ from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # 
                                     write_hf_dir, write_json, write_rl_parquet)
 
 VARIANTS = ("ovlt_builtin", "ovlt_vllm", "trl_vllm")
+FULL_DEPTH = "ovlt_builtin_rollout_28_layers"  # a side of ovlt_builtin: its rollout at full depth
 GiB = float(1 << 30)
 
 
@@ -237,6 +238,75 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
                    isolate_passes=bool(args.isolate_passes))
 
 
+def run_rollout_full_depth(args, wd: Path, res: dict, save):
+    """The built-in engine alone with the recipe's 28 LLM layers (bf16, no optimizer, no
+    reference: what a trainer's 8 layers leave room for is not the question here) on the
+    trainer's own requests and sampling for steps 1..`--rollout-reps`: the rollout phase
+    measured at full depth, not scaled from the trainer's run. Timed like the trainer's
+    phase: requests built, generate, engine asleep."""
+    import torch
+
+    from ovlt.config import CONFIG_ROOT, load_config
+    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.engine.model_setup import build_vl_model
+    from ovlt.grpo.data import PromptPosition
+    from ovlt.grpo.train import GRPOTrainer
+    from ovlt.logging import setup_logging
+    from ovlt.rollout import make_engine
+
+    dev = args.device
+    prep = json.loads((wd / "prep.json").read_text())
+    layers = args.llm_layers if args.tiny else recipe_model_cfg().num_layers
+    base = CONFIG_ROOT / "grpo" / ("tiny_cpu.yaml" if args.tiny else "openvlthinker_7b.yaml")
+    ov = ovlt_overrides(args, wd, "builtin") + [f"model.num_layers={layers}"]
+    cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
+    setup_logging(str(wd / "run_rollout_full_depth" / "logs"))
+    init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
+    try:
+        torch.manual_seed(0)
+        trainer = GRPOTrainer(cfg)  # its tokenizer, images and prompt stream; no model
+        model = build_vl_model(cfg, cfg.grpo.train.precision).eval()
+        eng = trainer.engine = make_engine(cfg, model=model, tokenizer=trainer.tok)
+        lengths = ExactLengths(eng, prep["lengths"], args.length_unit, trainer.tok)
+        res.update(llm_layers=layers, engine=type(eng).__name__, steps=[])
+        pos = PromptPosition()
+        for step in range(args.rollout_reps):
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            device_sync(dev)
+            t = now()
+            batch = trainer.step_requests(step, pos)
+            comps = eng.generate(batch.requests, batch.params)
+            eng.sleep()
+            device_sync(dev)
+            pos = batch.next_position
+            rec = {"step": step + 1, "rollout_s": now() - t,
+                   "generated_tokens": sum(len(c.token_ids) for cs in comps for c in cs),
+                   "length_mismatches": lengths.mismatches,
+                   "lengths_truncated_by_benchmark": lengths.truncated,
+                   "engine_stats": dict(getattr(eng, "last_stats", {}) or {})}
+            if dev == "cuda":
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / GiB
+            res["steps"].append(rec)
+            save()
+    finally:
+        destroy_distributed()
+
+
+def rollout_full_depth_summary(side: dict) -> dict | None:
+    """Median rollout seconds of the full-depth side's steps 2..N (step 1 compiles and
+    captures)."""
+    steps = [s for s in side.get("steps", []) if s.get("rollout_s")]
+    timed = steps[1:] if len(steps) > 1 else steps
+    if not timed:
+        return None
+    return {"llm_layers": side.get("llm_layers"), "timed_steps": [s["step"] for s in timed],
+            "rollout_s": statistics.median(s["rollout_s"] for s in timed),
+            "first_rollout_s": steps[0]["rollout_s"],
+            "generated_tokens": timed[-1]["generated_tokens"],
+            "engine_stats": timed[-1].get("engine_stats")}
+
+
 # ---------------------------------------------------------------------------------- TRL + vLLM
 def run_trl_vllm(args, wd: Path, res: dict, save):
     """TRL's GRPOTrainer, vLLM colocated (TRL's documented fast set-up for one node), on the
@@ -380,8 +450,11 @@ def summarize(side: dict, prep: dict) -> dict | None:
     return out
 
 
-def extrapolate(args, prep: dict, summ: dict, device: str, layers: int) -> dict:
-    """The 8xH100 recipe step from one GPU's eighth (see `formula`)."""
+def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
+                rollout_full: dict | None = None) -> dict:
+    """The 8xH100 recipe step from one GPU's eighth (see `formula`). `rollout_full`: the
+    rollout measured with all 28 LLM layers (`rollout_full_depth_summary`), used as it is
+    instead of the trainer's rollout scaled by bytes."""
     from ovlt.engine.flops import llm_forward_flops, vision_forward_flops
     rm = recipe_model_cfg()
     L, R = layers, rm.num_layers
@@ -416,7 +489,9 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int) -> dict:
     n_gpu = args.recipe_gpus
     updates = math.ceil(n / args.update_samples)
     comm = updates * (4 + 2) * params_R * (n_gpu - 1) / n_gpu / (args.nccl_busbw * 1e9)
-    est = {"rollout": ph["rollout"] * r_ro * bw, "reward": ph["reward"],
+    full = rollout_full is not None and rollout_full.get("llm_layers") == R
+    rollout = rollout_full["rollout_s"] if full else ph["rollout"] * r_ro
+    est = {"rollout": rollout * bw, "reward": ph["reward"],
            "logprob": ph["logprob"] * r_lp, "update": ph["update"] * r_up,
            "sync": ph["sync"] * params_R / params_L,
            "dp_grad_reduce_scatter_param_all_gather": comm}
@@ -425,20 +500,25 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int) -> dict:
         "ESTIMATE": True, "step_s_8xh100": total, "phases_s": est,
         "easyr1_step_s": args.easyr1_step_s, "ratio": total / args.easyr1_step_s,
         "target_ratio": 0.5, "measured_on": device, "measured_llm_layers": L,
-        "factors": {"rollout_bytes_ratio": r_ro, "rollout_h200_to_h100_bandwidth": bw,
+        "rollout_measured_at_28_layers": full,
+        "factors": {"rollout_bytes_ratio": None if full else r_ro,
+                    "rollout_h200_to_h100_bandwidth": bw,
                     "logprob_flops_ratio": r_lp, "update_flops_ratio": r_up,
                     "updates_per_step": updates, "trained_params_28_layers": params_R,
                     "nccl_busbw_gbs": args.nccl_busbw, "gpus": n_gpu},
         "formula": (
-            "step_8xh100 = rollout x (B_head + 28 B_layer) / (B_head + L B_layer) x bw + reward "
+            "step_8xh100 = rollout(28) x bw + reward "
             "+ logprob x (F_vis + F_head + 28 F_layer) / (F_vis + F_head + L F_layer) "
             "+ update x (F_vis + 3 F_head + 3x28 F_layer) / (F_vis + 3 F_head + 3 L F_layer) "
             "+ sync x params(28) / params(L) + updates x (4 + 2) bytes x params(28) x (N-1)/N / "
             "busbw. The recipe's 512 x 5 samples on 8 GPUs give each GPU exactly this run's 320 "
-            "samples, so only depth and communication are scaled. B_layer = one layer's bf16 "
-            "weights + the KV of every decode slot at the mean context (prompt + half the mean "
-            "response), B_head = LM head weights + the fp32 logits of every slot (decode is "
-            "memory-bound: bytes read per step); F_* = forward FLOPs of the measured samples "
+            "samples, so only depth and communication are scaled. rollout(28) = the built-in "
+            "engine's rollout measured with all 28 layers on the same requests "
+            "(rollout_measured_at_28_layers), else the trainer's rollout x (B_head + 28 B_layer) "
+            "/ (B_head + L B_layer), B_layer = one layer's bf16 weights + the KV of every decode "
+            "slot at the mean context (prompt + half the mean response), B_head = LM head "
+            "weights + the fp32 logits of every slot (bytes read per decode step: an upper bound "
+            "where fixed per-step costs dominate at L); F_* = forward FLOPs of the measured samples "
             "(layer over all tokens, LM head over response tokens only, frozen vision tower "
             "forward); 3x = forward + backward of the trained LLM; bw = 4.8/3.35 when measured "
             "on an H200 (HBM bandwidth, decode only; compute phases taken as equal). DP: a ZeRO-1 "
@@ -468,6 +548,8 @@ def side_main(args) -> int:
     def body(res, save):
         if args.variant == "trl_vllm":
             run_trl_vllm(args, wd, res, save)
+        elif args.variant == FULL_DEPTH:
+            run_rollout_full_depth(args, wd, res, save)
         else:
             run_ovlt(args, wd, res, save, "builtin" if args.variant == "ovlt_builtin" else "vllm")
     return run_recorded(wd / f"variant_{args.variant}.json", {"variant": args.variant}, body)
@@ -535,7 +617,11 @@ def main(argv=None) -> int:
                          "finished steps kept)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-workdir", action="store_true")
-    ap.add_argument("--variant", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--rollout-reps", type=int, default=2,
+                    help="with ovlt_builtin: rollouts of the engine alone at 28 LLM layers, for "
+                         "the extrapolation (step 1 compiles; 0: scale the trainer's rollout)")
+    ap.add_argument("--variant", default=None, choices=(*VARIANTS, FULL_DEPTH),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None,
                     help="default: benchmarks/results/grpo_recipe_<device>.json")
     args = ap.parse_args(argv)
@@ -598,17 +684,27 @@ def main(argv=None) -> int:
                          [*passthrough, "--variant", v, "--workdir", str(wd), "--device",
                           args.device, "--llm-layers", str(args.llm_layers)],
                          wd, f"variant_{v}", v, max(5.0, min(args.variant_timeout, left)), 2000)
-        summ = None
+        summ = full = None
         try:
             summ = summarize(side, res["prep"])
         except Exception as e:  # noqa: BLE001
             side["summary_error"] = error_text(e)
+        left = args.time_budget - (now() - start) - 5.0
+        if v == "ovlt_builtin" and summ and args.rollout_reps > 0 and left >= 30:
+            fd = run_child(Path(__file__).resolve(),
+                           [*passthrough, "--variant", FULL_DEPTH, "--workdir", str(wd),
+                            "--device", args.device, "--llm-layers", str(args.llm_layers)],
+                           wd, f"variant_{FULL_DEPTH}", FULL_DEPTH,
+                           max(5.0, min(args.variant_timeout, left)), 2000)
+            full = rollout_full_depth_summary(fd)
+            res[FULL_DEPTH] = dict(fd, summary=full)
         if summ:
             side.update(summ)
             if v.startswith("ovlt"):
                 try:
                     side["recipe_extrapolation"] = extrapolate(args, res["prep"], summ, dev_name,
-                                                               side.get("llm_layers") or args.llm_layers)
+                                                               side.get("llm_layers") or args.llm_layers,
+                                                               full)
                 except Exception as e:  # noqa: BLE001
                     side["extrapolation_error"] = error_text(e)
         res["variants"][v] = side

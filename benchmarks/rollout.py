@@ -143,6 +143,60 @@ def bench_generate(args, res, hf, module, cfg):
         res["speedup_vs_hf"] = res["builtin_cuda_graphs"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"]
 
 
+# ---------------------------------------------------------------------------------- one step
+def bench_step(args, res, module, cfg):
+    """One decode step by part, at several slot widths, every slot attending the mix's mean
+    context (prompt + 300 tokens): the decode step (layers + LM head, one CUDA graph) with its
+    pointwise work eager vs compiled (`LLMDecoder(compile=...)`), and the sampler at T=1 /
+    top-p as the engine runs it vs through torch.compile. The top kernels of one step (outside
+    a graph, so the profiler sees each launch) go in `top_kernels`."""
+    from _bench_util import cuda_time
+    from ovlt.rollout.kv_decoder import LLMDecoder
+    from ovlt.rollout.sampling import sample_rows
+    ctx = args.mix_prompt + 300
+    widths = [int(w) for w in args.step_widths.split(",")]
+    out = {"context_tokens": ctx, "top_p": args.mix_top_p, "widths": {}, "top_kernels": {}}
+    compiled_sampler = torch.compile(sample_rows)
+    for compile_decode in (False, True):
+        d = LLMDecoder(module, cfg, compile=compile_decode)
+        key = "compiled" if compile_decode else "eager"
+        for w in widths:
+            cache = d.new_cache(w, ctx + 16)
+            tok = torch.randint(0, 150000, (w,), device=d.device)
+            pos = torch.full((w,), ctx, dtype=torch.long, device=d.device)
+            seeds = torch.arange(w, device=d.device)
+            ctr = torch.zeros(w, dtype=torch.long, device=d.device)
+            for _ in range(2):
+                d.decode(tok, pos, pos, cache)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = d.decode(tok, pos, pos, cache)
+            r = out["widths"].setdefault(str(w), {})
+            r[f"ms_decode_graph_{key}"] = cuda_time(graph.replay, iters=20)
+            if not compile_decode:
+                for name, fn in (("ms_sample", sample_rows), ("ms_sample_compiled", compiled_sampler)):
+                    r[name] = cuda_time(lambda fn=fn, lg=logits: fn(
+                        lg, 1.0, top_p=args.mix_top_p, seeds=seeds, counters=ctr), iters=20)
+            if w == max(widths):
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    d.decode(tok, pos, pos, cache)
+                    sample_rows(logits, 1.0, top_p=args.mix_top_p, seeds=seeds, counters=ctr)
+                    torch.cuda.synchronize()
+                ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+                ev.sort(key=lambda e: -e.self_device_time_total)
+                out["top_kernels"][key] = {
+                    "kernels": sum(e.count for e in ev),
+                    "total_ms": sum(e.self_device_time_total for e in ev) / 1000,
+                    "top": [{"name": e.key[:90], "count": e.count,
+                             "ms": e.self_device_time_total / 1000} for e in ev[:14]]}
+            del graph, cache, logits
+            print("decode_step", w, r, flush=True)
+        del d
+        torch.cuda.empty_cache()
+    res["decode_step"] = out
+
+
 # ---------------------------------------------------------------------------------- sampling
 def bench_sampling(args, res):
     """One decode step's sampling at T=1 / top-p 0.99 over [slots, vocab] fp32 logits: the
@@ -215,10 +269,13 @@ def bench_mix(args, res, module, cfg, save=lambda: None):
            "new_tokens": total, "sampling": {"temperature": 1.0, "top_p": args.mix_top_p},
            "check_every": args.check_every, "variants": {}}
     for v in args.mix_variants.split(","):
+        v, _, mode = v.partition(":")  # ":eager": the decode step's pointwise work not compiled
         schedule, slots = v.split("@")
         slots = int(slots)
+        v = v + (":eager" if mode == "eager" else "")
         eng = BuiltinEngine(module, cfg, max_batch_size=slots, schedule=schedule,
-                            check_every=args.check_every, min_width=args.min_width)
+                            check_every=args.check_every, min_width=args.min_width,
+                            compile_decode=False if mode == "eager" else None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -229,7 +286,8 @@ def bench_mix(args, res, module, cfg, save=lambda: None):
             raise RuntimeError(f"{v}: completions of {sum(got)} tokens, the caps ask {total} "
                                "(ignore_eos / per-request caps not honoured)")
         st = eng.last_stats
-        r = {"schedule": schedule, "slots": used, "seconds": dt, "tokens_per_s": total / dt,
+        r = {"schedule": schedule, "slots": used, "compiled_decode": eng.decoder.compiled,
+             "seconds": dt, "tokens_per_s": total / dt,
              "steps": st["steps"], "ms_per_step": 1000 * dt / max(1, st["steps"]),
              "slot_occupancy": st["slot_steps_busy"] / max(1, st["steps"] * used),
              "min_steps_at_full_occupancy": -(-total // used),
@@ -295,8 +353,11 @@ def main(argv=None):
     ap.add_argument("--mix-samples", type=int, default=5)
     ap.add_argument("--mix-prompt", type=int, default=448, help="prompt tokens per request")
     ap.add_argument("--mix-variants", default="static@64,continuous@64,continuous@128,continuous@192",
-                    help="comma-separated schedule@slots")
+                    help="comma-separated schedule@slots[:eager] (:eager: the decode step's "
+                         "pointwise work not compiled)")
     ap.add_argument("--mix-top-p", type=float, default=0.99)
+    ap.add_argument("--step-widths", default="",
+                    help="comma-separated slot widths: the decode step by part (GPU only)")
     ap.add_argument("--min-width", type=int, default=8,
                     help="narrowest decode step of a call's tail (continuous batching)")
     ap.add_argument("--len-median", type=float, default=500.0)
@@ -327,6 +388,9 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     from ovlt.utils.io import atomic_write_json
+    if args.step_widths and args.device == "cuda":
+        bench_step(args, res, module, cfg)
+        atomic_write_json(args.out, res)
     if not args.skip_sampling:
         bench_sampling(args, res)
     if not args.skip_mix:

@@ -234,6 +234,9 @@ class RolloutConfig:
     colocate: bool = True
     weight_bucket_mb: int = 512
     cuda_graphs: bool = True
+    # Built-in engine on a GPU: the decode step's pointwise work through torch.compile
+    # (fused RMSNorm / rotary / SwiGLU / residuals; compiled once, before the first rollout).
+    compile_decode: bool = True
     # Built-in engine: decode slots (a finished sample's slot takes the next waiting one; 128
     # was the fastest of 64-192 on the recipe's length mix at 7B shape).
     max_batch_size: int = 128

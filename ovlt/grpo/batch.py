@@ -52,6 +52,7 @@ class RLMicroBatch:
     old_logprobs: Optional[torch.Tensor] = None   # [1, T], filled by the log-prob pass
     ref_logprobs: Optional[torch.Tensor] = None
     rollout_ids: list = field(default_factory=list)
+    image_groups: list = field(default_factory=list)  # the group of each sample with images
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +77,7 @@ def _positions(r: Rollout, rope_fn) -> torch.Tensor:
 
 
 def make_micro_batch(rollouts: list[Rollout], ids: list[int], rope_fn) -> RLMicroBatch:
-    inp, pos, tgt, mask, adv, pvs, grids, cu = [], [], [], [], [], [], [], [0]
+    inp, pos, tgt, mask, adv, pvs, grids, groups, cu = [], [], [], [], [], [], [], [], [0]
     for r in rollouts:
         seq = torch.as_tensor(r.prompt_ids + r.response_ids, dtype=torch.long)
         L, P = seq.numel(), len(r.prompt_ids)
@@ -93,13 +94,15 @@ def make_micro_batch(rollouts: list[Rollout], ids: list[int], rope_fn) -> RLMicr
         if r.pixel_values is not None:
             pvs.append(r.pixel_values)
             grids.append(torch.as_tensor(r.image_grid_thw).view(-1, 3))
+            groups.append(r.group)
         cu.append(cu[-1] + L)
     return RLMicroBatch(
         input_ids=torch.cat(inp)[None], position_ids=torch.cat(pos, dim=1)[:, None],
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), targets=torch.cat(tgt)[None],
         loss_mask=torch.cat(mask)[None], advantages=torch.cat(adv)[None],
         pixel_values=torch.cat(pvs) if pvs else None,
-        image_grid_thw=torch.cat(grids).long() if grids else None, rollout_ids=list(ids))
+        image_grid_thw=torch.cat(grids).long() if grids else None, rollout_ids=list(ids),
+        image_groups=groups)
 
 
 def pack_rollouts(rollouts: list[Rollout], max_tokens: int, rope_fn) -> list[RLMicroBatch]:

@@ -18,10 +18,14 @@ model returning final hidden states and the LM head applied by the fused kernels
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+from typing import Optional
 
 import torch
 
 from ovlt.grpo.batch import RLMicroBatch
+from ovlt.grpo.image_features import StepImages
 from ovlt.engine.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
 from ovlt.engine.train_step import PendingStep, StepResult, train_step_async
 from ovlt.utils.device import to_device_async
@@ -47,11 +51,16 @@ def loss_rows_picker(mb: RLMicroBatch, dev):
     return rows, pick
 
 
-def rl_forward(model, mb: RLMicroBatch):
-    """Final hidden states [S, 1, H] (last PP stage) of a packed micro-batch."""
+def rl_forward(model, mb: RLMicroBatch, images: Optional[StepImages] = None):
+    """Final hidden states [S, 1, H] (last PP stage) of a packed micro-batch. `images`: the
+    step's frozen-tower features, encoded once per prompt (`ovlt.grpo.image_features`)."""
+    net = unwrap(model)
+    feats = images.features(net, mb.image_groups) if images is not None else None
+    if feats is not None:
+        mb = dataclasses.replace(mb, pixel_values=None)  # not copied to the device
     b = mb.to(_device(model))
     return model(input_ids=b.input_ids, position_ids=b.position_ids, pixel_values=b.pixel_values,
-                 return_hidden=True, **host_side_inputs(unwrap(model), mb))
+                 image_features=feats, return_hidden=True, **host_side_inputs(net, mb))
 
 
 # Kernel switches of megatron-core's TransformerConfig that `Reference` copies from the policy,
@@ -126,10 +135,12 @@ def copy_kernel_switches(dst, src) -> None:
 
 
 def queue_logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
-                       temperature: float, device) -> PendingStep:
+                       temperature: float, device,
+                       images: Optional[StepImages] = None) -> PendingStep:
     """Queue a forward-only pass that fills `mb.<field>` ([1, T] fp32 on the model's device,
     where the update reads it) with log p(target), 0 off the loss tokens; nothing is read on
-    the host (`PendingStep.result()`: tokens, and the mean entropy in `stats`)."""
+    the host (`PendingStep.result()`: tokens, and the mean entropy in `stats`). `images`: the
+    frozen tower's features of these weights (`rl_forward`)."""
     from ovlt.kernels import fused_logprob
 
     model = unwrap(chunks[0])
@@ -146,14 +157,16 @@ def queue_logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: s
         return (lp_rows.detach() * 0).sum(), n, {"entropy": ent_sum}
 
     with torch.no_grad(), forward_only_kernels(chunks):
-        return train_step_async(chunks, None, micro_batches, rl_forward, loss_fn, device=device,
-                                forward_only=True)
+        return train_step_async(chunks, None, micro_batches,
+                                functools.partial(rl_forward, images=images), loss_fn,
+                                device=device, forward_only=True)
 
 
 def logprob_pass(chunks: list, micro_batches: list[RLMicroBatch], field: str,
-                 temperature: float, device) -> dict:
+                 temperature: float, device, images: Optional[StepImages] = None) -> dict:
     """`queue_logprob_pass`, read: returns the mean entropy (`{"entropy": ...}`)."""
-    return queue_logprob_pass(chunks, micro_batches, field, temperature, device).result().stats
+    return queue_logprob_pass(chunks, micro_batches, field, temperature, device,
+                              images).result().stats
 
 
 def scatter_rows(lp_rows: torch.Tensor, rows: torch.Tensor, T: int) -> torch.Tensor:
@@ -164,13 +177,14 @@ def scatter_rows(lp_rows: torch.Tensor, rows: torch.Tensor, T: int) -> torch.Ten
 
 
 def update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg, temperature: float,
-           device) -> StepResult:
+           device, images: Optional[StepImages] = None) -> StepResult:
     """One optimizer step of the GRPO loss over `micro_batches` (this rank's share)."""
-    return queue_update(chunks, optimizer, micro_batches, gcfg, temperature, device).result()
+    return queue_update(chunks, optimizer, micro_batches, gcfg, temperature, device,
+                        images).result()
 
 
 def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcfg,
-                 temperature: float, device) -> PendingStep:
+                 temperature: float, device, images: Optional[StepImages] = None) -> PendingStep:
     """`update` queued without a host sync (`train_step_async`): a GRPO step's optimizer steps
     run back to back and their numbers are read after the last one is queued. A micro-batch
     whose `old_logprobs` is None is on-policy: the loss takes its own detached log-prob as the
@@ -200,7 +214,8 @@ def queue_update(chunks: list, optimizer, micro_batches: list[RLMicroBatch], gcf
         stats = {k: v * n for k, v in m.items()}
         return loss * n, n, stats
 
-    return train_step_async(chunks, optimizer, micro_batches, rl_forward, loss_fn, device=device)
+    return train_step_async(chunks, optimizer, micro_batches,
+                            functools.partial(rl_forward, images=images), loss_fn, device=device)
 
 
 def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[torch.Tensor | None, float]:

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,11 +37,13 @@ from ovlt.logging import get_logger
 from ovlt.models.qwen2_5_vl.rope_index import rope_positions_fn
 from ovlt.rollout.base import GenerationRequest, SamplingParams
 from ovlt.engine.gc_schedule import GCSchedule
+from ovlt.engine.lm_head import unwrap
 from ovlt.engine.loop import TrainLoop
 from ovlt.engine.metrics_logger import memory_gb
 from ovlt.grpo.advantages import assign_advantages
 from ovlt.grpo.batch import Rollout, pack_rollouts, split_updates
 from ovlt.grpo.data import PromptPosition, PromptStream, build_requests
+from ovlt.grpo.image_features import StepImages, frozen_tower
 from ovlt.grpo.memory import release_grads, restore_grads
 from ovlt.grpo.passes import Reference, kl_to_reference, queue_logprob_pass, queue_update
 from ovlt.grpo.reward_stream import RewardStream
@@ -85,6 +87,14 @@ def _entropy(old_pass, first_update) -> float | None:
              if r is not None and r.tokens and r.stats.get("entropy") is not None]
     n = sum(t for _, t in parts)
     return sum(e * t for e, t in parts) / n if n else None
+
+
+class StepPrompts(NamedTuple):
+    records: list
+    requests: list[GenerationRequest]
+    params: SamplingParams
+    next_position: PromptPosition
+    skipped: int
 
 
 class GRPOTrainer:
@@ -159,6 +169,21 @@ class GRPOTrainer:
         """This trainer's requests for `recs` (`ovlt.grpo.data.build_requests`)."""
         return build_requests(recs, self.cfg, self.tok, self.images, self.engine, skipped)
 
+    def step_requests(self, step: int, pos: PromptPosition) -> StepPrompts:
+        """The prompts of `step` on this rank, their requests and the step's sampling
+        parameters (records whose image cannot be used are left out, logged, counted)."""
+        g, rc = self.cfg.grpo, self.cfg.rollout
+        recs, pos = self.stream.next_batch(pos, step, self.dp_rank, self.dp)
+        skipped: list = []
+        reqs = self.build_requests(recs, skipped)
+        if skipped:  # keep recs aligned with reqs
+            recs = [r for r in recs if all(r is not b for b in skipped)]
+        sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                            max_new_tokens=rc.max_new_tokens, stop=list(rc.stop),
+                            n=g.samples_per_prompt,
+                            seed=g.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
+        return StepPrompts(recs, reqs, sp, pos, len(skipped))
+
     def step(self, step: int, pos: PromptPosition):
         """One GRPO step; returns (metrics record, next prompt position, rollouts). Nothing the
         step puts in device memory outlives it (the caller's rollouts hold host tensors only;
@@ -169,15 +194,7 @@ class GRPOTrainer:
         compiles0 = torch_compiles()
         release_grads(chunks)  # the first step's: later steps release them after the update
         t0 = time.perf_counter()
-        recs, pos = self.stream.next_batch(pos, step, self.dp_rank, self.dp)
-        skipped: list = []
-        reqs = self.build_requests(recs, skipped)
-        if skipped:  # keep recs aligned with reqs
-            recs = [r for r in recs if all(r is not b for b in skipped)]
-        sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-                            max_new_tokens=rc.max_new_tokens, stop=list(rc.stop),
-                            n=g.samples_per_prompt,
-                            seed=cfg.grpo.train.seed * 1_000_003 + step * 9973 + self.dp_rank)
+        recs, reqs, sp, pos, n_skipped = self.step_requests(step, pos)
         self.bundle.module.eval()
         # Completions stream into the reward pool as they finish: grading overlaps decoding.
         rewards = RewardStream(self.pool, cfg.rewards)
@@ -226,7 +243,14 @@ class GRPOTrainer:
         rope = rope_positions_fn(self.cfg.model)
         mb_per_update = [pack_rollouts(c, budget, rope)
                          for c in split_updates(kept, n_updates, rollouts[0])]
-        if self.device.type == "cuda":  # pinned once for the passes that move them
+        # A frozen tower encodes each prompt's images once per set of weights (policy,
+        # reference), not once per sample and pass; the micro-batches then need no pixels.
+        on_gpu = self.device.type == "cuda"
+        images = StepImages(rollouts, pin=on_gpu)
+        if frozen_tower(unwrap(chunks[0])):
+            mb_per_update = [[dataclasses.replace(mb, pixel_values=None) for mb in u]
+                             for u in mb_per_update]
+        if on_gpu:  # pinned once for the passes that move them
             mb_per_update = [[mb.pin_memory() for mb in u] for u in mb_per_update]
         all_mbs = [mb for u in mb_per_update for mb in u]
         # The first update runs at the sampling policy: its own forward gives its old
@@ -235,11 +259,11 @@ class GRPOTrainer:
         passes = {}
         if need_old:
             passes["old"] = queue_logprob_pass(chunks, need_old, "old_logprobs", temp,
-                                               self.device)
+                                               self.device, images)
         if self.ref is not None:
             with self.ref.weights_in(chunks) as ref_chunks:
                 passes["ref"] = queue_logprob_pass(ref_chunks, all_mbs, "ref_logprobs", temp,
-                                                   self.device)
+                                                   self.device, StepImages(rollouts, pin=on_gpu))
         passes = {k: p.result() for k, p in passes.items()}  # one read for both passes
         lp_tokens = {"old": sum(mb.num_tokens for mb in need_old),
                      "ref": sum(mb.num_tokens for mb in all_mbs) if self.ref else 0}
@@ -252,7 +276,7 @@ class GRPOTrainer:
         lr = self.sched.apply(self.optimizer, step)
         # Nothing to learn from on any rank (every group flat): skip the update, whose
         # per-token normalisation would divide by zero.
-        queued = [queue_update(chunks, self.optimizer, mbs, g, temp, self.device)
+        queued = [queue_update(chunks, self.optimizer, mbs, g, temp, self.device, images)
                   for mbs in mb_per_update] if n_kept > 0 else []
         release_grads(chunks)  # behind the queued optimizer steps (stream order)
         ups = [q.result() for q in queued]  # read once all are queued: no sync in between
@@ -269,7 +293,7 @@ class GRPOTrainer:
                     "kl": kl, "passes": passes, "tokens": lp_tokens}
         rec = self._metrics(rollouts, acc, adv_stats, lp_stats, ups, tm, lr)
         rec["prompt_position"] = pos.as_dict()
-        rec["skipped_prompts"] = len(skipped)
+        rec["skipped_prompts"] = n_skipped
         rec["torch_compiles"] = torch_compiles() - compiles0
         rec["reward_batches"] = rewards.batches
         return rec, pos, rollouts

@@ -73,4 +73,5 @@ def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> Rollout
         model = model.module
     return BuiltinEngine(model, cfg.model, tokenizer=tokenizer, tp_group=tp_group,
                          cuda_graphs=cfg.rollout.cuda_graphs,
+                         compile_decode=None if cfg.rollout.compile_decode else False,
                          max_batch_size=cfg.rollout.max_batch_size, **kw)

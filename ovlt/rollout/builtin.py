@@ -103,13 +103,17 @@ class BuiltinEngine(RolloutEngine):
                  image_embedder: Optional[Callable] = None, rope_fn: Optional[Callable] = None,
                  pad_token_id: int = ENDOFTEXT_ID, schedule: str = "continuous",
                  prefill_tokens: int = 16384, kv_memory_fraction: float = 0.9,
-                 compact: bool = True, min_width: int = 8):
+                 compact: bool = True, min_width: int = 8, compile_decode: Optional[bool] = None):
         if schedule not in ("continuous", "static"):
             raise ValueError(f"schedule must be 'continuous' or 'static', got {schedule!r}")
         self.model = model
         self.cfg = model_cfg
         self.tokenizer = tokenizer
-        self.decoder = LLMDecoder(model, model_cfg, tp_group=tp_group)
+        # compile_decode None: on when the model is on a GPU (the decode step's pointwise
+        # kernels fused; see ovlt.rollout.kv_decoder)
+        on_gpu = next(model.parameters()).is_cuda
+        self.decoder = LLMDecoder(model, model_cfg, tp_group=tp_group,
+                                  compile=on_gpu if compile_decode is None else compile_decode)
         self.eos = list(eos_token_ids) if eos_token_ids is not None else [IM_END_ID, ENDOFTEXT_ID]
         self.max_batch_size = max(1, int(max_batch_size))
         self.use_graphs = cuda_graphs and tp_group is None

@@ -12,12 +12,20 @@ runs a block of tokens per row (prefill: every row writes the same positions); `
 one token per slot, each slot writing and attending at its own length (per-slot positions are
 device tensors, so the step is a fixed-shape graph that CUDA graphs can replay while slots
 start and finish at different times).
+
+Decode step kernels: a step is one token per slot, so every elementwise op (RMSNorm's
+square-mean-scale, rotary, SwiGLU, residual adds) is a tiny kernel, ~45 per layer; at 7B width
+they cost more GPU time than the layer's weights take to read. `compile=True` (CUDA, TP = 1)
+runs each layer's pointwise work through `torch.compile` (`decode_layer_in` /
+`layer_out`: the same math, ~10 kernels a layer; the GEMMs stay cuBLAS, the attention
+stays `decode_attention`), compiled once with a dynamic slot count, so every decode width and
+every layer share one graph.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +68,74 @@ def _find(params: dict, *names: str):
     return None
 
 
-class LLMDecoder:
-    """Bind to `model`'s LLM parameters. `model_cfg` is the ovlt `ModelConfig`."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """mcore's RMSNorm: normalised in fp32, rounded to x's dtype, then scaled by w."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
 
-    def __init__(self, model: torch.nn.Module, model_cfg, tp_group=None, vocab_size: int | None = None):
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, non-interleaved halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, eps: float, groups: int, q_per_group: int):
+    """A decode layer up to attention, one token per slot: x [B, 1, H], cos / sin [B, 1, D]
+    -> q [B, groups * q_per_group, D] (rotated), k [B, groups, D] (rotated), v [B, groups, D]."""
+    B, D = x.shape[0], cos.shape[-1]
+    qkv = F.linear(rms_norm(x, ln1, eps), qkv_w, qkv_b).view(B, groups, q_per_group + 2, D)
+    q = rotate(qkv[:, :, :q_per_group].reshape(B, groups * q_per_group, D), cos, sin)
+    k = rotate(qkv[:, :, q_per_group], cos, sin)
+    return q, k, qkv[:, :, q_per_group + 1]
+
+
+def layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, eps: float, reduce: Callable = _identity):
+    """A layer from the attention output on: output projection, residual, SwiGLU MLP,
+    residual. x [B, S, H]; a [B, S, Hq, D] (prefill) or [B, Hq, D] (decode, S = 1).
+    `reduce` sums row-parallel partial outputs (TP)."""
+    a = reduce(F.linear(a.reshape(*x.shape[:-1], -1), proj_w))
+    if proj_b is not None:
+        a = a + proj_b
+    x = x + a
+    gate, up = F.linear(rms_norm(x, ln2, eps), fc1_w).chunk(2, dim=-1)
+    return x + reduce(F.linear(F.silu(gate) * up, fc2_w))
+
+
+_COMPILED: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def compiled_layer_fns(eps: float, groups: int, q_per_group: int,
+                       backend: str = "inductor") -> tuple[Callable, Callable]:
+    """(layer_in, layer_out) through torch.compile, once per process and shape: the
+    constants are closed over (not traced as dynamic ints); the slot count becomes dynamic at
+    the second width seen (dynamo's automatic dynamic shapes), so all widths and all layers
+    share at most two compiled graphs per function."""
+    key = (float(eps), int(groups), int(q_per_group), backend)
+    if key not in _COMPILED:
+        def bound_in(x, ln1, qkv_w, qkv_b, cos, sin):
+            return decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, eps, groups, q_per_group)
+
+        def bound_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w):
+            return layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, eps)
+
+        _COMPILED[key] = (torch.compile(bound_in, backend=backend),
+                          torch.compile(bound_out, backend=backend))
+    return _COMPILED[key]
+
+
+class LLMDecoder:
+    """Bind to `model`'s LLM parameters. `model_cfg` is the ovlt `ModelConfig`. `compile`:
+    run the decode step's pointwise work through torch.compile (TP = 1 only; `compile_backend`
+    "inductor" on a GPU; tests use "aot_eager" to check the plumbing on CPU)."""
+
+    def __init__(self, model: torch.nn.Module, model_cfg, tp_group=None, vocab_size: int | None = None,
+                 compile: bool = False, compile_backend: str = "inductor"):
         params = dict(model.named_parameters())
         params.update({k: v for k, v in model.named_buffers()})
         emb_key = next((k for k in params if k.endswith("embedding.word_embeddings.weight")), None)
@@ -118,6 +190,18 @@ class LLMDecoder:
         # Which of the 3 MRoPE position axes (t, h, w) drives each rotary frequency.
         self.axis_of_freq = torch.cat([torch.full((s,), i % 3, dtype=torch.long)
                                        for i, s in enumerate(m.mrope_section)])
+        self.compiled = bool(compile) and self.tp == 1
+        if self.compiled:
+            self._layer_in, self._layer_out = compiled_layer_fns(
+                self.eps, self.n_groups, self.q_per_group, compile_backend)
+        else:
+            def bound_in(x, ln1, qkv_w, qkv_b, cos, sin):
+                return decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, self.eps, self.n_groups,
+                                       self.q_per_group)
+
+            def bound_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w):
+                return layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, self.eps, self._reduce)
+            self._layer_in, self._layer_out = bound_in, bound_out
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -129,9 +213,7 @@ class LLMDecoder:
         return self.embed.dtype
 
     def _rms(self, x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * xf.to(x.dtype)
+        return rms_norm(x, w, self.eps)
 
     def _reduce(self, x):
         if self.tp > 1:
@@ -163,8 +245,7 @@ class LLMDecoder:
 
     @staticmethod
     def _rotate(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rotate(x, cos, sin)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] (after final norm) -> fp32 logits [..., vocab] (full vocab)."""
@@ -202,20 +283,9 @@ class LLMDecoder:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn_mask, enable_gqa=G != G * Q)
-            a = F.linear(a.transpose(1, 2).reshape(B, S, G * Q * D), L.proj_w)
-            x = self._mlp(self._attn_out(x, a, L), L)
+            x = layer_out(x, a.transpose(1, 2), L.proj_w, L.proj_b, L.ln2, L.fc1_w, L.fc2_w,
+                          self.eps, self._reduce)
         return self._rms(x, self.final_norm)
-
-    def _attn_out(self, x, a, L: _Layer):
-        a = self._reduce(a)
-        if L.proj_b is not None:
-            a = a + L.proj_b
-        return x + a
-
-    def _mlp(self, x, L: _Layer):
-        h = self._rms(x, L.ln2)
-        gate, up = F.linear(h, L.fc1_w).chunk(2, dim=-1)
-        return x + self._reduce(F.linear(F.silu(gate) * up, L.fc2_w))
 
     @torch.no_grad()
     def decode(self, tok: torch.Tensor, write_pos: torch.Tensor, rope_pos: torch.Tensor,
@@ -225,19 +295,15 @@ class LLMDecoder:
         [0, write_pos[b]]; its rotary position is rope_pos[b] (the same on the three MRoPE
         axes: generated tokens are text). Returns fp32 logits [B, vocab]."""
         B = tok.shape[0]
-        G, Q, D = self.n_groups, self.q_per_group, self.head_dim
         x = self.embed_tokens(tok[:, None])                              # [B, 1, H]
         cos, sin = self.rope(rope_pos[None, :, None].expand(3, -1, -1))  # [B, 1, D]
         rows = torch.arange(B, device=tok.device)
         lengths = write_pos + 1
         for li, L in enumerate(self.layers):
-            h = self._rms(x, L.ln1)
-            qkv = F.linear(h, L.qkv_w, L.qkv_b).view(B, G, Q + 2, D)
-            q = self._rotate(qkv[:, :, :Q].reshape(B, G * Q, D), cos, sin)
-            k = self._rotate(qkv[:, :, Q], cos, sin)
+            q, k, v = self._layer_in(x, L.ln1, L.qkv_w, L.qkv_b, cos, sin)
             kc, vc = cache[li, 0], cache[li, 1]                          # [B, G, S_max, D]
             kc[rows, :, write_pos] = k
-            vc[rows, :, write_pos] = qkv[:, :, Q + 1]
+            vc[rows, :, write_pos] = v
             a = decode_attention(q, kc, vc, lengths)                      # [B, G*Q, D]
-            x = self._mlp(self._attn_out(x, F.linear(a.reshape(B, 1, G * Q * D), L.proj_w), L), L)
+            x = self._layer_out(x, a, L.proj_w, L.proj_b, L.ln2, L.fc1_w, L.fc2_w)
         return self.logits(self._rms(x, self.final_norm)[:, 0])

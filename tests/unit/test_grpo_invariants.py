@@ -216,3 +216,43 @@ def test_curriculum_freezes_vision_in_first_stage_only(dist1, tiny_hf_dir, rl_fi
     recs = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert [r["stage"] for r in recs] == ["medium", "hard"]
     assert (tmp_path / "out" / "final_hf" / "config.json").is_file() and summary["steps"] == 2
+
+
+def test_frozen_tower_encodes_each_prompt_once(dist1, tiny_hf_dir, rl_file, tmp_path):
+    """`StepImages`: over micro-batches that split a prompt's samples, the frozen tower encodes
+    each prompt's images once per set of weights, and the log-probs equal the pass that runs
+    the tower inside every micro-batch; a trainable tower is never served from it."""
+    import dataclasses
+
+    from ovlt.grpo.batch import pack_rollouts
+    from ovlt.grpo.image_features import StepImages
+    from ovlt.grpo.passes import logprob_pass
+    tr = _trainer(_cfg(tmp_path, tiny_hf_dir, rl_file, "grpo.kl_coef=0.0"))
+    rolls, _ = _rollout_batches(tr, n_prompts=2)
+    budget = max(r.length for r in rolls) + 1  # about one sample per micro-batch
+    mbs = pack_rollouts(rolls, budget, rope_positions_fn(tr.cfg.model))
+    assert len(mbs) >= 4 and all(len(mb.image_groups) >= 1 for mb in mbs)
+    tower = tr.bundle.module.vision_model
+    images_seen = []
+    hook = tower.register_forward_hook(lambda m, a, o: images_seen.append(len(a[1])))
+    cpu = torch.device("cpu")
+    try:
+        logprob_pass(tr.bundle.chunks, mbs, "old_logprobs", 1.0, cpu)
+        per_mb = sum(images_seen)
+        images_seen.clear()
+        cached = [dataclasses.replace(mb, pixel_values=None) for mb in mbs]
+        imgs = StepImages(rolls)
+        logprob_pass(tr.bundle.chunks, cached, "old_logprobs", 1.0, cpu, imgs)
+    finally:
+        hook.remove()
+    assert per_mb == len(rolls) and imgs.encoded == 2 and sum(images_seen) == 2
+    for a, b in zip(mbs, cached):
+        assert torch.allclose(a.old_logprobs, b.old_logprobs, atol=1e-5)
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    try:
+        assert StepImages(rolls).features(tr.bundle.module, mbs[0].image_groups) is None
+    finally:
+        for p in tower.parameters():
+            p.requires_grad_(False)
+    tr.pool.close()

@@ -127,6 +127,18 @@ def test_extrapolation_at_full_depth_is_measured_plus_communication():
     eh = b.extrapolate(args, prep, summ, "NVIDIA H200", 8)
     assert eh["phases_s"]["rollout"] == pytest.approx(e8["phases_s"]["rollout"] * 4.8 / 3.35)
 
+    # a rollout measured with all 28 layers replaces the scaled one (bandwidth still applies)
+    full = {"llm_layers": 28, "rollout_s": 33.0}
+    ef = b.extrapolate(args, prep, summ, "NVIDIA H100 80GB HBM3", 8, full)
+    assert ef["rollout_measured_at_28_layers"] and ef["factors"]["rollout_bytes_ratio"] is None
+    assert ef["phases_s"]["rollout"] == pytest.approx(33.0)
+    others = sum(x for k, x in e8["phases_s"].items() if k != "rollout")
+    assert ef["step_s_8xh100"] == pytest.approx(33.0 + others)
+    assert b.extrapolate(args, prep, summ, "NVIDIA H200", 8, full)["phases_s"]["rollout"] == \
+        pytest.approx(33.0 * 4.8 / 3.35)
+    # a side that ran fewer layers (a smoke run) is not taken as the full depth
+    assert not b.extrapolate(args, prep, summ, "NVIDIA H100 80GB HBM3", 8,
+                             {"llm_layers": 4, "rollout_s": 1.0})["rollout_measured_at_28_layers"]
 
 @pytest.mark.slow
 def test_tiny_run_writes_every_variant(tmp_path):
@@ -147,3 +159,19 @@ def test_tiny_run_writes_every_variant(tmp_path):
         assert "not run" in v[k].get("skipped", "") or "error" in v[k] or v[k].get("step_s")
     e = res["recipe_extrapolation"]
     assert {"step_s_8xh100", "easyr1_step_s", "ratio", "formula"} <= set(e)
+    full = res["ovlt_builtin_rollout_28_layers"]  # the engine alone (at the tiny depth here)
+    assert full["rc"] == 0 and full["summary"]["rollout_s"] > 0
+    assert full["summary"]["generated_tokens"] == res["prep"]["response_tokens_per_step"]
+    assert not e["rollout_measured_at_28_layers"]  # 4 layers are not the recipe's 28
+
+
+def test_rollout_full_depth_summary_times_steps_after_the_first():
+    b = _bench()
+    side = {"llm_layers": 28, "steps": [
+        {"step": 1, "rollout_s": 90.0, "generated_tokens": 10, "engine_stats": {}},
+        {"step": 2, "rollout_s": 30.0, "generated_tokens": 10, "engine_stats": {"steps": 5}},
+        {"step": 3, "rollout_s": 34.0, "generated_tokens": 10, "engine_stats": {"steps": 5}}]}
+    s = b.rollout_full_depth_summary(side)
+    assert s["rollout_s"] == pytest.approx(32.0) and s["first_rollout_s"] == 90.0
+    assert s["timed_steps"] == [2, 3] and s["llm_layers"] == 28
+    assert b.rollout_full_depth_summary({"steps": []}) is None

@@ -256,8 +256,8 @@ def test_bad_requests(small):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_equals_eager_and_solo(small):
-    """On the GPU: the captured decode step gives the eager step's completions; each request
-    equals its solo run; log-probs equal a CPU full-forward recomputation."""
+    """On the GPU: the captured decode step gives the eager step's completions, compiled or
+    not; each request equals its solo run; log-probs equal a CPU full-forward recomputation."""
     module, cfg = small
     mod = copy.deepcopy(module).cuda()
     reqs = _requests()
@@ -266,10 +266,12 @@ def test_cuda_graph_decode_equals_eager_and_solo(small):
     def run(rs, **kw):
         return BuiltinEngine(mod, cfg, eos_token_ids=[EOS], **kw).generate(rs, sp)
 
-    graphs = run(reqs, max_batch_size=3, cuda_graphs=True)
+    graphs = run(reqs, max_batch_size=3, cuda_graphs=True)  # decode compiled (the default)
     eager = run(reqs, max_batch_size=3, cuda_graphs=False)
-    for r, a, b in zip(reqs, graphs, eager):
+    plain = run(reqs, max_batch_size=3, cuda_graphs=True, compile_decode=False)
+    for r, a, b, p in zip(reqs, graphs, eager, plain):
         _same(a, b)
+        _same(a, p, atol=1e-4)  # fp32: fused pointwise work rounds alike
         _same(a, run([r], max_batch_size=1), atol=1e-4)
         for c in a:
             ref = _recomputed_logprobs(small, r.prompt_ids, c.token_ids, 1.0)
@@ -289,3 +291,29 @@ def test_greedy_n_decodes_once_and_copies(small):
         assert all(c.token_ids == a[0].token_ids and c.logprobs == a[0].logprobs for c in o)
         assert o[0].token_ids is not o[1].token_ids
     assert sorted(seen) == [(i, j) for i in range(3) for j in range(3)]
+
+
+def test_compiled_decode_step_matches_eager(small):
+    """`LLMDecoder(compile=True)` traces each layer's pointwise work through torch.compile
+    (here the aot_eager backend: the plumbing, without a C++ or GPU compiler) and gives the
+    eager step's logits and KV writes at every width, one graph per function shared by all
+    layers (the slot count turns dynamic at the second width)."""
+    import torch._dynamo
+    from ovlt.rollout.kv_decoder import LLMDecoder
+    module, cfg = small
+    torch._dynamo.reset()
+    eager = LLMDecoder(module, cfg)
+    comp = LLMDecoder(module, cfg, compile=True, compile_backend="aot_eager")
+    assert comp.compiled and not eager.compiled
+    frames0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(3)
+    cache_e, cache_c = eager.new_cache(5, 32), comp.new_cache(5, 32)
+    for width, step in ((5, 0), (3, 1), (2, 2), (5, 3)):
+        tok = torch.randint(0, V, (width,), generator=g)
+        pos = torch.full((width,), step, dtype=torch.long) + torch.arange(width)
+        le = eager.decode(tok, pos, pos + 2, cache_e[:, :, :width])
+        lc = comp.decode(tok, pos, pos + 2, cache_c[:, :, :width])
+        assert torch.allclose(lc, le, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(cache_c, cache_e, atol=1e-6)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames0
+    assert 2 <= graphs <= 4  # two functions, each static once then dynamic, never per layer

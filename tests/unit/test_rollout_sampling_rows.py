@@ -231,6 +231,18 @@ def test_top_p_threshold(monkeypatch, interpret):
     assert (probs[4] >= tau[4]).sum().item() == 40   # ties at the threshold all kept
 
 
+def test_top_p_threshold_rows_cut_into_chunks(monkeypatch):
+    """A few long rows: each pass sums partial masses over chunks of the row (8 here, three
+    of them past the row's end) and settles the same threshold as the brute-force search."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from ovlt.rollout.top_p import top_p_threshold
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 20000, generator=g) * torch.tensor([0.5, 4.0])[:, None]
+    probs = logits.softmax(-1)
+    for p in (0.5, 0.99):
+        assert torch.equal(top_p_threshold(probs, p, programs=16), _tau_brute(probs, p)), p
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_top_p_threshold_cuda():
     from ovlt.rollout.top_p import top_p_threshold, top_p_threshold_reference
