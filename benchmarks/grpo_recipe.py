@@ -202,7 +202,7 @@ def ovlt_overrides(args, wd: Path, engine: str) -> list[str]:
     if not args.tiny:
         ov += [f"model.num_layers={m.num_layers}", f"model.vision.depth={m.vision.depth}",
                f"model.vision.fullatt_block_indexes={m.vision.fullatt_block_indexes}"]
-    return ov
+    return ov + list(args.override)
 
 
 def run_ovlt(args, wd: Path, res: dict, save, engine: str):
@@ -617,6 +617,9 @@ def main(argv=None) -> int:
                          "finished steps kept)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the ovlt variants (repeatable), e.g. "
+                         "rollout.compile_decode=false")
     ap.add_argument("--rollout-reps", type=int, default=2,
                     help="with ovlt_builtin: rollouts of the engine alone at 28 LLM layers, for "
                          "the extrapolation (step 1 compiles; 0: scale the trainer's rollout)")

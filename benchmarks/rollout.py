@@ -148,7 +148,7 @@ def bench_step(args, res, module, cfg):
     """One decode step by part, at several slot widths, every slot attending the mix's mean
     context (prompt + 300 tokens): the decode step (layers + LM head, one CUDA graph) with its
     pointwise work eager vs compiled (`LLMDecoder(compile=...)`), and the sampler at T=1 /
-    top-p as the engine runs it vs through torch.compile. The top kernels of one step (outside
+    top-p as the engine runs it. The top kernels of one step (outside
     a graph, so the profiler sees each launch) go in `top_kernels`."""
     from _bench_util import cuda_time
     from ovlt.rollout.kv_decoder import LLMDecoder
@@ -156,7 +156,6 @@ def bench_step(args, res, module, cfg):
     ctx = args.mix_prompt + 300
     widths = [int(w) for w in args.step_widths.split(",")]
     out = {"context_tokens": ctx, "top_p": args.mix_top_p, "widths": {}, "top_kernels": {}}
-    compiled_sampler = torch.compile(sample_rows)
     for compile_decode in (False, True):
         d = LLMDecoder(module, cfg, compile=compile_decode)
         key = "compiled" if compile_decode else "eager"
@@ -174,9 +173,8 @@ def bench_step(args, res, module, cfg):
             r = out["widths"].setdefault(str(w), {})
             r[f"ms_decode_graph_{key}"] = cuda_time(graph.replay, iters=20)
             if not compile_decode:
-                for name, fn in (("ms_sample", sample_rows), ("ms_sample_compiled", compiled_sampler)):
-                    r[name] = cuda_time(lambda fn=fn, lg=logits: fn(
-                        lg, 1.0, top_p=args.mix_top_p, seeds=seeds, counters=ctr), iters=20)
+                r["ms_sample"] = cuda_time(lambda lg=logits: sample_rows(
+                    lg, 1.0, top_p=args.mix_top_p, seeds=seeds, counters=ctr), iters=20)
             if w == max(widths):
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -272,7 +272,7 @@ def test_cuda_graph_decode_equals_eager_and_solo(small):
     for r, a, b, p in zip(reqs, graphs, eager, plain):
         _same(a, b)
         _same(a, p, atol=1e-4)  # fp32: fused pointwise work rounds alike
-        _same(a, run([r], max_batch_size=1), atol=1e-4)
+        _same(a, run([r], max_batch_size=1)[0], atol=1e-4)
         for c in a:
             ref = _recomputed_logprobs(small, r.prompt_ids, c.token_ids, 1.0)
             assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-3)
