@@ -2,8 +2,7 @@
 
 A step's n samples of a prompt carry the same images, and each sample goes through the
 policy's old log-prob pass, the reference pass and an update: run per micro-batch, the tower
-would encode every image about 3n times a step (at the recipe's 5 samples and 324 image tokens,
-~13 % of an 8-layer step's pass time). While the tower is frozen its features do not change
+would encode every image about 3n times a step. While the tower is frozen its features do not change
 within a step, so `StepImages` encodes each prompt's images on first use, keeps them on the
 device for the step (64 prompts x 324 tokens x 3584 x bf16 = 0.15 GB), and hands each
 micro-batch the concatenation in its samples' order. A trainable tower (a curriculum stage that

@@ -246,7 +246,7 @@ class GRPOTrainer:
         # A frozen tower encodes each prompt's images once per set of weights (policy,
         # reference), not once per sample and pass; the micro-batches then need no pixels.
         on_gpu = self.device.type == "cuda"
-        images = StepImages(rollouts, pin=on_gpu)
+        step_images = StepImages(rollouts, pin=on_gpu)
         if frozen_tower(unwrap(chunks[0])):
             mb_per_update = [[dataclasses.replace(mb, pixel_values=None) for mb in u]
                              for u in mb_per_update]
@@ -259,7 +259,7 @@ class GRPOTrainer:
         passes = {}
         if need_old:
             passes["old"] = queue_logprob_pass(chunks, need_old, "old_logprobs", temp,
-                                               self.device, images)
+                                               self.device, step_images)
         if self.ref is not None:
             with self.ref.weights_in(chunks) as ref_chunks:
                 passes["ref"] = queue_logprob_pass(ref_chunks, all_mbs, "ref_logprobs", temp,
@@ -276,7 +276,7 @@ class GRPOTrainer:
         lr = self.sched.apply(self.optimizer, step)
         # Nothing to learn from on any rank (every group flat): skip the update, whose
         # per-token normalisation would divide by zero.
-        queued = [queue_update(chunks, self.optimizer, mbs, g, temp, self.device, images)
+        queued = [queue_update(chunks, self.optimizer, mbs, g, temp, self.device, step_images)
                   for mbs in mb_per_update] if n_kept > 0 else []
         release_grads(chunks)  # behind the queued optimizer steps (stream order)
         ups = [q.result() for q in queued]  # read once all are queued: no sync in between
