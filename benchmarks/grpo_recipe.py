@@ -262,6 +262,7 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save):
     cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
     setup_logging(str(wd / "run_rollout_full_depth" / "logs"))
     init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
+    trainer = None
     try:
         torch.manual_seed(0)
         trainer = GRPOTrainer(cfg)  # its tokenizer, images and prompt stream; no model
@@ -290,6 +291,8 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save):
             res["steps"].append(rec)
             save()
     finally:
+        if trainer is not None:
+            trainer.pool.close()  # its reward workers (unused here)
         destroy_distributed()
 
 
