@@ -205,14 +205,19 @@ def ovlt_overrides(args, wd: Path, engine: str) -> list[str]:
     return ov + list(args.override)
 
 
-def run_ovlt(args, wd: Path, res: dict, save, engine: str):
+def ovlt_config(args, wd: Path, engine: str, *extra: str):
+    """(the GRPO JobConfig of an ovlt variant, its overrides): the recipe's config (the tiny
+    one with --tiny) with `ovlt_overrides` and `extra` applied."""
     from ovlt.config import CONFIG_ROOT, load_config
+    base = CONFIG_ROOT / "grpo" / ("tiny_cpu.yaml" if args.tiny else "openvlthinker_7b.yaml")
+    ov = ovlt_overrides(args, wd, engine) + list(extra)
+    return load_config(base, ov, world_size=1, trainers=("grpo",)), ov
 
+
+def run_ovlt(args, wd: Path, res: dict, save, engine: str):
     dev = args.device
     prep = json.loads((wd / "prep.json").read_text())
-    base = CONFIG_ROOT / "grpo" / ("tiny_cpu.yaml" if args.tiny else "openvlthinker_7b.yaml")
-    ov = ovlt_overrides(args, wd, engine)
-    cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
+    cfg, ov = ovlt_config(args, wd, engine)
     res["config_overrides"] = ov
     if engine == "vllm":  # vLLM reads config + tokenizer from a directory, weights come
         import ovlt.rollout as rollout_mod
@@ -246,7 +251,6 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save):
     phase: requests built, generate, engine asleep."""
     import torch
 
-    from ovlt.config import CONFIG_ROOT, load_config
     from ovlt.distributed import destroy_distributed, init_distributed
     from ovlt.engine.model_setup import build_vl_model
     from ovlt.grpo.data import PromptPosition
@@ -257,9 +261,7 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save):
     dev = args.device
     prep = json.loads((wd / "prep.json").read_text())
     layers = args.llm_layers if args.tiny else recipe_model_cfg().num_layers
-    base = CONFIG_ROOT / "grpo" / ("tiny_cpu.yaml" if args.tiny else "openvlthinker_7b.yaml")
-    ov = ovlt_overrides(args, wd, "builtin") + [f"model.num_layers={layers}"]
-    cfg = load_config(base, ov, world_size=1, trainers=("grpo",))
+    cfg, _ = ovlt_config(args, wd, "builtin", f"model.num_layers={layers}")
     setup_logging(str(wd / "run_rollout_full_depth" / "logs"))
     init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
     trainer = None

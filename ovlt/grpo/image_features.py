@@ -39,6 +39,12 @@ class StepImages:
         self._features: dict = {}
         self.encoded = 0  # prompts whose images went through the tower (tests, metrics)
 
+    def for_other_weights(self) -> "StepImages":
+        """An empty cache over the same (already pinned) pixels, for another set of weights."""
+        other = StepImages([])
+        other.pixels = self.pixels
+        return other
+
     def features(self, net, image_groups: list) -> Optional[torch.Tensor]:
         """The tower's features of `image_groups`' images, concatenated in that order, or None
         when `net` runs no frozen tower here (a later pipeline stage, a trained tower)."""

@@ -263,7 +263,7 @@ class GRPOTrainer:
         if self.ref is not None:
             with self.ref.weights_in(chunks) as ref_chunks:
                 passes["ref"] = queue_logprob_pass(ref_chunks, all_mbs, "ref_logprobs", temp,
-                                                   self.device, StepImages(rollouts, pin=on_gpu))
+                                                   self.device, step_images.for_other_weights())
         passes = {k: p.result() for k, p in passes.items()}  # one read for both passes
         lp_tokens = {"old": sum(mb.num_tokens for mb in need_old),
                      "ref": sum(mb.num_tokens for mb in all_mbs) if self.ref else 0}

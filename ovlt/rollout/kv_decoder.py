@@ -107,25 +107,31 @@ def layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, eps: float, reduce: Calla
     return x + reduce(F.linear(F.silu(gate) * up, fc2_w))
 
 
+def layer_fns(eps: float, groups: int, q_per_group: int,
+              reduce: Callable = _identity) -> tuple[Callable, Callable]:
+    """(layer_in, layer_out) of one decode layer with the constants closed over (tensors only
+    as arguments: what torch.compile traces)."""
+    def bound_in(x, ln1, qkv_w, qkv_b, cos, sin):
+        return decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, eps, groups, q_per_group)
+
+    def bound_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w):
+        return layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, eps, reduce)
+    return bound_in, bound_out
+
+
 _COMPILED: dict[tuple, tuple[Callable, Callable]] = {}
 
 
 def compiled_layer_fns(eps: float, groups: int, q_per_group: int,
                        backend: str = "inductor") -> tuple[Callable, Callable]:
-    """(layer_in, layer_out) through torch.compile, once per process and shape: the
-    constants are closed over (not traced as dynamic ints); the slot count becomes dynamic at
-    the second width seen (dynamo's automatic dynamic shapes), so all widths and all layers
-    share at most two compiled graphs per function."""
+    """`layer_fns` through torch.compile, once per process and shape (constants closed over,
+    not traced as dynamic ints); the slot count becomes dynamic at the second width seen
+    (dynamo's automatic dynamic shapes), so all widths and all layers share at most two
+    compiled graphs per function."""
     key = (float(eps), int(groups), int(q_per_group), backend)
     if key not in _COMPILED:
-        def bound_in(x, ln1, qkv_w, qkv_b, cos, sin):
-            return decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, eps, groups, q_per_group)
-
-        def bound_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w):
-            return layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, eps)
-
-        _COMPILED[key] = (torch.compile(bound_in, backend=backend),
-                          torch.compile(bound_out, backend=backend))
+        _COMPILED[key] = tuple(torch.compile(f, backend=backend)
+                               for f in layer_fns(eps, groups, q_per_group))
     return _COMPILED[key]
 
 
@@ -195,13 +201,8 @@ class LLMDecoder:
             self._layer_in, self._layer_out = compiled_layer_fns(
                 self.eps, self.n_groups, self.q_per_group, compile_backend)
         else:
-            def bound_in(x, ln1, qkv_w, qkv_b, cos, sin):
-                return decode_layer_in(x, ln1, qkv_w, qkv_b, cos, sin, self.eps, self.n_groups,
-                                       self.q_per_group)
-
-            def bound_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w):
-                return layer_out(x, a, proj_w, proj_b, ln2, fc1_w, fc2_w, self.eps, self._reduce)
-            self._layer_in, self._layer_out = bound_in, bound_out
+            self._layer_in, self._layer_out = layer_fns(self.eps, self.n_groups,
+                                                        self.q_per_group, self._reduce)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -211,9 +212,6 @@ class LLMDecoder:
     @property
     def dtype(self):
         return self.embed.dtype
-
-    def _rms(self, x, w):
-        return rms_norm(x, w, self.eps)
 
     def _reduce(self, x):
         if self.tp > 1:
@@ -243,10 +241,6 @@ class LLMDecoder:
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    @staticmethod
-    def _rotate(x, cos, sin):
-        return rotate(x, cos, sin)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] (after final norm) -> fp32 logits [..., vocab] (full vocab)."""
         out = F.linear(hidden, self.lm_head).float()
@@ -272,20 +266,20 @@ class LLMDecoder:
         G, Q, D = self.n_groups, self.q_per_group, self.head_dim
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for li, L in enumerate(self.layers):
-            h = self._rms(x, L.ln1)
+            h = rms_norm(x, L.ln1, self.eps)
             qkv = F.linear(h, L.qkv_w, L.qkv_b).view(B, S, G, Q + 2, D)
             q = qkv[:, :, :, :Q].reshape(B, S, G * Q, D).transpose(1, 2)
             k = qkv[:, :, :, Q].transpose(1, 2)
             v = qkv[:, :, :, Q + 1].transpose(1, 2)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+            q = rotate(q, cos, sin)
+            k = rotate(k, cos, sin)
             kc, vc = cache[li, 0], cache[li, 1]
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn_mask, enable_gqa=G != G * Q)
             x = layer_out(x, a.transpose(1, 2), L.proj_w, L.proj_b, L.ln2, L.fc1_w, L.fc2_w,
                           self.eps, self._reduce)
-        return self._rms(x, self.final_norm)
+        return rms_norm(x, self.final_norm, self.eps)
 
     @torch.no_grad()
     def decode(self, tok: torch.Tensor, write_pos: torch.Tensor, rope_pos: torch.Tensor,
@@ -306,4 +300,4 @@ class LLMDecoder:
             vc[rows, :, write_pos] = v
             a = decode_attention(q, kc, vc, lengths)                      # [B, G*Q, D]
             x = self._layer_out(x, a, L.proj_w, L.proj_b, L.ln2, L.fc1_w, L.fc2_w)
-        return self.logits(self._rms(x, self.final_norm)[:, 0])
+        return self.logits(rms_norm(x, self.final_norm, self.eps)[:, 0])
