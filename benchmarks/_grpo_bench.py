@@ -227,6 +227,63 @@ def trl_inputs(args, wd: Path, dtype):
 
 
 # ---------------------------------------------------------------------------------- memory
+KERNEL_CLASSES = (  # (class, name fragments), first match wins; lower-case names
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("inductor", ("triton_",)),   # torch.compile's kernels (ovlt's own Triton kernels: "other")
+    ("nccl", ("nccl",)),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, frags in KERNEL_CLASSES:
+        if any(f in low for f in frags):
+            return cls
+    return "other"
+
+
+class PostRolloutProfile:
+    """CUDA kernels of one step from the rollout's end to the step's end (rewards, log-prob
+    passes, updates) under torch.profiler: GPU-busy time (the union of kernel intervals) against
+    the wall time, time and count per kernel class and the top kernels. `start` after the
+    rollout, `stop` after the step (both sync the device)."""
+
+    def __init__(self):
+        self.prof, self.t0 = None, 0.0
+
+    def start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        self.prof = profile(activities=[ProfilerActivity.CUDA])
+        self.prof.__enter__()
+        self.t0 = now()
+
+    def stop(self) -> dict:
+        import torch
+        torch.cuda.synchronize()
+        wall = now() - self.t0
+        self.prof.__exit__(None, None, None)
+        kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in self.prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA)
+        self.prof = None
+        busy, end = 0.0, None
+        by_class, by_name = {}, {}
+        for a, b, name in kern:
+            busy += max(0.0, b - max(a, end if end is not None else a))
+            end = b if end is None else max(end, b)
+            c = by_class.setdefault(kernel_class(name), {"ms": 0.0, "count": 0})
+            c["ms"] += (b - a) / 1e3
+            c["count"] += 1
+            by_name[name] = by_name.get(name, 0.0) + (b - a) / 1e3
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+        return {"wall_s": wall, "gpu_busy_s": busy / 1e6, "kernels": len(kern),
+                "by_class_ms": by_class,
+                "top_kernels_ms": [{"name": k[:100], "ms": v} for k, v in top]}
+
+
 class PhaseMemory:
     """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
     wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
@@ -290,7 +347,8 @@ def steady_state(per_step_peaks: list) -> dict:
 # ---------------------------------------------------------------------------------- ovlt side
 def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label: str,
                    count_syncs: bool = True, torch_seed: int | None = None, on_ready=None,
-                   step_fields=None, isolate_passes: bool = True) -> None:
+                   step_fields=None, isolate_passes: bool = True,
+                   profile_step: int = 0) -> None:
     """The real trainer (`GRPOTrainer`, built from `cfg` in this process) driven step by step
     as `GRPOTrainer.run` does, without checkpointing or export. Into `res`: `init_seconds`,
     `engine`, what `on_ready` returns, and `steps`, one record per step (written with `save`
@@ -298,7 +356,8 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
     tokens, its metrics, the log-prob passes' GPU time per token (the trainer's StepClock: old
     vs reference), peak memory per phase (rollout, log-prob passes, updates) and over the step,
     what the step leaves allocated, and the host syncs inside the log-prob and update phases
-    (CUDA only; `count_syncs` off skips them).
+    (CUDA only; `count_syncs` off skips them). Step `profile_step` (1-based; CUDA; 0: none) also
+    gets `profile_after_rollout` (`PostRolloutProfile`).
 
     `isolate_passes`: the device is synced before each log-prob pass is queued, so the old and
     the reference pass both start on an idle GPU and their per-token times compare like with
@@ -352,6 +411,15 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
         trainer.sync_weights()
         extra = on_ready(trainer) if on_ready is not None else {}
         trainer.engine.generate = mem.wrap("rollout", trainer.engine.generate)
+        profiler = PostRolloutProfile() if profile_step and dev == "cuda" else None
+        if profiler is not None:
+            def generate_then_profile(*a, _gen=trainer.engine.generate, **k):
+                out = _gen(*a, **k)
+                if profiling:
+                    profiler.start()
+                return out
+            trainer.engine.generate = generate_then_profile
+        profiling = False
         device_sync(dev)
         res["init_seconds"] = now() - t0
         res["engine"] = type(trainer.engine).__name__
@@ -361,12 +429,14 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
         for step in range(steps):
             host_syncs.clear()
             mem.start_step()
+            profiling = profiler is not None and step + 1 == profile_step
             try:
                 device_sync(dev)
                 t = now()
                 rec, pos, rollouts = trainer.step(step, pos)
                 device_sync(dev)
                 dt = now() - t
+                prof_rec = profiler.stop() if profiling and profiler.prof is not None else None
             except Exception as e:  # noqa: BLE001
                 res["steps"].append({"step": step + 1, "error": error_text(e)})
                 save()
@@ -384,6 +454,8 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
                  "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
                  "torch_compiles": rec.get("torch_compiles"),
                  "reward_batches": rec.get("reward_batches")}
+            if prof_rec is not None:
+                s["profile_after_rollout"] = prof_rec
             if step_fields is not None:
                 step_fields(rec, s)
             s["host_syncs"] = {k: {"count": len(v), "first": v[:3]} for k, v in host_syncs.items()}

@@ -197,20 +197,23 @@ def bench_step(args, res, module, cfg):
 
 # ---------------------------------------------------------------------------------- sampling
 def bench_sampling(args, res):
-    """One decode step's sampling at T=1 / top-p 0.99 over [slots, vocab] fp32 logits: the
-    engine's sampler (top-p threshold by radix search) vs the same draw after a sort-based
-    top-p filter (`filter_logits`, what the engine did before; vLLM's torch sampler sorts too)."""
+    """One decode step's sampling at T=1 / top-p 0.99 over [slots, vocab] fp32 logits, with
+    the engine's banned ids: the engine's sampler (one fused kernel: the nucleus drawn by
+    rejection, `ovlt.rollout.nucleus`) vs a draw after a sort-based top-p filter
+    (`filter_logits`; vLLM's torch sampler sorts too)."""
     from ovlt.rollout.sampling import filter_logits, row_uniform, sample_rows
     V = 152064 if not args.tiny else 4096
     out = {"vocab": V, "top_p": 0.99}
-    for S in ([64, 192] if not args.tiny else [4]):
+    banned = torch.tensor([151652, 151653, 151655, 151656] if not args.tiny else [0],
+                          device=args.device)
+    for S in ([32, 64, 192, 320] if not args.tiny else [4]):
         g = torch.Generator(device=args.device).manual_seed(0)
         logits = torch.randn(S, V, device=args.device, generator=g) * 2
         seeds = torch.arange(S, device=args.device)
         ctr = torch.zeros(S, dtype=torch.long, device=args.device)
 
         def ours():
-            return sample_rows(logits, 1.0, top_p=0.99, seeds=seeds, counters=ctr)
+            return sample_rows(logits, 1.0, top_p=0.99, seeds=seeds, counters=ctr, banned=banned)
 
         def sorted_filter():
             kept = filter_logits(logits.clone(), top_p=0.99)
@@ -224,7 +227,7 @@ def bench_sampling(args, res):
         else:
             t_ours = 1000 * wall_time(ours)[0]
             t_sort = 1000 * wall_time(sorted_filter)[0]
-        out[f"slots_{S}"] = {"ms_radix_top_p": t_ours, "ms_sort_top_p": t_sort,
+        out[f"slots_{S}"] = {"ms_fused_top_p": t_ours, "ms_sort_top_p": t_sort,
                              "ms_greedy": (cuda_time(lambda: logits.argmax(-1), iters=20)
                                            if args.device == "cuda" else None)}
         print("sampling", S, out[f"slots_{S}"], flush=True)

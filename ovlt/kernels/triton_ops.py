@@ -206,13 +206,16 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv
         _row_stats.on(logits)[(C,)](logits, logits.stride(0), targets, *outs, V, vocab_start,
                                     float(inv_temp), BLOCK=block, **kw)
         return tuple(outs)
-    z = logits.float() * inv_temp
-    m = z.max(dim=1).values
-    p = torch.exp(z - m[:, None])
+    z = logits.float()
+    if inv_temp != 1.0:
+        z = z * inv_temp
+    m = z.amax(dim=1)
+    p = torch.sub(z, m[:, None]).exp_()
     local = targets - vocab_start
     valid = (local >= 0) & (local < V)
     zt = z.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
-    return m, p.sum(1), (p * z).sum(1), torch.where(valid, zt, torch.zeros_like(zt))
+    pz = torch.bmm(p[:, None, :], z[:, :, None]).view(C)  # row dot products: no [C, V] product
+    return m, p.sum(1), pz, torch.where(valid, zt, torch.zeros_like(zt))
 
 
 def row_grad_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
@@ -232,12 +235,19 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv
                                    V, vocab_start, float(inv_temp), HAS_ENT=has_ent,
                                    OUT_BF16=logits.dtype == torch.bfloat16, BLOCK=block, **kw)
         return logits
-    z = logits.float() * inv_temp
-    p = torch.exp(z - lse[:, None])
-    d = -g_lp[:, None] * p
     local = targets - vocab_start
     valid = (local >= 0) & (local < V)
     rows = torch.nonzero(valid).squeeze(1)
+    if logits.dtype == torch.float32 and not has_ent:
+        # in place, three passes: logits <- -g_lp * inv_temp * softmax(z), then the targets
+        if inv_temp != 1.0:
+            logits.mul_(inv_temp)
+        logits.sub_(lse[:, None]).exp_().mul_((-g_lp * inv_temp)[:, None])
+        logits[rows, local[rows]] += g_lp[rows] * inv_temp
+        return logits
+    z = logits.float() * inv_temp
+    p = torch.exp(z - lse[:, None])
+    d = -g_lp[:, None] * p
     d[rows, local[rows]] += g_lp[rows]
     if has_ent:
         d -= g_ent[:, None] * p * (z + (ent - lse)[:, None])

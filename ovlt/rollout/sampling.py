@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ovlt.rollout.top_p import top_p_threshold
+from ovlt.rollout.nucleus import ROUNDS, draw_torch, fused_sample, kept_probs, round_uniforms
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -58,8 +58,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: flo
 # not depend on its batch. One torch.Generator cannot give that (its stream is shared by the
 # rows), so each row draws its uniforms from a counter-based hash of (row seed, token index):
 # splitmix64 in wrapping int64 arithmetic (the same on CPU and CUDA), no generator state, no
-# host sync, capturable in a CUDA graph. One uniform per row and token drives an inverse-CDF
-# draw over the filtered distribution (one cumsum instead of a [B, V] noise tensor).
+# host sync, capturable in a CUDA graph. A uniform per row, token and rejection round drives
+# an inverse-CDF draw (`ovlt.rollout.nucleus`; a scan instead of a [B, V] noise tensor).
 _M64 = 1 << 64
 
 
@@ -97,27 +97,20 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p
     """`sample` with a seed and a token counter per row instead of a shared generator:
     logits [B, V] fp32, seeds / counters [B] int64 -> (tokens [B], logprobs [B]). Row b's
     draw depends only on its logits, seeds[b] and counters[b]. The log-prob is the policy's,
-    as in `sample`. Top-p keeps the tokens at or above the nucleus threshold
-    (`ovlt.rollout.top_p`: no sort of the vocabulary; tokens tied at the threshold are all
-    kept, where `filter_logits` keeps them in sort order)."""
+    as in `sample`. Top-p draws from the nucleus by rejection (`ovlt.rollout.nucleus`: no
+    sort of the vocabulary, one fused kernel on a GPU; tokens tied at the nucleus threshold
+    are all kept, where `filter_logits` keeps them in sort order)."""
     ban = banned is not None and banned.numel() > 0
     if temperature <= 0:
         tok = (logits.index_fill(-1, banned, float("-inf")) if ban else logits).argmax(-1)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
     if seeds is None or counters is None:
         raise ValueError("sample_rows at temperature > 0 needs seeds and counters")
-    scaled = logits / temperature
-    logp = scaled.log_softmax(-1)
-    if ban:
-        scaled.index_fill_(-1, banned, float("-inf"))
-    probs = filter_logits(scaled, top_k).softmax(-1)
-    if top_p < 1.0:
-        probs.masked_fill_(probs < top_p_threshold(probs, top_p), 0.0)
-    cdf = probs.cumsum_(-1)
-    total = cdf[:, -1:]
-    # u * total < total strictly, so the draw lands on a token of positive probability
-    # (a filtered token has a zero-width interval: searchsorted(right) skips it).
-    u = torch.minimum(row_uniform(seeds, counters)[:, None] * total,
-                      torch.nextafter(total, torch.zeros_like(total)))
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+    if not 0 < top_k < logits.shape[-1]:
+        return fused_sample(logits, temperature, top_p, seeds, counters, banned)
+    # top-k: the kept probabilities filtered in torch, then the same rejection draw
+    scaled, e, lse = kept_probs(logits, temperature, banned)
+    kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+    e.masked_fill_(scaled < kth, 0.0)
+    tok = draw_torch(scaled, e, top_p, round_uniforms(seeds, counters, ROUNDS if top_p < 1 else 1))
+    return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse

@@ -175,3 +175,14 @@ def test_rollout_full_depth_summary_times_steps_after_the_first():
     assert s["rollout_s"] == pytest.approx(32.0) and s["first_rollout_s"] == 90.0
     assert s["timed_steps"] == [2, 3] and s["llm_layers"] == 28
     assert b.rollout_full_depth_summary({"steps": []}) is None
+
+
+def test_kernel_classes_of_the_post_rollout_profile():
+    from benchmarks._grpo_bench import kernel_class
+    assert kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "gemm"
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_class("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+    assert kernel_class("_fused_grpo_loss_fn") == "other"
+    assert kernel_class("triton_poi_fused_add_mul_0") == "inductor"
+    assert kernel_class("Memcpy DtoD (Device -> Device)") == "copy"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"

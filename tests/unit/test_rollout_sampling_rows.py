@@ -201,65 +201,7 @@ def test_slot_table_move():
         t.move(2, 3)
 
 
-# ---------------------------------------------------------------- top-p threshold
-def _tau_brute(probs, top_p):
-    """The largest value v among a row's probabilities with mass(p >= v) >= top_p * mass."""
-    out = []
-    for row in probs.double():
-        total = row.sum()
-        vals = sorted(set(row.tolist()), reverse=True)
-        out.append(next(v for v in vals if row[row >= v].sum() >= top_p * total - 1e-12))
-    return torch.tensor(out, dtype=torch.float32)[:, None]
-
-
-@pytest.mark.parametrize("interpret", [True, False])
-def test_top_p_threshold(monkeypatch, interpret):
-    if interpret:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from ovlt.rollout.top_p import top_p_threshold
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 3000, generator=g) * torch.tensor([0.1, 1.0, 3.0, 8.0, 1.0, 2.0])[:, None]
-    logits[4, :40] = 6.0                      # 40 tokens tied at the top
-    probs = logits.softmax(-1)
-    probs[5, 500:] = 0.0                      # filtered tokens (banned / top-k) have 0
-    for p in (0.3, 0.9, 0.99):
-        tau = top_p_threshold(probs, p)
-        assert torch.equal(tau, _tau_brute(probs, p)), p
-    tau = top_p_threshold(probs, 0.5)
-    assert (probs[4] >= tau[4]).sum().item() == 40   # ties at the threshold all kept
-
-
-def test_top_p_threshold_rows_cut_into_chunks(monkeypatch):
-    """A few long rows: each pass sums partial masses over chunks of the row (8 here, three
-    of them past the row's end) and settles the same threshold as the brute-force search."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from ovlt.rollout.top_p import top_p_threshold
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(2, 20000, generator=g) * torch.tensor([0.5, 4.0])[:, None]
-    probs = logits.softmax(-1)
-    for p in (0.5, 0.99):
-        assert torch.equal(top_p_threshold(probs, p, programs=16), _tau_brute(probs, p)), p
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_top_p_threshold_cuda():
-    from ovlt.rollout.top_p import top_p_threshold, top_p_threshold_reference
-    g = torch.Generator().manual_seed(1)
-    probs = (torch.randn(64, 152064, generator=g) * 2).softmax(-1).cuda()
-    for p in (0.5, 0.99):
-        tau = top_p_threshold(probs, p).cpu().double()
-        ref = top_p_threshold_reference(probs, p).cpu().double()
-        # the defining property, up to fp32 summation (blocked vs sequential sums may settle
-        # a boundary token differently): mass at or above tau reaches p, above tau does not
-        q = probs.cpu().double()
-        total = q.sum(-1, keepdim=True)
-        for t in (tau, ref):
-            assert ((q * (q >= t)).sum(-1, keepdim=True) >= p * total - 1e-5).all()
-            assert ((q * (q > t)).sum(-1, keepdim=True) < p * total + 1e-5).all()
-
-
+# ---------------------------------------------------------------- top-p
 def test_sample_rows_top_p_keeps_ties():
     p = torch.tensor([0.4, 0.2, 0.2, 0.2])
     N = 30000
