@@ -452,6 +452,8 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
                  "grad_norm": rec.get("grad_norm"), "reward_mean": rec.get("reward_mean"),
                  "logprob_old_tokens": rec.get("logprob_old_tokens"),
                  "logprob_ref_tokens": rec.get("logprob_ref_tokens"),
+                 "vision_encodes_logprob": rec.get("vision_encodes_logprob"),
+                 "vision_encodes_update": rec.get("vision_encodes_update"),
                  "torch_compiles": rec.get("torch_compiles"),
                  "reward_batches": rec.get("reward_batches")}
             if prof_rec is not None:

@@ -444,6 +444,11 @@ def summarize(side: dict, prep: dict) -> dict | None:
         out["peak_mem_gib"] = max(later)
     out.update(steady_state(per_step))
     out.update(logprob_and_compile_stats(timed))
+    for k in ("logprob_old_tokens", "logprob_ref_tokens", "vision_encodes_logprob",
+              "vision_encodes_update"):
+        vals = [s[k] for s in timed if s.get(k) is not None]
+        if vals:
+            out[k] = med(vals)
     if out.get("logprob_old_us_per_token") and out.get("logprob_ref_us_per_token"):
         out["logprob_old_over_ref_per_token"] = \
             out["logprob_old_us_per_token"] / out["logprob_ref_us_per_token"]
@@ -469,16 +474,24 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
     lens = [int(round(P)) + c for cs in prep["lengths"] for c in cs]
     resp = sum(c for cs in prep["lengths"] for c in cs)
     n = len(lens)
-    # forward FLOPs: per LLM layer over all tokens; LM head over response tokens (the fused
-    # kernels apply it to the loss rows only); frozen vision tower once per sample's image
+    # forward FLOPs of one pass over every sample: per LLM layer over all tokens; LM head over
+    # response tokens (the fused kernels apply it to the loss rows only). The log-prob phase
+    # runs `lp_passes` such passes (old + reference tokens over all tokens); the frozen tower
+    # runs once per image it encoded in the phase (the trainer's vision_encodes_*: each
+    # prompt once per set of weights), else once per sample and pass.
     one = dataclasses.replace(rm, num_layers=1)
     mm1, att1 = llm_forward_flops(one, lens)
     layer_f = (mm1 - 2 * h * v * sum(lens)) + att1
     head_f = 2 * h * v * resp
-    pe, vmm, vatt, mg = vision_forward_flops(rm.vision, h, [prep["image_grid"]] * n)
-    vis_f = pe + vmm + vatt + mg
-    r_lp = (vis_f + head_f + R * layer_f) / (vis_f + head_f + L * layer_f)
-    r_up = (vis_f + 3 * head_f + 3 * R * layer_f) / (vis_f + 3 * head_f + 3 * L * layer_f)
+    pe, vmm, vatt, mg = vision_forward_flops(rm.vision, h, [prep["image_grid"]])
+    image_f = pe + vmm + vatt + mg
+    tokens = summ.get("total_tokens") or sum(lens)
+    lp_tok = (summ.get("logprob_old_tokens") or 0) + (summ.get("logprob_ref_tokens") or 0)
+    lp_passes = lp_tok / tokens if lp_tok else 2.0
+    vis_lp = image_f * summ.get("vision_encodes_logprob", lp_passes * n)
+    vis_up = image_f * summ.get("vision_encodes_update", n)
+    r_lp = (vis_lp + lp_passes * (head_f + R * layer_f)) / (vis_lp + lp_passes * (head_f + L * layer_f))
+    r_up = (vis_up + 3 * head_f + 3 * R * layer_f) / (vis_up + 3 * head_f + 3 * L * layer_f)
     # decode: bytes read per step; per layer its weights + the live KV of every slot
     slots = min(n, args.engine_slots or n)
     ctx = P + prep["response_tokens_mean"] / 2
@@ -509,12 +522,14 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
         "factors": {"rollout_bytes_ratio": None if full else r_ro,
                     "rollout_h200_to_h100_bandwidth": bw,
                     "logprob_flops_ratio": r_lp, "update_flops_ratio": r_up,
+                    "logprob_passes": lp_passes,
+                    "vision_encodes": {"logprob": vis_lp / image_f, "update": vis_up / image_f},
                     "updates_per_step": updates, "trained_params_28_layers": params_R,
                     "nccl_busbw_gbs": args.nccl_busbw, "gpus": n_gpu},
         "formula": (
             "step_8xh100 = rollout(28) x bw + reward "
-            "+ logprob x (F_vis + F_head + 28 F_layer) / (F_vis + F_head + L F_layer) "
-            "+ update x (F_vis + 3 F_head + 3x28 F_layer) / (F_vis + 3 F_head + 3 L F_layer) "
+            "+ logprob x (F_vis,lp + k (F_head + 28 F_layer)) / (F_vis,lp + k (F_head + L F_layer)) "
+            "+ update x (F_vis,up + 3 F_head + 3x28 F_layer) / (F_vis,up + 3 F_head + 3 L F_layer) "
             "+ sync x params(28) / params(L) + updates x (4 + 2) bytes x params(28) x (N-1)/N / "
             "busbw. The recipe's 512 x 5 samples on 8 GPUs give each GPU exactly this run's 320 "
             "samples, so only depth and communication are scaled. rollout(28) = the built-in "
@@ -523,9 +538,13 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
             "/ (B_head + L B_layer), B_layer = one layer's bf16 weights + the KV of every decode "
             "slot at the mean context (prompt + half the mean response), B_head = LM head "
             "weights + the fp32 logits of every slot (bytes read per decode step: an upper bound "
-            "where fixed per-step costs dominate at L); F_* = forward FLOPs of the measured samples "
-            "(layer over all tokens, LM head over response tokens only, frozen vision tower "
-            "forward); 3x = forward + backward of the trained LLM; bw = 4.8/3.35 when measured "
+            "where fixed per-step costs dominate at L); F_head, F_layer = forward FLOPs of one "
+            "pass over the measured samples (layer over all tokens, LM head over response tokens "
+            "only); k = the log-prob passes' tokens / the step's tokens (old + reference); "
+            "F_vis,lp / F_vis,up = the frozen tower's forward FLOPs for the images it encoded in "
+            "that phase (vision_encodes_*: each prompt once per set of weights; without them, "
+            "once per sample and pass); 3x = forward + backward of the trained LLM; bw = "
+            "4.8/3.35 when measured "
             "on an H200 (HBM bandwidth, decode only; compute phases taken as equal). DP: a ZeRO-1 "
             "reduce-scatter of fp32 grads (4 B/param) and an all-gather of bf16 params "
             "(2 B/param) per optimizer update at the stated NCCL bus bandwidth (2-8 H100s "

@@ -260,13 +260,16 @@ class GRPOTrainer:
         if need_old:
             passes["old"] = queue_logprob_pass(chunks, need_old, "old_logprobs", temp,
                                                self.device, step_images)
+        ref_images = step_images.for_other_weights()
         if self.ref is not None:
             with self.ref.weights_in(chunks) as ref_chunks:
                 passes["ref"] = queue_logprob_pass(ref_chunks, all_mbs, "ref_logprobs", temp,
-                                                   self.device, step_images.for_other_weights())
+                                                   self.device, ref_images)
         passes = {k: p.result() for k, p in passes.items()}  # one read for both passes
         lp_tokens = {"old": sum(mb.num_tokens for mb in need_old),
                      "ref": sum(mb.num_tokens for mb in all_mbs) if self.ref else 0}
+        # prompts whose images went through the frozen tower, per phase (0 with a trained tower)
+        encodes = {"logprob": step_images.encoded + ref_images.encoded}
         tm["logprob"] = time.perf_counter() - t2
 
         # ---- policy updates
@@ -282,6 +285,7 @@ class GRPOTrainer:
         ups = [q.result() for q in queued]  # read once all are queued: no sync in between
         self.bundle.module.eval()
         tm["update"] = time.perf_counter() - t3
+        encodes["update"] = step_images.encoded + ref_images.encoded - encodes["logprob"]
 
         # ---- weight sync (the built-in engine reads the trainer's parameters: nothing to do)
         t4 = time.perf_counter()
@@ -290,7 +294,7 @@ class GRPOTrainer:
         # KL at the sampling policy, now that the first update has written its old log-probs
         kl = kl_to_reference(all_mbs) if self.ref is not None else None
         lp_stats = {"entropy": _entropy(passes.get("old"), ups[0] if ups else None),
-                    "kl": kl, "passes": passes, "tokens": lp_tokens}
+                    "kl": kl, "passes": passes, "tokens": lp_tokens, "encodes": encodes}
         rec = self._metrics(rollouts, acc, adv_stats, lp_stats, ups, tm, lr)
         rec["prompt_position"] = pos.as_dict()
         rec["skipped_prompts"] = n_skipped
@@ -379,6 +383,8 @@ class GRPOTrainer:
             # token of the old and the reference pass, side by side
             rec[f"logprob_{k}_s"] = res.time_s
             rec[f"logprob_{k}_tokens"] = lp_stats["tokens"][k]
+        for k, n in lp_stats.get("encodes", {}).items():
+            rec[f"vision_encodes_{k}"] = n
         if ups:
             rec["loss"] = sum(u.loss for u in ups) / len(ups)
             rec["grad_norm"] = sum(u.grad_norm for u in ups) / len(ups)

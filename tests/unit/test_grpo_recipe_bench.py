@@ -136,6 +136,20 @@ def test_extrapolation_at_full_depth_is_measured_plus_communication():
     assert ef["step_s_8xh100"] == pytest.approx(33.0 + others)
     assert b.extrapolate(args, prep, summ, "NVIDIA H200", 8, full)["phases_s"]["rollout"] == \
         pytest.approx(33.0 * 4.8 / 3.35)
+    # the tower's cost counts the images it encoded in each phase: with none (all cached, or
+    # no images), the update's forward + backward and the log-prob passes scale alike
+    # (3 F / 3 F, k F / k F), whatever the log-prob passes' share of the tokens
+    tok = 600 * 5 * 64 + 450 * 320
+    none = dict(summ, total_tokens=tok, logprob_old_tokens=tok * 3 // 4, logprob_ref_tokens=tok,
+                vision_encodes_logprob=0, vision_encodes_update=0)
+    en = b.extrapolate(args, prep, none, "NVIDIA H100 80GB HBM3", 8)["factors"]
+    assert en["logprob_passes"] == pytest.approx(1.75)
+    assert en["logprob_flops_ratio"] == pytest.approx(en["update_flops_ratio"])
+    assert en["logprob_flops_ratio"] > e8["factors"]["logprob_flops_ratio"]
+    some = dict(none, vision_encodes_logprob=128, vision_encodes_update=16)
+    es = b.extrapolate(args, prep, some, "NVIDIA H100 80GB HBM3", 8)["factors"]
+    assert es["vision_encodes"] == {"logprob": 128, "update": 16}
+    assert e8["factors"]["logprob_flops_ratio"] < es["logprob_flops_ratio"] < en["logprob_flops_ratio"]
     # a side that ran fewer layers (a smoke run) is not taken as the full depth
     assert not b.extrapolate(args, prep, summ, "NVIDIA H100 80GB HBM3", 8,
                              {"llm_layers": 4, "rollout_s": 1.0})["rollout_measured_at_28_layers"]
@@ -155,6 +169,8 @@ def test_tiny_run_writes_every_variant(tmp_path):
         assert s["updates"] == 2 and s["length_mismatches"] == 0
         assert s["generated_tokens"] == res["prep"]["response_tokens_per_step"]
         assert 0 < s["logprob_old_tokens"] < s["logprob_ref_tokens"]
+        # the frozen tower encodes each prompt once per set of weights (policy, reference)
+        assert s["vision_encodes_logprob"] + s["vision_encodes_update"] == 2 * res["config"]["prompts"]
     for k in ("ovlt_vllm", "trl_vllm"):  # no vLLM / TRL here: recorded, with the reason
         assert "not run" in v[k].get("skipped", "") or "error" in v[k] or v[k].get("step_s")
     e = res["recipe_extrapolation"]
