@@ -44,42 +44,42 @@ def round_uniforms(seeds: torch.Tensor, counters: torch.Tensor, rounds: int) -> 
 
 
 def kept_probs(logits: torch.Tensor, temperature: float, banned: torch.Tensor | None = None):
-    """(scaled = logits / T with banned ids at -inf, e = the kept tokens' unnormalised
-    probabilities exp(scaled - max), lse [B] = the log-sum-exp of logits / T over the whole
-    vocabulary, banned ids included: the policy log-prob is not renormalised by the ban)."""
-    scaled = logits.float() / temperature
-    peak = scaled.amax(-1, keepdim=True)
-    e = torch.sub(scaled, peak).exp_()
+    """(e [B, V] = the kept tokens' unnormalised probabilities exp(logits / T - max), 0 at
+    banned ids; lse [B] = the log-sum-exp of logits / T over the whole vocabulary, banned ids
+    included: the policy log-prob is not renormalised by the ban). One [B, V] buffer."""
+    e = logits.float() / temperature
+    peak = e.amax(-1, keepdim=True)
+    e.sub_(peak).exp_()
     lse = (peak + e.sum(-1, keepdim=True).log()).squeeze(-1)
     if banned is not None and banned.numel():
-        scaled.index_fill_(-1, banned, float("-inf"))
         e.index_fill_(-1, banned, 0.0)
-    return scaled, e, lse
+    return e, lse
 
 
-def draw_torch(scaled: torch.Tensor, e: torch.Tensor, top_p: float,
+def draw_torch(logits: torch.Tensor, e: torch.Tensor, top_p: float,
                us: torch.Tensor) -> torch.Tensor:
-    """The rejection draw in torch. scaled [B, V] = logits / T (banned / filtered = -inf),
-    e [B, V] = the kept tokens' unnormalised probabilities (0 elsewhere; overwritten),
-    us [B, R] round uniforms -> tokens [B]."""
+    """The rejection draw in torch: logits [B, V] (any temperature: only their order counts),
+    e [B, V] the kept tokens' unnormalised probabilities (0 elsewhere; overwritten), us [B, R]
+    round uniforms -> tokens [B]."""
     V = e.shape[-1]
-    fallback = e.argmax(-1)
-    rounds = us.shape[1] if top_p < 1.0 else 1
-    kept_mass = e.sum(-1)
-    tok = fallback
-    pending = torch.ones_like(fallback, dtype=torch.bool)
-    w = e
-    for k in range(rounds):
-        cdf = w.cumsum(-1)
+
+    def inverse_cdf(cdf, k):
         total = cdf[:, -1:]
         # u * total < total strictly, so the draw lands on a token of positive probability
         # (a filtered token has a zero-width interval: searchsorted(right) skips it)
         u = torch.minimum(us[:, k:k + 1] * total, torch.nextafter(total, torch.zeros_like(total)))
-        x = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(V - 1)
-        if top_p >= 1.0:
-            return x
-        above = scaled > scaled.gather(-1, x[:, None])
-        w = e * above
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(V - 1)
+
+    if top_p >= 1.0:
+        return inverse_cdf(e.cumsum_(-1), 0)
+    fallback = e.argmax(-1)
+    kept_mass = e.sum(-1)
+    tok = fallback
+    pending = torch.ones_like(fallback, dtype=torch.bool)
+    w = e
+    for k in range(us.shape[1]):
+        x = inverse_cdf(w.cumsum(-1), k)
+        w = e * (logits > logits.gather(-1, x[:, None]))
         accept = pending & (w.sum(-1) < top_p * kept_mass)
         tok = torch.where(accept, x, tok)
         pending &= ~accept
@@ -186,9 +186,9 @@ def fused_sample(logits: torch.Tensor, temperature: float, top_p: float, seeds: 
     dev = logits.device
     us = round_uniforms(seeds, counters, ROUNDS if top_p < 1.0 else 1)
     if not (use_triton(logits) and logits.stride(-1) == 1):
-        scaled, e, lse = kept_probs(logits, temperature, banned)
-        tok = draw_torch(scaled, e, top_p, us)
-        return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse
+        e, lse = kept_probs(logits, temperature, banned)
+        tok = draw_torch(logits, e, top_p, us)
+        return tok, logits.gather(-1, tok[:, None]).squeeze(-1).float() / temperature - lse
     nb = 0 if banned is None else banned.numel()
     bids = torch.full((_pow2(nb),), -1, dtype=torch.int32, device=dev)
     if nb:

@@ -108,9 +108,11 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p
         raise ValueError("sample_rows at temperature > 0 needs seeds and counters")
     if not 0 < top_k < logits.shape[-1]:
         return fused_sample(logits, temperature, top_p, seeds, counters, banned)
-    # top-k: the kept probabilities filtered in torch, then the same rejection draw
-    scaled, e, lse = kept_probs(logits, temperature, banned)
-    kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-    e.masked_fill_(scaled < kth, 0.0)
-    tok = draw_torch(scaled, e, top_p, round_uniforms(seeds, counters, ROUNDS if top_p < 1 else 1))
-    return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse
+    # top-k: the kept probabilities filtered in torch (banned ids do not count towards k),
+    # then the same rejection draw
+    e, lse = kept_probs(logits, temperature, banned)
+    allowed = logits.index_fill(-1, banned, float("-inf")) if ban else logits
+    kth = torch.topk(allowed, top_k, dim=-1).values[..., -1:]
+    e.masked_fill_(allowed < kth, 0.0)
+    tok = draw_torch(logits, e, top_p, round_uniforms(seeds, counters, ROUNDS if top_p < 1 else 1))
+    return tok, logits.gather(-1, tok[:, None]).squeeze(-1).float() / temperature - lse
