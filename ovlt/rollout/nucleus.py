@@ -88,7 +88,7 @@ def draw_torch(logits: torch.Tensor, e: torch.Tensor, top_p: float,
     return torch.where(pending, fallback, tok)
 
 
-def _sample_fn(X, stride, BANNED, U, TOK, LP, V, temperature, top_p,
+def _sample_fn(X, stride, BANNED, U, TOK, LP, V: tl.constexpr, temperature, top_p,
                NB: tl.constexpr, R: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
     # one program per row: pass 1 = max, log-sum-exp over all tokens, mass of the kept ones
     # (not banned) and their argmax; then the rejection rounds (see the module docstring)
@@ -129,7 +129,7 @@ def _sample_fn(X, stride, BANNED, U, TOK, LP, V, temperature, top_p,
     while todo > 0:
         u = tl.load(U + row * R + k) * total
         acc = total - total
-        found = V
+        found = best_i * 0 + V   # V, as an int32 tensor (loop-carried)
         last = best_i
         start = 0
         while (start < V) & (found == V):          # scan to the block holding the draw
