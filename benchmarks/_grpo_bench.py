@@ -477,9 +477,11 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
 
 # ---------------------------------------------------------------------------------- summaries
 def finished_steps(side: dict) -> tuple[list, list]:
-    """(the steps that finished, the timed ones: steps 2..N, or step 1 when it is alone)."""
+    """(the steps that finished, the timed ones: steps 2..N but a profiled one (the profiler
+    slows it), or step 1 when it is alone)."""
     steps = [s for s in side.get("steps", []) if "error" not in s and s.get("step_s")]
-    return steps, (steps[1:] if len(steps) > 1 else steps)
+    timed = [s for s in steps[1:] if "profile_after_rollout" not in s]
+    return steps, (timed or steps[1:] or steps)
 
 
 def logprob_and_compile_stats(timed: list) -> dict:

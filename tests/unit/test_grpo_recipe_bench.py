@@ -202,3 +202,15 @@ def test_kernel_classes_of_the_post_rollout_profile():
     assert kernel_class("triton_poi_fused_add_mul_0") == "inductor"
     assert kernel_class("Memcpy DtoD (Device -> Device)") == "copy"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
+
+
+def test_timed_steps_leave_out_the_first_and_the_profiled_one():
+    from benchmarks._grpo_bench import finished_steps
+    steps = [{"step": i, "step_s": 10.0 + i} for i in (1, 2, 3, 4)]
+    steps[2]["profile_after_rollout"] = {"wall_s": 20.0}
+    steps.append({"step": 5, "error": "boom"})
+    done, timed = finished_steps({"steps": steps})
+    assert [s["step"] for s in done] == [1, 2, 3, 4] and [s["step"] for s in timed] == [2, 4]
+    assert [s["step"] for s in finished_steps({"steps": steps[:1]})[1]] == [1]
+    # steps 1 and a profiled 3 only: the profiled step is all there is to time
+    assert [s["step"] for s in finished_steps({"steps": [steps[0], steps[2]]})[1]] == [3]
