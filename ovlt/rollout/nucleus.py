@@ -30,16 +30,15 @@ import torch
 from ovlt.kernels.triton_ops import ADD_COMBINE, MAX_COMBINE, Kernel, tl, use_triton
 
 ROUNDS = 4
-ROUND_STEP = 0x5851F42D4C957F2D  # odd 64-bit constant: round k hashes seed + k * ROUND_STEP
+ROUND_STEP = 0x5851F42D4C957F2D  # odd, < 2^63 (a valid int64): round k hashes seed + k * it
 
 
 def round_uniforms(seeds: torch.Tensor, counters: torch.Tensor, rounds: int) -> torch.Tensor:
     """[B, rounds] uniforms in [0, 1): column k = row_uniform(seeds + k * ROUND_STEP, counters)
     (wrapping int64 arithmetic, the same on CPU and CUDA)."""
-    from ovlt.rollout.sampling import _s64, row_uniform
-    step = _s64(ROUND_STEP)
+    from ovlt.rollout.sampling import row_uniform  # (sampling imports this module)
     ks = torch.arange(rounds, device=seeds.device, dtype=torch.int64)
-    return row_uniform(seeds[:, None] + ks[None, :] * step,
+    return row_uniform(seeds[:, None] + ks[None, :] * ROUND_STEP,
                        counters[:, None].expand(-1, rounds).contiguous())
 
 
@@ -178,15 +177,21 @@ def _pow2(n: int) -> int:
 
 
 def fused_sample(logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor,
-                 counters: torch.Tensor, banned: torch.Tensor | None = None):
+                 counters: torch.Tensor, banned: torch.Tensor | None = None, top_k: int = -1):
     """logits [B, V] (unit stride on V), temperature > 0 -> (tokens [B] int64, log-probs [B]
     fp32 of log softmax(logits / T) over the whole vocabulary). The kernel when Triton runs
-    on the tensor's device, else the torch path (same draws)."""
+    on the tensor's device and there is no top-k filter, else the torch path (same draws;
+    banned ids do not count towards k)."""
     B, V = logits.shape
     dev = logits.device
     us = round_uniforms(seeds, counters, ROUNDS if top_p < 1.0 else 1)
-    if not (use_triton(logits) and logits.stride(-1) == 1):
+    has_top_k = 0 < top_k < V
+    if has_top_k or not (use_triton(logits) and logits.stride(-1) == 1):
         e, lse = kept_probs(logits, temperature, banned)
+        if has_top_k:
+            allowed = logits.index_fill(-1, banned, float("-inf")) \
+                if banned is not None and banned.numel() else logits
+            e.masked_fill_(allowed < torch.topk(allowed, top_k, dim=-1).values[..., -1:], 0.0)
         tok = draw_torch(logits, e, top_p, us)
         return tok, logits.gather(-1, tok[:, None]).squeeze(-1).float() / temperature - lse
     nb = 0 if banned is None else banned.numel()

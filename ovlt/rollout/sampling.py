@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ovlt.rollout.nucleus import ROUNDS, draw_torch, fused_sample, kept_probs, round_uniforms
+from ovlt.rollout.nucleus import fused_sample
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -106,13 +106,4 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p
         return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
     if seeds is None or counters is None:
         raise ValueError("sample_rows at temperature > 0 needs seeds and counters")
-    if not 0 < top_k < logits.shape[-1]:
-        return fused_sample(logits, temperature, top_p, seeds, counters, banned)
-    # top-k: the kept probabilities filtered in torch (banned ids do not count towards k),
-    # then the same rejection draw
-    e, lse = kept_probs(logits, temperature, banned)
-    allowed = logits.index_fill(-1, banned, float("-inf")) if ban else logits
-    kth = torch.topk(allowed, top_k, dim=-1).values[..., -1:]
-    e.masked_fill_(allowed < kth, 0.0)
-    tok = draw_torch(logits, e, top_p, round_uniforms(seeds, counters, ROUNDS if top_p < 1 else 1))
-    return tok, logits.gather(-1, tok[:, None]).squeeze(-1).float() / temperature - lse
+    return fused_sample(logits, temperature, top_p, seeds, counters, banned, top_k)
