@@ -244,44 +244,130 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+MARKER_KERNEL = "spin_kernel"  # `torch.cuda._sleep`'s kernel: a region's boundary on the GPU
+
+
 class PostRolloutProfile:
     """CUDA kernels of one step from the rollout's end to the step's end (rewards, log-prob
     passes, updates) under torch.profiler: GPU-busy time (the union of kernel intervals) against
     the wall time, time and count per kernel class and the top kernels. `start` after the
-    rollout, `stop` after the step (both sync the device)."""
+    rollout, `stop` after the step (both sync the device).
+
+    Regions: `region(label)` wraps a queueing function so that its GPU work is told apart. The
+    passes queue work without waiting for it, so host-side ranges say nothing of where their
+    kernels ran; instead a ~1 us marker kernel is queued at each boundary (one stream: the
+    i-th marker on the GPU is the i-th boundary queued) and every kernel, and every idle gap,
+    between two markers goes to the innermost open region (`regions` in `stop`'s record:
+    busy and idle seconds, kernels, time per class and the region's top kernels)."""
 
     def __init__(self):
         self.prof, self.t0 = None, 0.0
+        self.marks: list = []  # ("+" | "-", label) in the order the markers were queued
 
     def start(self) -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.synchronize()
+        self.marks = []
         self.prof = profile(activities=[ProfilerActivity.CUDA])
         self.prof.__enter__()
         self.t0 = now()
 
-    def stop(self) -> dict:
+    def _mark(self, kind: str, label: str) -> None:
+        if self.prof is not None:
+            import torch
+            torch.cuda._sleep(1)
+            self.marks.append((kind, label))
+
+    def region(self, label, fn):
+        """`fn` with its queued GPU work marked as region `label` (a str, or a function of
+        fn's arguments giving one) while profiling."""
+        def wrapped(*a, **k):
+            name = label(*a, **k) if callable(label) else label
+            self._mark("+", name)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._mark("-", name)
+        return wrapped
+
+    def stop(self, trace_path=None) -> dict:
         import torch
         torch.cuda.synchronize()
         wall = now() - self.t0
         self.prof.__exit__(None, None, None)
+        if trace_path:
+            self.prof.export_chrome_trace(str(trace_path))
         kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in self.prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA)
         self.prof = None
-        busy, end = 0.0, None
-        by_class, by_name = {}, {}
-        for a, b, name in kern:
-            busy += max(0.0, b - max(a, end if end is not None else a))
-            end = b if end is None else max(end, b)
-            c = by_class.setdefault(kernel_class(name), {"ms": 0.0, "count": 0})
-            c["ms"] += (b - a) / 1e3
-            c["count"] += 1
-            by_name[name] = by_name.get(name, 0.0) + (b - a) / 1e3
-        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-        return {"wall_s": wall, "gpu_busy_s": busy / 1e6, "kernels": len(kern),
-                "by_class_ms": by_class,
-                "top_kernels_ms": [{"name": k[:100], "ms": v} for k, v in top]}
+        rec = {"wall_s": wall, **kernel_summary(kern)}
+        rec["regions"] = region_summary(kern, self.marks)
+        return rec
+
+
+def kernel_summary(kern: list) -> dict:
+    """GPU-busy seconds (the union of the [start, end) intervals, us), kernel count, time and
+    count per kernel class, top kernels, of `kern` = sorted (start, end, name)."""
+    busy, end = 0.0, None
+    by_class, by_name = {}, {}
+    for a, b, name in kern:
+        busy += max(0.0, b - max(a, end if end is not None else a))
+        end = b if end is None else max(end, b)
+        c = by_class.setdefault(kernel_class(name), {"ms": 0.0, "count": 0})
+        c["ms"] += (b - a) / 1e3
+        c["count"] += 1
+        by_name[name] = by_name.get(name, 0.0) + (b - a) / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    return {"gpu_busy_s": busy / 1e6, "kernels": len(kern), "by_class_ms": by_class,
+            "top_kernels_ms": [{"name": k[:100], "ms": v} for k, v in top]}
+
+
+def region_summary(kern: list, marks: list) -> dict:
+    """Per region label: the kernels of `kern` (sorted (start, end, name), us) between its
+    markers, nested regions excluded, summarised (`kernel_summary`, top 8) with `idle_s`, the
+    gaps between consecutive kernels inside the region (the GPU waiting for the host). Kernels
+    outside every region go to "other". An empty dict when the markers on the GPU do not match
+    the ones queued (another stream's markers, a lost event)."""
+    ticks = [k for k in kern if MARKER_KERNEL in k[2]]
+    if len(ticks) != len(marks):
+        return {}
+    per: dict = {}
+    idle: dict = {}
+    stack, m, last_end = [], 0, None
+    for a, b, name in kern:
+        if MARKER_KERNEL in name:
+            kind, label = marks[m]
+            m += 1
+            if kind == "+":
+                stack.append(label)
+            elif stack and stack[-1] == label:
+                stack.pop()
+            last_end = b
+            continue
+        label = stack[-1] if stack else "other"
+        per.setdefault(label, []).append((a, b, name))
+        if last_end is not None and a > last_end:
+            idle[label] = idle.get(label, 0.0) + (a - last_end)
+        last_end = b if last_end is None else max(last_end, b)
+    out = {}
+    for label, ks in per.items():
+        s = kernel_summary(ks)
+        s["top_kernels_ms"] = s["top_kernels_ms"][:8]
+        out[label] = {"idle_s": idle.get(label, 0.0) / 1e6, **s}
+    return out
+
+
+def allocator_counts(dev: str) -> dict:
+    """The caching allocator's cumulative retries (a failed cudaMalloc: cached blocks freed,
+    the device drained) and device mallocs / frees; empty off CUDA."""
+    if dev != "cuda":
+        return {}
+    import torch
+    st = torch.cuda.memory_stats()
+    return {"alloc_retries": st.get("num_alloc_retries", 0),
+            "device_mallocs": st.get("num_device_alloc", 0),
+            "device_frees": st.get("num_device_free", 0)}
 
 
 class PhaseMemory:
@@ -348,7 +434,7 @@ def steady_state(per_step_peaks: list) -> dict:
 def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label: str,
                    count_syncs: bool = True, torch_seed: int | None = None, on_ready=None,
                    step_fields=None, isolate_passes: bool = True,
-                   profile_step: int = 0) -> None:
+                   profile_step: int = 0, profile_trace=None) -> None:
     """The real trainer (`GRPOTrainer`, built from `cfg` in this process) driven step by step
     as `GRPOTrainer.run` does, without checkpointing or export. Into `res`: `init_seconds`,
     `engine`, what `on_ready` returns, and `steps`, one record per step (written with `save`
@@ -357,7 +443,10 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
     vs reference), peak memory per phase (rollout, log-prob passes, updates) and over the step,
     what the step leaves allocated, and the host syncs inside the log-prob and update phases
     (CUDA only; `count_syncs` off skips them). Step `profile_step` (1-based; CUDA; 0: none) also
-    gets `profile_after_rollout` (`PostRolloutProfile`).
+    gets `profile_after_rollout` (`PostRolloutProfile`: the log-prob passes, the updates and
+    the frozen tower's encodes as regions), and its Chrome trace is written to `profile_trace`
+    when given (".gz": compressed). Each step records the caching allocator's retries and
+    device mallocs / frees (`allocator`): cudaFree drains the device.
 
     `isolate_passes`: the device is synced before each log-prob pass is queued, so the old and
     the reference pass both start on an idle GPU and their per-token times compare like with
@@ -393,6 +482,8 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
             return lambda *a, **k: with_host_syncs(fn, host_syncs.setdefault(phase, []), *a, **k)
 
         mem = PhaseMemory(dev)
+        profiler = PostRolloutProfile() if profile_step and dev == "cuda" else None
+        region = profiler.region if profiler is not None else (lambda label, fn: fn)
         # the log-prob passes and the updates are queued: a host sync inside them is one
         # inside the phase (each phase reads its numbers once, at its end, outside these)
         lp_pass = counting_syncs("logprob", grpo_mod.queue_logprob_pass)
@@ -400,8 +491,14 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
             def lp_pass(*a, _counted=lp_pass, **k):
                 torch.cuda.synchronize()  # before the pass: not one of its host syncs
                 return _counted(*a, **k)
+        lp_pass = region(lambda chunks, mbs, field, *a, **k: "logprob_" + field.split("_")[0],
+                         lp_pass)
         grpo_mod.queue_logprob_pass = mem.wrap("logprob", lp_pass)
-        grpo_mod.queue_update = mem.wrap("update", counting_syncs("update", grpo_mod.queue_update))
+        grpo_mod.queue_update = mem.wrap("update", region("update", counting_syncs(
+            "update", grpo_mod.queue_update)))
+        if profiler is not None:  # the frozen tower's encodes, inside the passes above
+            from ovlt.grpo.image_features import StepImages
+            StepImages.features = region("tower", StepImages.features)
 
         t0 = now()
         if torch_seed is not None:
@@ -411,7 +508,6 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
         trainer.sync_weights()
         extra = on_ready(trainer) if on_ready is not None else {}
         trainer.engine.generate = mem.wrap("rollout", trainer.engine.generate)
-        profiler = PostRolloutProfile() if profile_step and dev == "cuda" else None
         if profiler is not None:
             def generate_then_profile(*a, _gen=trainer.engine.generate, **k):
                 out = _gen(*a, **k)
@@ -432,11 +528,14 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
             profiling = profiler is not None and step + 1 == profile_step
             try:
                 device_sync(dev)
+                alloc0 = allocator_counts(dev)
                 t = now()
                 rec, pos, rollouts = trainer.step(step, pos)
                 device_sync(dev)
                 dt = now() - t
-                prof_rec = profiler.stop() if profiling and profiler.prof is not None else None
+                alloc = {k: v - alloc0[k] for k, v in allocator_counts(dev).items()}
+                prof_rec = profiler.stop(profile_trace) \
+                    if profiling and profiler.prof is not None else None
             except Exception as e:  # noqa: BLE001
                 res["steps"].append({"step": step + 1, "error": error_text(e)})
                 save()
@@ -456,6 +555,8 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
                  "vision_encodes_update": rec.get("vision_encodes_update"),
                  "torch_compiles": rec.get("torch_compiles"),
                  "reward_batches": rec.get("reward_batches")}
+            if alloc:
+                s["allocator"] = alloc
             if prof_rec is not None:
                 s["profile_after_rollout"] = prof_rec
             if step_fields is not None:

@@ -240,7 +240,9 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
     run_ovlt_steps(cfg, dev, res, save, steps=args.steps, log_dir=wd / f"run_{engine}" / "logs",
                    label=engine, count_syncs=bool(args.count_syncs), torch_seed=0,
                    on_ready=on_ready, step_fields=step_fields,
-                   isolate_passes=bool(args.isolate_passes), profile_step=args.profile_step)
+                   isolate_passes=bool(args.isolate_passes), profile_step=args.profile_step,
+                   profile_trace=(f"{args.profile_trace}.{engine}.json.gz"
+                                  if args.profile_trace else None))
 
 
 def run_rollout_full_depth(args, wd: Path, res: dict, save):
@@ -635,6 +637,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-step", type=int, default=0,
                     help="ovlt variants: profile this step's kernels after its rollout (1-based; "
                          "0: none) into the step's profile_after_rollout")
+    ap.add_argument("--profile-trace", default=None,
+                    help="with --profile-step: that step's Chrome trace, written here per ovlt "
+                         "variant as <path>.<variant>.json.gz")
     ap.add_argument("--recipe-gpus", type=int, default=8)
     ap.add_argument("--nccl-busbw", type=float, default=340.0, help="GB/s")
     ap.add_argument("--easyr1-step-s", type=float, default=145.0)

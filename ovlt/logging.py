@@ -53,6 +53,9 @@ def setup_logging(log_dir: str | None = None, level: int = logging.INFO) -> None
         fh._ovlt = True
         root.addHandler(fh)
     root.setLevel(level)
+    # The grader's LaTeX parser logs every tolerated parse error of a model's answer at INFO:
+    # thousands of lines a GRPO step, none of them the run's news.
+    logging.getLogger("pylatexenc").setLevel(max(level, logging.WARNING))
     _CONFIGURED = True
 
 

@@ -204,6 +204,30 @@ def test_kernel_classes_of_the_post_rollout_profile():
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
 
 
+def test_profile_regions_split_kernels_and_idle_time_at_the_markers():
+    from benchmarks._grpo_bench import region_summary
+    spin = "void at::cuda::(anonymous namespace)::spin_kernel(long)"
+    # (start, end, name) in us: "old" holds a nested "tower"; a kernel outside every region
+    kern = [(0, 10, "k_before"),
+            (20, 21, spin), (25, 35, "nvjet_gemm_a"),          # + old, 4 us idle
+            (35, 36, spin), (36, 46, "vit_kernel"),            # + tower, no gap
+            (50, 51, spin), (60, 80, "nvjet_gemm_a"),          # - tower, 9 us idle (old)
+            (80, 81, spin),                                    # - old
+            (100, 101, spin), (101, 111, "flash_fwd"), (111, 112, spin)]   # + ref ... - ref
+    marks = [("+", "old"), ("+", "tower"), ("-", "tower"), ("-", "old"), ("+", "ref"),
+             ("-", "ref")]
+    r = region_summary(kern, marks)
+    assert set(r) == {"other", "old", "tower", "ref"}
+    assert r["old"]["kernels"] == 2 and r["old"]["gpu_busy_s"] == pytest.approx(30e-6)
+    assert r["old"]["idle_s"] == pytest.approx(13e-6)  # 21 -> 25 and 51 -> 60
+    assert r["old"]["by_class_ms"] == {"gemm": {"ms": pytest.approx(0.03), "count": 2}}
+    assert r["tower"]["kernels"] == 1 and r["tower"]["idle_s"] == 0.0
+    assert r["ref"]["by_class_ms"]["attention"]["count"] == 1
+    assert r["other"]["kernels"] == 1 and r["other"]["idle_s"] == 0.0
+    # markers on the GPU that do not match the ones queued: no regions rather than wrong ones
+    assert region_summary(kern, marks[:-1]) == {}
+
+
 def test_timed_steps_leave_out_the_first_and_the_profiled_one():
     from benchmarks._grpo_bench import finished_steps
     steps = [{"step": i, "step_s": 10.0 + i} for i in (1, 2, 3, 4)]
