@@ -220,8 +220,9 @@ def test_curriculum_freezes_vision_in_first_stage_only(dist1, tiny_hf_dir, rl_fi
 
 def test_frozen_tower_encodes_each_prompt_once(dist1, tiny_hf_dir, rl_file, tmp_path):
     """`StepImages`: over micro-batches that split a prompt's samples, the frozen tower encodes
-    each prompt's images once per set of weights, and the log-probs equal the pass that runs
-    the tower inside every micro-batch; a trainable tower is never served from it."""
+    each prompt's images once per set of weights, the step's prompts in one tower call (one per
+    prompt under a patch budget smaller than an image), and the log-probs equal the pass that
+    runs the tower inside every micro-batch; a trainable tower is never served from it."""
     import dataclasses
 
     from ovlt.grpo.batch import pack_rollouts
@@ -243,11 +244,16 @@ def test_frozen_tower_encodes_each_prompt_once(dist1, tiny_hf_dir, rl_file, tmp_
         cached = [dataclasses.replace(mb, pixel_values=None) for mb in mbs]
         imgs = StepImages(rolls)
         logprob_pass(tr.bundle.chunks, cached, "old_logprobs", 1.0, cpu, imgs)
+        one_per_call = [dataclasses.replace(mb) for mb in cached]
+        small = StepImages(rolls, patch_budget=1)
+        logprob_pass(tr.bundle.chunks, one_per_call, "old_logprobs", 1.0, cpu, small)
     finally:
         hook.remove()
-    assert per_mb == len(rolls) and imgs.encoded == 2 and sum(images_seen) == 2
-    for a, b in zip(mbs, cached):
+    assert per_mb == len(rolls) and imgs.encoded == 2 and sum(images_seen) == 4
+    assert imgs.tower_calls == 1 and small.tower_calls == 2 and small.encoded == 2
+    for a, b, c in zip(mbs, cached, one_per_call):
         assert torch.allclose(a.old_logprobs, b.old_logprobs, atol=1e-5)
+        assert torch.allclose(a.old_logprobs, c.old_logprobs, atol=1e-5)
     for p in tower.parameters():
         p.requires_grad_(True)
     try:

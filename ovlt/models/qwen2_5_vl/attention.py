@@ -10,7 +10,10 @@ and, whenever `packed_seq_params.cu_seqlens_q` is set, attends only inside each 
 
 Kernels: flash-attn's varlen kernel on CUDA when it imports, else torch SDPA. For segments, SDPA
 runs once per distinct segment length on the stacked segments of that length (vision windows
-are mostly equal-sized, so that is a handful of batched calls instead of one per window).
+are mostly equal-sized, so that is a handful of batched calls instead of one per window). On a
+GPU, SDPA's flash kernel goes first: the cuDNN backend, which torch may prefer there, builds an
+execution plan for every new shape (~40 ms of host time each on an H100, the GPU idle behind
+it), and packed samples bring new segment lengths with every batch.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -44,10 +48,21 @@ def resolve_backend(requested: str = "auto", device_is_cuda: Optional[bool] = No
     return "sdpa"
 
 
+# SDPA backends in priority order on a GPU: no per-shape plan building first (module docstring)
+CUDA_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+
 def _sdpa(q, k, v, causal, scale, dropout):
     """q [N, h, L, d], k/v [N, g, L, d]."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                          dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
+    def run():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              dropout_p=dropout,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if not q.is_cuda:
+        return run()
+    with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
+        return run()
 
 
 def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
