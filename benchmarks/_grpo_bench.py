@@ -228,8 +228,9 @@ def trl_inputs(args, wd: Path, dtype):
 
 # ---------------------------------------------------------------------------------- memory
 KERNEL_CLASSES = (  # (class, name fragments), first match wins; lower-case names
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    # attention first: torch's flash kernels name cutlass types in their template arguments
     ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
     ("inductor", ("triton_",)),   # torch.compile's kernels (ovlt's own Triton kernels: "other")
     ("nccl", ("nccl",)),
     ("copy", ("memcpy", "memset", "copy", "cat")),

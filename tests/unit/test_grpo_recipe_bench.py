@@ -198,6 +198,8 @@ def test_kernel_classes_of_the_post_rollout_profile():
     assert kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "gemm"
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
     assert kernel_class("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+    assert kernel_class("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, "
+                        "64, 4, false, false, cutlass::bfloat16_t>>") == "attention"
     assert kernel_class("_fused_grpo_loss_fn") == "other"
     assert kernel_class("triton_poi_fused_add_mul_0") == "inductor"
     assert kernel_class("Memcpy DtoD (Device -> Device)") == "copy"

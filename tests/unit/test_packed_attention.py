@@ -39,22 +39,31 @@ def inputs(device, dtype, heads=4, groups=2, dim=16, seed=0):
     return q, k, v, cu
 
 
-def check(device, dtype, causal, atol):
+def check(device, dtype, causal, atol, permutation=None):
     q, k, v, cu = inputs(device, dtype)
     scale = 1 / math.sqrt(q.shape[-1])
-    out = varlen_attention(q, k, v, cu, causal, scale)
+    out = varlen_attention(q, k, v, cu, causal, scale, permutation=permutation)
     grad = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
     ref_out = reference(q, k, v, LENGTHS, causal, scale)
     want = [ref_out, *torch.autograd.grad(ref_out, (q, k, v), grad.float())]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert torch.allclose(a.float(), b, atol=atol, rtol=0), \
-            (name, float((a.float() - b).abs().max()))
+        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=0), \
+            (name, float((a.float() - b.float()).abs().max()))
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_packed_segments_equal_per_segment_softmax_cpu(causal):
-    check("cpu", torch.float32, causal, atol=1e-5)
+@pytest.mark.parametrize("permutation", [None, False], ids=["one_gather", "per_group_scatter"])
+def test_packed_segments_equal_per_segment_softmax_cpu(causal, permutation):
+    check("cpu", torch.float32, causal, atol=1e-5, permutation=permutation)
+
+
+def test_tokens_outside_every_segment_get_zeros():
+    q, k, v, cu = inputs("cpu", torch.float32)
+    n = int(cu[-2])  # the last segment's tokens lie in none
+    out = varlen_attention(q, k, v, cu[:-1], True, 0.25)
+    assert torch.equal(out[n:], torch.zeros_like(out[n:]))
+    assert torch.allclose(out[:n], reference(q, k, v, LENGTHS[:-1], True, 0.25), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -65,19 +65,24 @@ def _sdpa(q, k, v, causal, scale, dropout):
         return run()
 
 
+def _starts_by_length(cu_seqlens: torch.Tensor) -> dict:
+    """Segment length -> start offsets of the non-empty segments of that length, in order."""
+    bounds = cu_seqlens.tolist()
+    by_len = defaultdict(list)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            by_len[e - s].append(s)
+    return by_len
+
+
 def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
     """[(length, n, token index [n*length] or None, first start)] for the non-empty segments of
     `cu_seqlens`, grouped by length. The index is None when the group's segments lie back to
     back (a packed row of equal-length samples, most vision windows): attention then reads
     them as a view instead of gathering. One host sync when `cu_seqlens` is on the GPU (pass
     the host copy where there is one; cache the result per batch, see `_groups`)."""
-    bounds = cu_seqlens.tolist()
-    by_len = defaultdict(list)  # segment length -> start offsets
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e > s:
-            by_len[e - s].append(s)
     out = []
-    for length, starts in by_len.items():
+    for length, starts in _starts_by_length(cu_seqlens).items():
         contiguous = all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
         # built on the host and copied through pinned memory: a list straight to a GPU
         # tensor is a synchronous copy (the stream drains)
@@ -98,9 +103,29 @@ def _gather(t, length, n, idx, start):
     return seg.view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)
 
 
+def segment_permutation(cu_seqlens: torch.Tensor, total: int, device):
+    """(tokens in `segment_groups(cu_seqlens)` order, and for each of the `total` tokens its row
+    in that order), both on `device`; None when some token lies in no segment. With them a
+    batch's segments are gathered once and split per group (a split's backward is one
+    concatenation), and the groups' outputs put back with one gather: no per-group scatter or
+    full-size zero fill, forward or backward. Pass the host copy of `cu_seqlens` where there
+    is one."""
+    pos = [(torch.tensor(starts)[:, None] + torch.arange(length)[None]).reshape(-1)
+           for length, starts in _starts_by_length(cu_seqlens).items()]
+    pos = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
+    if pos.numel() != total:
+        return None
+    rows = torch.empty(total, dtype=torch.long)
+    rows[pos] = torch.arange(total)
+    return to_device_async(pos, device), to_device_async(rows, device)
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: float = 0.0,
-                     backend: str = "sdpa", max_seqlen: Optional[int] = None, groups=None):
-    """Attention inside the segments of `cu_seqlens`. q [T, h, d], k/v [T, g, d] -> [T, h, d]."""
+                     backend: str = "sdpa", max_seqlen: Optional[int] = None, groups=None,
+                     permutation=None):
+    """Attention inside the segments of `cu_seqlens`. q [T, h, d], k/v [T, g, d] -> [T, h, d].
+    `groups` / `permutation`: `segment_groups` / `segment_permutation` of `cu_seqlens` when
+    already known (False: not computed, use the per-group path)."""
     if backend == "flash" and q.is_cuda:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
@@ -113,13 +138,22 @@ def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: f
         length, n, _, _ = groups[0]  # one group covering every token: no scatter either
         o = _sdpa(*(_gather(t, length, n, None, 0) for t in (q, k, v)), causal, scale, dropout)
         return o.transpose(1, 2).reshape(q.shape)
-    out = q.new_zeros(q.shape)
+    if permutation is None:
+        permutation = segment_permutation(cu_seqlens, q.shape[0], q.device)
+    if permutation:
+        order, rows = permutation
+        sizes = [n * length for length, n, _, _ in groups]
+        parts = zip(*(t.index_select(0, order).split(sizes) for t in (q, k, v)))
+        outs = [_sdpa(*(t.view(n, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in qkv),
+                      causal, scale, dropout).transpose(1, 2).reshape(n * length, *q.shape[1:])
+                for qkv, (length, n, _, _) in zip(parts, groups)]
+        return torch.cat(outs).index_select(0, rows)
+    out = q.new_zeros(q.shape)  # tokens outside every segment stay zero
     for length, n, idx, start in groups:
         o = _sdpa(*(_gather(t, length, n, idx, start) for t in (q, k, v)), causal, scale, dropout)
-        o = o.transpose(1, 2).reshape(n * length, q.shape[1], q.shape[2])
         if idx is None:
             idx = torch.arange(start, start + n * length, device=q.device)
-        out = out.index_copy(0, idx, o)
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(n * length, *q.shape[1:]))
     return out
 
 
@@ -153,18 +187,21 @@ class OvltCoreAttention(MegatronModule):
             return cu, getattr(packed_seq_params, "max_window_seqlen", None)
         return packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
 
-    def _groups(self, packed_seq_params, cu, device):
-        """Segment grouping, computed once per batch and kept on the params object, so the
-        layers don't each sync with the host and rebuild the indices."""
+    def _groups(self, packed_seq_params, cu, device, total: int) -> dict:
+        """Segment grouping and order (`varlen_attention`'s keywords), computed once per batch
+        and kept on the params object, so the layers don't each sync with the host and rebuild
+        the indices."""
         if self.backend == "flash" and device.type == "cuda":
-            return None
+            return {}
         key = "_ovlt_groups_window" if self.window else "_ovlt_groups_full"
         cached = getattr(packed_seq_params, key, None)
         if cached is None or cached[0] is not cu:
             # the boundaries' host copy, when the model attached one, avoids a device sync
             host = getattr(packed_seq_params, "host_" + ("cu_window_seqlens" if self.window
                                                           else "cu_seqlens_q"), None)
-            cached = (cu, segment_groups(host if host is not None else cu, device))
+            host = host if host is not None else cu.cpu()
+            cached = (cu, {"groups": segment_groups(host, device),
+                           "permutation": segment_permutation(host, total, device) or False})
             setattr(packed_seq_params, key, cached)
         return cached[1]
 
@@ -181,7 +218,8 @@ class OvltCoreAttention(MegatronModule):
                 raise ValueError("thd attention needs packed_seq_params.cu_seqlens_q")
             out = varlen_attention(query, key, value, cu, causal, self.scale, dropout,
                                    self.backend, max_len,
-                                   self._groups(packed_seq_params, cu, query.device))
+                                   **self._groups(packed_seq_params, cu, query.device,
+                                                  query.shape[0]))
             return out.reshape(out.shape[0], -1)
         s, b = query.shape[:2]
         if cu is not None:
@@ -189,7 +227,7 @@ class OvltCoreAttention(MegatronModule):
                 raise ValueError(f"cu_seqlens with sbhd layout needs batch 1, got {b}")
             out = varlen_attention(query[:, 0], key[:, 0], value[:, 0], cu, causal, self.scale,
                                    dropout, self.backend, max_len,
-                                   self._groups(packed_seq_params, cu, query.device))
+                                   **self._groups(packed_seq_params, cu, query.device, s))
             return out.reshape(s, 1, -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, h, S, d]
         mask = None
