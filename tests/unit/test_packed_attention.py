@@ -39,7 +39,7 @@ def inputs(device, dtype, heads=4, groups=2, dim=16, seed=0):
     return q, k, v, cu
 
 
-def check(device, dtype, causal, atol, permutation=None):
+def check(device, dtype, causal, atol, permutation=None, rtol=0.0):
     q, k, v, cu = inputs(device, dtype)
     scale = 1 / math.sqrt(q.shape[-1])
     out = varlen_attention(q, k, v, cu, causal, scale, permutation=permutation)
@@ -48,7 +48,7 @@ def check(device, dtype, causal, atol, permutation=None):
     ref_out = reference(q, k, v, LENGTHS, causal, scale)
     want = [ref_out, *torch.autograd.grad(ref_out, (q, k, v), grad.float())]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=0), \
+        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol), \
             (name, float((a.float() - b.float()).abs().max()))
 
 
@@ -73,7 +73,7 @@ def test_packed_segments_on_cuda_run_flash_not_cudnn(causal):
     would build an execution plan for every new segment length)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        check("cuda", torch.bfloat16, causal, atol=3e-2)
+        check("cuda", torch.bfloat16, causal, atol=3e-2, rtol=2e-2)  # bf16: 1/128 relative
         torch.cuda.synchronize()
     names = [e.name.lower() for e in prof.events()
              if e.device_type == torch.autograd.DeviceType.CUDA]
