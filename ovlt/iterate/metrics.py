@@ -84,6 +84,7 @@ def collect(stage: str, outputs: dict) -> dict:
             out["probe"] = {"before": probe["before"]["mean"], "after": probe["after"]["mean"],
                             "se_before": probe["before"]["se"], "se_after": probe["after"]["se"],
                             "se_rise": probe["se_rise"], "prompts": probe["prompts"],
+                            "se_rise_independent": probe.get("se_rise_independent"),
                             "samples_per_prompt": probe["samples_per_prompt"]}
         return out
     return {}

@@ -10,8 +10,14 @@ rewards, which are measured on different prompts at every step, the two numbers 
 
 Standard error of the probe mean given its prompts (the sampling noise): with s_i^2 the unbiased
 variance of prompt i's n rewards, se = sqrt(sum_i s_i^2 / n) / P (for 0/1 rewards
-sqrt(sum_i p_i (1 - p_i) / (n - 1)) / P). The before/after difference has
-se = sqrt(se_before^2 + se_after^2).
+sqrt(sum_i p_i (1 - p_i) / (n - 1)) / P).
+
+The rise: sample j of prompt i draws from the same seed before and after GRPO (common random
+numbers), so the two runs are paired and the rise's standard error is that of the per-sample
+differences d_ij = after_ij - before_ij, the same formula over d (`paired_rise`). Where the two
+models agree on a sample the draws coincide and d_ij is 0: this is the sampling noise of the
+rise itself, smaller than sqrt(se_before^2 + se_after^2), which treats the runs as
+independent (`diff_se`, kept beside it).
 """
 from __future__ import annotations
 
@@ -31,7 +37,16 @@ def probe_stats(per_prompt: Sequence[Sequence[float]]) -> dict:
             var_of_mean += sum((x - m) ** 2 for x in g) / (len(g) - 1) / len(g)
     p = len(groups)
     return {"mean": sum(means) / p, "se": math.sqrt(var_of_mean) / p, "prompts": p,
-            "samples": sum(len(g) for g in groups), "per_prompt": means}
+            "samples": sum(len(g) for g in groups), "per_prompt": means, "rewards": groups}
+
+
+def paired_rise(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]):
+    """Mean and standard error of after - before over samples paired by (prompt, sample
+    index), or None when the two runs' prompts or samples do not line up."""
+    if len(before) != len(after) or any(len(b) != len(a) for b, a in zip(before, after)):
+        return None
+    d = probe_stats([[x - y for x, y in zip(a, b)] for b, a in zip(before, after)])
+    return None if d["mean"] is None else {"rise": d["mean"], "se": d["se"]}
 
 
 def diff_se(se_before, se_after):

@@ -89,7 +89,7 @@ def render(summary: dict) -> str:
     lv = levels(summary)
     secs = summary.get("stage_seconds", {})
     lines = [f"# ovlt iterate: {summary.get('name', '')}", ""]
-    head = (["round", "SFT kept", "probe reward before → after GRPO (± se)", "SFT model acc",
+    head = (["round", "SFT kept", "probe reward before → after GRPO (± se, paired)", "SFT model acc",
              "held-out acc"]
             + [f"acc {d}" for d in lv] + ["format"] + [f"t {s}" for s in STAGES])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -134,7 +134,8 @@ def run_probe(cfg, info, records, engine_after, engine_before=None) -> dict:
     """The probe reward of this round's SFT model (before GRPO) and GRPO model (after): same
     prompts, same sampling seed (`ovlt.iterate.probe`). Engines not given are opened here."""
     from ovlt.iterate import generation as gen
-    from ovlt.iterate.probe import diff_se, probe_records, probe_reward, reward_pool
+    from ovlt.iterate.probe import (diff_se, paired_rise, probe_records, probe_reward,
+                                    reward_pool)
     recs = probe_records(records, cfg.iterate.probe.prompts, cfg.iterate.probe.difficulties)
     if not recs:
         log.warning("probe: no held-out problem of difficulty %s; skipped",
@@ -148,10 +149,13 @@ def run_probe(cfg, info, records, engine_after, engine_before=None) -> dict:
                               recs, pool)
     finally:
         pool.close()
+    independent = diff_se(before["se"], after["se"])
+    paired = paired_rise(before["rewards"], after["rewards"])
     return {"prompts": len(recs), "samples_per_prompt": cfg.iterate.probe.samples,
             "seed": cfg.iterate.probe.seed, "before": before, "after": after,
             "rise": after["mean"] - before["mean"],
-            "se_rise": diff_se(before["se"], after["se"]),
+            "se_rise": paired["se"] if paired else independent,
+            "se_rise_paired": paired is not None, "se_rise_independent": independent,
             "models": {"before": info["inputs"]["sft_model"], "after": info["inputs"]["model"]}}
 
 

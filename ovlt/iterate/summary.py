@@ -8,8 +8,9 @@
 
 Round 0 is the base model (held-out only). `heldout_acc_sft` is the round's SFT model on the
 same split (before its GRPO; `heldout_acc` is after). `probe_se` is the standard error of
-probe_reward_after - probe_reward_before (`ovlt.iterate.probe`); the before/after errors are
-there too. Written atomically after every finished stage; the report and its plots read it.
+probe_reward_after - probe_reward_before over samples paired by seed (`ovlt.iterate.probe`);
+`probe_se_independent` treats the two runs as unpaired; the before/after errors are there too.
+Written atomically after every finished stage; the report and its plots read it.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def round_record(man: Manifest, r: int) -> dict:
         "probe_reward_before": probe.get("before"),
         "probe_reward_after": probe.get("after"),
         "probe_se": probe.get("se_rise"),
+        "probe_se_independent": probe.get("se_rise_independent"),
         "probe_se_before": probe.get("se_before"),
         "probe_se_after": probe.get("se_after"),
         "probe_prompts": probe.get("prompts"),

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from ovlt.iterate.manifest import Manifest
-from ovlt.iterate.probe import diff_se, probe_stats
+from ovlt.iterate.probe import diff_se, paired_rise, probe_stats
 from ovlt.iterate.report import render, write_report
 from ovlt.iterate.summary import build_summary
 
@@ -35,6 +35,22 @@ def test_probe_stats_graded_rewards_and_edge_cases():
     assert diff_se(0.03, 0.04) == pytest.approx(0.05) and diff_se(None, 0.1) is None
 
 
+def test_paired_rise_is_the_se_of_per_sample_differences():
+    before = [[0.0, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5]]
+    after = [[0.5, 0.5, 1.0, 1.0], [1.0, 0.0, 0.5]]     # two samples changed, the rest alike
+    r = paired_rise(before, after)
+    d0, d1 = [0.5, 0, 0, 0], [1.0, 0, 0]                 # per-sample differences
+    m0, m1 = 0.125, 1 / 3
+    var0 = sum((x - m0) ** 2 for x in d0) / 3 / 4
+    var1 = sum((x - m1) ** 2 for x in d1) / 2 / 3
+    assert r["rise"] == pytest.approx((m0 + m1) / 2)
+    assert r["se"] == pytest.approx(math.sqrt(var0 + var1) / 2)
+    # pairing only removes the noise the runs share: below the unpaired standard error here
+    assert r["se"] < diff_se(probe_stats(before)["se"], probe_stats(after)["se"])
+    assert paired_rise(before, after[:1]) is None                 # prompts do not line up
+    assert paired_rise(before, [after[0], after[1][:2]]) is None  # samples do not line up
+
+
 def _manifest(tmp_path) -> Manifest:
     man = Manifest(tmp_path / "manifest.json")
     man.data["name"] = "demo"
@@ -58,7 +74,8 @@ def _manifest(tmp_path) -> Manifest:
         "sft_model": {"accuracy": 0.45, "format": 1.0, "n": 60,
                       "by_difficulty": {"medium": 0.35, "easy": 0.8, "hard": 0.2}},
         "probe": {"before": 0.55, "after": 0.7, "se_before": 0.03, "se_after": 0.04,
-                  "se_rise": 0.05, "prompts": 32, "samples_per_prompt": 8}}, 30.0)
+                  "se_rise": 0.05, "se_rise_independent": 0.06, "prompts": 32,
+                  "samples_per_prompt": 8}}, 30.0)
     man.stages["r2.data"] = {"status": "running", "round": 2, "stage": "data", "metrics": {},
                              "seconds": None}
     return man
@@ -72,7 +89,8 @@ def test_summary_schema_and_values(tmp_path):
     assert r0["heldout_acc"] == 0.0 and r0["sft_kept"] is None and r0["probe_reward_before"] is None
     assert r1 == {**r1, "heldout_acc": 0.4, "heldout_n": 60, "format_rate": 1.0, "sft_kept": 96,
                   "probe_reward_before": 0.55, "probe_reward_after": 0.7, "probe_se": 0.05,
-                  "probe_se_before": 0.03, "probe_se_after": 0.04, "heldout_acc_sft": 0.45}
+                  "probe_se_before": 0.03, "probe_se_after": 0.04, "probe_se_independent": 0.06,
+                  "heldout_acc_sft": 0.45}
     assert list(r1["acc_by_level"]) == ["easy", "medium", "hard"]  # difficulty order
     assert r1["acc_by_level_sft"] == {"easy": 0.8, "medium": 0.35, "hard": 0.2}
     assert r0["heldout_acc_sft"] is None  # the base model has no SFT model before it
