@@ -107,7 +107,8 @@ def render(summary: dict) -> str:
               "the trainer scores rollouts) over a fixed set of held-out prompts, several "
               "samples each at the rollout temperature, from the round's SFT model (before "
               "GRPO) and GRPO model (after), same prompts and sampling seed; ± is the standard "
-              "error of the difference given those prompts. Held-out: greedy accuracy on the "
+              "error of the difference given those prompts, over samples paired by seed "
+              "(the unpaired one is in summary.json). Held-out: greedy accuracy on the "
               "held-out split (per difficulty) of the round's GRPO model; SFT model acc: the "
               "same for the round's SFT model, before its GRPO; format = share of answers in "
               "the required `<think>`/`<answer>` layout."]
