@@ -371,6 +371,35 @@ def allocator_counts(dev: str) -> dict:
             "device_frees": st.get("num_device_free", 0)}
 
 
+def live_by_site(snapshot: dict, roots=("ovlt/", "benchmarks/")) -> dict:
+    """Bytes of the live blocks ("active_allocated") of a `torch.cuda.memory._snapshot()` per
+    allocation site: the innermost stack frame in the project's code ("file:line function"),
+    else the innermost frame, "?" for a block recorded without a stack."""
+    out: dict = {}
+    for seg in snapshot.get("segments", []):
+        for b in seg.get("blocks", []):
+            if b.get("state") != "active_allocated":
+                continue
+            frames = b.get("frames") or []
+            mine = [f for f in frames if any(r in f.get("filename", "") for r in roots)]
+            f = (mine or frames or [None])[0]
+            site = "?"
+            if f is not None:
+                path = f.get("filename", "")
+                at = min((i for i in (path.rfind(r) for r in roots) if i >= 0), default=0)
+                site = f"{path[at:]}:{f.get('line')} {f.get('name', '')}"
+            out[site] = out.get(site, 0) + b.get("size", 0)
+    return out
+
+
+def site_growth(before: dict, after: dict, top: int = 12) -> list:
+    """The allocation sites whose live bytes grew from `before` to `after` (`live_by_site`),
+    largest growth first."""
+    grown = sorted(((k, v - before.get(k, 0)) for k, v in after.items()
+                    if v > before.get(k, 0)), key=lambda kv: -kv[1])
+    return [{"site": k, "mib": d / 2 ** 20} for k, d in grown[:top]]
+
+
 class PhaseMemory:
     """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
     wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
@@ -435,7 +464,7 @@ def steady_state(per_step_peaks: list) -> dict:
 def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label: str,
                    count_syncs: bool = True, torch_seed: int | None = None, on_ready=None,
                    step_fields=None, isolate_passes: bool = True,
-                   profile_step: int = 0, profile_trace=None) -> None:
+                   profile_step: int = 0, profile_trace=None, memory_sites: bool = False) -> None:
     """The real trainer (`GRPOTrainer`, built from `cfg` in this process) driven step by step
     as `GRPOTrainer.run` does, without checkpointing or export. Into `res`: `init_seconds`,
     `engine`, what `on_ready` returns, and `steps`, one record per step (written with `save`
@@ -447,7 +476,10 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
     gets `profile_after_rollout` (`PostRolloutProfile`: the log-prob passes, the updates and
     the frozen tower's encodes as regions), and its Chrome trace is written to `profile_trace`
     when given (".gz": compressed). Each step records the caching allocator's retries and
-    device mallocs / frees (`allocator`): cudaFree drains the device.
+    device mallocs / frees (`allocator`): cudaFree drains the device. `memory_sites` (CUDA):
+    the allocator records a Python stack per live block, and each step from the second lists
+    the allocation sites whose live memory grew since the step before (`memory_growth_sites`,
+    `site_growth`): where memory that outlives a step comes from.
 
     `isolate_passes`: the device is synced before each log-prob pass is queued, so the old and
     the reference pass both start on an idle GPU and their per-token times compare like with
@@ -501,6 +533,9 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
             from ovlt.grpo.image_features import StepImages
             StepImages.features = region("tower", StepImages.features)
 
+        prev_sites = None
+        if memory_sites and dev == "cuda":  # before the trainer: every block gets its stack
+            torch.cuda.memory._record_memory_history(enabled="state", stacks="python")
         t0 = now()
         if torch_seed is not None:
             torch.manual_seed(torch_seed)
@@ -568,6 +603,11 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
                     s[f"logprob_{k}_us_per_token"] = \
                         1e6 * rec[f"logprob_{k}_s"] / rec[f"logprob_{k}_tokens"]
             s.update(mem.end_step(rec.get("mem_gb")))
+            if memory_sites and dev == "cuda":
+                sites = live_by_site(torch.cuda.memory._snapshot())
+                if prev_sites is not None:
+                    s["memory_growth_sites"] = site_growth(prev_sites, sites)
+                prev_sites = sites
             res["steps"].append(s)
             print(f"{label} step", json.dumps(s), flush=True)
             save()

@@ -242,7 +242,8 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
                    on_ready=on_ready, step_fields=step_fields,
                    isolate_passes=bool(args.isolate_passes), profile_step=args.profile_step,
                    profile_trace=(f"{args.profile_trace}.{engine}.json.gz"
-                                  if args.profile_trace else None))
+                                  if args.profile_trace else None),
+                   memory_sites=bool(args.memory_sites))
 
 
 def run_rollout_full_depth(args, wd: Path, res: dict, save):
@@ -640,6 +641,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-trace", default=None,
                     help="with --profile-step: that step's Chrome trace, written here per ovlt "
                          "variant as <path>.<variant>.json.gz")
+    ap.add_argument("--memory-sites", type=int, default=0,
+                    help="ovlt variants, CUDA: 1 = record a stack per live allocation and list, "
+                         "per step, the sites whose live memory grew (memory_growth_sites)")
     ap.add_argument("--recipe-gpus", type=int, default=8)
     ap.add_argument("--nccl-busbw", type=float, default=340.0, help="GB/s")
     ap.add_argument("--easyr1-step-s", type=float, default=145.0)

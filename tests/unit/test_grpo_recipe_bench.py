@@ -240,3 +240,24 @@ def test_timed_steps_leave_out_the_first_and_the_profiled_one():
     assert [s["step"] for s in finished_steps({"steps": steps[:1]})[1]] == [1]
     # steps 1 and a profiled 3 only: the profiled step is all there is to time
     assert [s["step"] for s in finished_steps({"steps": [steps[0], steps[2]]})[1]] == [3]
+
+
+def test_memory_sites_group_live_blocks_by_the_projects_innermost_frame():
+    from benchmarks._grpo_bench import live_by_site, site_growth
+
+    def block(size, state="active_allocated", files=()):
+        return {"size": size, "state": state,
+                "frames": [{"filename": f, "line": ln, "name": n} for f, ln, n in files]}
+    torch_frame = ("/usr/lib/python3/site-packages/torch/nn/functional.py", 10, "linear")
+    engine = ("/repo/ovlt/rollout/builtin.py", 269, "_decode_state")
+    snap = {"segments": [
+        {"blocks": [block(100, files=[torch_frame, engine]), block(50, "inactive", [engine])]},
+        {"blocks": [block(30, files=[torch_frame]), block(7)]}]}
+    sites = live_by_site(snap)
+    assert sites == {"ovlt/rollout/builtin.py:269 _decode_state": 100,
+                     "/usr/lib/python3/site-packages/torch/nn/functional.py:10 linear": 30,
+                     "?": 7}
+    later = dict(sites, **{"ovlt/rollout/builtin.py:269 _decode_state": 100 + 3 * 2 ** 20,
+                           "?": 2})
+    assert site_growth(sites, later) == [
+        {"site": "ovlt/rollout/builtin.py:269 _decode_state", "mib": 3.0}]
