@@ -75,15 +75,16 @@ def _starts_by_length(cu_seqlens: torch.Tensor) -> dict:
     return by_len
 
 
-def segment_groups(cu_seqlens: torch.Tensor, device) -> list:
+def segment_groups(cu_seqlens: torch.Tensor, device, index: bool = True) -> list:
     """[(length, n, token index [n*length] or None, first start)] for the non-empty segments of
     `cu_seqlens`, grouped by length. The index is None when the group's segments lie back to
     back (a packed row of equal-length samples, most vision windows): attention then reads
-    them as a view instead of gathering. One host sync when `cu_seqlens` is on the GPU (pass
+    them as a view instead of gathering; `index=False`: None for every group (the caller
+    gathers through `segment_permutation`). One host sync when `cu_seqlens` is on the GPU (pass
     the host copy where there is one; cache the result per batch, see `_groups`)."""
     out = []
     for length, starts in _starts_by_length(cu_seqlens).items():
-        contiguous = all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
+        contiguous = not index or all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
         # built on the host and copied through pinned memory: a list straight to a GPU
         # tensor is a synchronous copy (the stream drains)
         idx = None if contiguous else to_device_async(
@@ -132,14 +133,14 @@ def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: f
             max_seqlen = int((cu[1:] - cu[:-1]).max())
         return _flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout,
                              softmax_scale=scale, causal=causal)
+    if permutation is None:
+        permutation = segment_permutation(cu_seqlens, q.shape[0], q.device) or False
     if groups is None:
-        groups = segment_groups(cu_seqlens, q.device)
-    if len(groups) == 1 and groups[0][2] is None and groups[0][0] * groups[0][1] == q.shape[0]:
-        length, n, _, _ = groups[0]  # one group covering every token: no scatter either
+        groups = segment_groups(cu_seqlens, q.device, index=not permutation)
+    if len(groups) == 1 and groups[0][0] * groups[0][1] == q.shape[0]:
+        length, n, _, _ = groups[0]  # one group covering every token (back to back): a view
         o = _sdpa(*(_gather(t, length, n, None, 0) for t in (q, k, v)), causal, scale, dropout)
         return o.transpose(1, 2).reshape(q.shape)
-    if permutation is None:
-        permutation = segment_permutation(cu_seqlens, q.shape[0], q.device)
     if permutation:
         order, rows = permutation
         sizes = [n * length for length, n, _, _ in groups]
@@ -200,8 +201,10 @@ class OvltCoreAttention(MegatronModule):
             host = getattr(packed_seq_params, "host_" + ("cu_window_seqlens" if self.window
                                                           else "cu_seqlens_q"), None)
             host = host if host is not None else cu.cpu()
-            cached = (cu, {"groups": segment_groups(host, device),
-                           "permutation": segment_permutation(host, total, device) or False})
+            perm = segment_permutation(host, total, device) or False
+            # token indexes per group only for the per-group path (tokens outside every segment)
+            cached = (cu, {"groups": segment_groups(host, device, index=not perm),
+                           "permutation": perm})
             setattr(packed_seq_params, key, cached)
         return cached[1]
 
