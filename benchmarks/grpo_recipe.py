@@ -340,7 +340,9 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
     cfg = trl.GRPOConfig(
         output_dir=str(wd / "trl_run"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=args.update_samples // micro,
-        steps_per_generation=n_gen // args.update_samples, num_generations=args.samples,
+        # one generation of all the step's samples, consumed by n_gen / update_samples
+        # optimizer steps (TRL counts `steps_per_generation` in micro-batches)
+        generation_batch_size=n_gen, num_generations=args.samples,
         max_completion_length=args.len_cap, temperature=1.0, top_p=0.99, top_k=0,
         learning_rate=1e-6, weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, beta=args.kl, epsilon=0.2, epsilon_high=0.3, loss_type="dapo",
@@ -362,7 +364,9 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
                               train_dataset=ds, processing_class=proc, callbacks=[StepTimer()])
     res["init_seconds"] = now() - t0
     flat = [c for cs in prep["lengths"] for c in cs]
-    llm = trainer.llm
+    gen_backend = getattr(trainer, "vllm_generation", None)  # TRL >= 1.x keeps vLLM there
+    llm = gen_backend.llm if gen_backend is not None else trainer.llm
+    res["trl_vllm_llm_kwargs"] = {"max_num_seqs": getattr(gen_backend, "max_num_seqs", None)}
     real_gen = llm.generate
 
     def gen(prompts, sampling_params=None, **kw):
@@ -663,7 +667,18 @@ def main(argv=None) -> int:
                     help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None,
                     help="default: benchmarks/results/grpo_recipe_<device>.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="write --out from these runs' results (same workload and device, "
+                         "variants run one per run) instead of running anything")
     args = ap.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out")
+        res = merge_results([Path(p) for p in args.merge])
+        write_json(Path(args.out), res)
+        print_summary(res)
+        print(f"wrote {args.out}")
+        return 0
     import torch
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -748,19 +763,72 @@ def main(argv=None) -> int:
                     side["extrapolation_error"] = error_text(e)
         res["variants"][v] = side
         save()
+    compare_variants(res)
+    save()
+    print_summary(res)
+    print(f"wrote {out}")
+    if not args.keep_workdir:
+        shutil.rmtree(wd, ignore_errors=True)
+    return 0
+
+
+def compare_variants(res: dict) -> None:
+    """The run's `recipe_extrapolation` (its fastest variant's) and `comparison_vs_trl_vllm`,
+    from `res["variants"]`."""
     ext = [(k, s["recipe_extrapolation"]) for k, s in res["variants"].items()
            if s.get("recipe_extrapolation")]
+    res.pop("recipe_extrapolation", None)
+    res.pop("comparison_vs_trl_vllm", None)
     if ext:
         best, e = min(ext, key=lambda kv: kv[1]["step_s_8xh100"])
         res["recipe_extrapolation"] = dict(e, from_variant=best)
-        if args.tiny:
+        if res["config"].get("tiny"):
             res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
     done = {k: s for k, s in res["variants"].items() if s.get("step_s")}
     if "trl_vllm" in done:
         res["comparison_vs_trl_vllm"] = {
             k: {"tokens_per_s_ratio": s["tokens_per_s_per_gpu"] / done["trl_vllm"]["tokens_per_s_per_gpu"]}
             for k, s in done.items() if k != "trl_vllm"}
-    save()
+
+
+# the arguments that define the workload: runs merged into one file must agree on them
+WORKLOAD_ARGS = ("tiny", "device", "llm_layers", "vision_layers", "prompts", "samples", "image",
+                 "min_pixels", "max_pixels", "len_median", "len_sigma", "len_cap", "length_unit",
+                 "update_samples", "micro_batch_tokens", "recompute", "kl", "recipe_gpus",
+                 "nccl_busbw", "easyr1_step_s")
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One results file from runs of the same workload on the same device, each of which ran
+    some of the variants (the device's per-run time limit fits one variant a run): a variant
+    run in a later file replaces an earlier one, a skipped one never replaces a run one."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for p, r in zip(paths[1:], runs[1:]):
+        diff = {k: (first["config"].get(k), r["config"].get(k)) for k in WORKLOAD_ARGS
+                if first["config"].get(k) != r["config"].get(k)}
+        if r.get("device") != first.get("device"):
+            diff["device name"] = (first.get("device"), r.get("device"))
+        if r.get("prep", {}).get("response_tokens_per_step") != \
+                first.get("prep", {}).get("response_tokens_per_step"):
+            diff["prep.response_tokens_per_step"] = (first.get("prep", {}).get("response_tokens_per_step"),
+                                                     r.get("prep", {}).get("response_tokens_per_step"))
+        if diff:
+            raise SystemExit(f"--merge: {p} is not the workload of {paths[0]}: {diff}")
+    res = dict(first, variants={}, merged_from=[
+        {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}
+        for p, r in zip(paths, runs)])
+    for r in runs:
+        for k, s in r.get("variants", {}).items():
+            if not s.get("skipped") or k not in res["variants"]:
+                res["variants"][k] = s
+        if r.get(FULL_DEPTH):
+            res[FULL_DEPTH] = r[FULL_DEPTH]
+    compare_variants(res)
+    return res
+
+
+def print_summary(res: dict) -> None:
     for k, s in res["variants"].items():
         print(k, json.dumps({x: s.get(x) for x in ("skipped", "step_s", "phases",
                                                       "tokens_per_s_per_gpu", "peak_mem_gib",
@@ -770,10 +838,6 @@ def main(argv=None) -> int:
         e = res["recipe_extrapolation"]
         print(f"recipe step on 8xH100 (estimate): {e['step_s_8xh100']:.1f} s = "
               f"{e['ratio']:.2f} x EasyR1's {e['easyr1_step_s']:.0f} s")
-    print(f"wrote {out}")
-    if not args.keep_workdir:
-        shutil.rmtree(wd, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -261,3 +261,41 @@ def test_memory_sites_group_live_blocks_by_the_projects_innermost_frame():
                            "?": 2})
     assert site_growth(sites, later) == [
         {"site": "ovlt/rollout/builtin.py:269 _decode_state", "mib": 3.0}]
+
+
+def test_merge_results_unites_variants_run_one_per_run(tmp_path):
+    b = _bench()
+    cfg = {k: 1 for k in b.WORKLOAD_ARGS}
+
+    def run(name, variants, **extra):
+        r = {"date": "2026-12-07", "device": "NVIDIA H100", "config": dict(cfg), "prep":
+             {"response_tokens_per_step": 190235}, "variants": variants, **extra}
+        p = tmp_path / name
+        p.write_text(json.dumps(r))
+        return p
+
+    ext = lambda s: {"step_s_8xh100": s, "ratio": s / 145.0, "easyr1_step_s": 145.0}  # noqa: E731
+    a = run("a.json", {"ovlt_builtin": {"step_s": 20.0, "tokens_per_s_per_gpu": 300.0,
+                                        "recipe_extrapolation": ext(75.0)},
+                       "ovlt_vllm": {"skipped": "no vllm"}, "trl_vllm": {"skipped": "no trl"}},
+            ovlt_builtin_rollout_28_layers={"summary": {"rollout_s": 34.0}})
+    v = run("v.json", {"ovlt_vllm": {"step_s": 18.0, "tokens_per_s_per_gpu": 330.0,
+                                     "recipe_extrapolation": ext(70.0)},
+                       "ovlt_builtin": {"skipped": "budget"}})
+    t = run("t.json", {"trl_vllm": {"step_s": 60.0, "tokens_per_s_per_gpu": 100.0}})
+    res = b.merge_results([a, v, t])
+    assert res["variants"]["ovlt_builtin"]["step_s"] == 20.0       # a skip never replaces a run
+    assert res["variants"]["ovlt_vllm"]["step_s"] == 18.0          # a run replaces a skip
+    assert res["variants"]["trl_vllm"]["step_s"] == 60.0
+    assert res["ovlt_builtin_rollout_28_layers"]["summary"]["rollout_s"] == 34.0
+    assert res["recipe_extrapolation"]["from_variant"] == "ovlt_vllm"
+    assert res["recipe_extrapolation"]["step_s_8xh100"] == 70.0
+    assert res["comparison_vs_trl_vllm"] == {"ovlt_builtin": {"tokens_per_s_ratio": 3.0},
+                                             "ovlt_vllm": {"tokens_per_s_ratio": 3.3}}
+    assert [m["file"] for m in res["merged_from"]] == ["a.json", "v.json", "t.json"]
+    other = run("o.json", {"trl_vllm": {"step_s": 1.0}})
+    r = json.loads(other.read_text())
+    r["config"]["llm_layers"] = 16
+    other.write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match="llm_layers"):
+        b.merge_results([a, other])
