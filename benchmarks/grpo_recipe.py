@@ -589,21 +589,22 @@ def side_main(args) -> int:
 def write_hf(args, wd: Path, weights: bool) -> dict:
     """The model as an HF directory: config + tokenizer (+ preprocessor) always, random bf16
     weights through the project's export path only when a variant loads them (TRL)."""
+    from transformers import Qwen2VLImageProcessor
     m = model_cfg(args)
     cfg_dir = wd / "hf_config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     write_hf_config(m, cfg_dir, args.device)
-    try:
-        from transformers import Qwen2VLImageProcessor
-        Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels) \
-            .save_pretrained(cfg_dir)
-    except Exception as e:  # noqa: BLE001 - vLLM then uses its defaults; recorded
-        return {"preprocessor_error": error_text(e)}
+    dirs = [cfg_dir]
     info = {}
     if weights:
         t0 = now()
         info = write_hf_dir(m, wd / "hf", args.device)
         info["seconds"] = now() - t0
+        dirs.append(wd / "hf")
+    # vLLM (ours and TRL's) builds its processor from the directory's preprocessor_config.json
+    for d in dirs:
+        Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels) \
+            .save_pretrained(d)
     return info
 
 

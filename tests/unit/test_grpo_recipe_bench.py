@@ -299,3 +299,17 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
     other.write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="llm_layers"):
         b.merge_results([a, other])
+
+
+def test_hf_dirs_carry_the_image_processor_vllm_builds_from(tmp_path):
+    """The config-only directory (ovlt's vLLM engine) and the weights directory (TRL's vLLM)
+    both hold preprocessor_config.json with the run's pixel bounds."""
+    b = _bench()
+    args = SimpleNamespace(tiny=True, device="cpu", min_pixels=3136, max_pixels=12544)
+    info = b.write_hf(args, tmp_path, weights=True)
+    assert info["params"] > 0
+    for d in ("hf_config", "hf"):
+        pp = json.loads((tmp_path / d / "preprocessor_config.json").read_text())
+        assert (pp.get("min_pixels"), pp.get("max_pixels")) == (3136, 12544) or \
+            pp["size"] == {"shortest_edge": 3136, "longest_edge": 12544}, pp
+        assert (tmp_path / d / "config.json").exists() and (tmp_path / d / "tokenizer.json").exists()

@@ -486,3 +486,22 @@ def test_worker_extension_loads_through_model_load_weights():
             torch.cuda.synchronize = w_sync
     assert stats == {"tensors": 1, "bytes": 8, "missing": ["b"]}
     assert torch.equal(w.model_runner.model.a, torch.ones(2))
+
+
+def test_engine_returns_torch_cached_blocks_before_every_wake(fake_vllm, tmp_path, monkeypatch):
+    """vLLM allocates through its own allocator: what torch caches after the update must go
+    back to the GPU before vLLM re-allocates its weights or KV cache."""
+    from ovlt.rollout.base import GenerationRequest, SamplingParams
+    from ovlt.rollout.vllm_engine import VLLMEngine
+    eng = VLLMEngine(_cfg(tmp_path))
+    llm = eng.llm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.calls.append(("empty_cache",)))
+    eng.sleep()
+    eng.wake()
+    eng.update_weights(iter([("a.weight", torch.zeros(1))]))
+    eng.generate([GenerationRequest(prompt_ids=[3, 4])], SamplingParams(max_new_tokens=2))
+    names = [c[0] for c in llm.calls]
+    assert names == ["sleep", "empty_cache", "wake_up", "collective_rpc", "reset_prefix_cache",
+                     "reset_encoder_cache", "empty_cache", "wake_up", "generate"]
+    assert [c[1] for c in llm.calls if c[0] == "wake_up"] == [["weights"], ["kv_cache"]]
