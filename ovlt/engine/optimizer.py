@@ -76,6 +76,21 @@ def inner_optimizers(opt) -> list:
     return list(getattr(opt, "chained_optimizers", None) or [opt])
 
 
+def unallocated_state_bytes(opt) -> int:
+    """Bytes of Adam moments (exp_avg, exp_avg_sq) the next step will still allocate: torch
+    and mcore create them lazily, so GPU memory measured before the first update misses them."""
+    total = 0
+    for o in inner_optimizers(opt):
+        torch_opt = getattr(o, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                if "exp_avg" not in torch_opt.state.get(p, {}):
+                    total += 2 * p.numel() * p.element_size()
+    return total
+
+
 class FusedAdamW(torch.optim.Optimizer):
     """AdamW over the fp32 main params of one mcore (Distributed)Optimizer, one
     `ovlt.kernels.fused_adamw_` call per tensor. Same param groups and state layout as torch's

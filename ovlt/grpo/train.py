@@ -139,7 +139,7 @@ class GRPOTrainer:
         from ovlt.rollout import make_engine
         from ovlt.engine.lr_schedule import LRSchedule
         from ovlt.engine.model_setup import build_vl_model, configure_fp8, wrap_model
-        from ovlt.engine.optimizer import build_optimizer
+        from ovlt.engine.optimizer import build_optimizer, unallocated_state_bytes
 
         t, o = self.cfg.grpo.train, self.cfg.grpo.optimizer
         model = build_vl_model(self.cfg, t.precision)
@@ -153,12 +153,20 @@ class GRPOTrainer:
         self.freeze = freeze
         from megatron.core import parallel_state as ps
         tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        # An engine with its own memory sized from what is free now must leave room for what
+        # the trainer allocates later: Adam moments (first update), the reference copy.
+        pending = unallocated_state_bytes(self.optimizer)
+        if self.ref is None and self.needs_reference() and self.cfg.grpo.ref_mode == "memory":
+            pending += sum(p.numel() * p.element_size() for p in model.parameters())
         self.engine = make_engine(self.cfg, model=self.bundle.module, tokenizer=self.tok,
-                                  tp_group=tp_group)
+                                  tp_group=tp_group, pending_bytes=pending)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.grpo.kl_coef != 0 or self.cfg.grpo.track_kl
 
     def make_reference(self):
         g = self.cfg.grpo
-        if g.kl_coef == 0 and not g.track_kl:
+        if not self.needs_reference():
             return None
         from ovlt.engine.model_setup import build_vl_model
         return Reference(g.ref_mode, self.bundle.module,

@@ -29,9 +29,12 @@ def vllm_available() -> bool:
 _VLLM_ENGINES: dict = {}
 
 
-def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> RolloutEngine:
+def make_engine(cfg, model=None, tokenizer=None, tp_group=None, pending_bytes: int = 0,
+                **kw) -> RolloutEngine:
     """`cfg`: the JobConfig (uses `rollout` and `model`). `model`: the trainer's mcore model
-    (required for the built-in engine, which shares its weights)."""
+    (required for the built-in engine, which shares its weights). `pending_bytes`: GPU memory
+    the trainer will still allocate and keep (optimizer states, a reference model), kept out
+    of vLLM's share when `rollout.gpu_memory_utilization` is 0 (measured)."""
     want = cfg.rollout.engine
     if want in ("auto", "vllm") and vllm_available():
         from ovlt.rollout.vllm_engine import VLLMEngine
@@ -57,7 +60,7 @@ def make_engine(cfg, model=None, tokenizer=None, tp_group=None, **kw) -> Rollout
                 return eng
             raise RuntimeError(f"this process already runs a vLLM engine for {eng.key}; vLLM "
                                f"cannot host a second one ({key}): run it in another process")
-        eng = VLLMEngine(cfg, tokenizer=tokenizer, **kw)
+        eng = VLLMEngine(cfg, tokenizer=tokenizer, pending_bytes=pending_bytes, **kw)
         eng.key = key
         _VLLM_ENGINES["engine"] = eng
         return eng

@@ -505,3 +505,33 @@ def test_engine_returns_torch_cached_blocks_before_every_wake(fake_vllm, tmp_pat
     assert names == ["sleep", "empty_cache", "wake_up", "collective_rpc", "reset_prefix_cache",
                      "reset_encoder_cache", "empty_cache", "wake_up", "generate"]
     assert [c[1] for c in llm.calls if c[0] == "wake_up"] == [["weights"], ["kv_cache"]]
+
+
+def test_pending_bytes_count_adam_moments_until_the_first_step(monkeypatch, tmp_path):
+    """What vLLM's measured share must leave free: the Adam moments torch creates at the
+    first step (8 bytes per fp32 parameter), none once they exist; make_engine hands the
+    amount to the vLLM engine only."""
+    import ovlt.rollout as rollout
+    import ovlt.rollout.vllm_engine as ve
+    from ovlt.engine.optimizer import unallocated_state_bytes
+    w, b = torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(7))
+    adam = torch.optim.AdamW([w, b], lr=1e-3)
+    mcore_like = types.SimpleNamespace(chained_optimizers=[types.SimpleNamespace(optimizer=adam),
+                                                           types.SimpleNamespace()])
+    assert unallocated_state_bytes(mcore_like) == 2 * 4 * (15 + 7)
+    (w.sum() + b.sum()).backward()
+    adam.step()
+    assert unallocated_state_bytes(mcore_like) == 0
+    got = {}
+
+    class Fake:
+        def __init__(self, cfg, tokenizer=None, **kw):
+            got.update(kw)
+            self.hf_dir = cfg.model.hf_path
+
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    monkeypatch.setattr(ve, "VLLMEngine", Fake)
+    monkeypatch.setattr(rollout, "_VLLM_ENGINES", {})
+    rollout.make_engine(_cfg(tmp_path, engine="auto"), model=torch.nn.Linear(1, 1),
+                        pending_bytes=12345)
+    assert got["pending_bytes"] == 12345
