@@ -76,19 +76,22 @@ def inner_optimizers(opt) -> list:
     return list(getattr(opt, "chained_optimizers", None) or [opt])
 
 
-def unallocated_state_bytes(opt) -> int:
-    """Bytes of Adam moments (exp_avg, exp_avg_sq) the next step will still allocate: torch
-    and mcore create them lazily, so GPU memory measured before the first update misses them."""
-    total = 0
+def _adam_params(opt):
+    """(torch optimizer, param group, param) for every param of the torch Adams in `opt`."""
     for o in inner_optimizers(opt):
         torch_opt = getattr(o, "optimizer", None)
         if torch_opt is None:
             continue
         for group in torch_opt.param_groups:
             for p in group["params"]:
-                if "exp_avg" not in torch_opt.state.get(p, {}):
-                    total += 2 * p.numel() * p.element_size()
-    return total
+                yield torch_opt, group, p
+
+
+def unallocated_state_bytes(opt) -> int:
+    """Bytes of Adam moments (exp_avg, exp_avg_sq) the next step will still allocate: torch
+    and mcore create them lazily, so GPU memory measured before the first update misses them."""
+    return sum(2 * p.numel() * p.element_size() for torch_opt, _, p in _adam_params(opt)
+               if "exp_avg" not in torch_opt.state.get(p, {}))
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -224,18 +227,13 @@ def ensure_optimizer_state(opt) -> None:
     """Materialise Adam state (zeros, step 0) for every param before building a *loading*
     sharded state dict: without apex/TE, mcore's DistributedOptimizer.state_dict() reads the
     `step` of each param state, which a fresh torch Adam does not have yet."""
-    for o in inner_optimizers(opt):
-        torch_opt = getattr(o, "optimizer", None)
-        if torch_opt is None:
-            continue
-        for group in torch_opt.param_groups:
-            for p in group["params"]:
-                st = torch_opt.state[p]
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(p.data)
-                    st["exp_avg_sq"] = torch.zeros_like(p.data)
-                if "step" not in st:
-                    # where torch itself would put it: on the param's device for fused kernels
-                    on_dev = group.get("fused") or group.get("capturable")
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32,
-                                              device=p.device if on_dev else "cpu")
+    for torch_opt, group, p in _adam_params(opt):
+        st = torch_opt.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p.data)
+            st["exp_avg_sq"] = torch.zeros_like(p.data)
+        if "step" not in st:
+            # where torch itself would put it: on the param's device for fused kernels
+            on_dev = group.get("fused") or group.get("capturable")
+            st["step"] = torch.tensor(0.0, dtype=torch.float32,
+                                      device=p.device if on_dev else "cpu")
