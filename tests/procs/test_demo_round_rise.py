@@ -10,7 +10,7 @@ same held-out prompts and sampling seed for the SFT model and the GRPO model, sc
 trainer scores rollouts; `ovlt.iterate.probe`). Numbers come from `summary.json`. The run is
 seeded end to end; measured on 2 cores: probe 0.597 -> 0.617 over 149 prompts x 8 samples (+3.7 se,
 samples paired by seed; +2.5 se unpaired), held-out 60 % against the constant answer's 15 %.
-About 6-9 min on 2 cores.
+About 5-9 min on 2 cores.
 """
 from __future__ import annotations
 
