@@ -121,22 +121,36 @@ def segment_permutation(cu_seqlens: torch.Tensor, total: int, device):
     return to_device_async(pos, device), to_device_async(rows, device)
 
 
+def segment_plan(cu_seqlens: torch.Tensor, total: int, device, permutation=None) -> dict:
+    """`varlen_attention`'s `groups` and `permutation` for `cu_seqlens` (host copy preferred;
+    cache the result per batch). Segments covering every token: one length group is read as a
+    view (no permutation needed), several go through `segment_permutation`; tokens outside
+    every segment, or `permutation=False`, take the per-group path with token indexes."""
+    cu = cu_seqlens.cpu() if cu_seqlens.is_cuda else cu_seqlens  # one host sync, not one a call
+    if permutation is None:
+        groups = segment_groups(cu, device, index=False)
+        if sum(n * length for length, n, _, _ in groups) == total:
+            if len(groups) == 1:
+                return {"groups": groups, "permutation": False}
+            return {"groups": groups, "permutation": segment_permutation(cu, total, device)}
+    return {"groups": segment_groups(cu, device), "permutation": False}
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float, dropout: float = 0.0,
                      backend: str = "sdpa", max_seqlen: Optional[int] = None, groups=None,
                      permutation=None):
     """Attention inside the segments of `cu_seqlens`. q [T, h, d], k/v [T, g, d] -> [T, h, d].
-    `groups` / `permutation`: `segment_groups` / `segment_permutation` of `cu_seqlens` when
-    already known (False: not computed, use the per-group path)."""
+    `groups` / `permutation`: `segment_plan` of `cu_seqlens` when already known
+    (`permutation=False` alone: use the per-group path)."""
     if backend == "flash" and q.is_cuda:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu[1:] - cu[:-1]).max())
         return _flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout,
                              softmax_scale=scale, causal=causal)
-    if permutation is None:
-        permutation = segment_permutation(cu_seqlens, q.shape[0], q.device) or False
-    if groups is None:
-        groups = segment_groups(cu_seqlens, q.device, index=not permutation)
+    if groups is None or permutation is None:
+        plan = segment_plan(cu_seqlens, q.shape[0], q.device, permutation)
+        groups, permutation = plan["groups"], plan["permutation"]
     if len(groups) == 1 and groups[0][0] * groups[0][1] == q.shape[0]:
         length, n, _, _ = groups[0]  # one group covering every token (back to back): a view
         o = _sdpa(*(_gather(t, length, n, None, 0) for t in (q, k, v)), causal, scale, dropout)
@@ -201,10 +215,7 @@ class OvltCoreAttention(MegatronModule):
             host = getattr(packed_seq_params, "host_" + ("cu_window_seqlens" if self.window
                                                           else "cu_seqlens_q"), None)
             host = host if host is not None else cu.cpu()
-            perm = segment_permutation(host, total, device) or False
-            # token indexes per group only for the per-group path (tokens outside every segment)
-            cached = (cu, {"groups": segment_groups(host, device, index=not perm),
-                           "permutation": perm})
+            cached = (cu, segment_plan(host, total, device))
             setattr(packed_seq_params, key, cached)
         return cached[1]
 
