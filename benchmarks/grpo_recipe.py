@@ -803,7 +803,14 @@ def merge_results(paths: list[Path]) -> dict:
     """One results file from runs of the same workload on the same device, each of which ran
     some of the variants (the device's per-run time limit fits one variant a run): a variant
     run in a later file replaces an earlier one, a skipped one never replaces a run one."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: {p}: not a readable results file ({e})") from None
+        if not isinstance(runs[-1].get("variants"), dict) or "config" not in runs[-1]:
+            raise SystemExit(f"--merge: {p}: not a grpo_recipe results file (no config / variants)")
     first = runs[0]
     for p, r in zip(paths[1:], runs[1:]):
         diff = {k: (first["config"].get(k), r["config"].get(k)) for k in WORKLOAD_ARGS

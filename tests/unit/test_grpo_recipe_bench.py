@@ -299,6 +299,14 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
     other.write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="llm_layers"):
         b.merge_results([a, other])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json: not a readable results file"):
+        b.merge_results([a, tmp_path / "bad.json"])
+    (tmp_path / "other.json").write_text(json.dumps({"steps": []}))
+    with pytest.raises(SystemExit, match="other.json: not a grpo_recipe results file"):
+        b.merge_results([tmp_path / "other.json"])
+    with pytest.raises(SystemExit, match="missing.json: not a readable"):
+        b.merge_results([tmp_path / "missing.json"])
 
 
 def test_hf_dirs_carry_the_image_processor_vllm_builds_from(tmp_path):
