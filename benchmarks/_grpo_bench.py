@@ -167,6 +167,7 @@ def write_hf_dir(m, out: Path, device: str) -> dict:
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
     sd, n = {}, 0
     for name, shape in mcore_shapes(m, 1, 1, 0).items():
         if len(shape) == 1:
@@ -176,12 +177,14 @@ def write_hf_dir(m, out: Path, device: str) -> dict:
             t = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
         sd[name] = t
         n += t.numel()
+    t1 = time.perf_counter()
     writer = HFCheckpointWriter(out)
     for hf_name, full in mcore_to_hf({(0, 0): sd}, m, 1, 1):
         writer.add(hf_name, full)
     writer.close()
     write_hf_config(m, out, device)
-    return {"params": n, "dtype": str(dtype)}
+    return {"params": n, "dtype": str(dtype), "draw_s": t1 - t0,
+            "convert_and_write_s": time.perf_counter() - t1}
 
 
 # ---------------------------------------------------------------------------------- TRL inputs

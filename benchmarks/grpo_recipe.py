@@ -73,7 +73,9 @@ from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # 
                                     write_hf_dir, write_json, write_rl_parquet)
 
 VARIANTS = ("ovlt_builtin", "ovlt_vllm", "trl_vllm")
-FULL_DEPTH = "ovlt_builtin_rollout_28_layers"  # a side of ovlt_builtin: its rollout at full depth
+# a side of each ovlt variant: its engine's rollout alone at the recipe's 28 layers
+FULL_DEPTH = {"ovlt_builtin": "ovlt_builtin_rollout_28_layers",
+              "ovlt_vllm": "ovlt_vllm_rollout_28_layers"}
 GiB = float(1 << 30)
 
 
@@ -246,12 +248,14 @@ def run_ovlt(args, wd: Path, res: dict, save, engine: str):
                    memory_sites=bool(args.memory_sites))
 
 
-def run_rollout_full_depth(args, wd: Path, res: dict, save):
-    """The built-in engine alone with the recipe's 28 LLM layers (bf16, no optimizer, no
+def run_rollout_full_depth(args, wd: Path, res: dict, save, engine: str):
+    """The variant's engine alone with the recipe's 28 LLM layers (bf16, no optimizer, no
     reference: what a trainer's 8 layers leave room for is not the question here) on the
     trainer's own requests and sampling for steps 1..`--rollout-reps`: the rollout phase
     measured at full depth, not scaled from the trainer's run. Timed like the trainer's
-    phase: requests built, generate, engine asleep."""
+    phase: requests built, generate, engine asleep. vLLM gets random weights of its own
+    (`load_format="dummy"`, a 28-layer config directory) and `--full-depth-vllm-mem` of the
+    GPU: room for every sequence's KV at once, as the built-in engine's slots have."""
     import torch
 
     from ovlt.distributed import destroy_distributed, init_distributed
@@ -264,15 +268,24 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save):
     dev = args.device
     prep = json.loads((wd / "prep.json").read_text())
     layers = args.llm_layers if args.tiny else recipe_model_cfg().num_layers
-    cfg, _ = ovlt_config(args, wd, "builtin", f"model.num_layers={layers}")
-    setup_logging(str(wd / "run_rollout_full_depth" / "logs"))
+    extra = [f"model.num_layers={layers}"]
+    if engine == "vllm":
+        extra.append(f"rollout.gpu_memory_utilization={args.full_depth_vllm_mem}")
+    cfg, _ = ovlt_config(args, wd, engine, *extra)
+    setup_logging(str(wd / f"run_rollout_full_depth_{engine}" / "logs"))
     init_distributed(cfg.parallel, seed=cfg.grpo.train.seed)
     trainer = None
     try:
         torch.manual_seed(0)
         trainer = GRPOTrainer(cfg)  # its tokenizer, images and prompt stream; no model
-        model = build_vl_model(cfg, cfg.grpo.train.precision).eval()
-        eng = trainer.engine = make_engine(cfg, model=model, tokenizer=trainer.tok)
+        if engine == "vllm":
+            hf_dir = wd / f"hf_config_{layers}_layers"
+            write_config_dir(args, dataclasses.replace(model_cfg(args), num_layers=layers), hf_dir)
+            eng = make_engine(cfg, tokenizer=trainer.tok, hf_dir=str(hf_dir), load_format="dummy")
+        else:
+            model = build_vl_model(cfg, cfg.grpo.train.precision).eval()
+            eng = make_engine(cfg, model=model, tokenizer=trainer.tok)
+        trainer.engine = eng
         lengths = ExactLengths(eng, prep["lengths"], args.length_unit, trainer.tok)
         res.update(llm_layers=layers, engine=type(eng).__name__, steps=[])
         pos = PromptPosition()
@@ -539,8 +552,8 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
             "+ update x (F_vis,up + 3 F_head + 3x28 F_layer) / (F_vis,up + 3 F_head + 3 L F_layer) "
             "+ sync x params(28) / params(L) + updates x (4 + 2) bytes x params(28) x (N-1)/N / "
             "busbw. The recipe's 512 x 5 samples on 8 GPUs give each GPU exactly this run's 320 "
-            "samples, so only depth and communication are scaled. rollout(28) = the built-in "
-            "engine's rollout measured with all 28 layers on the same requests "
+            "samples, so only depth and communication are scaled. rollout(28) = the variant's "
+            "engine's rollout measured alone with all 28 layers on the same requests "
             "(rollout_measured_at_28_layers), else the trainer's rollout x (B_head + 28 B_layer) "
             "/ (B_head + L B_layer), B_layer = one layer's bf16 weights + the KV of every decode "
             "slot at the mean context (prompt + half the mean response), B_head = LM head "
@@ -579,32 +592,38 @@ def side_main(args) -> int:
     def body(res, save):
         if args.variant == "trl_vllm":
             run_trl_vllm(args, wd, res, save)
-        elif args.variant == FULL_DEPTH:
-            run_rollout_full_depth(args, wd, res, save)
+        elif args.variant in FULL_DEPTH.values():
+            engine = "vllm" if args.variant == FULL_DEPTH["ovlt_vllm"] else "builtin"
+            run_rollout_full_depth(args, wd, res, save, engine)
         else:
             run_ovlt(args, wd, res, save, "builtin" if args.variant == "ovlt_builtin" else "vllm")
     return run_recorded(wd / f"variant_{args.variant}.json", {"variant": args.variant}, body)
 
 
-def write_hf(args, wd: Path, weights: bool) -> dict:
-    """The model as an HF directory: config + tokenizer (+ preprocessor) always, random bf16
-    weights through the project's export path only when a variant loads them (TRL)."""
+def write_image_processor(args, d: Path) -> None:
+    """vLLM (ours and TRL's) builds its processor from the directory's preprocessor_config.json."""
     from transformers import Qwen2VLImageProcessor
+    Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels).save_pretrained(d)
+
+
+def write_config_dir(args, m, d: Path) -> None:
+    """An HF directory without weights (vLLM's dummy load): config, tokenizer, preprocessor."""
+    d.mkdir(parents=True, exist_ok=True)
+    write_hf_config(m, d, args.device)
+    write_image_processor(args, d)
+
+
+def write_hf(args, wd: Path, weights: bool) -> dict:
+    """The model as an HF directory: config + tokenizer + preprocessor always, random bf16
+    weights through the project's export path only when a variant loads them (TRL)."""
     m = model_cfg(args)
-    cfg_dir = wd / "hf_config"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    write_hf_config(m, cfg_dir, args.device)
-    dirs = [cfg_dir]
+    write_config_dir(args, m, wd / "hf_config")
     info = {}
     if weights:
         t0 = now()
         info = write_hf_dir(m, wd / "hf", args.device)
         info["seconds"] = now() - t0
-        dirs.append(wd / "hf")
-    # vLLM (ours and TRL's) builds its processor from the directory's preprocessor_config.json
-    for d in dirs:
-        Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels) \
-            .save_pretrained(d)
+        write_image_processor(args, wd / "hf")
     return info
 
 
@@ -662,9 +681,13 @@ def main(argv=None) -> int:
                     help="a config override for the ovlt variants (repeatable), e.g. "
                          "rollout.compile_decode=false")
     ap.add_argument("--rollout-reps", type=int, default=2,
-                    help="with ovlt_builtin: rollouts of the engine alone at 28 LLM layers, for "
-                         "the extrapolation (step 1 compiles; 0: scale the trainer's rollout)")
-    ap.add_argument("--variant", default=None, choices=(*VARIANTS, FULL_DEPTH),
+                    help="with ovlt_builtin / ovlt_vllm: rollouts of its engine alone at 28 LLM "
+                         "layers, for the extrapolation (step 1 compiles; 0: scale the trainer's "
+                         "rollout)")
+    ap.add_argument("--full-depth-vllm-mem", type=float, default=0.6,
+                    help="vLLM's gpu_memory_utilization in its 28-layer rollout (weights 16.6 GB "
+                         "+ every sequence's KV at once: ~18 GB at the default workload)")
+    ap.add_argument("--variant", default=None, choices=(*VARIANTS, *FULL_DEPTH.values()),
                     help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None,
                     help="default: benchmarks/results/grpo_recipe_<device>.json")
@@ -745,14 +768,14 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             side["summary_error"] = error_text(e)
         left = args.time_budget - (now() - start) - 5.0
-        if v == "ovlt_builtin" and summ and args.rollout_reps > 0 and left >= 30:
+        if v in FULL_DEPTH and summ and args.rollout_reps > 0 and left >= 30:
             fd = run_child(Path(__file__).resolve(),
-                           [*passthrough, "--variant", FULL_DEPTH, "--workdir", str(wd),
+                           [*passthrough, "--variant", FULL_DEPTH[v], "--workdir", str(wd),
                             "--device", args.device, "--llm-layers", str(args.llm_layers)],
-                           wd, f"variant_{FULL_DEPTH}", FULL_DEPTH,
+                           wd, f"variant_{FULL_DEPTH[v]}", FULL_DEPTH[v],
                            max(5.0, min(args.variant_timeout, left)), 2000)
             full = rollout_full_depth_summary(fd)
-            res[FULL_DEPTH] = dict(fd, summary=full)
+            res[FULL_DEPTH[v]] = dict(fd, summary=full)
         if summ:
             side.update(summ)
             if v.startswith("ovlt"):
@@ -830,8 +853,9 @@ def merge_results(paths: list[Path]) -> dict:
         for k, s in r.get("variants", {}).items():
             if not s.get("skipped") or k not in res["variants"]:
                 res["variants"][k] = s
-        if r.get(FULL_DEPTH):
-            res[FULL_DEPTH] = r[FULL_DEPTH]
+        for side in FULL_DEPTH.values():
+            if r.get(side):
+                res[side] = r[side]
     compare_variants(res)
     return res
 

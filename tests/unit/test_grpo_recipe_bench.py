@@ -281,13 +281,15 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
             ovlt_builtin_rollout_28_layers={"summary": {"rollout_s": 34.0}})
     v = run("v.json", {"ovlt_vllm": {"step_s": 18.0, "tokens_per_s_per_gpu": 330.0,
                                      "recipe_extrapolation": ext(70.0)},
-                       "ovlt_builtin": {"skipped": "budget"}})
+                       "ovlt_builtin": {"skipped": "budget"}},
+            ovlt_vllm_rollout_28_layers={"summary": {"rollout_s": 25.0}})
     t = run("t.json", {"trl_vllm": {"step_s": 60.0, "tokens_per_s_per_gpu": 100.0}})
     res = b.merge_results([a, v, t])
     assert res["variants"]["ovlt_builtin"]["step_s"] == 20.0       # a skip never replaces a run
     assert res["variants"]["ovlt_vllm"]["step_s"] == 18.0          # a run replaces a skip
     assert res["variants"]["trl_vllm"]["step_s"] == 60.0
     assert res["ovlt_builtin_rollout_28_layers"]["summary"]["rollout_s"] == 34.0
+    assert res["ovlt_vllm_rollout_28_layers"]["summary"]["rollout_s"] == 25.0
     assert res["recipe_extrapolation"]["from_variant"] == "ovlt_vllm"
     assert res["recipe_extrapolation"]["step_s_8xh100"] == 70.0
     assert res["comparison_vs_trl_vllm"] == {"ovlt_builtin": {"tokens_per_s_ratio": 3.0},
@@ -321,3 +323,21 @@ def test_hf_dirs_carry_the_image_processor_vllm_builds_from(tmp_path):
         assert (pp.get("min_pixels"), pp.get("max_pixels")) == (3136, 12544) or \
             pp["size"] == {"shortest_edge": 3136, "longest_edge": 12544}, pp
         assert (tmp_path / d / "config.json").exists() and (tmp_path / d / "tokenizer.json").exists()
+
+
+def test_full_depth_vllm_reads_a_28_layer_config_directory(tmp_path):
+    """vLLM's 28-layer rollout loads dummy weights of the shape its directory states: the
+    recipe's depth and the 7B widths, with the tokenizer and the image processor beside."""
+    import dataclasses
+    b = _bench()
+    args = b.main.__globals__["argparse"].Namespace(
+        tiny=False, llm_layers=8, vision_layers=32, device="cpu", min_pixels=3136,
+        max_pixels=262144)
+    m = dataclasses.replace(b.model_cfg(args), num_layers=28)
+    b.write_config_dir(args, m, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    assert text["num_hidden_layers"] == 28 and text["hidden_size"] == 3584
+    pre = json.loads((tmp_path / "d" / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"longest_edge": 262144, "shortest_edge": 3136}
+    assert (tmp_path / "d" / "tokenizer_config.json").exists()
