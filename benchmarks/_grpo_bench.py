@@ -157,16 +157,27 @@ def write_hf_config(m, out: Path, device: str) -> None:
 
 def write_hf_dir(m, out: Path, device: str) -> dict:
     """Random-init weights of `m` streamed through the project's export path into an HF dir
-    (bf16 when the run is on CUDA). Drawn on the CPU: the parent process that writes them then
-    holds no GPU memory while the sides it starts run (a 7B-wide embedding left cached there
-    took 2.6 GiB from the side's card)."""
+    (bf16 when the run is on CUDA). On CUDA they are drawn on the GPU in a process of their
+    own: the CPU draw took 115 s for 3.6 B bf16 values on the GPU machine, and the parent that
+    starts the sides must hold no GPU memory while they run (a 7B-wide embedding left cached
+    there took 2.6 GiB from the side's card; a CUDA context alone ~0.5 GiB)."""
+    if device == "cuda":
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return ex.submit(_write_hf_dir, m, out, device, "cuda").result()
+    return _write_hf_dir(m, out, device, "cpu")
+
+
+def _write_hf_dir(m, out: Path, device: str, draw_on: str) -> dict:
     import torch
 
     from ovlt.models.qwen2_5_vl.checkpoint_io import HFCheckpointWriter
     from ovlt.models.qwen2_5_vl.state_dict_adapter import mcore_shapes, mcore_to_hf
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=draw_on).manual_seed(0)
     t0 = time.perf_counter()
     sd, n = {}, 0
     for name, shape in mcore_shapes(m, 1, 1, 0).items():
@@ -174,7 +185,7 @@ def write_hf_dir(m, out: Path, device: str) -> dict:
             val = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
             t = torch.full(shape, val, dtype=dtype)
         else:
-            t = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+            t = torch.empty(shape, dtype=dtype, device=draw_on).normal_(0.0, 0.02, generator=gen).cpu()
         sd[name] = t
         n += t.numel()
     t1 = time.perf_counter()
@@ -183,7 +194,7 @@ def write_hf_dir(m, out: Path, device: str) -> dict:
         writer.add(hf_name, full)
     writer.close()
     write_hf_config(m, out, device)
-    return {"params": n, "dtype": str(dtype), "draw_s": t1 - t0,
+    return {"params": n, "dtype": str(dtype), "drawn_on": draw_on, "draw_s": t1 - t0,
             "convert_and_write_s": time.perf_counter() - t1}
 
 
@@ -403,18 +414,54 @@ def site_growth(before: dict, after: dict, top: int = 12) -> list:
     return [{"site": k, "mib": d / 2 ** 20} for k, d in grown[:top]]
 
 
+class DeviceUsedPeak:
+    """The GPU's own used memory (total - free, every process and allocator), sampled every
+    `period_s` from a thread between `start` and `stop`: torch's counters miss memory outside
+    its allocator and count vLLM's sleeping pool (its tensors stay allocated to torch while
+    their physical memory is released), so a colocated vLLM needs this reading too."""
+
+    def __init__(self, period_s: float = 0.02):
+        self.period_s, self.peak, self._stop, self._thread = period_s, 0, None, None
+
+    def _used(self) -> int:
+        import torch
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def start(self) -> None:
+        import threading
+        self.peak = self._used()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.period_s):
+                self.peak = max(self.peak, self._used())
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        """The peak in GiB since `start`."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        return max(self.peak, self._used()) / 2 ** 30
+
+
 class PhaseMemory:
     """Peak allocated GPU memory per phase of a trainer step (the functions a phase calls are
     wrapped with `wrap`) and over the whole step. torch's peak counter is reset around each
     wrapped call, so the step's own peak is kept here: the largest of the phase peaks, what
     accrued between them, and the trainer's own meter (`mem_gb`: it resets the counter at the
     step's end). `end_step` also reads what the step left allocated (the caller drops the
-    step's result first). Nothing on the CPU."""
+    step's result first) and the device's own used peak (`DeviceUsedPeak`). Nothing on the
+    CPU."""
 
     def __init__(self, dev: str):
         self.on = dev == "cuda"
         self.peaks: dict = {}
         self.between = 0.0
+        self.device_used = DeviceUsedPeak()
 
     def _read_reset(self) -> float:
         import torch
@@ -426,6 +473,7 @@ class PhaseMemory:
         self.peaks, self.between = {}, 0.0
         if self.on:
             self._read_reset()
+            self.device_used.start()
 
     def wrap(self, name: str, fn):
         if not self.on:
@@ -449,7 +497,8 @@ class PhaseMemory:
         tail = self._read_reset()
         peak = max([tail, self.between, trainer_peak_gib or 0.0, *self.peaks.values()])
         return {"peak_mem_gib": peak, "phase_peak_mem_gib": dict(self.peaks),
-                "mem_after_step_gib": torch.cuda.memory_allocated() / 2 ** 30}
+                "mem_after_step_gib": torch.cuda.memory_allocated() / 2 ** 30,
+                "device_used_peak_gib": self.device_used.stop()}
 
 
 def steady_state(per_step_peaks: list) -> dict:
@@ -593,7 +642,9 @@ def run_ovlt_steps(cfg, dev: str, res: dict, save, *, steps: int, log_dir, label
                  "vision_encodes_logprob": rec.get("vision_encodes_logprob"),
                  "vision_encodes_update": rec.get("vision_encodes_update"),
                  "torch_compiles": rec.get("torch_compiles"),
-                 "reward_batches": rec.get("reward_batches")}
+                 "reward_batches": rec.get("reward_batches"),
+                 "engine_logprob_diff_mean": rec.get("engine_logprob_diff_mean"),
+                 "engine_logprob_diff_max": rec.get("engine_logprob_diff_max")}
             if alloc:
                 s["allocator"] = alloc
             if prof_rec is not None:

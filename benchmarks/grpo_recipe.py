@@ -255,7 +255,10 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save, engine: str):
     measured at full depth, not scaled from the trainer's run. Timed like the trainer's
     phase: requests built, generate, engine asleep. vLLM gets random weights of its own
     (`load_format="dummy"`, a 28-layer config directory) and `--full-depth-vllm-mem` of the
-    GPU: room for every sequence's KV at once, as the built-in engine's slots have."""
+    GPU: room for every sequence's KV at once, as the built-in engine's slots have. It stays
+    awake between rollouts (its level-2 sleep discards weights, and these come from no
+    trainer), its prefix and encoder caches dropped after each as a weight update drops
+    them; the trainer's runs time its sleep (~0.3 s) in their rollout phase."""
     import torch
 
     from ovlt.distributed import destroy_distributed, init_distributed
@@ -296,7 +299,8 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save, engine: str):
             t = now()
             batch = trainer.step_requests(step, pos)
             comps = eng.generate(batch.requests, batch.params)
-            eng.sleep()
+            if engine != "vllm":
+                eng.sleep()
             device_sync(dev)
             pos = batch.next_position
             rec = {"step": step + 1, "rollout_s": now() - t,
@@ -306,6 +310,8 @@ def run_rollout_full_depth(args, wd: Path, res: dict, save, engine: str):
                    "engine_stats": dict(getattr(eng, "last_stats", {}) or {})}
             if dev == "cuda":
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / GiB
+            if engine == "vllm":
+                eng.reset_caches()
             res["steps"].append(rec)
             save()
     finally:
@@ -329,6 +335,16 @@ def rollout_full_depth_summary(side: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------- TRL + vLLM
+def as_number(v):
+    """A logged value as a float (printing callbacks may have made it a string), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def run_trl_vllm(args, wd: Path, res: dict, save):
     """TRL's GRPOTrainer, vLLM colocated (TRL's documented fast set-up for one node), on the
     same HF weights, prompts and lengths. A TRL step = one generation of 320 samples and its
@@ -345,6 +361,8 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
     res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__}
     t0 = now()
     proc, ds, model = trl_inputs(args, wd, torch.bfloat16)
+    res["inputs_seconds"] = now() - t0
+    save()
     n_gen = args.prompts * args.samples
     micro = args.trl_micro_batch
     if args.update_samples % micro:
@@ -373,9 +391,19 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
             device_sync(dev)
             torch.cuda.reset_peak_memory_stats()
 
+        def on_log(self, a, s, c, logs=None, **kw):
+            # TRL's own numbers per optimizer step, as it logs them (step_time, loss,
+            # grad_norm, its vLLM-vs-trainer log-prob gap and importance-sampling ratio):
+            # saved as they come, so a run cut short still shows how far it got
+            res.setdefault("trl_logs", []).append(
+                {k: n for k, n in ((k, as_number(v)) for k, v in (logs or {}).items())
+                 if n is not None})
+            save()
+
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[math_reward_fn], args=cfg,
                               train_dataset=ds, processing_class=proc, callbacks=[StepTimer()])
     res["init_seconds"] = now() - t0
+    save()
     flat = [c for cs in prep["lengths"] for c in cs]
     gen_backend = getattr(trainer, "vllm_generation", None)  # TRL >= 1.x keeps vLLM there
     llm = gen_backend.llm if gen_backend is not None else trainer.llm
@@ -437,8 +465,35 @@ def run_trl_vllm(args, wd: Path, res: dict, save):
 
 
 # ---------------------------------------------------------------------------------- summary
-def summarize(side: dict, prep: dict) -> dict | None:
+def trl_step_from_logs(side: dict, updates_per_step: int) -> dict | None:
+    """A TRL step from its own per-optimizer-step log (`step_time`): its last generation's
+    optimizer step (the generation + the first update; the first generation's only when it is
+    the one logged, warm-up in) + the rest of the step's updates at the median of the updates
+    logged without a generation. For a run cut short before its second step ends (TRL's start
+    and first step take most of a 10-minute device call)."""
+    logs = [x for x in side.get("trl_logs", []) if "step_time" in x]
+    gen = [x["step_time"] for x in logs if "completions/mean_length" in x]
+    upd = [x["step_time"] for x in logs if "completions/mean_length" not in x]
+    if not gen or (updates_per_step > 1 and not upd):
+        return None
+    rest = statistics.median(upd) if upd else 0.0
+    return {"step_s": gen[-1] + (updates_per_step - 1) * rest, "generation_steps_logged": len(gen),
+            "generation_step_s": gen, "update_step_s_median": rest,
+            "warm": len(gen) > 1}
+
+
+def summarize(side: dict, prep: dict, updates_per_step: int = 4) -> dict | None:
     steps, timed = finished_steps(side)
+    est = trl_step_from_logs(side, updates_per_step) if len(steps) < 2 else None
+    if est is not None and (not steps or est["warm"]):
+        out = {"step_s": est["step_s"], "step_s_from_trl_logs": est,
+               "NOTE": "fewer than 2 steps finished inside the run's time: the step is TRL's "
+                       "own log of its optimizer steps (see step_s_from_trl_logs)"}
+        out["total_tokens"] = prep["response_tokens_per_step"] + \
+            sum(len(x) for x in prep["lengths"]) * prep["prompt_tokens_mean"]
+        out["tokens_per_s_per_gpu"] = out["total_tokens"] / out["step_s"]
+        out.update(sampler_trainer_gap(side, []))
+        return out
     if not steps:
         return None
     med = statistics.median
@@ -463,6 +518,9 @@ def summarize(side: dict, prep: dict) -> dict | None:
     if later:
         out["peak_mem_gib"] = max(later)
     out.update(steady_state(per_step))
+    used = [s.get("device_used_peak_gib") for s in steps[1:] if s.get("device_used_peak_gib")]
+    if used:  # the GPU's own: torch's peak counts a colocated vLLM's sleeping pool too
+        out["device_used_peak_gib"] = max(used)
     out.update(logprob_and_compile_stats(timed))
     for k in ("logprob_old_tokens", "logprob_ref_tokens", "vision_encodes_logprob",
               "vision_encodes_update"):
@@ -472,12 +530,39 @@ def summarize(side: dict, prep: dict) -> dict | None:
     if out.get("logprob_old_us_per_token") and out.get("logprob_ref_us_per_token"):
         out["logprob_old_over_ref_per_token"] = \
             out["logprob_old_us_per_token"] / out["logprob_ref_us_per_token"]
+    out.update(sampler_trainer_gap(side, timed))
     cut = sum(s.get("lengths_truncated_by_benchmark") or 0 for s in steps)
     if cut:
         out["WARNING"] = (f"{cut} completions were longer than their drawn length (the engine "
                           "ignores per-request max_new_tokens) and were cut by the benchmark: "
                           "the rollout decoded more than the workload")
     return out
+
+
+TRL_GAP_KEYS = {"sampling/sampling_logp_difference/mean": "logprob_diff_mean",
+                "sampling/sampling_logp_difference/max": "logprob_diff_max",
+                "sampling/importance_sampling_ratio/mean": "trl_importance_sampling_ratio_mean"}
+
+
+def sampler_trainer_gap(side: dict, timed: list) -> dict:
+    """How far the engine's log-probs of its own samples are from the trainer's (the same
+    weights: only numerics should part them), as `sampler_vs_trainer`: ovlt's steps report
+    |trainer - engine| per loss token (median over the timed steps; max = the largest); TRL
+    logs its own at each generation (mean over them)."""
+    ours = [s["engine_logprob_diff_mean"] for s in timed if s.get("engine_logprob_diff_mean") is not None]
+    if ours:
+        return {"sampler_vs_trainer": {
+            "logprob_diff_mean": statistics.median(ours),
+            "logprob_diff_max": max(s.get("engine_logprob_diff_max") or 0.0 for s in timed)}}
+    logs = [x for x in side.get("trl_logs", []) if TRL_GAP_KEYS.keys() & x.keys()]
+    if not logs:
+        return {}
+    gap = {}
+    for k, name in TRL_GAP_KEYS.items():
+        vals = [x[k] for x in logs if k in x]
+        if vals:
+            gap[name] = max(vals) if name.endswith("_max") else statistics.fmean(vals)
+    return {"sampler_vs_trainer": gap}
 
 
 def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
@@ -764,7 +849,8 @@ def main(argv=None) -> int:
                          wd, f"variant_{v}", v, max(5.0, min(args.variant_timeout, left)), 2000)
         summ = full = None
         try:
-            summ = summarize(side, res["prep"])
+            summ = summarize(side, res["prep"],
+                             math.ceil(args.prompts * args.samples / args.update_samples))
         except Exception as e:  # noqa: BLE001
             side["summary_error"] = error_text(e)
         left = args.time_budget - (now() - start) - 5.0
@@ -808,6 +894,11 @@ def compare_variants(res: dict) -> None:
         res["recipe_extrapolation"] = dict(e, from_variant=best)
         if res["config"].get("tiny"):
             res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
+    for s in res["variants"].values():  # a variant that ran without a timed step says why
+        if not s.get("step_s") and not s.get("skipped") and "rc" in s:
+            s["not_timed"] = (f"no step finished and none could be taken from its logs: the run "
+                              f"ended with rc={s['rc']} after {s.get('wall_seconds') or 0:.0f} s "
+                              "(see error / log_tail)")
     done = {k: s for k, s in res["variants"].items() if s.get("step_s")}
     if "trl_vllm" in done:
         res["comparison_vs_trl_vllm"] = {
@@ -864,7 +955,7 @@ def print_summary(res: dict) -> None:
     for k, s in res["variants"].items():
         print(k, json.dumps({x: s.get(x) for x in ("skipped", "step_s", "phases",
                                                       "tokens_per_s_per_gpu", "peak_mem_gib",
-                                                      "per_step_peak_mem_gib")
+                                                      "per_step_peak_mem_gib", "device_used_peak_gib")
                              if s.get(x) is not None}), (s.get("error") or "")[:300])
     if res.get("recipe_extrapolation"):
         e = res["recipe_extrapolation"]

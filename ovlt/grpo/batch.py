@@ -51,6 +51,9 @@ class RLMicroBatch:
     image_grid_thw: Optional[torch.Tensor] = None
     old_logprobs: Optional[torch.Tensor] = None   # [1, T], filled by the log-prob pass
     ref_logprobs: Optional[torch.Tensor] = None
+    # [1, T] the rollout engine's log-prob of each target, NaN where it gave none (host only:
+    # the engine-vs-trainer gap metric, not the loss)
+    engine_logprobs: Optional[torch.Tensor] = None
     rollout_ids: list = field(default_factory=list)
     image_groups: list = field(default_factory=list)  # the group of each sample with images
 
@@ -78,6 +81,7 @@ def _positions(r: Rollout, rope_fn) -> torch.Tensor:
 
 def make_micro_batch(rollouts: list[Rollout], ids: list[int], rope_fn) -> RLMicroBatch:
     inp, pos, tgt, mask, adv, pvs, grids, groups, cu = [], [], [], [], [], [], [], [], [0]
+    eng = []
     for r in rollouts:
         seq = torch.as_tensor(r.prompt_ids + r.response_ids, dtype=torch.long)
         L, P = seq.numel(), len(r.prompt_ids)
@@ -91,6 +95,10 @@ def make_micro_batch(rollouts: list[Rollout], ids: list[int], rope_fn) -> RLMicr
         tgt.append(t)
         mask.append(m)
         adv.append(torch.full((L,), float(r.advantage)))
+        e = torch.full((L,), float("nan"))
+        if r.engine_logprobs and len(r.engine_logprobs) == L - P:
+            e[P - 1: L - 1] = torch.as_tensor(r.engine_logprobs, dtype=torch.float32)
+        eng.append(e)
         if r.pixel_values is not None:
             pvs.append(r.pixel_values)
             grids.append(torch.as_tensor(r.image_grid_thw).view(-1, 3))
@@ -102,7 +110,8 @@ def make_micro_batch(rollouts: list[Rollout], ids: list[int], rope_fn) -> RLMicr
         loss_mask=torch.cat(mask)[None], advantages=torch.cat(adv)[None],
         pixel_values=torch.cat(pvs) if pvs else None,
         image_grid_thw=torch.cat(grids).long() if grids else None, rollout_ids=list(ids),
-        image_groups=groups)
+        image_groups=groups,
+        engine_logprobs=torch.cat(eng)[None] if any(r.engine_logprobs for r in rollouts) else None)
 
 
 def pack_rollouts(rollouts: list[Rollout], max_tokens: int, rope_fn) -> list[RLMicroBatch]:

@@ -236,6 +236,27 @@ def kl_to_reference(micro_batches: list[RLMicroBatch]) -> tuple[torch.Tensor | N
     return tot, n
 
 
+def engine_logprob_gap(micro_batches: list[RLMicroBatch]):
+    """(sum, max, token count) of |trainer - engine| log-prob over the loss tokens the engine
+    gave a log-prob for, the trainer's being `old_logprobs` (the sampling policy). Nonzero
+    beyond numerics means the engine sampled from other weights than the trainer holds (a
+    stale or mis-mapped weight sync); the ratio then corrects less than it should. Sum and
+    max stay where the log-probs are (0-d fp64, None without any token)."""
+    tot = mx = None
+    n = 0.0
+    for mb in micro_batches:
+        if mb.engine_logprobs is None or mb.old_logprobs is None:
+            continue
+        keep = (mb.loss_mask > 0) & torch.isfinite(mb.engine_logprobs)  # host: no sync
+        dev = mb.old_logprobs.device
+        e = to_device_async(torch.nan_to_num(mb.engine_logprobs), dev)
+        d = torch.where(to_device_async(keep, dev), (mb.old_logprobs - e).abs().double(), 0.0)
+        tot = d.sum() if tot is None else tot + d.sum()
+        mx = d.max() if mx is None else torch.maximum(mx, d.max())
+        n += float(keep.sum())
+    return tot, mx, n
+
+
 class Reference:
     """Reference policy for the KL term / metric.
 

@@ -45,7 +45,8 @@ from ovlt.grpo.batch import Rollout, pack_rollouts, split_updates
 from ovlt.grpo.data import PromptPosition, PromptStream, build_requests
 from ovlt.grpo.image_features import StepImages, frozen_tower
 from ovlt.grpo.memory import release_grads, restore_grads
-from ovlt.grpo.passes import Reference, kl_to_reference, queue_logprob_pass, queue_update
+from ovlt.grpo.passes import (Reference, engine_logprob_gap, kl_to_reference, queue_logprob_pass,
+                              queue_update)
 from ovlt.grpo.reward_stream import RewardStream
 from ovlt.utils.device import default_device
 from ovlt.utils.io import append_jsonl
@@ -302,13 +303,28 @@ class GRPOTrainer:
         # KL at the sampling policy, now that the first update has written its old log-probs
         kl = kl_to_reference(all_mbs) if self.ref is not None else None
         lp_stats = {"entropy": _entropy(passes.get("old"), ups[0] if ups else None),
-                    "kl": kl, "passes": passes, "tokens": lp_tokens, "encodes": encodes}
+                    "kl": kl, "passes": passes, "tokens": lp_tokens, "encodes": encodes,
+                    "engine_gap": engine_logprob_gap(all_mbs)}
         rec = self._metrics(rollouts, acc, adv_stats, lp_stats, ups, tm, lr)
         rec["prompt_position"] = pos.as_dict()
         rec["skipped_prompts"] = n_skipped
         rec["torch_compiles"] = torch_compiles() - compiles0
         rec["reward_batches"] = rewards.batches
         return rec, pos, rollouts
+
+    def _engine_gap(self, tot, mx, n) -> dict:
+        """Mean and max |trainer - engine| log-prob over the DP ranks' loss tokens (every rank
+        joins both reductions, with zeros where it has no engine log-probs)."""
+        z = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = torch.stack([z if tot is None else tot.to(self.device, torch.float64).reshape(()),
+                            torch.tensor(n, dtype=torch.float64, device=self.device)])
+        top = z.clone() if mx is None else mx.to(self.device, torch.float64).reshape(()).clone()
+        dist.all_reduce(sums, group=self._dp_group())
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self._dp_group())
+        (s, cnt), m = sums.tolist(), top.item()
+        if cnt == 0:
+            return {}
+        return {"engine_logprob_diff_mean": s / cnt, "engine_logprob_diff_max": m}
 
     def _graded(self, c) -> tuple[list, list, str]:
         """(token ids, log-probs, text) of a completion as it is trained and graded: cut
@@ -386,6 +402,8 @@ class GRPOTrainer:
             dist.all_reduce(kv, group=self._dp_group())
             kv = kv.tolist()
             rec["kl"] = kv[0] / max(kv[1], 1.0)
+        if "engine_gap" in lp_stats:
+            rec.update(self._engine_gap(*lp_stats["engine_gap"]))
         for k, res in lp_stats.get("passes", {}).items():
             # each pass's own GPU time (its StepClock) and the tokens it ran: the cost per
             # token of the old and the reference pass, side by side

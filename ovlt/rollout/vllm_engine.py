@@ -340,11 +340,7 @@ class VLLMEngine(RolloutEngine):
         if self._weights_asleep:
             self.wake()
         res = self.llm.collective_rpc("ovlt_load_weights", args=(named_tensors,))
-        if not self.llm.reset_prefix_cache():  # cached KV was computed with the old weights
-            log.warning("vLLM: prefix cache not reset (requests running?)")
-        reset_enc = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
-        if reset_enc is not None:  # cached vision embeddings, likewise
-            reset_enc()
+        self.reset_caches()
         stats = res[0] if res else {}
         self.last_update = stats
         missing = stats.get("missing") if isinstance(stats, dict) else None
@@ -352,6 +348,15 @@ class VLLMEngine(RolloutEngine):
             log.warning("vLLM: %d parameters got no tensor in update_weights (first: %s)",
                         len(missing), missing[:5])
         log.debug("vLLM: loaded %s", {k: v for k, v in (stats or {}).items() if k != "missing"})
+
+    def reset_caches(self) -> None:
+        """Drop vLLM's prefix cache (KV of earlier prompts) and encoder cache (vision
+        embeddings): both were computed with the weights before an update."""
+        if not self.llm.reset_prefix_cache():
+            log.warning("vLLM: prefix cache not reset (requests running?)")
+        reset_enc = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
+        if reset_enc is not None:
+            reset_enc()
 
     def same_shape(self, hf_dir: str) -> bool:
         """Whether `hf_dir` holds a model of this engine's architecture and shape."""

@@ -123,3 +123,27 @@ def test_micro_batch_moves_and_loss_rows_without_host_sync():
     assert got[0].tolist() == [1, 2, 5] and got[2].tolist() == [1.0, 2.0, 5.0]
     assert got[1].tolist() == pytest.approx([0.1, 0.2, 0.5])
     assert moved.input_ids.device.type == "cuda" and moved_pinned.advantages.is_cuda
+
+
+def test_engine_logprobs_packed_at_targets_and_their_gap_to_the_trainer():
+    """The engine's log-probs sit at the positions whose targets they score (NaN elsewhere and
+    for a rollout whose log-probs do not cover its response); the gap metric is |old - engine|
+    over the loss tokens that have one (hand-computed)."""
+    from ovlt.grpo.passes import engine_logprob_gap
+    rope = lambda ids, grid: torch.arange(len(ids)).expand(3, -1)  # noqa: E731
+    a = Rollout(prompt_ids=[10, 11, 12], response_ids=[20, 21], group=0,
+                engine_logprobs=[-1.0, -2.0])
+    b = Rollout(prompt_ids=[13], response_ids=[22, 23], group=1, engine_logprobs=[-0.5])  # short
+    c = Rollout(prompt_ids=[14], response_ids=[24, 25], group=2, engine_logprobs=[-3.0, -4.0],
+                train=False)
+    mb = pack_rollouts([a, b, c], 100, rope)[0]
+    nan = float("nan")
+    want = [nan, nan, -1.0, -2.0, nan, nan, nan, nan, -3.0, -4.0, nan]
+    got = mb.engine_logprobs[0].tolist()
+    assert len(got) == len(want)
+    assert all((math.isnan(w) and math.isnan(g)) or w == g for w, g in zip(want, got))
+    mb.old_logprobs = torch.tensor([[0.0, 0.0, -1.5, -1.0, 0.0, -0.7, -0.9, 0.0, 0.0, 0.0, 0.0]])
+    tot, mx, n = engine_logprob_gap([mb])
+    # a's two tokens: |-1.5 + 1| + |-1 + 2|; b has no full engine log-probs; c is not trained
+    assert n == 2.0 and tot.item() == pytest.approx(1.5) and mx.item() == pytest.approx(1.0)
+    assert engine_logprob_gap(pack_rollouts([Rollout([1], [2], 0)], 9, rope)) == (None, None, 0.0)

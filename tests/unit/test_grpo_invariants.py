@@ -98,6 +98,9 @@ def test_first_update_ratio_one_and_kl_zero(dist1, tiny_hf_dir, rl_file, tmp_pat
     assert rec["first_update_clip_frac"] == 0.0
     assert rec["kl"] == 0.0
     assert rec["grad_norm"] > 0
+    # the step's own check of that invariant: its samples' engine log-probs vs the trainer's
+    assert rec["engine_logprob_diff_max"] < 1e-4
+    assert 0.0 <= rec["engine_logprob_diff_mean"] <= rec["engine_logprob_diff_max"]
     # Engine log-probs equal the trainer's recomputation (the invariant the ratio relies on),
     # with the current (already updated) weights on fresh samples.
     from ovlt.grpo.passes import logprob_pass

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -283,6 +284,8 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
                                      "recipe_extrapolation": ext(70.0)},
                        "ovlt_builtin": {"skipped": "budget"}},
             ovlt_vllm_rollout_28_layers={"summary": {"rollout_s": 25.0}})
+    cut = run("c.json", {"trl_vllm": {"rc": "timeout", "wall_seconds": 419.0, "log_tail": "..."}})
+    assert "rc=timeout after 419 s" in b.merge_results([a, cut])["variants"]["trl_vllm"]["not_timed"]
     t = run("t.json", {"trl_vllm": {"step_s": 60.0, "tokens_per_s_per_gpu": 100.0}})
     res = b.merge_results([a, v, t])
     assert res["variants"]["ovlt_builtin"]["step_s"] == 20.0       # a skip never replaces a run
@@ -341,3 +344,113 @@ def test_full_depth_vllm_reads_a_28_layer_config_directory(tmp_path):
     pre = json.loads((tmp_path / "d" / "preprocessor_config.json").read_text())
     assert pre["size"] == {"longest_edge": 262144, "shortest_edge": 3136}
     assert (tmp_path / "d" / "tokenizer_config.json").exists()
+
+
+def test_full_depth_vllm_rollouts_stay_awake_and_drop_caches(tmp_path, monkeypatch):
+    """vLLM's rollout alone (here a recording stand-in for `vllm.LLM` that decodes each request
+    to its cap): every rep decodes the step's exact lengths, the engine is never put to a
+    level-2 sleep (which would discard its dummy weights) and its prefix / encoder caches are
+    dropped after each rep, as a weight update drops them in the trainer."""
+    import types
+
+    from tests.unit.test_vllm_engine_unit import _FakeLLM, _FakeSP, _Logprob
+
+    class CappedLLM(_FakeLLM):
+        made = []
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            CappedLLM.made.append(self)
+
+        def generate(self, prompts, sps, use_tqdm=True):
+            self.calls.append(("generate", len(prompts)))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                index=j, token_ids=[7] * sp.kw["max_tokens"], text="x", finish_reason="length",
+                logprobs=[{7: _Logprob(-1.0)}] * sp.kw["max_tokens"]) for j in range(sp.kw["n"])])
+                for sp in sps]
+
+    mod = types.ModuleType("vllm")
+    mod.__version__, mod.LLM, mod.SamplingParams = "0.26.0", CappedLLM, _FakeSP
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    import ovlt.rollout as rollout_mod
+    monkeypatch.setattr(rollout_mod, "vllm_available", lambda: True)
+    monkeypatch.setattr(rollout_mod, "_VLLM_ENGINES", {})
+    b = _bench()
+    wd, out = tmp_path / "wd", tmp_path / "r.json"
+    base = ["--tiny", "--device", "cpu", "--workdir", str(wd), "--keep-workdir", "--out", str(out)]
+    assert b.main(base + ["--variants", ""]) == 0  # the workload only
+    side = b.FULL_DEPTH["ovlt_vllm"]
+    assert b.main(base + ["--variant", side, "--llm-layers", "4", "--rollout-reps", "2"]) == 0
+    res = json.loads((wd / f"variant_{side}.json").read_text())
+    prep = json.loads((wd / "prep.json").read_text())
+    assert [s["step"] for s in res["steps"]] == [1, 2]
+    for s in res["steps"]:
+        assert s["generated_tokens"] == prep["response_tokens_per_step"]
+        assert s["length_mismatches"] == 0 and s["lengths_truncated_by_benchmark"] == 0
+    (llm,) = CappedLLM.made
+    assert llm.kw["gpu_memory_utilization"] == 0.6
+    names = [c[0] for c in llm.calls]
+    assert "sleep" not in names
+    assert names == ["generate", "reset_prefix_cache", "reset_encoder_cache"] * 2
+    cfg = json.loads((wd / "hf_config_4_layers" / "config.json").read_text())
+    assert cfg.get("text_config", cfg)["num_hidden_layers"] == 4
+
+
+def test_sampler_vs_trainer_gap_from_ovlt_steps_and_trl_logs():
+    b = _bench()
+    timed = [{"engine_logprob_diff_mean": 0.01, "engine_logprob_diff_max": 0.5},
+             {"engine_logprob_diff_mean": 0.03, "engine_logprob_diff_max": 0.2},
+             {"engine_logprob_diff_mean": 0.02, "engine_logprob_diff_max": 0.9}]
+    assert b.sampler_trainer_gap({}, timed) == {"sampler_vs_trainer": {
+        "logprob_diff_mean": 0.02, "logprob_diff_max": 0.9}}
+    trl = {"trl_logs": [
+        {"loss": 0.0, "sampling/sampling_logp_difference/mean": 1.5,
+         "sampling/sampling_logp_difference/max": 8.0,
+         "sampling/importance_sampling_ratio/mean": 0.0},
+        {"loss": 0.0, "step_time": 25.0},  # an optimizer step without a generation
+        {"sampling/sampling_logp_difference/mean": 1.7, "sampling/sampling_logp_difference/max": 9.0}]}
+    gap = b.sampler_trainer_gap(trl, [])["sampler_vs_trainer"]
+    assert gap["logprob_diff_mean"] == pytest.approx(1.6) and gap["logprob_diff_max"] == 9.0
+    assert gap["trl_importance_sampling_ratio_mean"] == 0.0
+    assert b.sampler_trainer_gap({}, [{}]) == {}
+    assert b.as_number("1e-06") == 1e-6 and b.as_number(3) == 3.0
+    assert b.as_number("abc") is None and b.as_number(True) is None
+
+
+def test_device_used_peak_keeps_the_largest_reading_between_start_and_stop():
+    """The sampler thread's peak over readings that rise and fall (a stand-in for
+    `torch.cuda.mem_get_info`, which needs a GPU): the highest one, in GiB."""
+    import time
+
+    from benchmarks._grpo_bench import DeviceUsedPeak
+    readings = iter([1, 5, 9, 3] + [2] * 10_000)
+
+    class Scripted(DeviceUsedPeak):
+        def _used(self):
+            return next(readings) * 2 ** 30
+
+    d = Scripted(period_s=0.001)
+    d.start()
+    time.sleep(0.05)
+    assert d.stop() == 9.0
+    assert d._thread is None
+
+
+def test_trl_step_from_its_own_log_when_the_run_is_cut_short():
+    """TRL's optimizer-step log (as the H100 run cut at 419 s logged it, then a second
+    generation): a step = the last generation's optimizer step + 3 updates at the median."""
+    b = _bench()
+    gen = lambda t: {"step_time": t, "completions/mean_length": 594.5, "loss": 0.0}  # noqa: E731
+    upd = lambda t: {"step_time": t, "loss": 0.0}  # noqa: E731
+    side = {"trl_logs": [gen(107.6), upd(25.33), upd(26.31), upd(26.0), gen(60.0)]}
+    est = b.trl_step_from_logs(side, 4)
+    assert est["step_s"] == pytest.approx(60.0 + 3 * 26.0) and est["warm"]
+    prep = {"response_tokens_per_step": 1000, "lengths": [[5, 5], [5, 5]], "prompt_tokens_mean": 10.0}
+    out = b.summarize(side, prep, 4)
+    assert out["step_s"] == pytest.approx(138.0)
+    assert out["tokens_per_s_per_gpu"] == pytest.approx((1000 + 4 * 10.0) / 138.0)
+    # one generation only: its (cold) step, used since no step finished at all
+    cold = {"trl_logs": side["trl_logs"][:3]}
+    assert b.summarize(cold, prep, 4)["step_s"] == pytest.approx(107.6 + 3 * 25.82)
+    assert b.trl_step_from_logs({"trl_logs": [upd(1.0)]}, 4) is None
+    assert b.summarize({}, prep, 4) is None
