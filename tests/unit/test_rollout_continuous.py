@@ -281,9 +281,9 @@ def test_cuda_graph_decode_equals_eager_and_solo(small):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rollouts_leave_no_memory_behind_on_the_gpu(small):
     """Rollout + sleep, three times: the third cycle ends with exactly the memory the second
-    ended with (the first may set up what every later one reuses). Each rollout captures its graphs again (one per width); warming them
-    up on a new stream each time left a cuBLAS workspace per stream behind (7 x 33 MiB a
-    rollout at the recipe's 320 slots)."""
+    ended with (the first may set up what every later one reuses). Each rollout captures its
+    graphs again (one per width); warming them up on a new stream each time left a cuBLAS
+    workspace per stream behind (7 x 33 MiB a rollout at the recipe's 320 slots)."""
     module, cfg = small
     eng = BuiltinEngine(copy.deepcopy(module).cuda(), cfg, eos_token_ids=[EOS], max_batch_size=8,
                         min_width=1, cuda_graphs=True, compile_decode=False)
