@@ -299,6 +299,12 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("VLLMEngine.generate after sleep(): call wake() and update_weights() first")
         if params.n < 1:
             raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
+        # Our tokenizer decodes each completion once at the end: vLLM's incremental
+        # detokenizer otherwise runs for every sequence at every decode step. Stop strings need
+        # it (vLLM matches them in the text as it grows).
+        decode_here = self.tokenizer is not None and not params.stop
+        if decode_here:
+            sampling_overrides = {"detokenize": False, **sampling_overrides}
         sps = self.request_sampling_params(requests, params, **sampling_overrides)
         if not requests:
             return []
@@ -320,8 +326,10 @@ class VLLMEngine(RolloutEngine):
                     for t, d in zip(ids, c.logprobs):
                         lp = d.get(t) if d is not None else None
                         lps.append(float(lp.logprob) if lp is not None else float("nan"))
+                text = self.tokenizer.decode(ids, skip_special_tokens=True) if decode_here \
+                    else c.text
                 comps.append(Completion(request_id=r.request_id, token_ids=ids, logprobs=lps,
-                                        text=c.text, finish_reason="length"
+                                        text=text, finish_reason="length"
                                         if c.finish_reason == "length" else "stop",
                                         index=len(comps)))
             if copies > 1:

@@ -375,6 +375,30 @@ def test_engine_generate_update_sleep_plumbing(fake_vllm, tmp_path):
     assert llm.calls[5] == ("wake_up", ["kv_cache"])
 
 
+def test_engine_decodes_text_itself_unless_stop_strings_need_vllms(fake_vllm, tmp_path):
+    """With a tokenizer and no stop strings, vLLM is asked not to detokenize (its incremental
+    detokenizer runs per sequence per step) and each completion's text is decoded once from
+    its tokens, special tokens skipped; stop strings keep vLLM's text (it matches them there)."""
+    from ovlt.data.tokenizer import load_tokenizer
+    from ovlt.rollout.base import GenerationRequest, SamplingParams
+    from ovlt.rollout.vllm_engine import VLLMEngine
+    tok = load_tokenizer()
+    eng = VLLMEngine(_cfg(tmp_path), tokenizer=tok)
+    reqs = [GenerationRequest(prompt_ids=[3, 4], request_id="a")]
+    out = eng.generate(reqs, SamplingParams(n=2, max_new_tokens=3))
+    assert eng.llm.calls[-1][2][0].kw["detokenize"] is False
+    for j, c in enumerate(out[0]):
+        assert c.token_ids == [10, 20 + j, 151645]
+        assert c.text == tok.decode([10, 20 + j, 151645], skip_special_tokens=True)
+        assert c.text == tok.decode([10, 20 + j]) and "<|im_end|>" not in c.text
+    out = eng.generate(reqs, SamplingParams(n=1, max_new_tokens=3, stop=["</answer>"]))
+    assert "detokenize" not in eng.llm.calls[-1][2][0].kw and out[0][0].text == "t00"
+    plain = VLLMEngine.__new__(VLLMEngine)  # no tokenizer: vLLM's text
+    plain.__dict__.update(eng.__dict__, tokenizer=None)
+    out = plain.generate(reqs, SamplingParams(n=1, max_new_tokens=3))
+    assert "detokenize" not in eng.llm.calls[-1][2][0].kw and out[0][0].text == "t00"
+
+
 def test_engine_eos_and_external_launcher(fake_vllm, tmp_path, monkeypatch):
     from ovlt.rollout.base import SamplingParams
     from ovlt.rollout.vllm_engine import VLLMEngine
