@@ -71,9 +71,17 @@ def make_request(text: str, images: list, cfg, request_id: Optional[str] = None)
 
 def generate_texts(engine, requests: list, n: int, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int, batch_size: int = 16) -> list[list[str]]:
-    from ovlt.rollout.base import SamplingParams
+    """The `n` sampled texts of each request, `batch_size` requests per engine call. A request
+    without a seed gets `derived_seed(seed, its index in requests)`: the samples do not depend
+    on the batch size (an engine derives missing seeds from the index inside its call, which
+    gave the first request of every batch the same random stream)."""
+    import dataclasses
+
+    from ovlt.rollout.base import SamplingParams, derived_seed
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                             n=n, seed=seed, logprobs=False)
+    requests = [r if r.seed is not None else dataclasses.replace(r, seed=derived_seed(seed, i))
+                for i, r in enumerate(requests)]
     out: list[list[str]] = []
     for s in range(0, len(requests), batch_size):
         out += [[c.text for c in comps] for comps in engine.generate(requests[s:s + batch_size], params)]
