@@ -415,22 +415,53 @@ def site_growth(before: dict, after: dict, top: int = 12) -> list:
 
 
 class DeviceUsedPeak:
-    """The GPU's own used memory (total - free, every process and allocator), sampled every
-    `period_s` from a thread between `start` and `stop`: torch's counters miss memory outside
-    its allocator and count vLLM's sleeping pool (its tensors stay allocated to torch while
-    their physical memory is released), so a colocated vLLM needs this reading too."""
+    """The GPU's own used memory (every process and allocator), sampled every `period_s` from
+    a thread between `start` and `stop`: torch's counters miss memory outside its allocator
+    and count vLLM's sleeping pool (its tensors stay allocated to torch while their physical
+    memory is released), so a colocated vLLM needs this reading too. Read through NVML, not
+    the CUDA runtime: a runtime query from another thread while the built-in engine captures
+    its decode graphs would break the capture (global capture mode). None where NVML is not
+    there."""
 
     def __init__(self, period_s: float = 0.02):
         self.period_s, self.peak, self._stop, self._thread = period_s, 0, None, None
+        self._nvml = None
+        self.unavailable = None  # why there is no reading (said once)
 
     def _used(self) -> int:
-        import torch
-        free, total = torch.cuda.mem_get_info()
-        return total - free
+        import ctypes
+        if self._nvml is None:
+            import torch
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if lib.nvmlInit_v2() != 0:
+                raise OSError("nvmlInit failed")
+            p = torch.cuda.get_device_properties(torch.cuda.current_device())
+            bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode()
+            handle = ctypes.c_void_p()
+            if lib.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(handle)) != 0:
+                raise OSError(f"NVML has no device at PCI {bus.decode()}")
+            self._nvml = (lib, handle)
+        lib, handle = self._nvml
+
+        class Memory(ctypes.Structure):
+            _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
+                        ("used", ctypes.c_ulonglong)]
+        m = Memory()
+        if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(m)) != 0:
+            raise OSError("nvmlDeviceGetMemoryInfo failed")
+        return int(m.used)
 
     def start(self) -> None:
         import threading
-        self.peak = self._used()
+        self._thread = None
+        if self.unavailable is not None:
+            return
+        try:
+            self.peak = self._used()
+        except (OSError, AttributeError) as e:  # no NVML library / device: no reading
+            self.unavailable = str(e)
+            print(f"device memory via NVML unavailable: {e}", flush=True)
+            return
         self._stop = threading.Event()
 
         def poll():
@@ -439,12 +470,13 @@ class DeviceUsedPeak:
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
 
-    def stop(self) -> float:
-        """The peak in GiB since `start`."""
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+    def stop(self) -> float | None:
+        """The peak in GiB since `start` (None: no reading)."""
+        if self._thread is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
         return max(self.peak, self._used()) / 2 ** 30
 
 

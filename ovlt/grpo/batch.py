@@ -51,8 +51,8 @@ class RLMicroBatch:
     image_grid_thw: Optional[torch.Tensor] = None
     old_logprobs: Optional[torch.Tensor] = None   # [1, T], filled by the log-prob pass
     ref_logprobs: Optional[torch.Tensor] = None
-    # [1, T] the rollout engine's log-prob of each target, NaN where it gave none (host only:
-    # the engine-vs-trainer gap metric, not the loss)
+    # [1, T] the rollout engine's log-prob of each target, NaN where it gave none (read by
+    # the engine-vs-trainer gap metric only, not by the loss)
     engine_logprobs: Optional[torch.Tensor] = None
     rollout_ids: list = field(default_factory=list)
     image_groups: list = field(default_factory=list)  # the group of each sample with images

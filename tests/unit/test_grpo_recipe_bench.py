@@ -418,8 +418,8 @@ def test_sampler_vs_trainer_gap_from_ovlt_steps_and_trl_logs():
 
 
 def test_device_used_peak_keeps_the_largest_reading_between_start_and_stop():
-    """The sampler thread's peak over readings that rise and fall (a stand-in for
-    `torch.cuda.mem_get_info`, which needs a GPU): the highest one, in GiB."""
+    """The sampler thread's peak over readings that rise and fall (a stand-in for the NVML
+    reading, which needs a GPU): the highest one, in GiB."""
     import time
 
     from benchmarks._grpo_bench import DeviceUsedPeak
@@ -434,6 +434,14 @@ def test_device_used_peak_keeps_the_largest_reading_between_start_and_stop():
     time.sleep(0.05)
     assert d.stop() == 9.0
     assert d._thread is None
+
+    class NoNvml(DeviceUsedPeak):  # a machine without the NVML library: no reading, no thread
+        def _used(self):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    d = NoNvml()
+    d.start()
+    assert d._thread is None and d.stop() is None
 
 
 def test_trl_step_from_its_own_log_when_the_run_is_cut_short():
