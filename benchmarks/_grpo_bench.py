@@ -8,6 +8,7 @@ benchmark modules, and the parent process never creates a CUDA context.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -414,6 +415,11 @@ def site_growth(before: dict, after: dict, top: int = 12) -> list:
     return [{"site": k, "mib": d / 2 ** 20} for k, d in grown[:top]]
 
 
+class _NvmlMemory(ctypes.Structure):  # NVML's nvmlMemory_t
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
+                ("used", ctypes.c_ulonglong)]
+
+
 class DeviceUsedPeak:
     """The GPU's own used memory (every process and allocator), sampled every `period_s` from
     a thread between `start` and `stop`: torch's counters miss memory outside its allocator
@@ -428,25 +434,25 @@ class DeviceUsedPeak:
         self._nvml = None
         self.unavailable = None  # why there is no reading (said once)
 
-    def _used(self) -> int:
-        import ctypes
-        if self._nvml is None:
-            import torch
-            lib = ctypes.CDLL("libnvidia-ml.so.1")
-            if lib.nvmlInit_v2() != 0:
-                raise OSError("nvmlInit failed")
-            p = torch.cuda.get_device_properties(torch.cuda.current_device())
-            bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode()
-            handle = ctypes.c_void_p()
-            if lib.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(handle)) != 0:
-                raise OSError(f"NVML has no device at PCI {bus.decode()}")
-            self._nvml = (lib, handle)
-        lib, handle = self._nvml
+    @staticmethod
+    def _open_nvml():
+        """(NVML library, handle of this process's current CUDA device, found by PCI id)."""
+        import torch
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if lib.nvmlInit_v2() != 0:
+            raise OSError("nvmlInit failed")
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode()
+        handle = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(handle)) != 0:
+            raise OSError(f"NVML has no device at PCI {bus.decode()}")
+        return lib, handle
 
-        class Memory(ctypes.Structure):
-            _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
-                        ("used", ctypes.c_ulonglong)]
-        m = Memory()
+    def _used(self) -> int:
+        if self._nvml is None:
+            self._nvml = self._open_nvml()
+        lib, handle = self._nvml
+        m = _NvmlMemory()
         if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(m)) != 0:
             raise OSError("nvmlDeviceGetMemoryInfo failed")
         return int(m.used)

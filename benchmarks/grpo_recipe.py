@@ -482,6 +482,13 @@ def trl_step_from_logs(side: dict, updates_per_step: int) -> dict | None:
             "warm": len(gen) > 1}
 
 
+def workload_tokens(prep: dict) -> tuple[float, float]:
+    """(generated, total) tokens of one step of the workload: what a side that does not count
+    its own (TRL) ran, with the same prompts and lengths."""
+    gen = prep["response_tokens_per_step"]
+    return gen, gen + sum(len(x) for x in prep["lengths"]) * prep["prompt_tokens_mean"]
+
+
 def summarize(side: dict, prep: dict, updates_per_step: int = 4) -> dict | None:
     steps, timed = finished_steps(side)
     est = trl_step_from_logs(side, updates_per_step) if len(steps) < 2 else None
@@ -489,8 +496,7 @@ def summarize(side: dict, prep: dict, updates_per_step: int = 4) -> dict | None:
         out = {"step_s": est["step_s"], "step_s_from_trl_logs": est,
                "NOTE": "fewer than 2 steps finished inside the run's time: the step is TRL's "
                        "own log of its optimizer steps (see step_s_from_trl_logs)"}
-        out["total_tokens"] = prep["response_tokens_per_step"] + \
-            sum(len(x) for x in prep["lengths"]) * prep["prompt_tokens_mean"]
+        out["total_tokens"] = workload_tokens(prep)[1]
         out["tokens_per_s_per_gpu"] = out["total_tokens"] / out["step_s"]
         out.update(sampler_trainer_gap(side, []))
         return out
@@ -504,9 +510,7 @@ def summarize(side: dict, prep: dict, updates_per_step: int = 4) -> dict | None:
     tot = [s.get("total_tokens") for s in timed if s.get("total_tokens")]
     gen = [s.get("generated_tokens") for s in timed if s.get("generated_tokens")]
     if not tot:  # TRL: the same prompts and lengths
-        n = sum(len(x) for x in prep["lengths"])
-        gen = [prep["response_tokens_per_step"]]
-        tot = [gen[0] + n * prep["prompt_tokens_mean"]]
+        gen, tot = ([x] for x in workload_tokens(prep))
     out["generated_tokens"], out["total_tokens"] = med(gen), med(tot)
     out["tokens_per_s_per_gpu"] = out["total_tokens"] / out["step_s"]
     out["generated_tokens_per_s_per_gpu"] = out["generated_tokens"] / out["step_s"]

@@ -321,7 +321,7 @@ class GRPOTrainer:
         top = z.clone() if mx is None else mx.to(self.device, torch.float64).reshape(()).clone()
         dist.all_reduce(sums, group=self._dp_group())
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self._dp_group())
-        (s, cnt), m = sums.tolist(), top.item()
+        s, cnt, m = torch.cat([sums, top.reshape(1)]).tolist()  # one read for the three
         if cnt == 0:
             return {}
         return {"engine_logprob_diff_mean": s / cnt, "engine_logprob_diff_max": m}
