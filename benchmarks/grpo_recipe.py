@@ -52,6 +52,7 @@ measured phases (see its `formula`).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -345,6 +346,24 @@ def as_number(v):
         return None
 
 
+def trl_logs_from_text(text: str) -> list[dict]:
+    """TRL's per-optimizer-step log dicts as its console printed them (`{'loss': '0', ...,
+    'step_time': '25.33', ...}`), read back from a log tail: the numbers of a run from before
+    `trl_logs` were saved as they came. Literals only (`ast.literal_eval`), never code."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not (line.startswith("{") and line.endswith("}") and "step_time" in line):
+            continue
+        try:
+            d = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(d, dict):
+            out.append({k: n for k, n in ((k, as_number(v)) for k, v in d.items()) if n is not None})
+    return out
+
+
 def run_trl_vllm(args, wd: Path, res: dict, save):
     """TRL's GRPOTrainer, vLLM colocated (TRL's documented fast set-up for one node), on the
     same HF weights, prompts and lengths. A TRL step = one generation of 320 samples and its
@@ -477,8 +496,11 @@ def trl_step_from_logs(side: dict, updates_per_step: int) -> dict | None:
     if not gen or (updates_per_step > 1 and not upd):
         return None
     rest = statistics.median(upd) if upd else 0.0
+    # a step has updates_per_step updates, the first after the generation: it cannot be
+    # shorter than that many updates, whatever the generation costs warm
     return {"step_s": gen[-1] + (updates_per_step - 1) * rest, "generation_steps_logged": len(gen),
             "generation_step_s": gen, "update_step_s_median": rest,
+            "step_s_lower_bound": updates_per_step * rest if upd else None,
             "warm": len(gen) > 1}
 
 
@@ -898,6 +920,17 @@ def compare_variants(res: dict) -> None:
         res["recipe_extrapolation"] = dict(e, from_variant=best)
         if res["config"].get("tiny"):
             res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
+    updates = math.ceil(res["config"]["prompts"] * res["config"]["samples"]
+                        / res["config"]["update_samples"]) if res.get("config") else 4
+    for s in res["variants"].values():
+        if not s.get("step_s") and not s.get("skipped") and not s.get("trl_logs") \
+                and s.get("log_tail") and res.get("prep"):
+            # a TRL run cut short before its logs were saved one by one: its printed log
+            logs = trl_logs_from_text(s["log_tail"])
+            summ = summarize(dict(s, trl_logs=logs), res["prep"], updates) if logs else None
+            if summ:
+                s.update(summ, trl_logs=logs)
+                s.pop("not_timed", None)
     for s in res["variants"].values():  # a variant that ran without a timed step says why
         if not s.get("step_s") and not s.get("skipped") and "rc" in s:
             s["not_timed"] = (f"no step finished and none could be taken from its logs: the run "
@@ -905,9 +938,14 @@ def compare_variants(res: dict) -> None:
                               "(see error / log_tail)")
     done = {k: s for k, s in res["variants"].items() if s.get("step_s")}
     if "trl_vllm" in done:
+        trl = done["trl_vllm"]
         res["comparison_vs_trl_vllm"] = {
-            k: {"tokens_per_s_ratio": s["tokens_per_s_per_gpu"] / done["trl_vllm"]["tokens_per_s_per_gpu"]}
+            k: {"tokens_per_s_ratio": s["tokens_per_s_per_gpu"] / trl["tokens_per_s_per_gpu"]}
             for k, s in done.items() if k != "trl_vllm"}
+        low = (trl.get("step_s_from_trl_logs") or {}).get("step_s_lower_bound")
+        if low:  # TRL's step from its log of a cut run: the ratio were it as fast as its updates
+            for k, c in res["comparison_vs_trl_vllm"].items():
+                c["tokens_per_s_ratio_vs_trl_lower_bound"] = c["tokens_per_s_ratio"] * low / trl["step_s"]
 
 
 # the arguments that define the workload: runs merged into one file must agree on them
@@ -941,9 +979,10 @@ def merge_results(paths: list[Path]) -> dict:
                                                      r.get("prep", {}).get("response_tokens_per_step"))
         if diff:
             raise SystemExit(f"--merge: {p} is not the workload of {paths[0]}: {diff}")
-    res = dict(first, variants={}, merged_from=[
-        {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}
-        for p, r in zip(paths, runs)])
+    # a file that is itself a merge lists its own sources, not itself
+    sources = [src for p, r in zip(paths, runs) for src in r.get("merged_from") or [
+        {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}]]
+    res = dict(first, variants={}, merged_from=sources)
     for r in runs:
         for k, s in r.get("variants", {}).items():
             if not s.get("skipped") or k not in res["variants"]:

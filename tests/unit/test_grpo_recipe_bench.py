@@ -298,6 +298,13 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
     assert res["comparison_vs_trl_vllm"] == {"ovlt_builtin": {"tokens_per_s_ratio": 3.0},
                                              "ovlt_vllm": {"tokens_per_s_ratio": 3.3}}
     assert [m["file"] for m in res["merged_from"]] == ["a.json", "v.json", "t.json"]
+    merged = tmp_path / "m.json"
+    merged.write_text(json.dumps(res))
+    later = run("b2.json", {"ovlt_builtin": {"step_s": 19.0, "tokens_per_s_per_gpu": 310.0}})
+    again = b.merge_results([merged, later])  # a merge merged again lists the original runs
+    assert [m["file"] for m in again["merged_from"]] == ["a.json", "v.json", "t.json", "b2.json"]
+    assert again["variants"]["ovlt_builtin"]["step_s"] == 19.0
+    assert again["variants"]["trl_vllm"]["step_s"] == 60.0
     other = run("o.json", {"trl_vllm": {"step_s": 1.0}})
     r = json.loads(other.read_text())
     r["config"]["llm_layers"] = 16
@@ -460,5 +467,42 @@ def test_trl_step_from_its_own_log_when_the_run_is_cut_short():
     # one generation only: its (cold) step, used since no step finished at all
     cold = {"trl_logs": side["trl_logs"][:3]}
     assert b.summarize(cold, prep, 4)["step_s"] == pytest.approx(107.6 + 3 * 25.82)
+    assert est["step_s_lower_bound"] == pytest.approx(4 * 26.0)  # 4 updates, no generation
     assert b.trl_step_from_logs({"trl_logs": [upd(1.0)]}, 4) is None
     assert b.summarize({}, prep, 4) is None
+
+
+def test_a_cut_trl_run_read_back_from_its_printed_log_tail(tmp_path):
+    """A TRL run saved before its logs were kept one by one: the merge reads its optimizer
+    steps from the console lines in `log_tail` (literals only) and compares against them."""
+    b = _bench()
+    tail = ("Capturing CUDA graphs ...\n"
+            "{'loss': '0', 'completions/mean_length': '594.5', 'step_time': '107.6', 'epoch': '0.125'}\n"
+            "{'loss': '0', 'grad_norm': '0', 'step_time': '25.33', 'epoch': '0.25'}\n"
+            "{'loss': '0', 'step_time': __import__('os').getpid()}\n"   # not a literal: skipped
+            "{'loss': '0', 'grad_norm': '0', 'step_time': '26.31', 'epoch': '0.375'}\n"
+            "Terminated")
+    logs = b.trl_logs_from_text(tail)
+    assert [x["step_time"] for x in logs] == [107.6, 25.33, 26.31]
+    assert logs[0]["completions/mean_length"] == 594.5
+    cfg = {k: 1 for k in b.WORKLOAD_ARGS}
+    cfg.update(prompts=64, samples=5, update_samples=80)   # 4 updates a step
+    prep = {"response_tokens_per_step": 1000, "lengths": [[5, 5], [5, 5]], "prompt_tokens_mean": 10.0}
+
+    def run(name, variants):
+        p = tmp_path / name
+        p.write_text(json.dumps({"date": "2026-12-07", "device": "NVIDIA H100", "config": cfg,
+                                 "prep": prep, "variants": variants}))
+        return p
+
+    a = run("a.json", {"ovlt_builtin": {"step_s": 20.0, "tokens_per_s_per_gpu": 52.0}})
+    t = run("t.json", {"trl_vllm": {"rc": "timeout", "wall_seconds": 419.0, "log_tail": tail}})
+    res = b.merge_results([a, t])
+    trl = res["variants"]["trl_vllm"]
+    step = 107.6 + 3 * (25.33 + 26.31) / 2
+    assert trl["step_s"] == pytest.approx(step) and "not_timed" not in trl
+    assert trl["tokens_per_s_per_gpu"] == pytest.approx(1040 / step)
+    cmp = res["comparison_vs_trl_vllm"]["ovlt_builtin"]
+    assert cmp["tokens_per_s_ratio"] == pytest.approx(52.0 / (1040 / step))
+    low = 4 * (25.33 + 26.31) / 2
+    assert cmp["tokens_per_s_ratio_vs_trl_lower_bound"] == pytest.approx(52.0 / (1040 / low))
