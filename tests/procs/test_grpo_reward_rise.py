@@ -21,7 +21,7 @@ seed) from the exported SFT model vs the exported GRPO model, measured by the lo
 the trainer's, scored with the trainer's reward path). The rise must exceed 4 standard errors
 of the difference (binomial sampling noise per prompt) and 0.15 absolute. Measured on CPU:
 0.44 -> 0.78 (8.4 se); lr=0 gives a rise of exactly 0 and a flipped advantage sign a fall,
-both fail. About 60 s on 2 cores.
+both fail. About 60 s on 2 cores. `gpu_bf16` (CUDA only): the same on the GPU paths.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from ovlt.config import CONFIG_ROOT, load_config
 
@@ -111,7 +112,20 @@ def probe_reward(model_dir, probe_file) -> dict:
         destroy_distributed()
 
 
-def test_grpo_raises_mean_reward_on_half_solved_task(tiny_hf_dir, task, tmp_path):
+# The same task on the GPU paths (bf16 weights and training, NCCL, the Triton LM-head
+# kernels, CUDA-graph decoding): GRPO must learn it there as it does on the CPU.
+GPU_BF16 = ["parallel.backend=nccl", "model.params_dtype=bf16"]
+PATHS = {"default": ([], []),
+         "gpu_bf16": (GPU_BF16 + ["sft.train.precision=bf16"],
+                      GPU_BF16 + ["grpo.train.precision=bf16", "rollout.cuda_graphs=true"])}
+
+
+@pytest.mark.parametrize("paths", [
+    "default",
+    pytest.param("gpu_bf16", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_grpo_raises_mean_reward_on_half_solved_task(tiny_hf_dir, task, tmp_path, paths):
+    sft_extra, grpo_extra = PATHS[paths]
     from launchers.grpo import main as grpo_main
     from launchers.sft import main as sft_main
     from ovlt.utils.io import read_jsonl
@@ -124,7 +138,7 @@ def test_grpo_raises_mean_reward_on_half_solved_task(tiny_hf_dir, task, tmp_path
         "sft.train.global_batch_size=4", "sft.optimizer.lr=5e-3", "sft.optimizer.min_lr=5e-4",
         "sft.optimizer.lr_schedule=cosine", "sft.optimizer.warmup_ratio=0.0",
         "sft.train.save_final=false", "data.max_pixels=3136", "data.max_length=256",
-        "data.pack_tokens=1024"])
+        "data.pack_tokens=1024", *sft_extra])
     before = probe_reward(sft_dir / "final_hf", task / "probe" / "rl.parquet")
     assert 0.2 < before["mean"] < 0.7, before  # half-solved
 
@@ -137,7 +151,7 @@ def test_grpo_raises_mean_reward_on_half_solved_task(tiny_hf_dir, task, tmp_path
         f"grpo.prompts_per_step={RL_PROMPTS}", "grpo.samples_per_prompt=4",
         "grpo.train.global_batch_size=64", "grpo.optimizer.lr=2e-3", "grpo.kl_coef=0.0",
         "rollout.engine=builtin", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
-        "rollout.prompt_suffix=''", "data.max_pixels=3136"])
+        "rollout.prompt_suffix=''", "data.max_pixels=3136", *grpo_extra])
     steps = read_jsonl(grpo_dir / "metrics.jsonl")
     assert [r["step"] for r in steps] == list(range(1, GRPO_STEPS + 1))
     assert steps[0]["samples_trained"] > 0 and steps[0]["grad_norm"] > 0, steps[0]
@@ -147,9 +161,11 @@ def test_grpo_raises_mean_reward_on_half_solved_task(tiny_hf_dir, task, tmp_path
     rise = after["mean"] - before["mean"]
     noise = math.hypot(before["se"], after["se"])
     train = [round(r["reward_mean"], 3) for r in steps]
-    msg = (f"probe reward {before['mean']:.3f} (se {before['se']:.3f}) -> {after['mean']:.3f} "
+    gap = [r.get("engine_logprob_diff_mean") for r in steps]
+    msg = (f"[{paths}] probe reward {before['mean']:.3f} (se {before['se']:.3f}) -> {after['mean']:.3f} "
            f"(se {after['se']:.3f}); rise {rise:.3f} = {rise / max(noise, 1e-9):.1f} se; "
-           f"GRPO training reward per step {train}; samples before {before['examples']} "
+           f"GRPO training reward per step {train}; sampler-trainer log-prob gap {gap}; "
+           f"samples before {before['examples']} "
            f"after {after['examples']}")
     logging.getLogger(__name__).info(msg)
     assert rise > 4 * noise and rise > 0.15, msg
