@@ -22,12 +22,14 @@ The workload (every variant the same):
   152064 untied; vision 32 layers x 1280, frozen with the merger as in the recipe's first
   stage), random init (std 0.02), bf16, with `--llm-layers` LLM layers: by default 8 on an
   80 GB GPU, 16 on a 141 GB one (what fits beside fp32 grads + fp32 Adam master/moments, the
-  reference model in memory and the rollout's KV cache; the file records which).
+  reference model and the rollout's KV cache; the file records which).
 - recipe settings: temperature 1.0, top-p 0.99; update batch 128 prompts x 5 = 640 samples on
   8 GPUs = 80 per GPU, so a step has 320 / 80 = 4 optimizer updates (old log-probs needed for
   updates 2-4); AdamW lr 1e-6, wd 0.01, clip 1.0; PPO clip 0.2 / 0.3, dual clip 3; low-var KL
-  0.01 to a reference held in GPU memory; token-mean loss; selective recompute; micro-batches
-  packed to `--micro-batch-tokens` without padding. Every response ends at its cap, so the
+  0.01 to a reference offloaded to host memory but for its pass (`--ref-mode`); token-mean
+  loss; selective recompute; micro-batches packed to `--micro-batch-tokens` (4096) without
+  padding. Both are what lets the step fit an 80 GB card at 28 layers
+  (`recipe_extrapolation.memory_28_layers`). Every response ends at its cap, so the
   overlong mask is off (`grpo.overlong=none`). Reward: `grpo_vs_trl.bench_reward` (the math
   grader + a hash of the text: non-flat groups, so the weights change every step).
 
@@ -193,7 +195,7 @@ def ovlt_overrides(args, wd: Path, engine: str) -> list[str]:
           f"grpo.prompts_per_step={args.prompts}", f"grpo.samples_per_prompt={args.samples}",
           "grpo.clip_low=0.2", "grpo.clip_high=0.3", "grpo.dual_clip=3.0",
           f"grpo.kl_coef={args.kl}", "grpo.kl_type=low_var_kl", "grpo.loss_agg=token_mean",
-          "grpo.ref_mode=memory", "grpo.filter_zero_advantage=false", "grpo.overlong=none",
+          f"grpo.ref_mode={args.ref_mode}", "grpo.filter_zero_advantage=false", "grpo.overlong=none",
           f"grpo.max_tokens_per_micro_batch={args.micro_batch_tokens}",
           "grpo.rollout_log_samples=0", f"rollout.engine={engine}", "rollout.temperature=1.0",
           "rollout.top_p=0.99", "rollout.top_k=-1", f"rollout.max_new_tokens={args.len_cap}",
@@ -683,6 +685,78 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
             "layers as at L, and the reward tail unchanged (same samples per GPU).")}
 
 
+def param_counts(m) -> tuple[int, int, int]:
+    """(one LLM layer's weights, the trained LLM's at m.num_layers: layers + embedding + LM head,
+    the frozen tower + merger's) of a Qwen2.5-VL config, norms left out."""
+    h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
+    kv = m.num_query_groups * (h // m.num_attention_heads)
+    layer = h * (h + 2 * kv) + h * h + 3 * h * f
+    vc = m.vision
+    hv, merged = vc.hidden_size, vc.hidden_size * vc.spatial_merge_size ** 2
+    tower = (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * hv
+             + vc.depth * (3 * hv * hv + hv * hv + 3 * hv * vc.intermediate_size)
+             + merged * merged + merged * h)
+    return layer, m.num_layers * layer + 2 * v * h, tower
+
+
+def memory_at_full_depth(res: dict, variant: str) -> dict | None:
+    """Per-GPU device memory of the recipe's step at 28 LLM layers (DP = recipe_gpus, ZeRO-1:
+    Adam's fp32 master + moments sharded, fp32 grads whole), per phase, from the variant's
+    phase peaks measured at L layers on one GPU: the weights, grads and Adam state counted;
+    what else the run held (workspaces, caches) kept as measured; the update's activations
+    scaled by layers (their fixed part too: an upper bound); the rollout's KV + decode work
+    from the 28-layer rollout side (its peak minus the bf16 model), else scaled by layers.
+    For the reference in device memory (`memory`) and in host memory but for its pass
+    (`offload`); `update_micro_batch_tokens_that_fit`: the token budget under which the update
+    fits 97 % of the card."""
+    side = res.get("variants", {}).get(variant) or {}
+    steps = [s for s in (side.get("steps") or [])[1:]
+             if s.get("phase_peak_mem_gib") and s.get("mem_after_step_gib")]
+    card = res.get("gpu_memory_gib")
+    if not steps or not card:
+        return None
+    cfg, gib, med = res["config"], 2.0 ** 30, statistics.median
+    rm = recipe_model_cfg()
+    L, R, N = side.get("llm_layers") or cfg["llm_layers"], rm.num_layers, cfg["recipe_gpus"]
+    layer, _, tower = param_counts(rm)
+    extra = 2 * rm.vocab_size * rm.hidden_size
+
+    def trained(n):
+        return n * layer + extra
+
+    def model(n):  # bf16 weights, tower included
+        return 2 * (trained(n) + tower)
+
+    ref_modes = [o.split("=", 1)[1] for o in side.get("config_overrides", [])
+                 if o.startswith("grpo.ref_mode=")]
+    ref_measured = (ref_modes or ["memory"])[-1] == "memory"
+    peak = {k: med(s["phase_peak_mem_gib"][k] for s in steps) * gib
+            for k in ("rollout", "logprob", "update")}
+    resident = med(s["mem_after_step_gib"] for s in steps) * gib
+    other = resident - (model(L) + 12 * trained(L) + (model(L) if ref_measured else 0))
+    act = (peak["update"] - resident - 4 * trained(L)) * R / L
+    full = res.get(FULL_DEPTH.get(variant, ""), {})
+    full_peaks = [s.get("peak_mem_gib") for s in full.get("steps", []) if s.get("peak_mem_gib")]
+    kv = (max(full_peaks) * gib - model(R)) if full_peaks else (peak["rollout"] - resident) * R / L
+    lp = peak["logprob"] - resident - (0 if ref_measured else model(L))
+    out = {"ESTIMATE": True, "card_gib": card, "llm_layers": R, "dp": N,
+           "measured_at_llm_layers": L, "measured_ref_mode": "memory" if ref_measured else "offload",
+           "update_activations_gib": act / gib, "rollout_kv_and_work_gib": kv / gib,
+           "rollout_from_28_layer_side": bool(full_peaks),
+           "measured_micro_batch_tokens": cfg.get("micro_batch_tokens")}
+    for mode in ("memory", "offload"):
+        base = model(R) + 12 * trained(R) / N + other + (model(R) if mode == "memory" else 0)
+        ph = {"rollout": base + kv, "logprob": base + lp + (model(R) if mode == "offload" else 0),
+              "update": base + 4 * trained(R) + act}
+        room = 0.97 * card * gib - base - 4 * trained(R)
+        out[f"ref_{mode}"] = {
+            "peak_gib": {k: v / gib for k, v in ph.items()},
+            "fits": all(v <= card * gib for v in ph.values()),
+            "update_micro_batch_tokens_that_fit": max(0, int(room / act * cfg["micro_batch_tokens"]))
+            if act > 0 and cfg.get("micro_batch_tokens") else None}
+    return out
+
+
 # ---------------------------------------------------------------------------------- driver
 def unavailable(variant: str, device: str) -> str | None:
     """Why `variant` cannot run here (None: it can)."""
@@ -758,7 +832,10 @@ def main(argv=None) -> int:
     ap.add_argument("--length-unit", default="prompt", choices=["prompt", "sample"])
     ap.add_argument("--update-samples", type=int, default=80,
                     help="samples per optimizer update on this GPU (recipe: 128 prompts x 5 / 8)")
-    ap.add_argument("--micro-batch-tokens", type=int, default=8192)
+    ap.add_argument("--micro-batch-tokens", type=int, default=4096,
+                    help="update / log-prob micro-batch token budget (8192 does not fit 28 layers)")
+    ap.add_argument("--ref-mode", default="offload", choices=["memory", "offload", "swap", "cpu"],
+                    help="grpo.ref_mode (memory does not fit 28 layers on 80 GB)")
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--kl", type=float, default=0.01)
     ap.add_argument("--reward-workers", type=int, default=8)
@@ -918,6 +995,9 @@ def compare_variants(res: dict) -> None:
     if ext:
         best, e = min(ext, key=lambda kv: kv[1]["step_s_8xh100"])
         res["recipe_extrapolation"] = dict(e, from_variant=best)
+        mem = memory_at_full_depth(res, best)
+        if mem:  # does the step it extrapolates fit the card at 28 layers?
+            res["recipe_extrapolation"]["memory_28_layers"] = mem
         if res["config"].get("tiny"):
             res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
     updates = math.ceil(res["config"]["prompts"] * res["config"]["samples"]
@@ -951,7 +1031,7 @@ def compare_variants(res: dict) -> None:
 # the arguments that define the workload: runs merged into one file must agree on them
 WORKLOAD_ARGS = ("tiny", "device", "llm_layers", "vision_layers", "prompts", "samples", "image",
                  "min_pixels", "max_pixels", "len_median", "len_sigma", "len_cap", "length_unit",
-                 "update_samples", "micro_batch_tokens", "recompute", "kl", "recipe_gpus",
+                 "update_samples", "micro_batch_tokens", "ref_mode", "recompute", "kl", "recipe_gpus",
                  "nccl_busbw", "easyr1_step_s")
 
 

@@ -205,7 +205,10 @@ class GRPOConfig:
     kl_coef: float = 0.01
     kl_type: Literal["low_var_kl", "k1", "k2", "k3", "mse"] = "low_var_kl"
     loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
-    ref_mode: Literal["memory", "swap", "cpu"] = "memory"
+    # memory: a second model on the device; offload: that model's weights in pinned host
+    # memory but for the reference pass (copied in behind the old log-prob pass); swap / cpu:
+    # the policy's own parameters hold the reference weights for the pass (ovlt.grpo.passes.Reference)
+    ref_mode: Literal["memory", "offload", "swap", "cpu"] = "memory"
     # Keep a reference policy for the KL *metric* even when kl_coef = 0.
     track_kl: bool = False
     # "module:function" replacing the math reward: fn(response, ground_truth, **kw) -> float

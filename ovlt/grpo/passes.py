@@ -263,16 +263,25 @@ class Reference:
     memory: a frozen copy of the initial weights as a second model in device memory (fastest),
     running the policy's kernels (`copy_kernel_switches`; call after the policy's wrap, which
     switches the CUDA fast paths on).
+    offload: that second model, its weights in pinned host memory except during the reference
+    pass: `prefetch` copies them in on a side stream (queued before the old log-prob pass, so
+    the copy runs behind it), the pass waits for the copy, and the storage is freed once the
+    pass is queued. The rollout's KV cache and the update's gradients and activations never
+    share the device with it (a 7B reference is 15 GB of an 80 GB card).
     swap / cpu: the initial weights kept in host memory (pinned for `swap`) and swapped into
     the policy's own parameters for the reference pass, then swapped back (no second model).
     """
 
+    MODES = ("memory", "offload", "swap", "cpu")
+
     def __init__(self, mode: str, policy: torch.nn.Module, build_fn=None):
+        if mode not in self.MODES:
+            raise ValueError(f"grpo.ref_mode: {mode!r} not allowed; allowed: {', '.join(self.MODES)}")
         self.mode = mode
         policy = unwrap(policy)
-        if mode == "memory":
+        if mode in ("memory", "offload"):
             if build_fn is None:
-                raise ValueError("ref_mode=memory needs a model builder")
+                raise ValueError(f"ref_mode={mode} needs a model builder")
             from megatron.core.enums import ModelType
             self.model = build_fn()
             self.model.load_state_dict(policy.state_dict(), strict=False)
@@ -282,18 +291,63 @@ class Reference:
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        elif mode in ("swap", "cpu"):
+            if mode == "offload":
+                pin = torch.cuda.is_available()
+                self.host = [(p, p.detach().cpu().pin_memory() if pin else p.detach().cpu().clone())
+                             for p in self.model.parameters()]
+                self._ready = None  # the side stream's copy, waited for by the pass
+                self._stream = None
+                self.on_device = True
+                self.release()
+        else:
             pin = mode == "swap" and torch.cuda.is_available()
             self.state = {n: (p.detach().cpu().pin_memory() if pin else p.detach().cpu().clone())
                           for n, p in policy.named_parameters()}
+
+    def prefetch(self) -> None:
+        """offload: give the weights their device storage back and queue their copy from host
+        memory (a side stream on a GPU: the work queued before runs beside it). Nothing in the
+        other modes, or when they are on the device already."""
+        if self.mode != "offload" or self.on_device:
+            return
+        for p, h in self.host:  # allocated on the current stream, as the pass that reads them
+            p.data.untyped_storage().resize_(h.numel() * h.element_size())
+        if self.host and self.host[0][0].is_cuda:
+            main = torch.cuda.current_stream()
+            self._stream = self._stream or torch.cuda.Stream()
+            self._stream.wait_stream(main)
+            with torch.no_grad(), torch.cuda.stream(self._stream):
+                for p, h in self.host:
+                    p.data.copy_(h, non_blocking=True)
+            self._ready = self._stream.record_event()
         else:
-            raise ValueError(f"grpo.ref_mode: {mode!r} not allowed; allowed: memory, swap, cpu")
+            with torch.no_grad():
+                for p, h in self.host:
+                    p.data.copy_(h)
+        self.on_device = True
+
+    def release(self) -> None:
+        """offload: free the weights' device storage (behind the work queued on the stream
+        that allocated it: later allocations there come after it)."""
+        for p, _ in self.host:
+            p.data.untyped_storage().resize_(0)
+        self.on_device = False
 
     @contextlib.contextmanager
     def weights_in(self, policy_chunks: list):
         """Yield the chunks to run the reference pass with."""
         if self.mode == "memory":
             yield [self.model]
+            return
+        if self.mode == "offload":
+            self.prefetch()
+            if self._ready is not None:
+                torch.cuda.current_stream().wait_event(self._ready)
+                self._ready = None
+            try:
+                yield [self.model]
+            finally:
+                self.release()
             return
         policy = unwrap(policy_chunks[0])
         params = dict(policy.named_parameters())

@@ -157,7 +157,8 @@ class GRPOTrainer:
         # An engine with its own memory sized from what is free now must leave room for what
         # the trainer allocates later: Adam moments (first update), the reference copy.
         pending = unallocated_state_bytes(self.optimizer)
-        if self.ref is None and self.needs_reference() and self.cfg.grpo.ref_mode == "memory":
+        # (offload: the reference is built after the engine, on the device for a moment)
+        if self.ref is None and self.needs_reference() and self.cfg.grpo.ref_mode in ("memory", "offload"):
             pending += sum(p.numel() * p.element_size() for p in model.parameters())
         self.engine = make_engine(self.cfg, model=self.bundle.module, tokenizer=self.tok,
                                   tp_group=tp_group, pending_bytes=pending)
@@ -266,6 +267,8 @@ class GRPOTrainer:
         # log-probs (ratio exactly 1), so only the later updates' samples need this pass.
         need_old = [mb for u in mb_per_update[1:] for mb in u] if n_kept > 0 else all_mbs
         passes = {}
+        if self.ref is not None:  # offload: the reference's weights come in behind the old pass
+            self.ref.prefetch()
         if need_old:
             passes["old"] = queue_logprob_pass(chunks, need_old, "old_logprobs", temp,
                                                self.device, step_images)

@@ -265,3 +265,40 @@ def test_frozen_tower_encodes_each_prompt_once(dist1, tiny_hf_dir, rl_file, tmp_
         for p in tower.parameters():
             p.requires_grad_(False)
     tr.pool.close()
+
+
+def test_offload_reference_equals_memory_and_leaves_the_device(dist1, tiny_hf_dir, rl_file, tmp_path):
+    """ref_mode=offload: the reference's weights sit in host memory except during its pass
+    (no device storage after a step, the host copy's values during it), and two steps give
+    the KL, loss and gradient norm of ref_mode=memory (the same second model, kept on the
+    device); the KL is nonzero once an update has moved the policy."""
+    from ovlt.grpo.data import PromptPosition
+    over = ("grpo.kl_coef=0.01", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4",
+            "grpo.train.global_batch_size=4", "grpo.filter_zero_advantage=false",
+            "grpo.optimizer.lr=0.01")
+    recs = {}
+    for mode in ("memory", "offload"):
+        torch.manual_seed(0)
+        tr = _trainer(_cfg(tmp_path / mode, tiny_hf_dir, rl_file, f"grpo.ref_mode={mode}", *over))
+        ref_params = list(tr.ref.model.parameters())
+        if mode == "offload":
+            assert not tr.ref.on_device
+            assert all(p.untyped_storage().size() == 0 for p in ref_params)
+            with tr.ref.weights_in(tr.bundle.chunks) as chunks:
+                assert chunks == [tr.ref.model]
+                assert all(torch.equal(p, h) for p, h in tr.ref.host)
+                assert all(torch.equal(p, q) for p, q in
+                           zip(ref_params, tr.bundle.module.parameters()))  # = the initial policy
+            assert all(p.untyped_storage().size() == 0 for p in ref_params)
+        pos, got = PromptPosition(), []
+        for i in range(2):
+            rec, pos, _ = tr.step(i, pos)
+            got.append(rec)
+            if mode == "offload":
+                assert all(p.untyped_storage().size() == 0 for p in ref_params)
+        recs[mode] = got
+        tr.pool.close()
+    for a, b in zip(recs["memory"], recs["offload"]):
+        for k in ("kl", "loss", "grad_norm", "reward_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
+    assert recs["offload"][0]["kl"] == 0.0 and recs["offload"][1]["kl"] > 1e-6

@@ -174,6 +174,7 @@ def test_tiny_run_writes_every_variant(tmp_path):
         assert s["vision_encodes_logprob"] + s["vision_encodes_update"] == 2 * res["config"]["prompts"]
     for k in ("ovlt_vllm", "trl_vllm"):  # no vLLM / TRL here: recorded, with the reason
         assert "not run" in v[k].get("skipped", "") or "error" in v[k] or v[k].get("step_s")
+    assert "grpo.ref_mode=offload" in b["config_overrides"]  # what fits 28 layers on 80 GB
     e = res["recipe_extrapolation"]
     assert {"step_s_8xh100", "easyr1_step_s", "ratio", "formula"} <= set(e)
     full = res["ovlt_builtin_rollout_28_layers"]  # the engine alone (at the tiny depth here)
@@ -506,3 +507,45 @@ def test_a_cut_trl_run_read_back_from_its_printed_log_tail(tmp_path):
     assert cmp["tokens_per_s_ratio"] == pytest.approx(52.0 / (1040 / step))
     low = 4 * (25.33 + 26.31) / 2
     assert cmp["tokens_per_s_ratio_vs_trl_lower_bound"] == pytest.approx(52.0 / (1040 / low))
+
+
+def test_memory_at_28_layers_from_the_measured_phase_peaks():
+    """The per-GPU memory of the recipe's step at 28 layers, DP=8, from phase peaks measured at
+    8 layers on one GPU: Qwen2.5-VL-7B's parameter counts, then each phase by hand."""
+    b = _bench()
+    layer, trained28, tower = b.param_counts(b.recipe_model_cfg())
+    assert (layer, trained28, tower) == (233_046_016, 7_615_283_200, 676_034_560)  # 7B: 0.68B tower
+    G = 2.0 ** 30
+    trained8 = 8 * layer + 2 * 152064 * 3584
+    model8, model28 = 2 * (trained8 + tower), 2 * (trained28 + tower)
+    step = {"phase_peak_mem_gib": {"rollout": 64.0, "logprob": 51.0, "update": 70.0},
+            "mem_after_step_gib": 47.0}
+    res = {"config": {"llm_layers": 8, "recipe_gpus": 8, "micro_batch_tokens": 8192},
+           "gpu_memory_gib": 80.0,
+           "variants": {"ovlt_builtin": {"llm_layers": 8, "config_overrides": ["grpo.ref_mode=memory"],
+                                         "steps": [{"step": 1}, dict(step, step=2)]}},
+           "ovlt_builtin_rollout_28_layers": {"steps": [{"peak_mem_gib": 60.0}, {"peak_mem_gib": 64.5}]}}
+    m = b.memory_at_full_depth(res, "ovlt_builtin")
+    other = 47 * G - (model8 + 12 * trained8 + model8)
+    act = (70 * G - 47 * G - 4 * trained8) * 28 / 8
+    kv = 64.5 * G - model28
+    base = {"memory": model28 + 12 * trained28 / 8 + other + model28,
+            "offload": model28 + 12 * trained28 / 8 + other}
+    for mode in ("memory", "offload"):
+        got = m[f"ref_{mode}"]
+        assert got["peak_gib"]["update"] == pytest.approx((base[mode] + 4 * trained28 + act) / G)
+        assert got["peak_gib"]["rollout"] == pytest.approx((base[mode] + kv) / G)
+        # the reference is on the device for its pass in both modes
+        assert got["peak_gib"]["logprob"] == pytest.approx(
+            (base["memory"] + 51 * G - 47 * G) / G)
+        room = 0.97 * 80 * G - base[mode] - 4 * trained28
+        assert got["update_micro_batch_tokens_that_fit"] == int(room / act * 8192)
+    assert not m["ref_memory"]["fits"]                      # 7B's reference + KV: over 80 GB
+    assert m["ref_offload"]["peak_gib"]["rollout"] < 80 < m["ref_offload"]["peak_gib"]["update"]
+    # measured with the reference offloaded: its weights are not in the step's resident memory
+    res["variants"]["ovlt_builtin"]["config_overrides"].append("grpo.ref_mode=offload")
+    m2 = b.memory_at_full_depth(res, "ovlt_builtin")
+    assert m2["measured_ref_mode"] == "offload"
+    assert m2["ref_offload"]["peak_gib"]["update"] == pytest.approx(
+        m["ref_offload"]["peak_gib"]["update"] + model8 / G)
+    assert b.memory_at_full_depth({"variants": {}}, "ovlt_builtin") is None
