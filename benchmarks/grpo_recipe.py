@@ -1035,10 +1035,18 @@ WORKLOAD_ARGS = ("tiny", "device", "llm_layers", "vision_layers", "prompts", "sa
                  "nccl_busbw", "easyr1_step_s")
 
 
+# arguments TRL's variant does not read (its own micro-batch and reference): its run may differ
+# in them from the ovlt variants' runs it is merged with
+OVLT_ONLY_ARGS = ("micro_batch_tokens", "ref_mode")
+OLD_RUN_DEFAULTS = {"ref_mode": "memory"}  # what runs from before an argument existed used
+
+
 def merge_results(paths: list[Path]) -> dict:
     """One results file from runs of the same workload on the same device, each of which ran
     some of the variants (the device's per-run time limit fits one variant a run): a variant
-    run in a later file replaces an earlier one, a skipped one never replaces a run one."""
+    run in a later file replaces an earlier one, a skipped one never replaces a run one. Every
+    variant kept must come from a run of the workload of the ovlt variants' (TRL's may differ
+    in `OVLT_ONLY_ARGS`); the file's config is theirs."""
     runs = []
     for p in paths:
         try:
@@ -1047,26 +1055,35 @@ def merge_results(paths: list[Path]) -> dict:
             raise SystemExit(f"--merge: {p}: not a readable results file ({e})") from None
         if not isinstance(runs[-1].get("variants"), dict) or "config" not in runs[-1]:
             raise SystemExit(f"--merge: {p}: not a grpo_recipe results file (no config / variants)")
-    first = runs[0]
-    for p, r in zip(paths[1:], runs[1:]):
-        diff = {k: (first["config"].get(k), r["config"].get(k)) for k in WORKLOAD_ARGS
-                if first["config"].get(k) != r["config"].get(k)}
-        if r.get("device") != first.get("device"):
-            diff["device name"] = (first.get("device"), r.get("device"))
-        if r.get("prep", {}).get("response_tokens_per_step") != \
-                first.get("prep", {}).get("response_tokens_per_step"):
-            diff["prep.response_tokens_per_step"] = (first.get("prep", {}).get("response_tokens_per_step"),
-                                                     r.get("prep", {}).get("response_tokens_per_step"))
+    kept: dict = {}  # variant -> (run index, its record)
+    for i, r in enumerate(runs):
+        for k, s in r["variants"].items():
+            if not s.get("skipped") or k not in kept:
+                kept[k] = (i, s)
+    ran = {k: i for k, (i, s) in kept.items() if not s.get("skipped")}
+    base_i = max([i for k, i in ran.items() if k.startswith("ovlt")], default=0)
+    base = runs[base_i]
+
+    def arg(r, k):
+        return r["config"].get(k, OLD_RUN_DEFAULTS.get(k))
+
+    for k, i in ran.items():
+        r = runs[i]
+        diff = {a: (arg(base, a), arg(r, a)) for a in WORKLOAD_ARGS
+                if (k.startswith("ovlt") or a not in OVLT_ONLY_ARGS) and arg(base, a) != arg(r, a)}
+        if r.get("device") != base.get("device"):
+            diff["device name"] = (base.get("device"), r.get("device"))
+        tok = [x.get("prep", {}).get("response_tokens_per_step") for x in (base, r)]
+        if tok[0] != tok[1]:
+            diff["prep.response_tokens_per_step"] = tuple(tok)
         if diff:
-            raise SystemExit(f"--merge: {p} is not the workload of {paths[0]}: {diff}")
+            raise SystemExit(f"--merge: {k} of {paths[i]} is not the workload of {paths[base_i]}: "
+                             f"{diff}")
     # a file that is itself a merge lists its own sources, not itself
     sources = [src for p, r in zip(paths, runs) for src in r.get("merged_from") or [
         {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}]]
-    res = dict(first, variants={}, merged_from=sources)
+    res = dict(base, variants={k: s for k, (i, s) in kept.items()}, merged_from=sources)
     for r in runs:
-        for k, s in r.get("variants", {}).items():
-            if not s.get("skipped") or k not in res["variants"]:
-                res["variants"][k] = s
         for side in FULL_DEPTH.values():
             if r.get(side):
                 res[side] = r[side]

@@ -549,3 +549,35 @@ def test_memory_at_28_layers_from_the_measured_phase_peaks():
     assert m2["ref_offload"]["peak_gib"]["update"] == pytest.approx(
         m["ref_offload"]["peak_gib"]["update"] + model8 / G)
     assert b.memory_at_full_depth({"variants": {}}, "ovlt_builtin") is None
+
+
+def test_merge_keeps_trl_across_the_ovlt_only_arguments(tmp_path):
+    """Runs before `--ref-mode` existed held the reference in memory. New ovlt runs (reference
+    offloaded, smaller micro-batches) replace the old ovlt variants; the old TRL variant (which
+    reads neither argument) stays; an old ovlt variant left over is refused by name."""
+    b = _bench()
+    old_cfg = {k: 1 for k in b.WORKLOAD_ARGS if k != "ref_mode"}
+    old_cfg["micro_batch_tokens"] = 8192
+    new_cfg = dict(old_cfg, micro_batch_tokens=4096, ref_mode="offload")
+
+    def run(name, cfg, variants):
+        p = tmp_path / name
+        p.write_text(json.dumps({"date": "2026-12-07", "device": "NVIDIA H100", "config": cfg,
+                                 "prep": {"response_tokens_per_step": 190235}, "variants": variants}))
+        return p
+
+    old = run("old.json", old_cfg, {"ovlt_builtin": {"step_s": 26.0, "tokens_per_s_per_gpu": 300.0},
+                                    "ovlt_vllm": {"step_s": 36.0, "tokens_per_s_per_gpu": 200.0},
+                                    "trl_vllm": {"step_s": 185.0, "tokens_per_s_per_gpu": 40.0}})
+    nb = run("nb.json", new_cfg, {"ovlt_builtin": {"step_s": 27.0, "tokens_per_s_per_gpu": 290.0}})
+    with pytest.raises(SystemExit, match="ovlt_vllm of .*old.json is not the workload of .*nb.json"):
+        b.merge_results([old, nb])
+    nv = run("nv.json", new_cfg, {"ovlt_vllm": {"step_s": 35.0, "tokens_per_s_per_gpu": 210.0}})
+    res = b.merge_results([old, nb, nv])
+    assert {k: s["step_s"] for k, s in res["variants"].items()} == \
+        {"ovlt_builtin": 27.0, "ovlt_vllm": 35.0, "trl_vllm": 185.0}
+    assert res["config"]["ref_mode"] == "offload" and res["config"]["micro_batch_tokens"] == 4096
+    # TRL is still held to the rest of the workload
+    other = run("o.json", dict(old_cfg, llm_layers=16), {"trl_vllm": {"step_s": 1.0}})
+    with pytest.raises(SystemExit, match="trl_vllm of .*o.json.*llm_layers"):
+        b.merge_results([nb, nv, other])
