@@ -601,7 +601,7 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
     from ovlt.engine.flops import llm_forward_flops, vision_forward_flops
     rm = recipe_model_cfg()
     L, R = layers, rm.num_layers
-    h, f, v = rm.hidden_size, rm.ffn_hidden_size, rm.vocab_size
+    h, v = rm.hidden_size, rm.vocab_size
     kv = rm.num_query_groups * (h // rm.num_attention_heads)
     P = prep["prompt_tokens_mean"]
     lens = [int(round(P)) + c for cs in prep["lengths"] for c in cs]
@@ -628,17 +628,17 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
     # decode: bytes read per step; per layer its weights + the live KV of every slot
     slots = min(n, args.engine_slots or n)
     ctx = P + prep["response_tokens_mean"] / 2
-    layer_b = 2 * (h * (h + 2 * kv) + h * h + 3 * h * f) + slots * ctx * 2 * kv * 2
+    layer_p, params_R, _ = param_counts(rm)  # trained: the LLM
+    params_L = params_R - (R - L) * layer_p
+    layer_b = 2 * layer_p + slots * ctx * 2 * kv * 2
     head_b = 2 * h * v + slots * v * 4
     r_ro = (head_b + R * layer_b) / (head_b + L * layer_b)
     bw = 1.0
     if "H200" in device:  # decode is memory-bound: H100 HBM3 3.35 TB/s vs H200 HBM3e 4.8 TB/s
         bw = 4.8 / 3.35
     ph = summ["phases"]
-    layer_p = h * (h + 2 * kv) + h * h + 3 * h * f
-    params_R, params_L = R * layer_p + 2 * v * h, L * layer_p + 2 * v * h  # trained: the LLM
     n_gpu = args.recipe_gpus
-    updates = math.ceil(n / args.update_samples)
+    updates = math.ceil(n / args.update_samples)  # n: the workload's samples
     comm = updates * (4 + 2) * params_R * (n_gpu - 1) / n_gpu / (args.nccl_busbw * 1e9)
     full = rollout_full is not None and rollout_full.get("llm_layers") == R
     rollout = rollout_full["rollout_s"] if full else ph["rollout"] * r_ro
@@ -685,6 +685,11 @@ def extrapolate(args, prep: dict, summ: dict, device: str, layers: int,
             "layers as at L, and the reward tail unchanged (same samples per GPU).")}
 
 
+def updates_per_step(cfg: dict) -> int:
+    """Optimizer updates in a step of the workload `cfg` (the run's arguments)."""
+    return math.ceil(cfg["prompts"] * cfg["samples"] / cfg["update_samples"])
+
+
 def param_counts(m) -> tuple[int, int, int]:
     """(one LLM layer's weights, the trained LLM's at m.num_layers: layers + embedding + LM head,
     the frozen tower + merger's) of a Qwen2.5-VL config, norms left out."""
@@ -718,11 +723,10 @@ def memory_at_full_depth(res: dict, variant: str) -> dict | None:
     cfg, gib, med = res["config"], 2.0 ** 30, statistics.median
     rm = recipe_model_cfg()
     L, R, N = side.get("llm_layers") or cfg["llm_layers"], rm.num_layers, cfg["recipe_gpus"]
-    layer, _, tower = param_counts(rm)
-    extra = 2 * rm.vocab_size * rm.hidden_size
+    layer, trained_R, tower = param_counts(rm)
 
     def trained(n):
-        return n * layer + extra
+        return trained_R - (R - n) * layer
 
     def model(n):  # bf16 weights, tower included
         return 2 * (trained(n) + tower)
@@ -952,8 +956,7 @@ def main(argv=None) -> int:
                          wd, f"variant_{v}", v, max(5.0, min(args.variant_timeout, left)), 2000)
         summ = full = None
         try:
-            summ = summarize(side, res["prep"],
-                             math.ceil(args.prompts * args.samples / args.update_samples))
+            summ = summarize(side, res["prep"], updates_per_step(vars(args)))
         except Exception as e:  # noqa: BLE001
             side["summary_error"] = error_text(e)
         left = args.time_budget - (now() - start) - 5.0
@@ -1000,8 +1003,7 @@ def compare_variants(res: dict) -> None:
             res["recipe_extrapolation"]["memory_28_layers"] = mem
         if res["config"].get("tiny"):
             res["recipe_extrapolation"]["NOTE"] = "tiny smoke run: meaningless numbers"
-    updates = math.ceil(res["config"]["prompts"] * res["config"]["samples"]
-                        / res["config"]["update_samples"]) if res.get("config") else 4
+    updates = updates_per_step(res["config"]) if res.get("config") else 4
     for s in res["variants"].values():
         if not s.get("step_s") and not s.get("skipped") and not s.get("trl_logs") \
                 and s.get("log_tail") and res.get("prep"):

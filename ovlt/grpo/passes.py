@@ -257,6 +257,11 @@ def engine_logprob_gap(micro_batches: list[RLMicroBatch]):
     return tot, mx, n
 
 
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host copy of `t` that owns its memory (page-locked with `pin`)."""
+    return t.detach().cpu().pin_memory() if pin else t.detach().cpu().clone()
+
+
 class Reference:
     """Reference policy for the KL term / metric.
 
@@ -293,16 +298,14 @@ class Reference:
                 p.requires_grad_(False)
             if mode == "offload":
                 pin = torch.cuda.is_available()
-                self.host = [(p, p.detach().cpu().pin_memory() if pin else p.detach().cpu().clone())
-                             for p in self.model.parameters()]
+                self.host = [(p, _host_copy(p, pin)) for p in self.model.parameters()]
                 self._ready = None  # the side stream's copy, waited for by the pass
                 self._stream = None
                 self.on_device = True
                 self.release()
         else:
             pin = mode == "swap" and torch.cuda.is_available()
-            self.state = {n: (p.detach().cpu().pin_memory() if pin else p.detach().cpu().clone())
-                          for n, p in policy.named_parameters()}
+            self.state = {n: _host_copy(p, pin) for n, p in policy.named_parameters()}
 
     def prefetch(self) -> None:
         """offload: give the weights their device storage back and queue their copy from host
