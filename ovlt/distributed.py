@@ -167,7 +167,7 @@ def init_distributed(parallel_cfg=None, seed: int = 1234) -> DistInfo:
             pipeline_model_parallel_size=p.pipeline_parallel,
             context_parallel_size=p.context_parallel,
             distributed_timeout_minutes=p.timeout_minutes,
-            # On CPU the main groups are gloo already: don't build a second copy of each.
+            # With gloo the main groups are gloo already: don't build a second copy of each.
             create_gloo_process_groups=backend == "nccl")
         set_seed(seed)
     except DistributedError:
@@ -182,6 +182,14 @@ def init_distributed(parallel_cfg=None, seed: int = 1234) -> DistInfo:
              le.world_size, le.source, backend, info.tp, info.pp, info.cp, info.dp,
              p.timeout_minutes)
     return info
+
+
+def has_gloo_group_copies() -> bool:
+    """Whether `init_distributed` built gloo copies of mcore's groups (it does beside NCCL
+    groups only: with gloo the main groups serve). What `use_gloo_process_groups` of mcore's
+    optimizer must say: the backend decides, not whether a GPU is visible (gloo on a GPU
+    machine is allowed)."""
+    return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def destroy_distributed(barrier: bool = False) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ovlt.compat.mcore_cpu import cuda_free_mode
+from ovlt.distributed import has_gloo_group_copies
 from ovlt.engine.grad_routing import take_pending_scale
 from ovlt.logging import get_logger
 from ovlt.utils.device import default_device, dtype_of
@@ -46,9 +47,8 @@ def build_optimizer(chunks: list, opt_cfg, precision: str, fused: bool | None = 
         initial_loss_scale=2 ** 16 if precision == "fp16" else None)
     cuda_fastpaths.install()  # foreach grad-norm / clip kernels where apex is missing (CUDA)
     with cuda_free_mode():
-        # CPU: the main groups are gloo already and distributed.py builds no gloo copies.
         opt = get_megatron_optimizer(cfg, chunks,
-                                     use_gloo_process_groups=torch.cuda.is_available())
+                                     use_gloo_process_groups=has_gloo_group_copies())
     if fused is None:
         fused = (cuda_fastpaths.fastpaths_enabled() and precision == "bf16"
                  and opt_cfg.use_distributed_optimizer)

@@ -1,5 +1,6 @@
 """ovlt.distributed: launcher env parsing, a 4-process gloo TP=2 x PP=2 layout, collectives,
-seeding through mcore's TP RNG tracker (CPU shim)."""
+the gloo group copies as mcore's optimizer is told of them, seeding through mcore's TP RNG
+tracker (CPU shim)."""
 import pytest
 import torch
 
@@ -34,15 +35,21 @@ def _layout_worker(rank, world):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from ovlt.config import ParallelConfig
-    from ovlt.distributed import destroy_distributed, init_distributed
+    from ovlt.distributed import destroy_distributed, has_gloo_group_copies, init_distributed
     info = init_distributed(ParallelConfig(tensor_parallel=2, pipeline_parallel=2,
                                            timeout_minutes=1.0), seed=7)
+    try:  # what mcore's optimizer is told (use_gloo_process_groups) must match what was built
+        ps.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True)
+        built = True
+    except AssertionError:
+        built = False
     out = dict(info=(info.tp, info.pp, info.dp, info.cp),
                tp=torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group()),
                pp=torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group()),
                dp=torch.distributed.get_process_group_ranks(ps.get_data_parallel_group()),
                tp_rank=ps.get_tensor_model_parallel_rank(),
-               pp_rank=ps.get_pipeline_model_parallel_rank())
+               pp_rank=ps.get_pipeline_model_parallel_rank(),
+               gloo_copies=(has_gloo_group_copies(), built))
     # all-reduce inside the TP group
     t = torch.tensor([float(rank + 1)])
     torch.distributed.all_reduce(t, group=ps.get_tensor_model_parallel_group())
@@ -74,6 +81,7 @@ def test_tp2_pp2_groups_and_collectives():
         assert o["info"] == (2, 2, 1, 1)
         assert o["tp"] == expect_tp[r] and o["pp"] == expect_pp[r] and o["dp"] == [r]
         assert (o["tp_rank"], o["pp_rank"]) == (r % 2, r // 2)
+        assert o["gloo_copies"] == (False, False)  # gloo backend: the main groups serve
         assert o["tp_sum"] == sum(x + 1 for x in expect_tp[r])
     assert res[2]["recv"] == [0.0, 1.0, 2.0, 3.0]          # from rank 0
     assert res[3]["recv"] == [0.0, 2.0, 4.0, 6.0]          # from rank 1
