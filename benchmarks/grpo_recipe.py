@@ -756,6 +756,7 @@ def memory_at_full_depth(res: dict, variant: str) -> dict | None:
         out[f"ref_{mode}"] = {
             "peak_gib": {k: v / gib for k, v in ph.items()},
             "fits": all(v <= card * gib for v in ph.values()),
+            "headroom_gib": card - max(ph.values()) / gib,
             "update_micro_batch_tokens_that_fit": max(0, int(room / act * cfg["micro_batch_tokens"]))
             if act > 0 and cfg.get("micro_batch_tokens") else None}
     return out
@@ -1013,6 +1014,10 @@ def compare_variants(res: dict) -> None:
             if summ:
                 s.update(summ, trl_logs=logs)
                 s.pop("not_timed", None)
+    for s in res["variants"].values():
+        if s.get("timed_steps") == [1] and not s.get("NOTE"):
+            s["NOTE"] = ("only the first step finished inside the run's time: its warm-up "
+                         "(compilation, CUDA-graph capture) is in it; not a steady-state step")
     for s in res["variants"].values():  # a variant that ran without a timed step says why
         if not s.get("step_s") and not s.get("skipped") and "rc" in s:
             s["not_timed"] = (f"no step finished and none could be taken from its logs: the run "
@@ -1085,9 +1090,9 @@ def merge_results(paths: list[Path]) -> dict:
     sources = [src for p, r in zip(paths, runs) for src in r.get("merged_from") or [
         {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}]]
     res = dict(base, variants={k: s for k, (i, s) in kept.items()}, merged_from=sources)
-    for r in runs:
+    for r in runs:  # the rollout alone at full depth: a later one that timed one replaces
         for side in FULL_DEPTH.values():
-            if r.get(side):
+            if r.get(side) and (rollout_full_depth_summary(r[side]) or not res.get(side)):
                 res[side] = r[side]
     compare_variants(res)
     return res

@@ -277,14 +277,18 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
         return p
 
     ext = lambda s: {"step_s_8xh100": s, "ratio": s / 145.0, "easyr1_step_s": 145.0}  # noqa: E731
+
+    def side(rollout_s):  # the engine alone at full depth, one timed rollout
+        return {"steps": [{"step": 1, "rollout_s": rollout_s, "generated_tokens": 190235}],
+                "summary": {"rollout_s": rollout_s}}
     a = run("a.json", {"ovlt_builtin": {"step_s": 20.0, "tokens_per_s_per_gpu": 300.0,
                                         "recipe_extrapolation": ext(75.0)},
                        "ovlt_vllm": {"skipped": "no vllm"}, "trl_vllm": {"skipped": "no trl"}},
-            ovlt_builtin_rollout_28_layers={"summary": {"rollout_s": 34.0}})
+            ovlt_builtin_rollout_28_layers=side(34.0))
     v = run("v.json", {"ovlt_vllm": {"step_s": 18.0, "tokens_per_s_per_gpu": 330.0,
                                      "recipe_extrapolation": ext(70.0)},
                        "ovlt_builtin": {"skipped": "budget"}},
-            ovlt_vllm_rollout_28_layers={"summary": {"rollout_s": 25.0}})
+            ovlt_vllm_rollout_28_layers=side(25.0))
     cut = run("c.json", {"trl_vllm": {"rc": "timeout", "wall_seconds": 419.0, "log_tail": "..."}})
     assert "rc=timeout after 419 s" in b.merge_results([a, cut])["variants"]["trl_vllm"]["not_timed"]
     t = run("t.json", {"trl_vllm": {"step_s": 60.0, "tokens_per_s_per_gpu": 100.0}})
@@ -306,6 +310,18 @@ def test_merge_results_unites_variants_run_one_per_run(tmp_path):
     assert [m["file"] for m in again["merged_from"]] == ["a.json", "v.json", "t.json", "b2.json"]
     assert again["variants"]["ovlt_builtin"]["step_s"] == 19.0
     assert again["variants"]["trl_vllm"]["step_s"] == 60.0
+    # a later run whose vLLM variant finished its first step only, and whose full-depth side
+    # timed out before a rollout: the step is flagged, the earlier side's rollout is kept
+    cold = run("v2.json", {"ovlt_vllm": {"step_s": 93.0, "timed_steps": [1],
+                                         "tokens_per_s_per_gpu": 100.0}},
+               ovlt_vllm_rollout_28_layers={"rc": "timeout", "wall_seconds": 143.0})
+    res2 = b.merge_results([merged, cold])
+    assert "only the first step finished" in res2["variants"]["ovlt_vllm"]["NOTE"]
+    assert "NOTE" not in res2["variants"]["ovlt_builtin"]
+    assert res2["ovlt_vllm_rollout_28_layers"]["summary"]["rollout_s"] == 25.0
+    later_side = run("v3.json", {"ovlt_vllm": {"skipped": "budget"}},
+                     ovlt_vllm_rollout_28_layers=side(30.0))
+    assert b.merge_results([merged, later_side])["ovlt_vllm_rollout_28_layers"] == side(30.0)
     other = run("o.json", {"trl_vllm": {"step_s": 1.0}})
     r = json.loads(other.read_text())
     r["config"]["llm_layers"] = 16
@@ -541,6 +557,8 @@ def test_memory_at_28_layers_from_the_measured_phase_peaks():
         room = 0.97 * 80 * G - base[mode] - 4 * trained28
         assert got["update_micro_batch_tokens_that_fit"] == int(room / act * 8192)
     assert not m["ref_memory"]["fits"]                      # 7B's reference + KV: over 80 GB
+    assert m["ref_memory"]["headroom_gib"] == pytest.approx(
+        80 - max(m["ref_memory"]["peak_gib"].values()))
     assert m["ref_offload"]["peak_gib"]["rollout"] < 80 < m["ref_offload"]["peak_gib"]["update"]
     # measured with the reference offloaded: its weights are not in the step's resident memory
     res["variants"]["ovlt_builtin"]["config_overrides"].append("grpo.ref_mode=offload")
