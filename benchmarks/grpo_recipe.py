@@ -1090,7 +1090,7 @@ def merge_results(paths: list[Path]) -> dict:
     sources = [src for p, r in zip(paths, runs) for src in r.get("merged_from") or [
         {"file": Path(p).name, "date": r.get("date"), "variants": sorted(r.get("variants", {}))}]]
     res = dict(base, variants={k: s for k, (i, s) in kept.items()}, merged_from=sources)
-    for r in runs:  # the rollout alone at full depth: a later one that timed one replaces
+    for r in runs:  # the rollout alone at full depth: a later one with a timed rollout replaces
         for side in FULL_DEPTH.values():
             if r.get(side) and (rollout_full_depth_summary(r[side]) or not res.get(side)):
                 res[side] = r[side]
