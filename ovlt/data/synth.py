@@ -270,6 +270,7 @@ STRIPE_VALUES = {c: i + 1 for i, c in enumerate(STRIPE_COLORS)}
 STRIPE_LEGEND = "Each colour has a value: " + ", ".join(
     f"{c} {v}" for c, v in STRIPE_VALUES.items()) + "."
 STRIPE_WIDTHS = {"easy": (112,), "medium": (56, 56), "hard": (28, 28, 56)}
+COUNT_WORDS = {2: "two", 3: "three"}
 
 
 def colour_sum(rng: random.Random, level: str):
@@ -291,7 +292,8 @@ def colour_sum(rng: random.Random, level: str):
         q = f"{STRIPE_LEGEND} What is the value of the colour in the image?"
         steps = [f"{order[0]} {vals[0]}"]
     else:
-        q = f"{STRIPE_LEGEND} What is the sum of the values of the colours in the image?"
+        q = (f"{STRIPE_LEGEND} What is the sum of the values of the {COUNT_WORDS[len(vals)]} "
+             "colours in the image?")
         steps = [" + ".join(f"{c} {v}" for c, v in zip(order, vals)) + f" = {sum(vals)}"]
     return img, q, sum(vals), steps
 
