@@ -276,7 +276,9 @@ COUNT_WORDS = {2: "two", 3: "three"}
 def colour_sum(rng: random.Random, level: str):
     """112 px square of 1 (easy), 2 (medium) or 3 (hard) vertical stripes of distinct colours
     (widths on the 28 px grid of the vision tokens, each channel jittered by +-20). Easy: the
-    value of the colour; medium / hard: the sum of the values of the colours shown."""
+    value of the colour; medium / hard: the sum of the values of the colours shown, the question
+    naming how many (as real problems differ in their text: with the image the only difference,
+    GRPO's hard stage taught the two-stripe prompts a third colour)."""
     widths = list(STRIPE_WIDTHS[level])
     rng.shuffle(widths)
     shown = rng.sample(list(STRIPE_COLORS), len(widths))

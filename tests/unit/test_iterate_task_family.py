@@ -43,6 +43,10 @@ def test_answers_match_the_pixels_and_chains_add_up():
             lhs, rhs = think.group(1).split("=")
             assert sum(int(v) for _, v in named) == int(rhs)
         assert "red 1, blue 2, green 3, yellow 4, purple 5" in p["question"]
+        # the levels differ in their text too: a sum names how many colours it adds
+        count = {"easy": "the value of the colour", "medium": "the two colours",
+                 "hard": "the three colours"}[p["difficulty"]]
+        assert count in p["question"], (p["id"], p["question"])
     assert min(levels.values()) > 40  # the three levels are all drawn
     # deterministic per (seed, index)
     assert make_problem(7, 3, ("colour_sum",))["solution"] == \
