@@ -74,6 +74,7 @@ from benchmarks._grpo_bench import (device_sync, error_text, finished_steps,  # 
                                     record_prep, result_header, run_child, run_ovlt_steps,
                                     run_recorded, steady_state, trl_inputs, write_hf_config,
                                     write_hf_dir, write_json, write_rl_parquet)
+from ovlt.config import GRPOConfig, allowed_values  # noqa: E402
 
 VARIANTS = ("ovlt_builtin", "ovlt_vllm", "trl_vllm")
 # a side of each ovlt variant: its engine's rollout alone at the recipe's 28 layers
@@ -839,7 +840,7 @@ def main(argv=None) -> int:
                     help="samples per optimizer update on this GPU (recipe: 128 prompts x 5 / 8)")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096,
                     help="update / log-prob micro-batch token budget (8192 does not fit 28 layers)")
-    ap.add_argument("--ref-mode", default="offload", choices=["memory", "offload", "swap", "cpu"],
+    ap.add_argument("--ref-mode", default="offload", choices=allowed_values(GRPOConfig, "ref_mode"),
                     help="grpo.ref_mode (memory does not fit 28 layers on 80 GB)")
     ap.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     ap.add_argument("--kl", type=float, default=0.01)

@@ -506,6 +506,11 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def allowed_values(cls, name: str) -> tuple:
+    """The values the Literal field `name` of config dataclass `cls` allows."""
+    return get_args(_hints(cls)[name])
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """The config dataclass `cls` from a nested dict, values coerced to the field types;
     an unknown key is a ConfigError naming it and the allowed keys."""

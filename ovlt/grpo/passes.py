@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ovlt.config import GRPOConfig, allowed_values
 from ovlt.grpo.batch import RLMicroBatch
 from ovlt.grpo.image_features import StepImages
 from ovlt.engine.lm_head import flat_hidden, host_side_inputs, loss_rows, tp_group, unwrap
@@ -277,7 +278,7 @@ class Reference:
     the policy's own parameters for the reference pass, then swapped back (no second model).
     """
 
-    MODES = ("memory", "offload", "swap", "cpu")
+    MODES = allowed_values(GRPOConfig, "ref_mode")
 
     def __init__(self, mode: str, policy: torch.nn.Module, build_fn=None):
         if mode not in self.MODES:
