@@ -15,29 +15,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-def _check_path(key: str, path, kind: str) -> None:
-    from ovlt.config import ConfigError
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{key}: {p} does not exist")
-    if kind == "file" and not p.is_file():
-        raise ConfigError(f"{key}: {p} is not a file")
-    if kind == "dir" and not p.is_dir():
-        raise ConfigError(f"{key}: {p} is not a directory")
-
-
 def check_inputs(cfg, trainer: str) -> None:
     """The files and folders the job reads exist and are of the right kind, and its output
     cannot land on them; ConfigError naming the key otherwise (before any process group)."""
     from ovlt.config import ConfigError
     from ovlt.engine.hf_io import export_dir_is_free
     from ovlt.models.qwen2_5_vl.hf_config import read_hf_config
+    from ovlt.utils.inputs import MODEL_HINT, data_hint, require_path
     from ovlt.utils.outdir import overlaps
 
     m, d = cfg.model, cfg.data
     train = getattr(cfg, trainer).train
     if m.hf_path:
-        _check_path("model.hf_path", m.hf_path, "dir")
+        require_path("model.hf_path", m.hf_path, "dir", MODEL_HINT)
         try:
             read_hf_config(m.hf_path)  # present, valid JSON, a Qwen2.5-VL
         except (ValueError, OSError) as e:
@@ -46,9 +36,15 @@ def check_inputs(cfg, trainer: str) -> None:
         [("data.rl_files", d.rl_files)]
         + [(f"grpo.curriculum[{i}].rl_files", st.rl_files)
            for i, st in enumerate(cfg.grpo.curriculum)])
+    if not d.registry and not any(paths for _, paths in files):
+        need = "data.sft_files" if trainer == "sft" else "data.rl_files"
+        kind = "SFT .json/.jsonl" if trainer == "sft" else "RL .parquet"
+        example = "runs/synth/" + ("sft.jsonl" if trainer == "sft" else "rl.parquet")
+        raise ConfigError(f"{need} is empty: this job needs {kind} files ({need}=[{example}] "
+                          f"or data.registry=REGISTRY.yaml; {data_hint(example)})")
     for key, paths in files:
         for i, f in enumerate(paths):
-            _check_path(f"{key}[{i}]", f, "file")
+            require_path(f"{key}[{i}]", f, "file", data_hint(f))
             if os.path.getsize(f) == 0:
                 raise ConfigError(f"{key}[{i}]: {f} is empty")
             if trainer == "grpo" and not str(f).endswith(".parquet"):
@@ -56,9 +52,19 @@ def check_inputs(cfg, trainer: str) -> None:
                                   "prompts from parquet (problem, answer, images); an SFT "
                                   ".json/.jsonl goes to data.sft_files")
     if d.registry:
-        _check_path("data.registry", d.registry, "file")
+        from ovlt.data.formats import DataError, load_registry
+        require_path("data.registry", d.registry, "file")
+        try:
+            sources = load_registry(d.registry)
+        except DataError as e:
+            raise ConfigError(f"data.registry: {e}") from None
+        kind = "sft" if trainer == "sft" else "rl"
+        for src in (s for s in sources if s.kind == kind):
+            for f in map(os.path.normpath, src.files):  # relative to the registry: "../"
+                require_path(f"data.registry {d.registry}: source {src.name!r}", f, "file",
+                             data_hint(f))
     if d.image_root:
-        _check_path("data.image_root", d.image_root, "dir")
+        require_path("data.image_root", d.image_root, "dir")
     save_dir = Path(train.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"{trainer}.train.save_dir: {save_dir} is a file")

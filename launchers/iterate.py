@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             return report_error(e, prog)
         return 0
+    from ovlt.iterate.inputs import check_inputs
+    try:
+        check_inputs(cfg)  # before the run directory: a typo leaves nothing behind
+    except ConfigError as e:
+        return one_line(e)
     setup_logging(str(run_dir / "logs"))
 
     def _term(signum, frame):  # scheduler preemption: stop the stage cleanly, resume later

@@ -193,7 +193,8 @@ class SFTLoader:
 def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
                  report: Optional[SkipReport] = None) -> list:
     """Records of `kind` ('sft' | 'rl') named by the config: `files` if given (e.g. a GRPO
-    curriculum stage's rl_files), else data.{sft,rl}_files, plus the registry's sources."""
+    curriculum stage's rl_files), else data.{sft,rl}_files plus the registry's sources; the
+    readers' skips go to `report`."""
     from ovlt.data.formats import read_registry
     report = report if report is not None else SkipReport(strict=data_cfg.strict)
     paths = list(files) if files is not None else list(
@@ -202,10 +203,9 @@ def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
     recs = [r for p in paths for r in reader(p, image_root=data_cfg.image_root, report=report)]
     if data_cfg.registry and files is None:
         recs += read_registry(data_cfg.registry, kind, report, seed=data_cfg.seed)
-    if not recs:
-        raise DataError(f"no {kind} records in {', '.join(map(str, paths)) or '(no files)'}: "
-                        f"set data.{kind}_files or data.registry{skips_in_brief(report)}")
-    return recs
+    if not paths and not (data_cfg.registry and files is None):
+        raise DataError(f"no {kind} data: set data.{kind}_files or data.registry")
+    return recs  # all skipped: the dataset's "0 usable samples" error names the skips
 
 
 def build_sft_loader(data_cfg, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,

@@ -1,7 +1,9 @@
 """RL prompts for GRPO: curriculum stages of parquet files, a resumable position, encoding.
 
 Stages come from `grpo.curriculum` (e.g. medium then hard, each with its own files, epochs
-and vision freezing) or, when empty, one stage over `data.rl_files`. Each stage is shuffled
+and vision freezing; a stage without files takes the records of its difficulty from
+`data.rl_files` and `data.registry`) or, when empty, one stage over `data.rl_files` and the
+registry's RL sources. Each stage is shuffled
 per epoch with `data.seed + epoch`; the position (stage, epoch, index) is saved in checkpoints
 so a resumed run draws exactly the prompts the uninterrupted run would have, and with it the
 prompts' fingerprint (`PromptStream.fingerprint`): a resume on other prompts is refused. Every
@@ -32,28 +34,49 @@ class PromptPosition:
 class PromptStream:
     def __init__(self, cfg, prompts_per_step: int):
         from ovlt.data.datasets import skips_in_brief
-        from ovlt.data.formats import DataError, SkipReport, read_rl
+        from ovlt.data.formats import DataError, SkipReport
         g, d = cfg.grpo, cfg.data
-        stages = list(g.curriculum) or [CurriculumStage(name="all", rl_files=list(d.rl_files),
-                                                        epochs=cfg.grpo.train.epochs,
+        # no curriculum: one stage of data.rl_files and the registry's RL sources
+        stages = list(g.curriculum) or [CurriculumStage(name="all", epochs=cfg.grpo.train.epochs,
                                                         freeze_vision="vision" in g.train.freeze)]
+        # what a stage without files of its own reads
+        self._shared = list(d.rl_files) + ([d.registry] if d.registry else [])
         self.stages, self.records = [], []
         for st in stages:
-            if not st.rl_files:
-                raise DataError(f"grpo curriculum stage {st.name!r}: no rl_files (set "
-                                "data.rl_files or grpo.curriculum[i].rl_files)")
             report = SkipReport(strict=d.strict)
-            recs = [r for f in st.rl_files for r in read_rl(f, image_root=d.image_root,
-                                                             report=report, source=st.name)]
+            recs = self._stage_records(st, d, report, curriculum=bool(g.curriculum))
             if report.num_skipped:
                 log.warning("stage %s: %s", st.name, report.summary())
             if not recs:
+                where = ", ".join(map(str, st.rl_files or self._shared))
                 raise DataError(f"grpo stage {st.name!r}: no usable records in "
-                                f"{', '.join(map(str, st.rl_files))}{skips_in_brief(report)}")
+                                f"{where}{skips_in_brief(report)}")
             self.stages.append(st)
             self.records.append(recs)
         self.n = prompts_per_step
         self.seed = d.seed
+
+    @staticmethod
+    def _stage_records(st, d, report, curriculum: bool) -> list:
+        """A stage's own rl_files; else data.rl_files plus the registry's RL sources, the
+        records whose difficulty is the stage's name when there is a curriculum."""
+        from ovlt.data.datasets import read_records
+        from ovlt.data.formats import DataError, read_rl
+        if st.rl_files:
+            return [r for f in st.rl_files
+                    for r in read_rl(f, image_root=d.image_root, report=report, source=st.name)]
+        if not (d.rl_files or d.registry):
+            raise DataError(f"grpo stage {st.name!r}: no rl_files (set data.rl_files, "
+                            "data.registry or grpo.curriculum[i].rl_files)")
+        recs = read_records(d, "rl", report=report)
+        if not curriculum:
+            return recs
+        picked = [r for r in recs if r.difficulty == st.name]
+        if recs and not picked:
+            raise DataError(f"grpo curriculum stage {st.name!r} has no rl_files and none of the "
+                            f"{len(recs)} records of data.rl_files / data.registry has difficulty "
+                            f"{st.name!r} (found: {sorted({str(r.difficulty) for r in recs})})")
+        return picked
 
     def fingerprint(self) -> dict:
         """What a GRPO checkpoint records of its prompts (`ovlt.data.fingerprint`): every
@@ -64,7 +87,8 @@ class PromptStream:
 
     def sources(self) -> str:
         """Where the stages' prompts come from, for messages."""
-        return "; ".join(f"{st.name}: {', '.join(map(str, st.rl_files))}" for st in self.stages)
+        return "; ".join(f"{st.name}: {', '.join(map(str, st.rl_files or self._shared))}"
+                         for st in self.stages)
 
     def steps_in_stage(self, s: int) -> int:
         per_epoch = max(1, len(self.records[s]) // self.n)

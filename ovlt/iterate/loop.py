@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -96,12 +97,22 @@ def _stage_token(run_dir: Path, sid: str, attempt: int) -> str:
     return f"{h}:{sid}:{attempt}"
 
 
-def _log_tail(path: Path, n: int = 60) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
+# torchrun's own report of a failed worker ("E1207 23:08:27.44 1594 .../api.py:1002] failed
+# (exitcode: 1) ...") and everything after it: its traceback and summary, not the stage's words
+_TORCHRUN_FAILED = re.compile(r"^[EW]\d{4} [\d:.]+ +\d+ .*\] failed \(exitcode")
+_OURS = re.compile(r"^ovlt [\w .-]+: (internal )?error: ")
+
+
+def stage_error(log_text: str) -> str:
+    """The line that says why a stage failed: the program's own `ovlt ...: error:` line, else
+    the last line it wrote before torchrun reported the failure."""
+    lines = [ln.strip() for ln in log_text.splitlines()]
+    ours = [ln for ln in lines if _OURS.match(ln)]
+    if ours:
+        return ours[-1]
+    end = next((i for i, ln in enumerate(lines) if _TORCHRUN_FAILED.match(ln)), len(lines))
+    before = [ln for ln in lines[:end] if ln]
+    return before[-1] if before else "(the log is empty)"
 
 
 def run_stage(plan: StagePlan, cfg: JobConfig, man: Manifest, runner: Runner, port: int,
@@ -140,8 +151,12 @@ def run_stage(plan: StagePlan, cfg: JobConfig, man: Manifest, runner: Runner, po
     rc = runner.run(launch)
     if rc != 0:
         man.mark_failed(plan.sid, f"exit code {rc}")
-        raise IterateError(f"stage {plan.sid} failed with exit code {rc}; log {plan.log_path}; "
-                           f"last lines:\n{_log_tail(plan.log_path)}\nfix it and rerun with --resume")
+        try:
+            text = plan.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        raise IterateError(f"stage {plan.sid} failed with exit code {rc}: {stage_error(text)} "
+                           f"(log {plan.log_path}); fix it and rerun with --resume")
     missing = [p for p in plan.required if not Path(p).exists()]
     if missing:
         man.mark_failed(plan.sid, f"missing outputs {missing}")

@@ -13,22 +13,18 @@ log = get_logger(__name__)
 
 
 def build_sft_dataset(data_cfg):
-    from ovlt.data.datasets import SFTDataset
-    from ovlt.data.formats import SkipReport, read_sft
+    """The usable SFT samples of `data.sft_files` plus the registry's SFT sources."""
+    from ovlt.data.datasets import SFTDataset, read_records
+    from ovlt.data.formats import SkipReport
 
-    if not data_cfg.sft_files:
-        raise ValueError("data.sft_files is empty: give at least one SFT .json/.jsonl file "
-                         "(e.g. data.sft_files=[runs/synth/sft.jsonl])")
     report = SkipReport(strict=data_cfg.strict)
-    records = []
-    for f in data_cfg.sft_files:
-        records.extend(read_sft(f, image_root=data_cfg.image_root, report=report,
-                                strict=data_cfg.strict))
-    ds = SFTDataset(records, max_length=data_cfg.max_length, min_pixels=data_cfg.min_pixels,
-                    max_pixels=data_cfg.max_pixels, report=report)
+    ds = SFTDataset(read_records(data_cfg, "sft", report=report), max_length=data_cfg.max_length,
+                    min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
+                    report=report)
     if report.num_skipped:
         log.warning("SFT data: %d records skipped: %s", report.num_skipped, report.summary())
-    log.info("SFT data: %d usable samples from %d file(s)", len(ds), len(data_cfg.sft_files))
+    log.info("SFT data: %d usable samples from %d file(s)%s", len(ds), len(data_cfg.sft_files),
+             f" and {data_cfg.registry}" if data_cfg.registry else "")
     return ds
 
 

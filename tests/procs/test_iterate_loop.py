@@ -201,7 +201,11 @@ def test_failed_stage_reports_log_and_resumes(tmp_path):
     log = tmp_path / "calls.jsonl"
     p = iterate(cfg, env=env_with(OVLT_FAKE_CALLS=log, OVLT_FAKE_FAIL="r1.sft"), check=False)
     assert p.returncode == 1
-    assert "stage r1.sft failed" in p.stderr and "fake failure in r1.sft" in p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("ovlt iterate: error:")]
+    assert errors == [f"ovlt iterate: error: stage r1.sft failed with exit code 1: fake failure "
+                      f"in r1.sft (log {out / 'fake' / 'r1.sft' / 'stage.log'}); fix it and "
+                      "rerun with --resume"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
     man = out / "fake" / "manifest.json"
     assert stage_status(man, "r1.sft") == "failed"
     iterate(cfg, "--resume", env=env_with(OVLT_FAKE_CALLS=log))

@@ -36,9 +36,39 @@ def test_missing_and_wrong_inputs(synth, tmp_path, capsys, tiny_hf_dir):
     sft_ok = f"data.sft_files=[{synth / 'sft.jsonl'}]"
     save = f"sft.train.save_dir={out}"
     rc, line = _run(capsys, "sft", sft_ok, save, f"model.hf_path={tmp_path / 'nope'}")
-    assert rc == 2 and line == f"ovlt sft: error: model.hf_path: {tmp_path / 'nope'} does not exist"
-    rc, line = _run(capsys, "sft", f"data.sft_files=[{tmp_path / 'gone.jsonl'}]", save)
-    assert rc == 2 and f"data.sft_files[0]: {tmp_path / 'gone.jsonl'} does not exist" in line
+    assert rc == 2 and line.startswith(
+        f"ovlt sft: error: model.hf_path: {tmp_path / 'nope'} does not exist (a Hugging Face "
+        "Qwen2.5-VL folder: a downloaded one, or the one an SFT run exports to")
+    # a missing data file: the line names the command that makes it, in the file's folder
+    rc, line = _run(capsys, "sft", f"data.sft_files=[{tmp_path / 'd' / 'sft.jsonl'}]", save)
+    assert rc == 2 and line == (
+        f"ovlt sft: error: data.sft_files[0]: {tmp_path / 'd' / 'sft.jsonl'} does not exist "
+        f"(`ovlt data synth --out {tmp_path / 'd'} --n 64` writes synthetic "
+        f"{tmp_path / 'd' / 'sft.jsonl'} and {tmp_path / 'd' / 'rl.parquet'}; `ovlt data check "
+        "FILE` validates your own)")
+    rc, line = _run(capsys, "grpo", f"data.rl_files=[{tmp_path / 'gone.parquet'}]",
+                    f"grpo.train.save_dir={out}")
+    assert rc == 2 and f"data.rl_files[0]: {tmp_path / 'gone.parquet'} does not exist " \
+        "(`ovlt data synth --out DIR --n 64` writes synthetic DIR/sft.jsonl" in line
+    # no data at all (the tiny configs as they ship): the key, the example, the command
+    for trainer, key, example in (("sft", "data.sft_files", "runs/synth/sft.jsonl"),
+                                  ("grpo", "data.rl_files", "runs/synth/rl.parquet")):
+        rc, line = _run(capsys, trainer, f"{trainer}.train.save_dir={out}")
+        assert rc == 2 and line.startswith(
+            f"ovlt {trainer}: error: {key} is empty: this job needs"), line
+        assert f"{key}=[{example}] or data.registry=REGISTRY.yaml; `ovlt data synth --out " \
+            "runs/synth --n 64` writes" in line, line
+    # a registry is checked like the files: its YAML, then each of its sources' files
+    reg = tmp_path / "reg.yaml"
+    reg.write_text("sources: [\n")
+    rc, line = _run(capsys, "sft", f"data.registry={reg}", save)
+    assert rc == 2 and line.startswith(f"ovlt sft: error: data.registry: {reg}: not a readable "
+                                       "YAML registry"), line
+    reg.write_text("sources:\n  - {name: mine, kind: sft, files: [d/sft.jsonl]}\n")
+    rc, line = _run(capsys, "sft", f"data.registry={reg}", save)
+    assert rc == 2 and line.startswith(
+        f"ovlt sft: error: data.registry {reg}: source 'mine': {tmp_path / 'd' / 'sft.jsonl'} "
+        f"does not exist (`ovlt data synth --out {tmp_path / 'd'} --n 64`"), line
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     rc, line = _run(capsys, "sft", f"data.sft_files=[{empty}]", save)
