@@ -122,9 +122,12 @@ def test_grpo_launcher_refuses_expandable_segments_where_vllm_is_installed(
                         lambda name, *a: object() if name == "vllm" else real(name, *a))
     for k in cuda_alloc.ENV_VARS:
         monkeypatch.delenv(k, raising=False)
+    from ovlt.data.synth import generate
+    generate(tmp_path / "synth", n=2, seed=0)  # inputs that pass the launcher's checks
     rc = run_job("grpo", str(CONFIG_ROOT / "grpo" / "tiny_cpu.yaml"),
                  ["grpo.train.cuda_alloc_conf=expandable_segments:True", "rollout.engine=auto",
-                  f"grpo.train.save_dir={tmp_path}"],
+                  f"data.rl_files=[{tmp_path / 'synth' / 'rl.parquet'}]",
+                  f"grpo.train.save_dir={tmp_path / 'run'}"],
                  run=lambda cfg: pytest.fail("must not run"))
     assert rc == 2
     err = capsys.readouterr().err
