@@ -3,11 +3,11 @@
 Stages come from `grpo.curriculum` (e.g. medium then hard, each with its own files, epochs
 and vision freezing; a stage without files takes the records of its difficulty from
 `data.rl_files` and `data.registry`) or, when empty, one stage over `data.rl_files` and the
-registry's RL sources. Each stage is shuffled
-per epoch with `data.seed + epoch`; the position (stage, epoch, index) is saved in checkpoints
-so a resumed run draws exactly the prompts the uninterrupted run would have, and with it the
-prompts' fingerprint (`PromptStream.fingerprint`): a resume on other prompts is refused. Every
-DP rank takes a strided slice of the global prompt batch.
+registry's RL sources. Each stage is shuffled per epoch with `data.seed + epoch`; the position
+(stage, epoch, index) is saved in checkpoints so a resumed run draws exactly the prompts the
+uninterrupted run would have, and with it the prompts' fingerprint (`PromptStream.fingerprint`):
+a resume on other prompts is refused. Every DP rank takes a strided slice of the global prompt
+batch.
 """
 from __future__ import annotations
 
@@ -31,20 +31,38 @@ class PromptPosition:
         return asdict(self)
 
 
+def _of_difficulty(records: list, stage: str) -> list:
+    """A curriculum stage without files of its own: the records of its difficulty."""
+    from ovlt.data.formats import DataError
+    picked = [r for r in records if r.difficulty == stage]
+    if records and not picked:
+        raise DataError(f"grpo curriculum stage {stage!r} has no rl_files and none of the "
+                        f"{len(records)} records of data.rl_files / data.registry has difficulty "
+                        f"{stage!r} (found: {sorted({str(r.difficulty) for r in records})})")
+    return picked
+
+
 class PromptStream:
     def __init__(self, cfg, prompts_per_step: int):
         from ovlt.data.datasets import skips_in_brief
-        from ovlt.data.formats import DataError, SkipReport
+        from ovlt.data.formats import DataError, SkipReport, read_rl
         g, d = cfg.grpo, cfg.data
         # no curriculum: one stage of data.rl_files and the registry's RL sources
         stages = list(g.curriculum) or [CurriculumStage(name="all", epochs=cfg.grpo.train.epochs,
                                                         freeze_vision="vision" in g.train.freeze)]
-        # what a stage without files of its own reads
+        # what a stage without files of its own reads (once, however many stages do)
         self._shared = list(d.rl_files) + ([d.registry] if d.registry else [])
+        shared = None
         self.stages, self.records = [], []
         for st in stages:
             report = SkipReport(strict=d.strict)
-            recs = self._stage_records(st, d, report, curriculum=bool(g.curriculum))
+            if st.rl_files:
+                recs = [r for f in st.rl_files
+                        for r in read_rl(f, image_root=d.image_root, report=report, source=st.name)]
+            else:
+                if shared is None:
+                    shared = self._read_shared(d, st.name, report)
+                recs = _of_difficulty(shared, st.name) if g.curriculum else shared
             if report.num_skipped:
                 log.warning("stage %s: %s", st.name, report.summary())
             if not recs:
@@ -57,26 +75,13 @@ class PromptStream:
         self.seed = d.seed
 
     @staticmethod
-    def _stage_records(st, d, report, curriculum: bool) -> list:
-        """A stage's own rl_files; else data.rl_files plus the registry's RL sources, the
-        records whose difficulty is the stage's name when there is a curriculum."""
+    def _read_shared(d, stage: str, report) -> list:
         from ovlt.data.datasets import read_records
-        from ovlt.data.formats import DataError, read_rl
-        if st.rl_files:
-            return [r for f in st.rl_files
-                    for r in read_rl(f, image_root=d.image_root, report=report, source=st.name)]
+        from ovlt.data.formats import DataError
         if not (d.rl_files or d.registry):
-            raise DataError(f"grpo stage {st.name!r}: no rl_files (set data.rl_files, "
+            raise DataError(f"grpo stage {stage!r}: no rl_files (set data.rl_files, "
                             "data.registry or grpo.curriculum[i].rl_files)")
-        recs = read_records(d, "rl", report=report)
-        if not curriculum:
-            return recs
-        picked = [r for r in recs if r.difficulty == st.name]
-        if recs and not picked:
-            raise DataError(f"grpo curriculum stage {st.name!r} has no rl_files and none of the "
-                            f"{len(recs)} records of data.rl_files / data.registry has difficulty "
-                            f"{st.name!r} (found: {sorted({str(r.difficulty) for r in recs})})")
-        return picked
+        return read_records(d, "rl", report=report)
 
     def fingerprint(self) -> dict:
         """What a GRPO checkpoint records of its prompts (`ovlt.data.fingerprint`): every
