@@ -23,6 +23,9 @@ from ovlt.data.formats import DataError, SFTRecord, SkipReport, read_rl, read_sf
 from ovlt.data.image_loader import ImageError, image_size, load_image_pil
 from ovlt.data.packing import balanced_plan, collate, empty_batch, make_sample
 from ovlt.data.tokenizer import load_tokenizer
+from ovlt.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def _header_grids(images, min_pixels, max_pixels):
@@ -208,12 +211,23 @@ def read_records(data_cfg, kind: str, files: Optional[Sequence[str]] = None,
     return recs  # all skipped: the dataset's "0 usable samples" error names the skips
 
 
+def build_sft_dataset(data_cfg):
+    """The usable SFT samples of `data.sft_files` plus the registry's SFT sources."""
+    report = SkipReport(strict=data_cfg.strict)
+    ds = SFTDataset(read_records(data_cfg, "sft", report=report), max_length=data_cfg.max_length,
+                    min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
+                    report=report)
+    if report.num_skipped:
+        log.warning("SFT data: %d records skipped: %s", report.num_skipped, report.summary())
+    log.info("SFT data: %d usable samples from %d file(s)%s", len(ds), len(data_cfg.sft_files),
+             f" and {data_cfg.registry}" if data_cfg.registry else "")
+    return ds
+
+
 def build_sft_loader(data_cfg, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                      pad_to_multiple: int = 1) -> SFTLoader:
     """SFT loader from the `data:` config section (token budget data.pack_tokens or
     data.max_length). The dataset's SkipReport is `loader.ds.report`."""
-    report = SkipReport(strict=data_cfg.strict)
-    ds = SFTDataset(read_records(data_cfg, "sft", report=report), data_cfg.max_length,
-                    data_cfg.min_pixels, data_cfg.max_pixels, report)
-    return SFTLoader(ds, global_batch_size, data_cfg.pack_tokens or data_cfg.max_length,
-                     dp_rank, dp_size, data_cfg.num_workers, data_cfg.seed, pad_to_multiple)
+    return SFTLoader(build_sft_dataset(data_cfg), global_batch_size,
+                     data_cfg.pack_tokens or data_cfg.max_length, dp_rank, dp_size,
+                     data_cfg.num_workers, data_cfg.seed, pad_to_multiple)

@@ -1,31 +1,13 @@
-"""SFT data for the trainer: records from `data.sft_files` -> `SFTDataset` -> per-step packed
-micro-batches for this DP rank, resumable at any (epoch, step) without decoding the skipped
-steps' images."""
+"""SFT data for the trainer: records from `data.sft_files` and `data.registry` -> `SFTDataset`
+(`build_sft_dataset`, owned by `ovlt.data.datasets`) -> per-step packed micro-batches for this
+DP rank, resumable at any (epoch, step) without decoding the skipped steps' images."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
+from ovlt.data.datasets import build_sft_dataset  # noqa: F401 - the trainer's entry point
 from ovlt.data.fingerprint import fingerprint, image_key
-from ovlt.logging import get_logger
-
-log = get_logger(__name__)
-
-
-def build_sft_dataset(data_cfg):
-    """The usable SFT samples of `data.sft_files` plus the registry's SFT sources."""
-    from ovlt.data.datasets import SFTDataset, read_records
-    from ovlt.data.formats import SkipReport
-
-    report = SkipReport(strict=data_cfg.strict)
-    ds = SFTDataset(read_records(data_cfg, "sft", report=report), max_length=data_cfg.max_length,
-                    min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
-                    report=report)
-    if report.num_skipped:
-        log.warning("SFT data: %d records skipped: %s", report.num_skipped, report.summary())
-    log.info("SFT data: %d usable samples from %d file(s)%s", len(ds), len(data_cfg.sft_files),
-             f" and {data_cfg.registry}" if data_cfg.registry else "")
-    return ds
 
 
 def data_fingerprint(ds) -> dict:
